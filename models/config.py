@@ -1,0 +1,121 @@
+"""Model and preprocessing configuration: small frozen dataclasses that travel with every
+checkpoint and every exported ONNX file, so that inference never has to guess how the model
+was trained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# BraTS modality names in the study's preferred order; FLAIR alone is the default input.
+ALL_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocessing:
+    """What an image must go through before the network sees it (the same at train and infer time).
+
+    ``spacing`` is the voxel size in mm the model was trained at; ``normalisation`` is z-score over
+    non-zero (brain) voxels per channel, as BraTS images are skull-stripped with zero background.
+    """
+
+    modalities: tuple[str, ...] = ("flair",)
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    normalisation: str = "zscore-nonzero"
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The MONAI UNet's shape. Defaults follow the study: 5 levels (16..256 channels), strides 2,
+    2 residual units per block: about 4.8 M parameters, 19 MB in fp32."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 2
+    out_channels: int = 1
+    dropout: float = 0.0
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    def __post_init__(self) -> None:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"UNet needs len(strides) == len(channels) - 1, got channels={self.channels} "
+                f"strides={self.strides}"
+            )
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.preprocessing.modalities)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.preprocessing.modalities
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["in_channels"] = self.in_channels
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        """Short, stable identity of the configuration (logged and tagged in the registry)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for k, v in data.items():
+            if k not in known:
+                continue
+            if k == "preprocessing":
+                kwargs[k] = Preprocessing.from_dict(v) if isinstance(v, dict) else v
+            elif isinstance(v, list):
+                kwargs[k] = tuple(v)
+            else:
+                kwargs[k] = v
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def small(cls, **pre: Any) -> ModelConfig:
+        """The 1.2 M-parameter UNet (8..128 channels) used by quick demos and the peer benchmark."""
+        return cls(channels=(8, 16, 32, 64, 128), preprocessing=Preprocessing(**pre))
+
+    @classmethod
+    def tiny(cls, **pre: Any) -> ModelConfig:
+        """A 3-level UNet (4, 8, 16) for tests: trains on 32^3 volumes in seconds."""
+        return cls(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, preprocessing=Preprocessing(**pre))
+
+
+PRESETS = {"default": ModelConfig, "small": ModelConfig.small, "tiny": ModelConfig.tiny}
+
+
+def preset(name: str, **pre: Any) -> ModelConfig:
+    """A named model size: ``default`` (4.8 M params), ``small`` (1.2 M) or ``tiny`` (tests)."""
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(PRESETS)}") from None
+    if name == "default":
+        return ModelConfig(preprocessing=Preprocessing(**pre))
+    return factory(**pre)

@@ -1,0 +1,5 @@
+import sys
+
+from neurofed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""The contract between the federation (edge node, coordinator) and the wire.
+
+The federation speaks in ``Message`` objects through an ``Endpoint``; it never sees topics,
+chunks, keys or paho. Two endpoints implement it: ``wire.mqtt.MqttEndpoint`` (the real,
+encrypted and signed MQTT 5 transport) and ``wire.memory.MemoryHub`` (in-process, for unit tests of
+round logic; every behaviour that crosses the wire is also tested on the real broker).
+
+Routing is fixed by kind and role (see wire/PROTOCOL.md):
+- coordinator -> every site: TASK (retained: the current round), MODEL (global weights), RECEIPTS
+- site -> coordinator only: UPDATE (weights + case count), METRICS (evaluation of a global model)
+- anyone -> anyone: STATUS (online/offline; signed, not secret)
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+COORDINATOR = "coordinator"
+
+
+class MessageKind(enum.StrEnum):
+    TASK = "task"
+    MODEL = "model"
+    RECEIPTS = "receipts"
+    UPDATE = "update"
+    METRICS = "metrics"
+    STATUS = "status"
+
+
+# Who may send each kind: "coordinator" or "site".
+SENDER_ROLE: Mapping[MessageKind, str] = {
+    MessageKind.TASK: "coordinator",
+    MessageKind.MODEL: "coordinator",
+    MessageKind.RECEIPTS: "coordinator",
+    MessageKind.UPDATE: "site",
+    MessageKind.METRICS: "site",
+    MessageKind.STATUS: "site",
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """One verified, decrypted, reassembled message as the federation sees it.
+
+    ``meta`` is a small JSON object (authenticated and, except for STATUS, encrypted with the
+    body); ``payload`` is the bulk bytes (safetensors for MODEL and UPDATE, empty otherwise).
+    """
+
+    kind: MessageKind
+    federation: str
+    round: int
+    sender: str
+    msg_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+
+class Endpoint(ABC):
+    """A participant's connection to the federation."""
+
+    participant: str
+    federation: str
+
+    @abstractmethod
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect (and subscribe); raise ``wire.errors.TransportError`` if that fails in time."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Publish offline status where relevant and disconnect cleanly."""
+
+    @abstractmethod
+    def send(
+        self,
+        kind: MessageKind,
+        round: int,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        payload: bytes = b"",
+        retain: bool = False,
+        timeout: float = 120.0,
+    ) -> str:
+        """Seal, sign, chunk and publish; return the message id once the broker acknowledged every
+        chunk (QoS 1). Raises ``wire.errors.TransportError`` on timeout or a payload the broker
+        cannot take, ``ValueError`` if this participant may not send ``kind``."""
+
+    @abstractmethod
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """The next verified message for this participant, or None after ``timeout`` seconds.
+        Rejected messages never come out of here: they are logged and counted in ``rejections``."""
+
+    @abstractmethod
+    def set_round_window(self, lowest: int, highest: int) -> None:
+        """Accept only messages whose round lies in [lowest, highest] (replay/stale protection)."""
+
+    @property
+    @abstractmethod
+    def rejections(self) -> Mapping[str, int]:
+        """Counters of rejected messages by reason (e.g. ``bad-signature``, ``replay``)."""
+
+    def __enter__(self) -> Endpoint:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,126 @@
+"""An in-process stand-in for the MQTT transport, for fast unit tests of round logic.
+
+It routes exactly like the real transport (kind and role decide who receives), keeps the last
+retained message per kind for late joiners, and applies the round window, but does no crypto and
+no chunking: those are tested on the real broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
+from wire.errors import TransportError
+
+
+class MemoryHub:
+    """The 'broker': create one per federation, then ``hub.endpoint(participant)``."""
+
+    def __init__(self, federation: str = "test") -> None:
+        self.federation = federation
+        self._lock = threading.Lock()
+        self._endpoints: dict[str, MemoryEndpoint] = {}
+        self._retained: dict[tuple[MessageKind, str], Message] = {}
+        self._ids = itertools.count()
+        self.sent: list[Message] = []
+
+    def endpoint(self, participant: str) -> MemoryEndpoint:
+        return MemoryEndpoint(self, participant)
+
+    def _register(self, ep: MemoryEndpoint) -> None:
+        with self._lock:
+            self._endpoints[ep.participant] = ep
+            retained = list(self._retained.values())
+        for msg in retained:
+            if self._is_for(msg, ep.participant):
+                ep._deliver(msg)
+
+    def _unregister(self, ep: MemoryEndpoint) -> None:
+        with self._lock:
+            if self._endpoints.get(ep.participant) is ep:
+                del self._endpoints[ep.participant]
+
+    @staticmethod
+    def _is_for(msg: Message, participant: str) -> bool:
+        if msg.sender == participant:
+            return False
+        if SENDER_ROLE[msg.kind] == "coordinator":
+            return participant != COORDINATOR
+        if msg.kind is MessageKind.STATUS:
+            return True
+        return participant == COORDINATOR
+
+    def _publish(self, msg: Message, retain: bool) -> None:
+        with self._lock:
+            self.sent.append(msg)
+            if retain:
+                self._retained[(msg.kind, msg.sender)] = msg
+            targets = [ep for p, ep in self._endpoints.items() if self._is_for(msg, p)]
+        for ep in targets:
+            ep._deliver(msg)
+
+
+class MemoryEndpoint(Endpoint):
+    def __init__(self, hub: MemoryHub, participant: str) -> None:
+        self.hub = hub
+        self.participant = participant
+        self.federation = hub.federation
+        self._queue: queue.Queue[Message] = queue.Queue()
+        self._window = (0, 2**31)
+        self._rejections: Counter[str] = Counter()
+        self._started = False
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._started = True
+        self.hub._register(self)
+
+    def close(self) -> None:
+        self._started = False
+        self.hub._unregister(self)
+
+    def send(
+        self,
+        kind: MessageKind,
+        round: int,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        payload: bytes = b"",
+        retain: bool = False,
+        timeout: float = 120.0,
+    ) -> str:
+        if not self._started:
+            raise TransportError(f"{self.participant}: endpoint not started")
+        role = "coordinator" if self.participant == COORDINATOR else "site"
+        if SENDER_ROLE[MessageKind(kind)] != role:
+            raise ValueError(f"{self.participant} ({role}) may not send {kind}")
+        msg_id = f"{self.participant}-{next(self.hub._ids)}"
+        msg = Message(
+            MessageKind(kind), self.federation, round, self.participant, msg_id, dict(meta or {}), payload
+        )
+        self.hub._publish(msg, retain)
+        return msg_id
+
+    def _deliver(self, msg: Message) -> None:
+        lo, hi = self._window
+        if msg.kind is not MessageKind.STATUS and not lo <= msg.round <= hi:
+            self._rejections["stale-or-future-round"] += 1
+            return
+        self._queue.put(msg)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def set_round_window(self, lowest: int, highest: int) -> None:
+        self._window = (lowest, highest)
+
+    @property
+    def rejections(self) -> Mapping[str, int]:
+        return dict(self._rejections)
