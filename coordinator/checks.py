@@ -1,0 +1,59 @@
+"""Checks on a site's update before it may touch the aggregate.
+
+The wire has already verified the signature, the sender and the round window; these checks make
+sure the tensors themselves fit the global model: same names, shapes and dtypes, every value
+finite, a sane case count. A failure raises ``UpdateRejected`` with a reason slug; the round loop
+logs it with the site and does not count the update toward quorum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from coordinator.errors import UpdateRejected
+
+MAX_CASES = 10_000_000
+
+
+def check_num_cases(value: Any) -> int:
+    """The update's weight: a positive integer (bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CASES:
+        raise UpdateRejected("bad-num-cases", f"num_cases must be a positive integer, got {value!r}")
+    return value
+
+
+def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:
+    """Raise ``UpdateRejected`` unless ``update`` has exactly ``reference``'s tensors (names,
+    shapes, dtypes) and only finite values."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing:
+        raise UpdateRejected("missing-tensors", f"{len(missing)} missing, e.g. {missing[:3]}")
+    if extra:
+        raise UpdateRejected("unexpected-tensors", f"{len(extra)} not in the global model, e.g. {extra[:3]}")
+    for name, ref in reference.items():
+        arr = update[name]
+        if not isinstance(arr, np.ndarray):
+            raise UpdateRejected("bad-tensor", f"{name}: not an array ({type(arr).__name__})")
+        if arr.shape != ref.shape:
+            raise UpdateRejected("shape-mismatch", f"{name}: {arr.shape} != global {ref.shape}")
+        if arr.dtype != ref.dtype:
+            raise UpdateRejected("dtype-mismatch", f"{name}: {arr.dtype} != global {ref.dtype}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise UpdateRejected("non-finite", f"{name}: {bad} NaN/Inf values")
+
+
+def upcast_half(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An fp16 transfer of an fp32 model comes back to fp32 before the checks (the wire's
+    optional half-precision payload); anything else is left for ``check_update`` to judge."""
+    out = {}
+    for name, arr in update.items():
+        ref = reference.get(name)
+        if ref is not None and arr.dtype == np.float16 and ref.dtype == np.float32:
+            arr = arr.astype(np.float32)
+        out[name] = arr
+    return out

@@ -1,0 +1,157 @@
+"""A whole federation on one machine, as real processes: synthetic data, provisioning, a private
+Mosquitto, the coordinator and N edge agents, each a separate ``neurofed`` process with one
+torch thread. Used by ``neurofed demo``, the failure tests and the overhead benchmark, so all
+three exercise exactly the commands a deployment runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import CoordinatorError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true")
+    for k in ("NEUROFED_FAULT", "NEUROFED_FAULT_ROUND"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def make_data(out: Path, sites: int, cases: int, shape: Sequence[int], seed: int = 0) -> dict[str, Any]:
+    """Synthetic institutions plus the shared splits.json (written once, before any site reads it)."""
+    from edge_node.data import discover_cases
+    from edge_node.splits import load_or_create_splits, splits_path_for
+    from edge_node.synth import synthesize
+
+    summary = synthesize(out, sites=sites, cases=cases, seed=seed, shape=tuple(shape))
+    load_or_create_splits(splits_path_for(out), discover_cases(out), seed=seed)
+    return summary.to_dict()
+
+
+def provision_sites(root: Path, federation: str, sites: Sequence[str], port: int) -> Path:
+    from wire.provision import provision
+
+    provision(root, federation, list(sites), "localhost", port, days=30)
+    return root
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.time)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def spawn(name: str, args: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    fh = open(log, "ab")  # noqa: SIM115 - the child owns it
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "neurofed", *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env=env or child_env(),
+        start_new_session=True,
+    )
+    fh.close()
+    return Proc(name, popen, log)
+
+
+class Broker:
+    """A private Mosquitto from a provisioned bundle (``root/broker``), restartable."""
+
+    def __init__(self, root: Path, port: int, log: Path) -> None:
+        self.root, self.port, self.log = root, port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from wire.broker import start_broker
+
+        fh = open(self.log, "ab")  # noqa: SIM115
+        self.proc = start_broker(self.root / "broker", self.port, stderr=fh)
+        fh.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        from wire.broker import stop_broker
+
+        if self.proc is not None:
+            stop_broker(self.proc)
+            self.proc = None
+
+
+def read_events(state_dir: Path) -> list[dict[str, Any]]:
+    path = Path(state_dir) / "events.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str, procs: Sequence[Proc] = (), poll: float = 0.3) -> Any:
+    """Poll ``predicate`` until truthy; raise with the processes' log tails on timeout."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    tails = "\n".join(f"--- {p.name} ({'alive' if p.alive() else p.popen.returncode}) ---\n{p.tail()}" for p in procs)
+    raise CoordinatorError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")

@@ -1,0 +1,429 @@
+"""The round state machine: announce, collect, close, aggregate, persist, register, repeat.
+
+It is separate from the aggregation maths (a ``Strategy``) and from the transport (any
+``wire.api.Endpoint``: the real MQTT one or the in-memory hub). Per round r (wire/PROTOCOL.md):
+
+1. ANNOUNCE: publish MODEL r (retained, the global model after round r-1), TASK r (retained:
+   round, model digest, hyper-parameters incl. local epochs and mu, deadline, train flag) and an
+   empty RECEIPTS r.
+2. COLLECT: accept one UPDATE per expected site (checked: round, not late, not duplicate, trained
+   from this round's model, tensors equal in names/shapes/dtypes to the global model, finite), fold
+   each into the strategy as it arrives and re-publish RECEIPTS (the list of sites whose update the
+   coordinator holds; also re-published every few seconds, so a site whose upload was lost to a
+   broker restart notices and resends). METRICS (each site's evaluation of model r-1) are gathered
+   on the way. The round closes when every expected site delivered, or at the deadline with at
+   least ``min_sites``; below quorum the deadline is extended and the task re-published.
+3. CLOSE: drain what is already queued; updates for round r from now on are rejected as late.
+4. Then IN THIS ORDER: aggregate -> persist the snapshot atomically -> hand registration to the
+   background worker -> announce round r+1 (fault points between each).
+
+After the last training round comes an evaluation-only round (``train: false``) so the last model
+is scored by every site too, then a final TASK with ``done: true``. Rejections are logged with the
+site and reason and counted in ``RoundResult.rejected``; they never count toward quorum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator import payload as codec
+from coordinator.checks import check_num_cases, check_update, upcast_half
+from coordinator.errors import CoordinatorError, UpdateRejected
+from coordinator.faults import fault_point
+from coordinator.registration import Registrar
+from coordinator.state import Snapshot, StateStore
+from coordinator.strategies import Strategy
+from wire.api import Endpoint, Message, MessageKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundConfig:
+    """How the federation runs. ``round_timeout`` is the collection deadline per round (seconds)."""
+
+    rounds: int
+    expected_sites: tuple[str, ...]
+    min_sites: int
+    round_timeout: float = 600.0
+    local_epochs: int = 1
+    fp16: bool = False
+    receipt_interval: float = 3.0
+    final_eval: bool = True
+    max_extensions: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise CoordinatorError(f"--rounds must be >= 1, got {self.rounds}")
+        if not self.expected_sites:
+            raise CoordinatorError("the roster names no sites: provision at least one site")
+        if not 1 <= self.min_sites <= len(self.expected_sites):
+            raise CoordinatorError(
+                f"--min-sites must be between 1 and the {len(self.expected_sites)} provisioned sites, "
+                f"got {self.min_sites}"
+            )
+        if not self.round_timeout > 0:
+            raise CoordinatorError(f"--round-timeout must be positive, got {self.round_timeout}")
+        if self.local_epochs < 1:
+            raise CoordinatorError(f"--local-epochs must be >= 1, got {self.local_epochs}")
+
+
+@dataclass
+class RoundResult:
+    """What happened in one round (also written to ``STATE/events.jsonl``)."""
+
+    round: int
+    train: bool
+    sites: list[str] = field(default_factory=list)
+    cases: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    aggregated: bool = False
+    seconds: float = 0.0
+    extensions: int = 0
+    bytes_received: int = 0
+
+    @property
+    def num_cases(self) -> int:
+        return sum(self.cases.values())
+
+
+class Coordinator:
+    """Runs a whole federation over ``endpoint`` with ``strategy``, persisting to ``store``."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        strategy: Strategy,
+        store: StateStore,
+        config: RoundConfig,
+        *,
+        model_config: Mapping[str, Any],
+        initial_weights: Callable[[], dict[str, np.ndarray]],
+        registrar: Registrar | None = None,
+        roster_digest: str = "",
+        events_path: str | Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ep = endpoint
+        self.strategy = strategy
+        self.store = store
+        self.cfg = config
+        self.model_config = dict(model_config)
+        self._initial = initial_weights
+        self.registrar = registrar
+        self.roster_digest = roster_digest
+        self.session = uuid.uuid4().hex[:12]
+        self.clock = clock
+        self.events_path = Path(events_path) if events_path else store.root / "events.jsonl"
+        self.weights: dict[str, np.ndarray] = {}
+        self.completed = 0  # last aggregated (persisted) round
+        self.closed_round = 0
+        self.results: list[RoundResult] = []
+        self._extra_state: dict[str, Any] = {"rounds": {}}
+
+    # -- events for logs and the live view ------------------------------------------------------
+    def _event(self, kind: str, **data: Any) -> None:
+        rec = {"t": time.time(), "event": kind, **data}
+        try:
+            self.events_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.events_path.open("a") as fh:
+                fh.write(json.dumps(rec, default=str) + "\n")
+        except OSError as exc:  # pragma: no cover - the events file is a convenience
+            log.debug("events file: %s", exc)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def _resume_or_init(self) -> bool:
+        """Load the snapshot, or create round 0. Return True when the federation already finished."""
+        if self.store.exists():
+            snap = self.store.load(federation=self.ep.federation, roster_digest=self.roster_digest)
+            self.weights = snap.weights
+            self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
+            self.completed = self.closed_round = snap.round
+            self._extra_state = dict(snap.extra or {"rounds": {}})
+            log.warning("resuming after round %d from %s", snap.round, self.store.snapshot_path)
+            self._event("resume", round=snap.round)
+            if self.registrar is not None:
+                done = set(self.store.registered())
+                for r in range(1, snap.round + 1):
+                    info = snap.extra.get("rounds", {}).get(str(r))
+                    if r not in done and info is not None:
+                        self.registrar.register(r, sites=info["sites"], cases=info["cases"], tags=self._tags(r))
+            # a finished federation given more rounds goes on from where it stopped
+            return bool(snap.extra.get("finished")) and snap.round >= self.cfg.rounds
+        self.weights = self._initial()
+        self._extra_state = {"rounds": {}}
+        self._persist(0, self._extra_state)
+        self._event("init", params=int(sum(v.size for v in self.weights.values())))
+        return False
+
+    def _tags(self, r: int) -> dict[str, str]:
+        return {"strategy": self.strategy.name, "session": self.session, "round": str(r)}
+
+    def _persist(self, round: int, extra: dict[str, Any]) -> None:
+        meta, tensors = self.strategy.state()
+        self.store.save(
+            Snapshot(
+                round=round,
+                federation=self.ep.federation,
+                weights=self.weights,
+                model_config=self.model_config,
+                strategy_meta=meta,
+                strategy_tensors=tensors,
+                roster_digest=self.roster_digest,
+                extra=extra,
+            )
+        )
+
+    def _extra(self) -> dict[str, Any]:
+        return self._extra_state
+
+    def run(self) -> list[RoundResult]:
+        """Run (or resume) the federation to the end; return the rounds run in this process."""
+        finished = self._resume_or_init()
+        try:
+            if not finished:
+                for r in range(self.completed + 1, self.cfg.rounds + 1):
+                    self.results.append(self._round(r, train=True))
+                if self.cfg.final_eval:
+                    self.results.append(self._round(self.cfg.rounds + 1, train=False))
+                extra = self._extra()
+                extra["finished"] = True
+                self._persist(self.completed, extra)
+            self._announce_done()
+        finally:
+            self.strategy.close()
+        return self.results
+
+    # -- one round ------------------------------------------------------------------------------------
+    def _announce(self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str) -> None:
+        base = {"epochs": self.cfg.local_epochs, "train": train}
+        per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
+        self.ep.send(
+            MessageKind.MODEL, r, meta={"round": r, "model_digest": digest}, payload=model_payload, retain=True
+        )
+        self._send_task(r, train, deadline, digest, per_site)
+        fault_point("after-announce", r)
+
+    def _send_task(self, r: int, train: bool, deadline: float, digest: str, per_site: dict[str, Any]) -> None:
+        self._task_meta = {
+            "round": r,
+            "model_digest": digest,
+            "train": train,
+            "done": False,
+            "deadline": deadline,
+            "epochs": self.cfg.local_epochs,
+            "sites": per_site,
+            "session": self.session,
+            "strategy": self.strategy.name,
+            "min_sites": self.cfg.min_sites,
+            "fp16": self.cfg.fp16,
+            "model_config": self.model_config,
+        }
+        self.ep.send(MessageKind.TASK, r, meta=self._task_meta, retain=True)
+
+    def _send_receipts(self, r: int, received: list[str], metrics: list[str]) -> None:
+        self.ep.send(
+            MessageKind.RECEIPTS,
+            r,
+            meta={"round": r, "held": sorted(received), "metrics": sorted(metrics), "session": self.session},
+        )
+
+    def _announce_done(self) -> None:
+        r = self.cfg.rounds + 1
+        self.ep.send(
+            MessageKind.TASK,
+            r,
+            meta={"round": r, "done": True, "train": False, "session": self.session, "deadline": 0},
+            retain=True,
+        )
+        self._event("done", round=r)
+
+    def _round(self, r: int, *, train: bool) -> RoundResult:
+        t0 = self.clock()
+        res = RoundResult(round=r, train=train)
+        # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
+        self.ep.set_round_window(max(0, r - 2), r)
+        model_payload = codec.encode(self.weights, fp16=self.cfg.fp16)
+        digest = codec.digest(model_payload)
+        if train:
+            self.strategy.begin(r, self.weights)
+        deadline = self.clock() + self.cfg.round_timeout
+        self._announce(r, train, deadline, model_payload, digest)
+        del model_payload
+        self._event("announce", round=r, train=train, deadline=deadline)
+        log.info("round %d announced (%s), deadline in %.0f s", r, "train" if train else "evaluate", self.cfg.round_timeout)
+        self._send_receipts(r, [], [])
+        expected = set(self.cfg.expected_sites)
+        last_receipts = self.clock()
+
+        def have() -> set[str]:
+            return set(res.cases) if train else set(res.metrics)
+
+        while True:
+            now = self.clock()
+            if have() >= expected:
+                break
+            if now >= deadline:
+                if len(have()) >= self.cfg.min_sites:
+                    break
+                res.extensions += 1
+                if res.extensions > self.cfg.max_extensions:
+                    raise CoordinatorError(f"round {r}: quorum of {self.cfg.min_sites} never reached")
+                deadline = now + self.cfg.round_timeout
+                log.warning(
+                    "round %d: deadline passed with %d of %d required sites; extending by %.0f s",
+                    r, len(have()), self.cfg.min_sites, self.cfg.round_timeout,
+                )
+                self._send_task(r, train, deadline, digest, self._task_meta["sites"])
+                self._event("extend", round=r, deadline=deadline, have=sorted(have()))
+            if now - last_receipts >= self.cfg.receipt_interval:
+                self._send_receipts(r, list(res.cases), list(res.metrics))
+                last_receipts = now
+            msg = self.ep.receive(timeout=max(0.01, min(0.5, deadline - now, self.cfg.receipt_interval)))
+            if msg is not None:
+                self._handle(msg, r, train, digest, res, closing=False)
+        # close: anything still queued for this round is late
+        self.closed_round = r
+        while (msg := self.ep.receive(timeout=0)) is not None:
+            self._handle(msg, r, train, digest, res, closing=True)
+        res.sites = sorted(res.cases)
+        self._send_receipts(r, list(res.cases), list(res.metrics))
+        self._forward_metrics(r, res)
+        if train:
+            new = self.strategy.result()
+            if new is None:
+                log.warning("round %d: no usable update; keeping the previous global model", r)
+            else:
+                self.weights = new
+                res.aggregated = True
+            fault_point("after-aggregate", r)
+            extra = self._extra()
+            extra.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
+            self._persist(r, extra)
+            self.completed = r
+            fault_point("after-persist", r)
+            res.seconds = self.clock() - t0
+            if self.registrar is not None:
+                self.registrar.log_round(
+                    r,
+                    {
+                        "sites": float(len(res.sites)),
+                        "cases": float(res.num_cases),
+                        "rejected": float(len(res.rejected)),
+                        "round_seconds": res.seconds,
+                        "bytes_received": float(res.bytes_received),
+                    },
+                )
+                if res.aggregated:
+                    self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
+        res.seconds = self.clock() - t0
+        self._event("round", **{k: v for k, v in asdict(res).items() if k != "rejected"}, rejected=res.rejected)
+        log.info(
+            "round %d closed: %d sites, %d cases, %d rejected, %.1f s",
+            r, len(res.sites), res.num_cases, len(res.rejected), res.seconds,
+        )
+        return res
+
+    def _forward_metrics(self, r: int, res: RoundResult) -> None:
+        """Sites scored model r-1 this round: mean Dice (weighted by validation cases) to the tracker."""
+        evaluated = r - 1
+        if not res.metrics:
+            return
+        per_site = {s: float(m["dice"]) for s, m in res.metrics.items() if "dice" in m}
+        weights = {s: float(res.metrics[s].get("num_cases", 1) or 1) for s in per_site}
+        total = sum(weights.values())
+        dice = sum(per_site[s] * weights[s] for s in per_site) / total if total else float("nan")
+        hd = [float(m["hd95"]) for m in res.metrics.values() if np.isfinite(m.get("hd95", float("nan")))]
+        self._event("evaluation", round=evaluated, dice=dice, per_site=per_site)
+        if self.registrar is None:
+            return
+        metrics = {"dice_mean": dice, **{f"dice/{s}": d for s, d in per_site.items()}}
+        if hd:
+            metrics["hd95_mean"] = float(np.mean(hd))
+        self.registrar.log_round(evaluated, metrics)
+        if evaluated >= 1:
+            self.registrar.record_evaluation(evaluated, dice, per_site)
+
+    # -- message handling -----------------------------------------------------------------------------
+    def _reject(self, res: RoundResult, site: str, kind: str, msg_round: int, exc: UpdateRejected) -> None:
+        res.rejected.append((site, exc.reason))
+        log.warning("round %d: rejected %s from %s (round %d): %s", res.round, kind, site, msg_round, exc)
+        self._event("reject", round=res.round, site=site, msg_kind=kind, msg_round=msg_round, reason=exc.reason)
+
+    def _handle(self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, *, closing: bool) -> None:
+        if msg.kind is MessageKind.STATUS:
+            self._event("status", site=msg.sender, meta=msg.meta)
+            return
+        try:
+            if msg.kind is MessageKind.UPDATE:
+                self._on_update(msg, r, train, digest, res, closing)
+            elif msg.kind is MessageKind.METRICS:
+                self._on_metrics(msg, r, res, closing)
+        except UpdateRejected as exc:
+            self._reject(res, msg.sender, msg.kind.value, msg.round, exc)
+
+    def _round_gate(self, msg: Message, r: int, closing: bool) -> None:
+        if msg.sender not in self.cfg.expected_sites:
+            raise UpdateRejected("unknown-site", f"{msg.sender} is not in this federation's roster")
+        if msg.round < r:
+            if msg.round == self.closed_round == r - 1 and msg.round >= 1:
+                raise UpdateRejected("late", f"round {msg.round} closed before this arrived")
+            raise UpdateRejected("old-round", f"for round {msg.round}, current round is {r}")
+        if msg.round > r:
+            raise UpdateRejected("future-round", f"for round {msg.round}, current round is {r}")
+        if closing:
+            raise UpdateRejected("late", f"arrived after round {r}'s deadline")
+
+    def _on_update(self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, closing: bool) -> None:
+        self._round_gate(msg, r, closing)
+        site = msg.sender
+        if not train:
+            raise UpdateRejected("not-a-training-round", f"round {r} only evaluates")
+        if site in res.cases:
+            self._send_receipts(r, list(res.cases), list(res.metrics))
+            raise UpdateRejected("duplicate", f"already holding {site}'s update for round {r}")
+        if msg.meta.get("model_digest") not in (None, digest):
+            raise UpdateRejected("stale-model", "trained from another model than this round's")
+        num_cases = check_num_cases(msg.meta.get("num_cases"))
+        try:
+            update = codec.decode(msg.payload)
+        except Exception as exc:
+            raise UpdateRejected("undecodable", f"payload is not a safetensors state dict ({exc})") from None
+        update = upcast_half(update, self.weights)
+        check_update(update, self.weights)
+        self.strategy.add(site, update, num_cases)
+        del update
+        res.cases[site] = num_cases
+        res.bytes_received += len(msg.payload)
+        log.info("round %d: update from %s accepted (%d cases; %d/%d)", r, site, num_cases, len(res.cases), len(self.cfg.expected_sites))
+        self._event("update", round=r, site=site, cases=num_cases, bytes=len(msg.payload), sha256=codec.digest(msg.payload))
+        self._send_receipts(r, list(res.cases), list(res.metrics))
+
+    def _on_metrics(self, msg: Message, r: int, res: RoundResult, closing: bool) -> None:
+        self._round_gate(msg, r, closing)
+        site = msg.sender
+        if site in res.metrics:
+            raise UpdateRejected("duplicate", f"already holding {site}'s metrics for round {r}")
+        m = msg.meta
+        try:
+            dice = float(m["dice"])
+            hd95 = float(m.get("hd95", float("nan")))
+            n = int(m.get("num_cases", 0))
+        except (KeyError, TypeError, ValueError):
+            raise UpdateRejected("bad-metrics", "METRICS needs numeric dice, hd95, num_cases") from None
+        if not 0.0 <= dice <= 1.0:
+            raise UpdateRejected("bad-metrics", f"dice {dice} outside [0, 1]")
+        res.metrics[site] = {"dice": dice, "hd95": hd95, "num_cases": n}
+        self._event("metrics", round=r, evaluated_round=r - 1, site=site, dice=dice, hd95=hd95)
+        if not res.train:
+            self._send_receipts(r, list(res.cases), list(res.metrics))

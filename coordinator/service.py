@@ -1,0 +1,124 @@
+"""Wire the round machine to the real world: the bundle's MQTT endpoint, the state folder, the
+initial model, and MLflow through the background registrar. ``neurofed coordinator`` is a thin
+shell over ``run_coordinator``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import CoordinatorError
+from coordinator.registration import Registrar
+from coordinator.rounds import Coordinator, RoundConfig, RoundResult
+from coordinator.state import StateStore
+from coordinator.strategies import make_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorSettings:
+    """Everything ``neurofed coordinator`` takes (see its --help)."""
+
+    bundle: Path
+    rounds: int
+    min_sites: int | None = None
+    round_timeout: float = 600.0
+    strategy: str = "fedavg"
+    local_epochs: int = 1
+    mu: float = 0.01
+    max_norm: float | None = None
+    state_dir: Path | None = None
+    mlflow_uri: str | None = None
+    model_config: dict[str, Any] | None = None
+    seed: int = 0
+    fp16: bool = False
+    broker_host: str | None = None
+    broker_port: int | None = None
+    receipt_interval: float = 3.0
+
+
+def roster_digest(bundle_dir: Path) -> str:
+    """SHA-256 of the signed roster: a snapshot only resumes the federation it was made for."""
+    path = Path(bundle_dir) / "roster.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
+    from models.config import ModelConfig
+    from wire.bundle import load_bundle
+    from wire.mqtt import MqttEndpoint
+
+    bundle = load_bundle(s.bundle)
+    if bundle.role != "coordinator":
+        raise CoordinatorError(
+            f"{s.bundle} is the bundle of {bundle.participant!r} ({bundle.role}); give DIR/coordinator"
+        )
+    sites = tuple(bundle.roster.sites)
+    model_config = dict(s.model_config or ModelConfig().to_dict())
+    ModelConfig.from_dict(model_config)  # validate early
+    state_dir = Path(s.state_dir or Path(s.bundle).parent / "coordinator-state")
+    store = StateStore(state_dir)
+    strategy = make_strategy(s.strategy, mu=s.mu, max_norm=s.max_norm, spill_dir=state_dir / "spill")
+    cfg = RoundConfig(
+        rounds=s.rounds,
+        expected_sites=sites,
+        min_sites=s.min_sites or len(sites),
+        round_timeout=s.round_timeout,
+        local_epochs=s.local_epochs,
+        fp16=s.fp16,
+        receipt_interval=s.receipt_interval,
+    )
+    params = {
+        "strategy": s.strategy,
+        "rounds": s.rounds,
+        "min_sites": cfg.min_sites,
+        "sites": ",".join(sites),
+        "local_epochs": s.local_epochs,
+        "round_timeout": s.round_timeout,
+        "model": model_config,
+        "seed": s.seed,
+    }
+    if s.strategy == "fedprox":
+        params["mu"] = s.mu
+    if s.max_norm is not None:
+        params["max_norm"] = s.max_norm
+    factory = None
+    if s.mlflow_uri:
+
+        def factory() -> Any:
+            from mlflow_server.tracking import FederationTracker
+
+            return FederationTracker(s.mlflow_uri, bundle.federation, params)
+
+    registrar = Registrar(store, model_config, factory)
+
+    def init() -> dict:
+        from coordinator.init_weights import initial_weights
+
+        log.info("building the initial %s-parameter UNet (seed %d)", "?", s.seed)
+        return initial_weights(model_config, seed=s.seed)
+
+    endpoint = MqttEndpoint(bundle, host=s.broker_host, port=s.broker_port)
+    endpoint.start()
+    try:
+        coord = Coordinator(
+            endpoint,
+            strategy,
+            store,
+            cfg,
+            model_config=model_config,
+            initial_weights=init,
+            registrar=registrar,
+            roster_digest=roster_digest(s.bundle),
+        )
+        results = coord.run()
+    finally:
+        registrar.close()
+        endpoint.close()
+    if registrar.failed:
+        log.warning("%d registry jobs failed; see the log above", len(registrar.failed))
+    return results

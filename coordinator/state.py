@@ -1,0 +1,205 @@
+"""The coordinator's resume state: one atomic snapshot per completed round.
+
+``STATE/snapshot.safetensors`` holds everything a restarted coordinator needs, in one file written
+to a temporary name, fsynced and renamed over the old one (POSIX rename is atomic), so a crash at
+any instant leaves either the previous round's snapshot or this one, never a mix:
+
+- tensors ``global/<name>``: the global model after ``round``;
+- tensors ``strategy/<name>``: the strategy's persistent tensors (FedAdam/FedYogi moments);
+- metadata ``neurofed.snapshot``: JSON with the round, federation, strategy settings and counters,
+  the roster digest, the model config and the rounds already registered.
+
+Beside it, ``STATE/rounds/global-rNNNN.safetensors`` is each round's model as a normal neurofed
+weights file (config in the metadata, readable by ``models.checkpoint.load_weights``) for the
+registry, and ``STATE/registered.json`` is the registration ledger, written by the background
+registration worker after each successful registration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.errors import StateError
+
+SNAPSHOT = "snapshot.safetensors"
+LEDGER = "registered.json"
+META_KEY = "neurofed.snapshot"
+# the same keys as models.checkpoint, so round files are ordinary neurofed weights files
+CONFIG_KEY = "neurofed.model_config"
+FORMAT_KEY = "neurofed.format"
+FORMAT = "neurofed-weights-v1"
+
+
+@dataclass
+class Snapshot:
+    """What survives a coordinator restart."""
+
+    round: int
+    federation: str
+    weights: dict[str, np.ndarray]
+    model_config: dict[str, Any]
+    strategy_meta: dict[str, Any] = field(default_factory=dict)
+    strategy_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    roster_digest: str = ""
+    registered: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save_tensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Path:
+    """safetensors write to a temp file in the same folder, fsync, rename: all or nothing."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StateStore:
+    """Reads and writes one coordinator's state folder."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.root / SNAPSHOT
+
+    def round_weights_path(self, round: int) -> Path:
+        return self.root / "rounds" / f"global-r{round:04d}.safetensors"
+
+    def exists(self) -> bool:
+        return self.snapshot_path.is_file()
+
+    def write_round_weights(self, round: int, weights: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> Path:
+        meta = {
+            FORMAT_KEY: FORMAT,
+            CONFIG_KEY: json.dumps(dict(model_config), sort_keys=True),
+            "neurofed.round": str(round),
+        }
+        return atomic_save_tensors(self.round_weights_path(round), weights, meta)
+
+    def save(self, snap: Snapshot) -> Path:
+        """Persist ``snap`` atomically (the round's weights file first, then the snapshot)."""
+        self.write_round_weights(snap.round, snap.weights, snap.model_config)
+        tensors = {f"global/{k}": v for k, v in snap.weights.items()}
+        tensors.update({f"strategy/{k}": v for k, v in snap.strategy_tensors.items()})
+        meta_json = {
+            "round": snap.round,
+            "federation": snap.federation,
+            "model_config": snap.model_config,
+            "strategy": snap.strategy_meta,
+            "roster_digest": snap.roster_digest,
+            "registered": sorted(set(snap.registered) | set(self.registered())),
+            "extra": snap.extra,
+            "saved_at": time.time(),
+        }
+        return atomic_save_tensors(self.snapshot_path, tensors, {META_KEY: json.dumps(meta_json)})
+
+    def load(self, *, federation: str | None = None, roster_digest: str | None = None) -> Snapshot:
+        """Read the snapshot; raise ``StateError`` if it is corrupt or for another federation."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.snapshot_path
+        if not path.is_file():
+            raise StateError(f"{path}: no coordinator snapshot here (nothing to resume)")
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                meta_raw = (fh.metadata() or {}).get(META_KEY)
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise StateError(
+                f"{path}: corrupt snapshot ({exc}); restore it from backup or start a fresh --state folder"
+            ) from None
+        if not meta_raw:
+            raise StateError(f"{path}: not a neurofed coordinator snapshot (no {META_KEY} metadata)")
+        meta = json.loads(meta_raw)
+        if federation is not None and meta.get("federation") != federation:
+            raise StateError(
+                f"{path}: snapshot belongs to federation {meta.get('federation')!r}, not {federation!r}; "
+                "use another --state folder"
+            )
+        if roster_digest and meta.get("roster_digest") and meta["roster_digest"] != roster_digest:
+            raise StateError(
+                f"{path}: the federation roster changed since this snapshot (digest "
+                f"{meta['roster_digest'][:12]} != {roster_digest[:12]}); re-provisioning needs a fresh --state"
+            )
+        return Snapshot(
+            round=int(meta["round"]),
+            federation=meta["federation"],
+            weights={k[7:]: v for k, v in tensors.items() if k.startswith("global/")},
+            model_config=meta["model_config"],
+            strategy_meta=meta.get("strategy", {}),
+            strategy_tensors={k[9:]: v for k, v in tensors.items() if k.startswith("strategy/")},
+            roster_digest=meta.get("roster_digest", ""),
+            registered=sorted(set(meta.get("registered", [])) | set(self.registered())),
+            extra=meta.get("extra", {}),
+        )
+
+    # -- registration ledger (written by the registration worker) -------------------------------
+    def registered(self) -> list[int]:
+        path = self.root / LEDGER
+        if not path.is_file():
+            return []
+        try:
+            return sorted(int(r) for r in json.loads(path.read_text()).get("rounds", []))
+        except (ValueError, AttributeError):
+            raise StateError(f"{path}: corrupt registration ledger; delete it to re-register (idempotent)") from None
+
+    def mark_registered(self, rounds: Iterable[int], versions: Mapping[int, Any] | None = None) -> None:
+        path = self.root / LEDGER
+        done = set(self.registered()) | {int(r) for r in rounds}
+        old = {}
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text()).get("versions", {})
+            except ValueError:
+                old = {}
+        old.update({str(k): v for k, v in (versions or {}).items()})
+        atomic_write_json(path, {"rounds": sorted(done), "versions": old})

@@ -1,0 +1,324 @@
+"""Aggregation strategies: one small interface, thin classes over ``coordinator.aggregate``.
+
+The round loop (``coordinator.rounds``) lives once, outside the strategies, and drives them:
+
+    cfg = strategy.configure(round, site, base)   # a fresh dict per site (never shared)
+    strategy.begin(round, global_weights)
+    strategy.add(site, update, num_cases)         # as each checked update arrives
+    new_global = strategy.result()                # None: keep the previous global model
+    meta, tensors = strategy.state()              # persisted with the round; load_state() on resume
+
+The FedAvg family folds updates in as they arrive (memory flat in the number of sites); the order
+statistics (median, trimmed mean) spill each update to a safetensors file and reduce tensor by
+tensor, so memory holds one tensor per site at a time, never whole models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from coordinator.aggregate import WeightedMean, Weights, clip_update, coordinate_median, trimmed_mean
+from coordinator.errors import CoordinatorError
+
+log = logging.getLogger(__name__)
+
+
+class Strategy(ABC):
+    """Base: optional update-norm bound, per-site configuration, persistence hooks."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, *, max_norm: float | None = None) -> None:
+        if max_norm is not None and not max_norm > 0:
+            raise CoordinatorError(f"--max-norm must be positive, got {max_norm}")
+        self.max_norm = max_norm
+        self.round = 0
+        self._global: Weights | None = None
+        self.clipped: dict[str, float] = {}
+
+    # -- round configuration -------------------------------------------------------------
+    def configure(self, round: int, site: str, base: Mapping[str, Any]) -> dict[str, Any]:
+        """The instructions for ``site`` in ``round``: a fresh dict every call (Flower's wart
+        #2704 was one mutable config shared by every client)."""
+        return dict(base)
+
+    # -- aggregation ------------------------------------------------------------------------
+    def begin(self, round: int, global_weights: Mapping[str, np.ndarray]) -> None:
+        self.round = round
+        self._global = dict(global_weights)
+        self.clipped = {}
+        self._begin()
+
+    def add(self, site: str, update: Mapping[str, np.ndarray], num_cases: int) -> None:
+        """Fold in one checked update (full weights, not a delta) from ``site``."""
+        if self._global is None:
+            raise RuntimeError("Strategy.add before begin")
+        if self.max_norm is not None:
+            update, norm = clip_update(update, self._global, self.max_norm)
+            if norm > self.max_norm:
+                self.clipped[site] = norm
+                log.warning(
+                    "round %d: update from %s clipped (norm %.4g > bound %.4g)",
+                    self.round,
+                    site,
+                    norm,
+                    self.max_norm,
+                )
+        self._add(site, update, num_cases)
+
+    @abstractmethod
+    def _begin(self) -> None: ...
+
+    @abstractmethod
+    def _add(self, site: str, update: Mapping[str, np.ndarray], num_cases: int) -> None: ...
+
+    @abstractmethod
+    def result(self) -> Weights | None:
+        """The new global weights, or None (no usable update: keep the previous model)."""
+
+    # -- persistence --------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], Weights]:
+        """JSON-able settings/counters and named tensors to persist with the round."""
+        return {"name": self.name, "max_norm": self.max_norm}, {}
+
+    def load_state(self, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+        if meta.get("name") not in (None, self.name):
+            raise CoordinatorError(
+                f"saved state belongs to strategy {meta.get('name')!r}, not {self.name!r}: resume with "
+                f"--strategy {meta.get('name')} or start with a fresh --state folder"
+            )
+
+    def close(self) -> None:
+        """Release what the strategy holds between rounds (spill files)."""
+
+
+class FedAvg(Strategy):
+    """McMahan et al.: the mean of the sites' weights, weighted by their number of training cases."""
+
+    name = "fedavg"
+
+    def _begin(self) -> None:
+        self._mean = WeightedMean()
+
+    def _add(self, site: str, update: Mapping[str, np.ndarray], num_cases: int) -> None:
+        self._mean.add(update, float(num_cases))
+
+    def result(self) -> Weights | None:
+        return self._mean.result()
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; the proximal term (mu/2 ||w - w_global||^2) is added by each site's
+    trainer, so the server's only part is sending ``mu`` in the round's configuration."""
+
+    name = "fedprox"
+
+    def __init__(self, *, mu: float = 0.01, max_norm: float | None = None) -> None:
+        super().__init__(max_norm=max_norm)
+        if not mu >= 0:
+            raise CoordinatorError(f"FedProx mu must be >= 0, got {mu}")
+        self.mu = mu
+
+    def configure(self, round: int, site: str, base: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = super().configure(round, site, base)
+        cfg["mu"] = self.mu
+        return cfg
+
+    def state(self) -> tuple[dict[str, Any], Weights]:
+        meta, tensors = super().state()
+        meta["mu"] = self.mu
+        return meta, tensors
+
+
+class FedOpt(FedAvg):
+    """Reddi et al. (adaptive federated optimisation): the FedAvg mean minus the global model is a
+    pseudo-gradient for a server optimiser whose moments persist across rounds (and restarts)."""
+
+    name = "fedopt"
+
+    def __init__(
+        self,
+        *,
+        eta: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        max_norm: float | None = None,
+    ) -> None:
+        super().__init__(max_norm=max_norm)
+        self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+        self.t = 0
+        self.m: Weights = {}
+        self.v: Weights = {}
+
+    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1.0 - self.beta2) * d2
+
+    def result(self) -> Weights | None:
+        avg = super().result()
+        if avg is None or self._global is None:
+            return None
+        self.t += 1
+        out: Weights = {}
+        for name, g in self._global.items():
+            g = np.asarray(g)
+            if not np.issubdtype(g.dtype, np.floating):
+                out[name] = avg[name]  # counters: take the mean as is
+                continue
+            delta = avg[name].astype(np.float64) - g.astype(np.float64)
+            m = self.m.get(name)
+            v = self.v.get(name)
+            m = (1.0 - self.beta1) * delta if m is None else self.beta1 * m + (1.0 - self.beta1) * delta
+            d2 = delta * delta
+            v = (1.0 - self.beta2) * d2 if v is None else self._second_moment(v, d2)
+            self.m[name], self.v[name] = m, v
+            out[name] = (g.astype(np.float64) + self.eta * m / (np.sqrt(v) + self.tau)).astype(g.dtype)
+        return out
+
+    def state(self) -> tuple[dict[str, Any], Weights]:
+        meta, tensors = super().state()
+        meta.update(t=self.t, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
+        for name, m in self.m.items():
+            tensors[f"m/{name}"] = m.astype(np.float32)
+        for name, v in self.v.items():
+            tensors[f"v/{name}"] = v.astype(np.float32)
+        return meta, tensors
+
+    def load_state(self, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
+        super().load_state(meta, tensors)
+        self.t = int(meta.get("t", 0))
+        self.m = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("m/")}
+        self.v = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("v/")}
+
+
+class FedAdam(FedOpt):
+    name = "fedadam"
+
+
+class FedYogi(FedOpt):
+    """Yogi's second moment grows or shrinks additively (sign rule), which tames Adam's v when
+    pseudo-gradients are sparse or noisy across rounds."""
+
+    name = "fedyogi"
+
+    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        return v - (1.0 - self.beta2) * d2 * np.sign(v - d2)
+
+
+class _Spilled(Strategy):
+    """Keeps each update on disk (safetensors) and reduces tensor by tensor."""
+
+    def __init__(self, *, spill_dir: str | Path | None = None, max_norm: float | None = None) -> None:
+        super().__init__(max_norm=max_norm)
+        self._spill_root = Path(spill_dir) if spill_dir else None
+        self._dir: Path | None = None
+        self._files: list[Path] = []
+
+    def _begin(self) -> None:
+        self.close()
+        if self._spill_root is not None:
+            self._spill_root.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-r{self.round}-", dir=self._spill_root))
+        self._files = []
+
+    def _add(self, site: str, update: Mapping[str, np.ndarray], num_cases: int) -> None:
+        from safetensors.numpy import save_file
+
+        assert self._dir is not None
+        path = self._dir / f"{len(self._files):05d}.safetensors"
+        save_file({k: np.asarray(v, order="C") for k, v in update.items()}, str(path))
+        self._files.append(path)
+
+    @abstractmethod
+    def _reduce(self, arrays: list[np.ndarray]) -> np.ndarray: ...
+
+    def result(self) -> Weights | None:
+        from safetensors import safe_open
+
+        if not self._files or self._global is None:
+            return None
+        handles = [safe_open(str(p), framework="numpy") for p in self._files]
+        try:
+            out: Weights = {}
+            for name in self._global:
+                arrays = [h.get_tensor(name) for h in handles]
+                out[name] = self._reduce(arrays)
+            return out
+        finally:
+            del handles
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self._files = []
+
+
+class Median(_Spilled):
+    """Coordinate-wise median (Yin et al. 2018): one site sending huge values cannot move it."""
+
+    name = "median"
+
+    def _reduce(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return coordinate_median(arrays)
+
+
+class TrimmedMean(_Spilled):
+    """Coordinate-wise mean after dropping the ``beta`` fraction of lowest and highest values."""
+
+    name = "trimmed-mean"
+
+    def __init__(
+        self, *, beta: float = 0.2, spill_dir: str | Path | None = None, max_norm: float | None = None
+    ) -> None:
+        super().__init__(spill_dir=spill_dir, max_norm=max_norm)
+        if not 0 <= beta < 0.5:
+            raise CoordinatorError(f"trimmed-mean beta must be in [0, 0.5), got {beta}")
+        self.beta = beta
+
+    def _reduce(self, arrays: list[np.ndarray]) -> np.ndarray:
+        # with few sites, trim at least one value each side when that still leaves one
+        n = len(arrays)
+        beta = self.beta
+        if n >= 3 and math.floor(beta * n) == 0 and beta > 0:
+            beta = 1.0 / n
+        return trimmed_mean(arrays, beta)
+
+    def state(self) -> tuple[dict[str, Any], Weights]:
+        meta, tensors = super().state()
+        meta["beta"] = self.beta
+        return meta, tensors
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi, Median, TrimmedMean)
+}
+
+
+def make_strategy(
+    name: str,
+    *,
+    mu: float = 0.01,
+    max_norm: float | None = None,
+    spill_dir: str | Path | None = None,
+    **opts: Any,
+) -> Strategy:
+    """Build a strategy by its CLI name (``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``,
+    ``median``, ``trimmed-mean``)."""
+    if name not in STRATEGIES:
+        raise CoordinatorError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    if cls is FedProx:
+        return FedProx(mu=mu, max_norm=max_norm)
+    if issubclass(cls, _Spilled):
+        return cls(spill_dir=spill_dir, max_norm=max_norm, **opts)
+    return cls(max_norm=max_norm, **opts)

@@ -1,0 +1,342 @@
+"""The long-running site agent: one hospital's side of every federated round.
+
+Lifecycle per round r (wire/PROTOCOL.md), driven only by what arrives on the ``Endpoint``:
+
+1. TASK r (retained) and MODEL r (retained) arrive, in either order; the model's SHA-256 must
+   equal the task's ``model_digest`` or the model is ignored (a stale or foreign model).
+2. EVALUATE the global model (model r-1) on the local validation split and send METRICS
+   (Dice, HD95, number of cases; sealed to the coordinator like every site message).
+3. TRAIN ``epochs`` local epochs (FedProx: ``mu`` from the task goes to the trainer's proximal
+   term), write the encoded update to the state folder (atomically), then send UPDATE with the
+   case count. An evaluation-only task (``train: false``) stops after step 2.
+4. Watch RECEIPTS r: if the coordinator's list lacks this site while its update was sent (the
+   upload was lost to a broker restart, or the coordinator restarted: new ``session``), send the
+   stored update again, never retrain.
+
+Idempotent per round: ``STATE/agent.json`` records what was evaluated, stored and sent, so a
+restarted agent picks up the retained task and model and does not train a round twice. Every
+send is recorded in the audit log (``edge_node.audit``). The agent's current state is mirrored to
+``STATE/status.json`` (for the demo's live view) and its train/evaluate intervals to
+``STATE/timeline.jsonl`` (for the overhead benchmark).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_node.audit import AuditLog
+from wire.api import Endpoint, Message, MessageKind
+from wire.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    """What the agent needs from ``edge_node.training.LocalTrainer``."""
+
+    num_train_cases: int
+
+    def train(self, state_dict: Any, epochs: int, *, prox_mu: float = 0.0, progress: Any = None) -> Any: ...
+
+    def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
+
+
+def fault_point(point: str, round: int) -> None:
+    """Test hook: ``NEUROFED_FAULT=site-mid-upload`` (optionally ``NEUROFED_FAULT_ROUND=r``) makes
+    the agent SIGKILL itself while its update is on its way out (stored, not yet acknowledged)."""
+    if os.environ.get("NEUROFED_FAULT") != point:
+        return
+    wanted = os.environ.get("NEUROFED_FAULT_ROUND")
+    if wanted and int(wanted) != round:
+        return
+    import signal
+
+    log.critical("fault injection: SIGKILL at %s (round %d)", point, round)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class SiteAgent:
+    """One site's participation in the federation over ``endpoint`` with ``trainer``."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        trainer: Trainer | Callable[[dict[str, Any]], Trainer],
+        state_dir: str | os.PathLike[str],
+        *,
+        resend_after: float = 10.0,
+        send_timeout: float = 60.0,
+        fp16: bool = False,
+    ) -> None:
+        self.ep = endpoint
+        # a trainer, or a factory taking the task's model config (the coordinator decides the model)
+        self._factory = trainer if callable(trainer) and not hasattr(trainer, "train") else None
+        self.trainer: Trainer | None = None if self._factory else trainer  # type: ignore[assignment]
+        self._trainer_cfg: str | None = None
+        self.site = endpoint.participant
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(self.state_dir / "audit.jsonl", self.site)
+        self.resend_after = resend_after
+        self.send_timeout = send_timeout
+        self.fp16 = fp16
+        self.task: dict[str, Any] | None = None
+        self.model: tuple[int, str, bytes] | None = None  # (round, digest, payload)
+        self.receipts: dict[str, Any] | None = None
+        self._fresh_receipts: dict[str, Any] | None = None
+        self.done = False
+        self._state = self._load_state()
+        self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
+
+    # -- persistent per-round record ------------------------------------------------------------
+    @property
+    def _state_path(self) -> Path:
+        return self.state_dir / "agent.json"
+
+    def _load_state(self) -> dict[str, Any]:
+        if self._state_path.is_file():
+            try:
+                return json.loads(self._state_path.read_text())
+            except ValueError:
+                log.warning("%s: unreadable agent state; starting afresh", self._state_path)
+        return {"rounds": {}}
+
+    def _save_state(self) -> None:
+        _atomic_write(self._state_path, json.dumps(self._state, indent=1, sort_keys=True).encode())
+
+    def _round_state(self, r: int) -> dict[str, Any]:
+        return self._state["rounds"].setdefault(str(r), {})
+
+    def _update_path(self, r: int) -> Path:
+        return self.state_dir / f"update-r{r:04d}.safetensors"
+
+    def _prune(self, current: int) -> None:
+        for key in list(self._state["rounds"]):
+            if int(key) < current - 1:
+                self._update_path(int(key)).unlink(missing_ok=True)
+                del self._state["rounds"][key]
+
+    def _set_status(self, **kw: Any) -> None:
+        self._status.update(kw, t=time.time())
+        try:
+            _atomic_write(self.state_dir / "status.json", json.dumps(self._status).encode())
+        except OSError:  # pragma: no cover - the status file is a convenience
+            pass
+
+    def _timeline(self, what: str, r: int, t0: float, t1: float) -> None:
+        with open(self.state_dir / "timeline.jsonl", "a") as fh:
+            fh.write(json.dumps({"site": self.site, "what": what, "round": r, "start": t0, "end": t1}) + "\n")
+
+    # -- sending (with retry across broker outages) and auditing --------------------------------
+    def _send(
+        self, kind: MessageKind, r: int, meta: Mapping[str, Any], payload: bytes = b"", *, resend: bool = False,
+        stop: threading.Event | None = None,
+    ) -> str:
+        delay = 1.0
+        while True:
+            try:
+                msg_id = self.ep.send(kind, r, meta=meta, payload=payload, timeout=self.send_timeout)
+                break
+            except TransportError as exc:
+                if stop is not None and stop.is_set():
+                    raise
+                log.warning("%s: sending %s for round %d failed (%s); retrying in %.0f s", self.site, kind, r, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.audit.record(kind.value, r, msg_id=msg_id, payload=payload, meta=meta, resend=resend)
+        return msg_id
+
+    # -- message intake -----------------------------------------------------------------------------
+    def _accept(self, msg: Message) -> None:
+        if msg.kind is MessageKind.TASK:
+            if self.task is None or msg.round >= self.task["round"] or msg.meta.get("done"):
+                self.task = dict(msg.meta, round=msg.round)
+                if msg.meta.get("done"):
+                    self.done = True
+        elif msg.kind is MessageKind.MODEL:
+            digest = hashlib.sha256(msg.payload).hexdigest()
+            if msg.meta.get("model_digest") not in (None, digest):
+                log.warning("%s: MODEL for round %d does not match its own digest; ignored", self.site, msg.round)
+                return
+            if self.model is None or msg.round >= self.model[0]:
+                self.model = (msg.round, digest, msg.payload)
+        elif msg.kind is MessageKind.RECEIPTS:
+            self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
+
+    # -- the work -------------------------------------------------------------------------------------
+    def _decode_model(self, payload: bytes) -> Any:
+        from wire.payload import decode_state
+
+        state = decode_state(payload)
+        try:
+            import torch
+
+            return {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+        except ImportError:  # pragma: no cover - the real trainer needs torch anyway
+            return state
+
+    def _trainer_for(self, task: Mapping[str, Any]) -> Trainer:
+        if self._factory is None:
+            assert self.trainer is not None
+            return self.trainer
+        cfg = task.get("model_config") or {}
+        key = json.dumps(cfg, sort_keys=True)
+        if self.trainer is None or key != self._trainer_cfg:
+            self._set_status(state="loading-data")
+            self.trainer = self._factory(dict(cfg))
+            self._trainer_cfg = key
+        return self.trainer
+
+    def _work(self, stop: threading.Event | None) -> None:
+        task, model = self.task, self.model
+        if task is None or task.get("done"):
+            return
+        r = int(task["round"])
+        rs = self._round_state(r)
+        self._prune(r)
+        if model is None or model[0] != r or model[1] != task.get("model_digest"):
+            if not rs.get("update_sent"):
+                self._set_status(state="waiting-for-model", round=r)
+            return
+        trainer = self._trainer_for(task)
+        train = bool(task.get("train", True))
+        site_cfg = dict(task.get("sites", {}).get(self.site, {}))
+        state_dict = None
+        if not rs.get("metrics_sent"):
+            self._set_status(state="evaluating", round=r)
+            state_dict = self._decode_model(model[2])
+            t0 = time.time()
+            ev = trainer.evaluate(state_dict, split="val")
+            t1 = time.time()
+            self._timeline("evaluate", r, t0, t1)
+            meta = {
+                "dice": float(ev.dice),
+                "hd95": float(ev.hd95) if ev.hd95 is not None else float("nan"),
+                "num_cases": int(ev.num_cases),
+                "evaluated_round": r - 1,
+                "model_digest": model[1],
+            }
+            self._send(MessageKind.METRICS, r, meta, stop=stop)
+            rs["metrics_sent"] = True
+            rs["dice"] = meta["dice"]
+            self._save_state()
+            self._set_status(dice=meta["dice"], evaluated_round=r - 1)
+            log.info("%s: round %d: model %d scores Dice %.4f on %d validation cases", self.site, r, r - 1, meta["dice"], meta["num_cases"])
+        if not train:
+            self._set_status(state="evaluated", round=r)
+            return
+        path = self._update_path(r)
+        if not (rs.get("update_stored") and path.is_file()):
+            self._set_status(state="training", round=r)
+            if state_dict is None:
+                state_dict = self._decode_model(model[2])
+            epochs = int(site_cfg.get("epochs", task.get("epochs", 1)))
+            mu = float(site_cfg.get("mu", 0.0))
+            t0 = time.time()
+            result = trainer.train(state_dict, epochs, prox_mu=mu)
+            t1 = time.time()
+            self._timeline("train", r, t0, t1)
+            from wire.payload import encode_state
+
+            payload = encode_state(result.state_dict, fp16=bool(task.get("fp16", self.fp16)))
+            _atomic_write(path, payload)
+            rs.update(
+                update_stored=True,
+                num_cases=int(result.num_cases),
+                loss=float(result.loss),
+                model_digest=model[1],
+                train_seconds=float(t1 - t0),
+            )
+            self._save_state()
+        if not rs.get("update_sent"):
+            self._send_update(r, rs, stop=stop)
+
+    def _send_update(self, r: int, rs: dict[str, Any], *, resend: bool = False, stop: threading.Event | None = None) -> None:
+        payload = self._update_path(r).read_bytes()
+        meta = {
+            "num_cases": int(rs["num_cases"]),
+            "model_digest": rs["model_digest"],
+            "loss": rs.get("loss"),
+            "train_seconds": rs.get("train_seconds"),
+        }
+        self._set_status(state="uploading", round=r)
+        fault_point("site-mid-upload", r)
+        self._send(MessageKind.UPDATE, r, meta, payload, resend=resend, stop=stop)
+        rs.update(update_sent=True, sent_at=time.time())
+        if not resend:
+            rs["sent_session"] = (self.task or {}).get("session")
+        self._save_state()
+        self._set_status(state="sent", round=r)
+        log.info("%s: round %d: update sent (%d cases, %d bytes)%s", self.site, r, rs["num_cases"], len(payload), " again" if resend else "")
+
+    def _check_receipts(self, stop: threading.Event | None) -> None:
+        """Resend the stored update if the coordinator's receipts lack it (lost upload, restart)."""
+        rc = self._fresh_receipts
+        if rc is None:
+            return
+        self._fresh_receipts = None  # act once per RECEIPTS message (the coordinator repeats them)
+        r = int(rc["round"])
+        rs = self._state["rounds"].get(str(r))
+        if not rs or not rs.get("update_sent") or self.site in rc.get("held", []):
+            return
+        new_session = rc.get("session") not in (None, rs.get("sent_session"))
+        if new_session or time.time() - float(rs.get("sent_at", 0)) > self.resend_after:
+            if self._update_path(r).is_file():
+                log.warning("%s: receipts for round %d lack this site's update; sending it again", self.site, r)
+                if new_session:
+                    rs["sent_session"] = rc.get("session")
+                self._send_update(r, rs, resend=True, stop=stop)
+        # metrics lost the same way matter only in evaluation-only rounds
+        if self.task and not self.task.get("train", True) and int(self.task["round"]) == r:
+            if rs.get("metrics_sent") and self.site not in rc.get("metrics", []) and new_session:
+                rs["metrics_sent"] = False
+                self._save_state()
+
+    def step(self, timeout: float = 1.0, stop: threading.Event | None = None) -> bool:
+        """Take in every queued message (waiting up to ``timeout`` for the first), then do the work
+        they call for. Returns False once the federation is done."""
+        msg = self.ep.receive(timeout=timeout)
+        while msg is not None:
+            self._accept(msg)
+            msg = self.ep.receive(timeout=0)
+        if self.done:
+            self._set_status(state="done")
+            return False
+        if self.task is not None:
+            self.ep.set_round_window(max(0, int(self.task["round"]) - 1), int(self.task["round"]) + 1)
+        self._work(stop)
+        self._check_receipts(stop)
+        return not self.done
+
+    def run(self, stop: threading.Event | None = None, *, max_idle: float | None = None) -> None:
+        """Serve rounds until the coordinator announces the end (or ``stop`` is set, or nothing
+        arrives for ``max_idle`` seconds)."""
+        self._set_status(state="waiting")
+        last = time.time()
+        while stop is None or not stop.is_set():
+            seen = (self.task or {}).get("round"), (self.receipts or {}).get("held")
+            if not self.step(timeout=1.0, stop=stop):
+                log.info("%s: federation finished", self.site)
+                return
+            if ((self.task or {}).get("round"), (self.receipts or {}).get("held")) != seen:
+                last = time.time()
+            elif max_idle is not None and time.time() - last > max_idle:
+                log.warning("%s: nothing new for %.0f s; stopping", self.site, max_idle)
+                return

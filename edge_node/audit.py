@@ -1,0 +1,78 @@
+"""The site's append-only record of everything it sent out: the privacy officer's evidence.
+
+One JSON object per line in ``STATE/audit.jsonl``: time, kind, round, message id, number of bytes
+and SHA-256 of the payload (for METRICS, of the canonical JSON of its fields), and the small fields
+that went with it (case counts, Dice, the model digest). Weights themselves are not copied here;
+their digest is enough to prove which update left the building. Each line is flushed and fsynced
+before the send is reported done, and the file is only ever opened for appending.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def canonical_digest(payload: bytes, meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the payload, or of the canonical JSON of ``meta`` when there is no payload."""
+    if payload:
+        return hashlib.sha256(payload).hexdigest()
+    return hashlib.sha256(json.dumps(dict(meta), sort_keys=True, default=str).encode()).hexdigest()
+
+
+class AuditLog:
+    """Append-only JSONL writer (thread-safe); ``entries()`` reads it back."""
+
+    def __init__(self, path: str | os.PathLike[str], site: str) -> None:
+        self.path = Path(path)
+        self.site = site
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(
+        self,
+        kind: str,
+        round: int,
+        *,
+        msg_id: str,
+        payload: bytes = b"",
+        meta: Mapping[str, Any] | None = None,
+        resend: bool = False,
+    ) -> dict[str, Any]:
+        meta = dict(meta or {})
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "unix": round_ts(time.time()),
+            "site": self.site,
+            "kind": kind,
+            "round": int(round),
+            "msg_id": msg_id,
+            "bytes": len(payload) if payload else len(json.dumps(meta, sort_keys=True, default=str).encode()),
+            "sha256": canonical_digest(payload, meta),
+            "resend": resend,
+            "fields": meta,
+        }
+        line = json.dumps(entry, sort_keys=True, default=str) + "\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return entry
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def round_ts(t: float) -> float:
+    return float(f"{t:.3f}")

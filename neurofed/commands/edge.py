@@ -1,0 +1,73 @@
+"""``neurofed edge``: a hospital's long-running site agent. It verifies each task, scores the
+global model on the local validation split, trains locally and sends only weights, case counts
+and aggregate metrics (encrypted to the coordinator); scans never leave the site."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "edge"
+EXAMPLE = """\
+example:
+  neurofed edge --bundle bundles/site-01 --data data/site-01
+
+The agent reconnects by itself, picks up the current task and model after a restart without the
+coordinator resending them, never trains a round twice, and resends its update when the
+coordinator's receipts lack it. Everything it sent is listed in STATE/audit.jsonl.
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        NAME,
+        help="run a site agent: local evaluation and training for each federated round",
+        description=__doc__,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bundle", required=True, help="this site's bundle folder, DIR/<site>")
+    p.add_argument("--data", required=True, help="this site's data folder (DATA/<site>, as `neurofed synth` writes it)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="training device (default auto)")
+    p.add_argument("--state", help="state folder (default: BUNDLE/../<site>-state)")
+    p.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS or 1)")
+    p.add_argument("--resend-after", type=float, default=10.0, help="seconds before a missing receipt triggers a resend")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the trainer's)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from edge_node.errors import EdgeNodeError
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise EdgeNodeError(f"--data {data}: no such folder (give this site's folder, e.g. data/site-01)")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    from edge_node.agent import SiteAgent
+    from edge_node.training import LocalTrainer, TrainConfig, set_torch_threads
+    from models.config import ModelConfig
+    from wire.bundle import load_bundle
+    from wire.mqtt import MqttEndpoint
+
+    set_torch_threads()
+    bundle = load_bundle(args.bundle)
+    if bundle.role != "site":
+        raise EdgeNodeError(f"{args.bundle} is the {bundle.role}'s bundle; give this site's DIR/<site>")
+    state = Path(args.state or Path(args.bundle).parent / f"{bundle.participant}-state")
+    tc = TrainConfig(batch_size=args.batch_size) if args.batch_size else TrainConfig()
+
+    def make_trainer(cfg: dict) -> LocalTrainer:
+        return LocalTrainer(data, ModelConfig.from_dict(cfg) if cfg else ModelConfig(), tc, device=args.device)
+
+    endpoint = MqttEndpoint(bundle)
+    endpoint.start()
+    try:
+        SiteAgent(endpoint, make_trainer, state, resend_after=args.resend_after).run()
+    finally:
+        endpoint.close()
+    return 0

@@ -1,0 +1,82 @@
+"""Shared pieces for round-logic tests over the in-memory hub: a numpy trainer stand-in (the
+round logic, not training, is under test here; real training runs in tests/test_federation*.py)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from coordinator.rounds import Coordinator, RoundConfig
+from coordinator.state import StateStore
+from coordinator.strategies import make_strategy
+from edge_node.agent import SiteAgent
+from wire.api import COORDINATOR
+from wire.memory import MemoryHub
+
+MODEL_CONFIG = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
+
+
+def initial_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "w": rng.normal(size=(4, 3)).astype(np.float32),
+        "b": np.zeros(4, dtype=np.float32),
+        "n": np.array([0], dtype=np.int64),  # 1-d: wire.payload turns 0-d into 1-d (reported)
+    }
+
+
+@dataclass
+class ShiftTrainer:
+    """'Training' adds ``shift`` to every float tensor; evaluation reports a fixed Dice."""
+
+    shift: float
+    num_train_cases: int
+    dice: float = 0.5
+    trained: int = 0
+
+    def train(self, state_dict, epochs, *, prox_mu=0.0, progress=None):
+        self.trained += 1
+        self.last_mu = prox_mu
+        self.last_epochs = epochs
+        out = {k: (v + self.shift if v.is_floating_point() else v.clone()) for k, v in state_dict.items()}
+        return SimpleNamespace(state_dict=out, num_cases=self.num_train_cases, loss=0.1, seconds=0.0)
+
+    def evaluate(self, state_dict, split="val"):
+        return SimpleNamespace(dice=self.dice, hd95=3.0, num_cases=2, per_case={}, seconds=0.0)
+
+
+def make_coordinator(hub: MemoryHub, state: Path, sites, *, rounds=2, min_sites=None, timeout=10.0,
+                     strategy="fedavg", registrar=None, **kw) -> Coordinator:
+    ep = hub.endpoint(COORDINATOR)
+    ep.start()
+    cfg = RoundConfig(rounds=rounds, expected_sites=tuple(sites), min_sites=min_sites or len(sites),
+                      round_timeout=timeout, receipt_interval=kw.pop("receipt_interval", 0.5), **kw)
+    return Coordinator(ep, make_strategy(strategy), StateStore(state), cfg, model_config=MODEL_CONFIG,
+                       initial_weights=initial_weights, registrar=registrar)
+
+
+def start_agent(hub: MemoryHub, site: str, trainer, state: Path, stop: threading.Event, **kw) -> tuple[SiteAgent, threading.Thread]:
+    ep = hub.endpoint(site)
+    ep.start()
+    agent = SiteAgent(ep, trainer, state / site, **kw)
+    t = threading.Thread(target=agent.run, kwargs={"stop": stop}, daemon=True, name=site)
+    t.start()
+    return agent, t
+
+
+def run_in_thread(coord: Coordinator) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def target():
+        try:
+            box["results"] = coord.run()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True, name="coordinator")
+    t.start()
+    return t, box

@@ -1,0 +1,100 @@
+"""The aggregation maths against independent computations (and Flower's reference when present)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.aggregate import (
+    WeightedMean,
+    clip_update,
+    coordinate_median,
+    delta_norm,
+    trimmed_mean,
+    weighted_mean,
+)
+
+
+def _models(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"conv.weight": rng.normal(size=(4, 2, 3, 3, 3)).astype(np.float32), "conv.bias": rng.normal(size=4).astype(np.float32)}
+        for _ in range(n)
+    ]
+
+
+def test_weighted_mean_equals_independent_computation():
+    models = _models(5)
+    cases = [3, 10, 1, 7, 4]
+    got = weighted_mean(zip(models, cases, strict=True))
+    for name in models[0]:
+        stacked = np.stack([m[name].astype(np.float64) for m in models])
+        w = np.array(cases, dtype=np.float64).reshape(-1, *([1] * (stacked.ndim - 1)))
+        expected = (stacked * w).sum(0) / sum(cases)
+        assert got[name].dtype == np.float32
+        np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_weighted_mean_streaming_matches_batch_and_is_order_independent():
+    models = _models(4, seed=1)
+    cases = [2, 5, 9, 1]
+    acc = WeightedMean()
+    for m, c in reversed(list(zip(models, cases, strict=True))):
+        acc.add(m, c)
+    batch = weighted_mean(zip(models, cases, strict=True))
+    streamed = acc.result()
+    assert acc.count == 4 and acc.total_weight == 17
+    for name in batch:
+        np.testing.assert_allclose(streamed[name], batch[name], rtol=1e-6)
+
+
+def test_weighted_mean_rejects_bad_weight_and_mismatched_names():
+    acc = WeightedMean()
+    with pytest.raises(ValueError, match="positive"):
+        acc.add({"a": np.zeros(2)}, 0)
+    acc.add({"a": np.zeros(2)}, 1)
+    with pytest.raises(ValueError, match="names"):
+        acc.add({"b": np.zeros(2)}, 1)
+    assert WeightedMean().result() is None
+
+
+def test_agrees_with_flower_reference():
+    flwr_aggregate = pytest.importorskip(
+        "flwr.server.strategy.aggregate", reason="flwr is not installed (kept out of .venv on purpose)"
+    )
+    models = _models(6, seed=2)
+    cases = [4, 4, 8, 1, 2, 30]
+    ours = weighted_mean(zip(models, cases, strict=True))
+    names = list(models[0])
+    theirs = flwr_aggregate.aggregate([([m[n] for n in names], c) for m, c in zip(models, cases, strict=True)])
+    for name, arr in zip(names, theirs, strict=True):
+        np.testing.assert_allclose(ours[name], arr, rtol=1e-5, atol=1e-6)
+
+
+def test_median_and_trimmed_mean_resist_one_huge_site():
+    honest = [np.full((3, 3), v, dtype=np.float32) for v in (1.0, 1.1, 0.9, 1.05)]
+    attacker = np.full((3, 3), 1e9, dtype=np.float32)
+    med = coordinate_median([*honest, attacker])
+    tm = trimmed_mean([*honest, attacker], beta=0.2)
+    assert np.all(np.abs(med - 1.0) < 0.11)
+    assert np.all(np.abs(tm - 1.0) < 0.11)
+    # the plain mean is dragged away, which is what the robust ones protect against
+    assert np.all(np.mean(np.stack([*honest, attacker]), 0) > 1e8)
+
+
+def test_trimmed_mean_beta_range():
+    with pytest.raises(ValueError, match="beta"):
+        trimmed_mean([np.zeros(2)], 0.5)
+    np.testing.assert_allclose(trimmed_mean([np.ones(2), 3 * np.ones(2)], 0.0), 2 * np.ones(2))
+
+
+def test_clip_update_bounds_the_delta_norm():
+    ref = {"w": np.zeros(4, dtype=np.float32), "n": np.array(3, dtype=np.int64)}
+    upd = {"w": np.array([3.0, 4.0, 0.0, 0.0], dtype=np.float32), "n": np.array(5, dtype=np.int64)}
+    clipped, norm = clip_update(upd, ref, max_norm=1.0)
+    assert norm == pytest.approx(5.0)
+    assert delta_norm(clipped, ref) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(clipped["w"], [0.6, 0.8, 0, 0], rtol=1e-6)
+    assert int(clipped["n"]) == 5
+    same, norm2 = clip_update(upd, ref, max_norm=10.0)
+    assert norm2 == pytest.approx(5.0) and same["w"] is upd["w"]

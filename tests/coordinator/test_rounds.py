@@ -1,0 +1,210 @@
+"""The round state machine over the in-memory hub: full runs, quorum, deadline, rejections, resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from coordinator import payload as codec
+from coordinator.registration import Registrar
+from coordinator.state import StateStore
+from tests.coordinator.helpers import (
+    ShiftTrainer,
+    initial_weights,
+    make_coordinator,
+    run_in_thread,
+    start_agent,
+)
+from wire.api import MessageKind
+from wire.memory import MemoryHub
+
+SITES = ("site-a", "site-b", "site-c")
+
+
+def _finish(t, box, stop, timeout=60):
+    t.join(timeout)
+    stop.set()
+    assert not t.is_alive(), "coordinator did not finish in time"
+    if "error" in box:
+        raise box["error"]
+    return box["results"]
+
+
+def test_full_federation_is_fedavg_and_scored_at_the_end(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    trainers = {s: ShiftTrainer(shift=i + 1.0, num_train_cases=n, dice=0.3 + 0.1 * i)
+                for i, (s, n) in enumerate(zip(SITES, (2, 3, 5), strict=True))}
+    reg = Registrar(StateStore(tmp_path / "coord"), {})
+    coord = make_coordinator(hub, tmp_path / "coord", SITES, rounds=2, registrar=reg)
+    agents = {s: start_agent(hub, s, trainers[s], tmp_path, stop)[0] for s in SITES}
+    t, box = run_in_thread(coord)
+    results = _finish(t, box, stop)
+    reg.close()
+    assert [r.round for r in results] == [1, 2, 3]
+    assert [r.train for r in results] == [True, True, False]
+    # each round: the weighted shift (1*2 + 2*3 + 3*5) / 10 = 2.3
+    expected = initial_weights()["w"] + 2 * 2.3
+    np.testing.assert_allclose(coord.weights["w"], expected, rtol=1e-5)
+    assert int(coord.weights["n"][0]) == 0
+    assert all(tr.trained == 2 for tr in trainers.values()), "each site trains each round exactly once"
+    # the evaluation-only round scored the last model at every site
+    assert set(results[-1].metrics) == set(SITES)
+    assert results[0].cases == {"site-a": 2, "site-b": 3, "site-c": 5}
+    # registration handed over for each training round, in order, exactly once
+    assert [j.round for j in reg.done if j.kind == "register"] == [1, 2]
+    assert StateStore(tmp_path / "coord").registered() == [1, 2]
+    evals = [(j.round, round(j.data["dice"], 4)) for j in reg.done if j.kind == "evaluation"]
+    assert evals == [(1, 0.4), (2, 0.4)]  # (0.3*2 + 0.4*2 + 0.5*2) / 6: 2 val cases each
+    # audit: per round one METRICS and one UPDATE per site; the final round only METRICS
+    log = agents["site-b"].audit.entries()
+    kinds = [(e["kind"], e["round"]) for e in log]
+    assert kinds == [("metrics", 1), ("update", 1), ("metrics", 2), ("update", 2), ("metrics", 3)]
+    upd = log[1]
+    assert upd["fields"]["num_cases"] == 3 and len(upd["sha256"]) == 64 and upd["bytes"] > 100
+    assert (tmp_path / "site-b" / "status.json").is_file()
+
+
+def test_deadline_with_quorum_closes_without_the_missing_site(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=2, timeout=1.5)
+    for i, s in enumerate(SITES[:2]):
+        start_agent(hub, s, ShiftTrainer(shift=float(i), num_train_cases=1), tmp_path, stop)
+    t0 = time.time()
+    results = _finish(*run_in_thread(coord), stop)
+    assert results[0].sites == ["site-a", "site-b"]
+    assert 1.0 < time.time() - t0 < 20
+
+
+def test_below_quorum_the_deadline_is_extended(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=2, timeout=1.0, final_eval=False)
+    start_agent(hub, "site-a", ShiftTrainer(shift=1.0, num_train_cases=1), tmp_path, stop)
+    t, box = run_in_thread(coord)
+    time.sleep(2.5)
+    assert t.is_alive(), "one site is below quorum: the round must wait"
+    start_agent(hub, "site-b", ShiftTrainer(shift=1.0, num_train_cases=1), tmp_path, stop)
+    results = _finish(t, box, stop)
+    assert results[0].sites == ["site-a", "site-b"] and results[0].extensions >= 1
+
+
+def _wait_task(ep, round, timeout=10.0):
+    end = time.time() + timeout
+    task = model = None
+    while time.time() < end and (task is None or model is None):
+        msg = ep.receive(timeout=0.2)
+        if msg is None:
+            continue
+        if msg.kind is MessageKind.TASK and msg.round == round:
+            task = msg
+        if msg.kind is MessageKind.MODEL and msg.round == round:
+            model = msg
+    assert task is not None and model is not None
+    return task, model
+
+
+def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
+    hub = MemoryHub("testfed")
+    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=2, timeout=3.0, final_eval=False)
+    eps = {s: hub.endpoint(s) for s in SITES}
+    for ep in eps.values():
+        ep.start()
+    t, box = run_in_thread(coord)
+    task, model = _wait_task(eps["site-a"], 1)
+    digest = task.meta["model_digest"]
+    w = codec.decode(model.payload)
+    good = codec.encode({k: v + 1 if v.dtype == np.float32 else v for k, v in w.items()})
+    nan = dict(w, w=np.full_like(w["w"], np.nan))
+    wrong_shape = dict(w, w=np.zeros((3, 4), dtype=np.float32))
+    wrong_dtype = dict(w, b=w["b"].astype(np.float64))
+    meta = {"num_cases": 2, "model_digest": digest}
+    a, b, c = eps["site-a"], eps["site-b"], eps["site-c"]
+    c.send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(nan))
+    c.send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(wrong_shape))
+    c.send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(wrong_dtype))
+    c.send(MessageKind.UPDATE, 1, meta={"num_cases": 0, "model_digest": digest}, payload=good)
+    c.send(MessageKind.UPDATE, 1, meta={"num_cases": 2, "model_digest": "0" * 64}, payload=good)
+    c.send(MessageKind.UPDATE, 1, meta=meta, payload=b"not safetensors")
+    c.send(MessageKind.UPDATE, 0, meta=meta, payload=good)  # an old round
+    a.send(MessageKind.UPDATE, 1, meta=meta, payload=good)
+    a.send(MessageKind.UPDATE, 1, meta=meta, payload=good)  # duplicate
+    b.send(MessageKind.UPDATE, 1, meta=meta, payload=good)
+    t.join(30)
+    assert not t.is_alive()
+    res = box["results"][0]
+    assert res.sites == ["site-a", "site-b"], "rejected updates never count toward quorum"
+    reasons = sorted(r for _, r in res.rejected)
+    assert reasons == sorted(["non-finite", "shape-mismatch", "dtype-mismatch", "bad-num-cases", "stale-model",
+                              "undecodable", "old-round", "duplicate"])
+    np.testing.assert_allclose(coord.weights["w"], w["w"] + 1, rtol=1e-6)
+    # the rejections are in the events file too, with the site
+    events = (tmp_path / "c" / "events.jsonl").read_text()
+    assert '"reason": "non-finite"' in events and '"site": "site-c"' in events
+
+
+def test_late_update_after_the_deadline_is_rejected(tmp_path):
+    hub = MemoryHub("testfed")
+    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=2, min_sites=2, timeout=1.0, final_eval=False)
+    eps = {s: hub.endpoint(s) for s in SITES}
+    for ep in eps.values():
+        ep.start()
+    t, box = run_in_thread(coord)
+    task, model = _wait_task(eps["site-a"], 1)
+    w = codec.decode(model.payload)
+    good = codec.encode(w)
+    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
+    eps["site-a"].send(MessageKind.UPDATE, 1, meta=meta, payload=good)
+    eps["site-b"].send(MessageKind.UPDATE, 1, meta=meta, payload=good)
+    task2, model2 = _wait_task(eps["site-a"], 2)  # round 1 closed at its deadline
+    eps["site-c"].send(MessageKind.UPDATE, 1, meta=meta, payload=good)  # after the deadline
+    meta2 = {"num_cases": 1, "model_digest": task2.meta["model_digest"]}
+    for s in ("site-a", "site-b"):
+        eps[s].send(MessageKind.UPDATE, 2, meta=meta2, payload=model2.payload)
+    t.join(30)
+    assert not t.is_alive()
+    r1, r2 = box["results"]
+    assert r1.sites == ["site-a", "site-b"]
+    assert ("site-c", "late") in r2.rejected
+    assert r2.sites == ["site-a", "site-b"]
+
+
+def test_restart_resumes_from_the_last_persisted_round(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    state = tmp_path / "c"
+    coord = make_coordinator(hub, state, SITES[:2], rounds=1, final_eval=False)
+    trainers = [ShiftTrainer(shift=1.0, num_train_cases=1), ShiftTrainer(shift=3.0, num_train_cases=1)]
+    for s, tr in zip(SITES[:2], trainers, strict=True):
+        start_agent(hub, s, tr, tmp_path, stop)
+    _finish(*run_in_thread(coord), stop=threading.Event())
+    snap = StateStore(state).load(federation="testfed")
+    assert snap.round == 1
+    np.testing.assert_allclose(snap.weights["w"], initial_weights()["w"] + 2.0, rtol=1e-6)
+    # a new coordinator process for 2 rounds picks up at round 2 from the snapshot's weights
+    coord2 = make_coordinator(hub, state, SITES[:2], rounds=2, final_eval=False)
+    t, box = run_in_thread(coord2)
+    time.sleep(0.5)  # its round-2 task replaces the retained "done" before the sites come back
+    for s, tr in zip(SITES[:2], trainers, strict=True):  # the first agents left at "done"
+        start_agent(hub, s, tr, tmp_path / "again", stop)
+    results = _finish(t, box, stop)
+    assert [r.round for r in results] == [2]
+    np.testing.assert_allclose(coord2.weights["w"], initial_weights()["w"] + 4.0, rtol=1e-6)
+    assert all(tr.trained == 2 for tr in trainers)
+
+
+def test_snapshot_refuses_another_federation(tmp_path):
+    from coordinator.errors import StateError
+    from coordinator.state import Snapshot
+
+    store = StateStore(tmp_path)
+    store.save(Snapshot(round=1, federation="a", weights=initial_weights(), model_config={}))
+    with pytest.raises(StateError, match="federation"):
+        store.load(federation="b")
+    (tmp_path / "snapshot.safetensors").write_bytes(b"garbage")
+    with pytest.raises(StateError, match="corrupt"):
+        store.load()

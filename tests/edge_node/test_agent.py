@@ -1,0 +1,111 @@
+"""The site agent over the in-memory hub: verifies tasks, is idempotent per round across restarts,
+resends its stored update when receipts lack it, audits every send."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+from coordinator import payload as codec
+from edge_node.agent import SiteAgent
+from tests.coordinator.helpers import ShiftTrainer, initial_weights
+from wire.api import COORDINATOR, MessageKind
+from wire.memory import MemoryHub
+
+
+def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None):
+    payload = codec.encode(weights)
+    d = digest or hashlib.sha256(payload).hexdigest()
+    coord.send(MessageKind.MODEL, r, meta={"model_digest": hashlib.sha256(payload).hexdigest()}, payload=payload, retain=True)
+    coord.send(MessageKind.TASK, r, meta={"round": r, "model_digest": d, "train": train, "epochs": 2,
+                                          "sites": {"site-a": {"epochs": 2, "mu": 0.05}}, "session": session},
+               retain=True)
+    return d
+
+
+def _drain(ep, timeout=0.5):
+    out = []
+    end = time.time() + timeout
+    while time.time() < end:
+        m = ep.receive(timeout=0.05)
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def _agent(hub, tmp_path, trainer):
+    ep = hub.endpoint("site-a")
+    ep.start()
+    return SiteAgent(ep, trainer, tmp_path / "site-a", resend_after=0.5)
+
+
+def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt(tmp_path):
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    digest = _publish_round(coord, 1, initial_weights())
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4)
+    agent = _agent(hub, tmp_path, trainer)
+    for _ in range(3):
+        agent.step(timeout=0.2)
+    got = _drain(coord)
+    kinds = [m.kind for m in got]
+    assert kinds == [MessageKind.METRICS, MessageKind.UPDATE]
+    upd = got[1]
+    assert upd.meta["num_cases"] == 4 and upd.meta["model_digest"] == digest
+    assert trainer.trained == 1 and trainer.last_mu == 0.05 and trainer.last_epochs == 2
+    np.testing.assert_allclose(codec.decode(upd.payload)["w"], initial_weights()["w"] + 1, rtol=1e-6)
+    # the site restarts (new process: new agent, same state folder); the retained task and model
+    # come back, the coordinator (restarted too: new session) holds nothing yet
+    agent.ep.close()
+    trainer2 = ShiftTrainer(shift=1.0, num_train_cases=4)
+    agent2 = _agent(hub, tmp_path, trainer2)
+    coord.send(MessageKind.RECEIPTS, 1, meta={"round": 1, "held": [], "session": "s2"})
+    for _ in range(3):
+        agent2.step(timeout=0.2)
+    again = [m for m in _drain(coord) if m.kind is MessageKind.UPDATE]
+    assert trainer2.trained == 0, "a round already trained is never trained again"
+    assert len(again) == 1 and again[0].payload == upd.payload
+    # receipts that hold it stop the resends
+    coord.send(MessageKind.RECEIPTS, 1, meta={"round": 1, "held": ["site-a"], "session": "s2"})
+    time.sleep(0.6)
+    for _ in range(2):
+        agent2.step(timeout=0.2)
+    assert not [m for m in _drain(coord) if m.kind is MessageKind.UPDATE]
+    # the audit log has every send, the resend marked, digests of what actually left
+    entries = agent2.audit.entries()
+    assert [(e["kind"], e["round"], e["resend"]) for e in entries] == [
+        ("metrics", 1, False), ("update", 1, False), ("update", 1, True)]
+    assert entries[1]["sha256"] == hashlib.sha256(upd.payload).hexdigest() == entries[2]["sha256"]
+    assert entries[1]["bytes"] == len(upd.payload)
+    assert entries[0]["fields"]["dice"] == 0.5 and entries[0]["fields"]["evaluated_round"] == 0
+
+
+def test_model_not_matching_the_task_is_not_trained(tmp_path):
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    _publish_round(coord, 1, initial_weights(), digest="f" * 64)
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4)
+    agent = _agent(hub, tmp_path, trainer)
+    for _ in range(3):
+        agent.step(timeout=0.2)
+    assert trainer.trained == 0 and not _drain(coord, 0.2)
+    assert agent.audit.entries() == []
+
+
+def test_evaluation_only_round_sends_metrics_only_and_done_ends(tmp_path):
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    _publish_round(coord, 3, initial_weights(), train=False)
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4, dice=0.8)
+    agent = _agent(hub, tmp_path, trainer)
+    agent.step(timeout=0.2)
+    got = _drain(coord)
+    assert [m.kind for m in got] == [MessageKind.METRICS] and got[0].meta["dice"] == 0.8
+    assert trainer.trained == 0
+    coord.send(MessageKind.TASK, 4, meta={"round": 4, "done": True}, retain=True)
+    assert agent.step(timeout=0.5) is False

@@ -1,0 +1,161 @@
+"""MqttEndpoint against a real Mosquitto started from a provisioned bundle."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from wire.api import MessageKind
+from wire.errors import TransportError
+from wire.mqtt import MqttEndpoint
+
+pytestmark = pytest.mark.slow
+MiB = 1024 * 1024
+
+
+def receive_kind(ep: MqttEndpoint, kind: MessageKind, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = ep.receive(timeout=max(0.1, deadline - time.monotonic()))
+        if m is not None and m.kind is kind:
+            return m
+    return None
+
+
+@pytest.fixture
+def coord(broker):
+    ep = MqttEndpoint(broker.bundle("coordinator"))
+    ep.start(timeout=20)
+    yield ep
+    ep.close()
+
+
+@pytest.fixture
+def site_a(broker):
+    ep = MqttEndpoint(broker.bundle("site-a"))
+    ep.start(timeout=20)
+    yield ep
+    ep.close()
+
+
+@pytest.mark.parametrize("size", [1024, 20 * MiB], ids=["1KB", "20MB"])
+def test_update_round_trip(coord, site_a, size):
+    data = os.urandom(size)
+    msg_id = site_a.send(MessageKind.UPDATE, 1, meta={"num_cases": 4}, payload=data)
+    m = receive_kind(coord, MessageKind.UPDATE)
+    assert m is not None and m.msg_id == msg_id
+    assert m.payload == data and m.meta == {"num_cases": 4} and m.sender == "site-a"
+    assert coord.broker_max_packet is not None and coord.broker_max_packet >= MiB
+    assert not coord.rejections
+
+
+def test_model_to_sites_and_restarted_site_gets_current_task_and_model(broker, coord, site_a):
+    coord.send(MessageKind.TASK, 1, meta={"round": 1}, retain=True)
+    coord.send(MessageKind.MODEL, 1, payload=os.urandom(3 * MiB), retain=True)
+    assert receive_kind(site_a, MessageKind.TASK).meta == {"round": 1}
+    assert len(receive_kind(site_a, MessageKind.MODEL).payload) == 3 * MiB
+    model2 = os.urandom(2 * MiB + 5)
+    coord.send(MessageKind.TASK, 2, meta={"round": 2}, retain=True)
+    coord.send(MessageKind.MODEL, 2, payload=model2, retain=True)
+    # site-b was never online: it must get round 2's task and model only (round 1 cleared)
+    late = MqttEndpoint(broker.bundle("site-b"))
+    late.start(timeout=20)
+    try:
+        got = []
+        while (m := late.receive(timeout=5)) is not None:
+            got.append(m)
+        kinds = [(m.kind, m.round) for m in got if m.kind is not MessageKind.STATUS]
+        assert sorted(kinds) == [(MessageKind.MODEL, 2), (MessageKind.TASK, 2)]
+        assert next(m for m in got if m.kind is MessageKind.MODEL).payload == model2
+    finally:
+        late.close()
+    # the broker keeps retained messages across a restart (persistence)
+    broker.restart()
+    again = MqttEndpoint(broker.bundle("site-c"))
+    again.start(timeout=20)
+    try:
+        assert receive_kind(again, MessageKind.MODEL, 20).payload == model2
+    finally:
+        again.close()
+
+
+def test_reconnects_after_broker_restart(broker, coord, site_a):
+    broker.restart()
+    data = os.urandom(100_000)
+    site_a.send(MessageKind.UPDATE, 1, payload=data, timeout=60)
+    assert receive_kind(coord, MessageKind.UPDATE, 60).payload == data
+
+
+def test_single_packet_over_broker_maximum_is_refused_locally(coord, site_a):
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="maximum packet size"):
+        coord.send(MessageKind.TASK, 1, meta={"blob": "x" * (5 * MiB)}, retain=True, timeout=30)
+    assert time.monotonic() - t0 < 10
+    coord.send(MessageKind.TASK, 1, meta={"round": 1}, retain=True, timeout=30)  # connection still fine
+    assert receive_kind(site_a, MessageKind.TASK).meta == {"round": 1}
+
+
+def test_site_may_not_send_coordinator_kinds(site_a):
+    with pytest.raises(ValueError, match="may not send"):
+        site_a.send(MessageKind.MODEL, 1, payload=b"x")
+
+
+def test_100_concurrent_uploads_arrive_intact(broker):
+    """1200 QoS 1 chunks queued for an offline coordinator: above Mosquitto's default
+    max_queued_messages (1000), which would silently drop some."""
+    coord = MqttEndpoint(broker.bundle("coordinator"))
+    coord.start(timeout=20)
+    coord.close()  # persistent session: the broker now queues for it
+    sites = [MqttEndpoint(broker.bundle(s), chunk_size=16 * 1024) for s in ("site-a", "site-b", "site-c")]
+    for s in sites:
+        s.start(timeout=20)
+    payloads = {i: os.urandom(12 * 16 * 1024 - 100 - i) for i in range(100)}
+    sent: dict[str, int] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def upload(i: int) -> None:
+        try:
+            mid = sites[i % 3].send(MessageKind.UPDATE, 1, meta={"i": i}, payload=payloads[i], timeout=120)
+            with lock:
+                sent[mid] = i
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors and len(sent) == 100
+    for s in sites:
+        s.close()
+    coord = MqttEndpoint(broker.bundle("coordinator"))
+    coord.start(timeout=20)
+    try:
+        got = {}
+        deadline = time.monotonic() + 120
+        while len(got) < 100 and time.monotonic() < deadline:
+            m = coord.receive(timeout=5)
+            if m is not None and m.kind is MessageKind.UPDATE:
+                got[m.msg_id] = m
+        assert len(got) == 100, (len(got), coord.rejections)
+        for mid, m in got.items():
+            assert m.payload == payloads[sent[mid]] and m.meta == {"i": sent[mid]}
+        assert not coord.rejections
+    finally:
+        coord.close()
+
+
+def test_payload_over_256_mib(coord, site_a):
+    size = 256 * MiB + 4097  # above MQTT's packet maximum and paho's payload limit
+    data = bytearray(os.urandom(MiB)) * 256 + os.urandom(4097)
+    assert len(data) == size
+    data = bytes(data)
+    msg_id = site_a.send(MessageKind.UPDATE, 1, payload=data, timeout=300)
+    m = receive_kind(coord, MessageKind.UPDATE, 300)
+    assert m is not None and m.msg_id == msg_id and len(m.payload) == size
+    assert m.payload == data

@@ -1,0 +1,97 @@
+"""Run Mosquitto from a broker bundle.
+
+The bundle's ``mosquitto.conf`` uses paths relative to the bundle folder, so Mosquitto runs with
+that folder as its working directory. Started as root, Mosquitto 2.0 drops to the ``mosquitto``
+user and exits if it cannot read its files or write its data folder: ``prepare_bundle`` hands the
+key, the data folder and the persistence file to that user. Logs go to stderr and no pid file is
+written, so nothing needs a root-owned folder.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from wire.bundle import check_broker_bundle
+from wire.errors import TransportError
+
+INSTALL_HINT = (
+    "Mosquitto is not installed: `sudo apt-get install mosquitto mosquitto-clients` (Debian/Ubuntu), "
+    "`brew install mosquitto` (macOS), or run the broker service of compose.yaml"
+)
+
+
+def find_mosquitto() -> str:
+    """Path to the mosquitto binary; TransportError with install instructions if absent."""
+    exe = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+    if not exe:
+        raise TransportError(INSTALL_HINT)
+    return exe
+
+
+def prepare_bundle(bundle: Path | str) -> Path:
+    """Make the bundle usable by the user Mosquitto will run as; return the config path."""
+    bundle = Path(bundle).resolve()
+    conf = check_broker_bundle(bundle)
+    data = bundle / "data"
+    data.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("mosquitto")
+        except KeyError:
+            pw = None
+        if pw is not None:
+            for p in (data, *data.iterdir(), bundle / "server.key"):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            os.chmod(bundle, 0o755)
+    return conf
+
+
+def broker_command(bundle: Path | str) -> tuple[list[str], Path]:
+    """The command line and working directory to run the broker in the foreground."""
+    conf = prepare_bundle(bundle)
+    return [find_mosquitto(), "-c", str(conf)], conf.parent
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TransportError(f"mosquitto exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TransportError(f"mosquitto did not listen on {host}:{port} within {timeout:.0f} s")
+
+
+def start_broker(bundle: Path | str, port: int, stderr=None, timeout: float = 10.0) -> subprocess.Popen:
+    """Start Mosquitto in the background (tests, demo) and wait until it listens on ``port``."""
+    cmd, cwd = broker_command(bundle)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, timeout, proc)
+    except TransportError:
+        proc.kill()
+        proc.wait(5)
+        raise
+    return proc
+
+
+def stop_broker(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM (Mosquitto saves its persistence file on the way out), then kill after ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -1,0 +1,159 @@
+"""Load a participant's provisioning bundle and check it before anything connects.
+
+A bundle is ``DIR/<participant>/`` as ``neurofed provision`` writes it. Loading checks that every
+file is there, that the roster is signed by the federation CA, that the participant's own public
+keys in the roster match its private keys, and that its certificate has not expired, so a broken
+deployment fails at start with a message naming the file, not later with a TLS or AEAD error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from wire.errors import ProvisioningError
+from wire.roster import Roster, load_verified_roster
+
+PARTICIPANT_FILES = (
+    "bundle.toml",
+    "ca.crt",
+    "client.crt",
+    "client.key",
+    "sign.key",
+    "enc.key",
+    "roster.json",
+    "roster.sig",
+)
+BROKER_FILES = ("ca.crt", "server.crt", "server.key", "crl.pem", "mosquitto.conf", "acl")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Everything one participant needs to join the federation. ``repr`` shows no key material."""
+
+    path: Path
+    federation: str
+    participant: str
+    role: str
+    broker_host: str
+    broker_port: int
+    roster: Roster
+    ca_cert: Path
+    client_cert: Path
+    client_key: Path
+    sign_key: Ed25519PrivateKey
+    enc_key: X25519PrivateKey
+    cert_not_after: dt.datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"Bundle(participant={self.participant!r}, role={self.role!r}, federation={self.federation!r}, "
+            f"broker={self.broker_host}:{self.broker_port}, path={str(self.path)!r})"
+        )
+
+
+def _missing(path: Path, names: tuple[str, ...]) -> list[str]:
+    return [n for n in names if not (path / n).is_file()]
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Load and validate ``path`` (a participant's bundle folder); raise ProvisioningError saying
+    what is missing or wrong and what to do."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ProvisioningError(f"bundle folder {path} does not exist (give --bundle DIR/<participant>)")
+    if (path / "mosquitto.conf").is_file() and not (path / "client.crt").is_file():
+        raise ProvisioningError(
+            f"{path} is the broker's bundle; run it with `neurofed broker --bundle {path}`"
+        )
+    missing = _missing(path, PARTICIPANT_FILES)
+    if missing:
+        raise ProvisioningError(
+            f"bundle {path} lacks {', '.join(missing)}; copy the complete folder written by `neurofed provision`"
+        )
+    try:
+        cfg = tomllib.loads((path / "bundle.toml").read_text())
+        federation, participant, role = cfg["federation"], cfg["participant"], cfg["role"]
+        host, port = str(cfg["broker_host"]), int(cfg["broker_port"])
+    except (tomllib.TOMLDecodeError, KeyError, ValueError) as exc:
+        raise ProvisioningError(
+            f"{path / 'bundle.toml'} is invalid ({exc}); re-provision this participant"
+        ) from None
+    try:
+        ca = x509.load_pem_x509_certificate((path / "ca.crt").read_bytes())
+        cert = x509.load_pem_x509_certificate((path / "client.crt").read_bytes())
+    except ValueError as exc:
+        raise ProvisioningError(f"{path}: a certificate is unreadable ({exc})") from None
+    cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    if not cn or cn[0].value != participant:
+        raise ProvisioningError(f"{path / 'client.crt'} is not {participant!r}'s certificate")
+    not_after = cert.not_valid_after_utc
+    if not_after < dt.datetime.now(dt.timezone.utc):
+        raise ProvisioningError(
+            f"{path / 'client.crt'} expired on {not_after:%Y-%m-%d}; ask the federation operator for a new bundle"
+        )
+    keys = {}
+    for name, kind in (("sign.key", Ed25519PrivateKey), ("enc.key", X25519PrivateKey)):
+        kp = path / name
+        if os.name == "posix" and kp.stat().st_mode & 0o077:
+            raise ProvisioningError(f"{kp} is readable by others; run `chmod 600 {kp}`")
+        try:
+            key = serialization.load_pem_private_key(kp.read_bytes(), None)
+        except (ValueError, TypeError):
+            raise ProvisioningError(f"{kp} is not a readable private key") from None
+        if not isinstance(key, kind):
+            raise ProvisioningError(f"{kp} holds the wrong kind of key")
+        keys[name] = key
+    roster = load_verified_roster(path / "roster.json", path / "roster.sig", ca)
+    if roster.federation != federation:
+        raise ProvisioningError(
+            f"{path}: roster is for federation {roster.federation!r}, bundle for {federation!r}"
+        )
+    me = roster.get(participant)
+    if me is None:
+        why = " (it was revoked)" if participant in roster.revoked else ""
+        raise ProvisioningError(f"{participant!r} is not in the roster of {federation!r}{why}")
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    if (
+        keys["sign.key"].public_key().public_bytes(*raw) != me.sign_key
+        or keys["enc.key"].public_key().public_bytes(*raw) != me.enc_key
+    ):
+        raise ProvisioningError(f"{path}: the private keys do not match the roster; the bundle is mixed up")
+    if me.role != role:
+        raise ProvisioningError(f"{path}: bundle.toml says role {role!r}, roster says {me.role!r}")
+    return Bundle(
+        path=path,
+        federation=federation,
+        participant=participant,
+        role=role,
+        broker_host=host,
+        broker_port=port,
+        roster=roster,
+        ca_cert=path / "ca.crt",
+        client_cert=path / "client.crt",
+        client_key=path / "client.key",
+        sign_key=keys["sign.key"],
+        enc_key=keys["enc.key"],
+        cert_not_after=not_after,
+    )
+
+
+def check_broker_bundle(path: Path | str) -> Path:
+    """Check a broker bundle has every file Mosquitto will read; return its mosquitto.conf."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ProvisioningError(f"broker bundle {path} does not exist (give --bundle DIR/broker)")
+    missing = _missing(path, BROKER_FILES)
+    if missing:
+        raise ProvisioningError(
+            f"broker bundle {path} lacks {', '.join(missing)}; copy DIR/broker from `neurofed provision`"
+        )
+    return path / "mosquitto.conf"

@@ -1,0 +1,326 @@
+"""``MqttEndpoint``: the real transport, MQTT 5 over mutual TLS with paho-mqtt's callback API v2.
+
+- TLS with the bundle's client certificate (the broker takes the certificate CN as the username
+  and applies the ACL to it); QoS 1 everywhere; a persistent session (``clean_start=False`` and a
+  session expiry) so the broker queues messages while a participant is away; automatic reconnect
+  with exponential back-off; a will message (a signed ``offline`` STATUS) for sites.
+- Subscriptions are made in ``on_connect`` so every reconnect renews them. Callbacks only enqueue:
+  decoding and verification run on a worker thread, and nothing ever waits inside a callback
+  (paho runs them on its network thread under its lock).
+- Chunks are sized under the Maximum Packet Size the broker announced in CONNACK, at most
+  ``chunk_size``; a single-packet message that would not fit is refused locally with
+  ``TransportError`` (the broker would disconnect us and paho would resend it for ever).
+- ``send(..., retain=True)`` for TASK and MODEL keeps the current task and model on the broker, so
+  a restarted site picks them up without the coordinator resending; when a new retained MODEL is
+  sent, the previous round's retained chunks are cleared.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
+from wire.bundle import Bundle, load_bundle
+from wire.chunking import DEFAULT_CHUNK, check_packet, plan_chunk_size
+from wire.errors import TransportError
+from wire.receiver import Receiver
+from wire.sealing import seal_message
+from wire.topics import parse_topic, prefix, subscriptions, topic_for
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY = 7 * 24 * 3600
+
+
+class MqttEndpoint(Endpoint):
+    """A participant's connection to the federation over MQTT 5 (see wire/PROTOCOL.md).
+
+    ``bundle`` is the participant's bundle folder (or a loaded ``Bundle``); ``host``/``port``
+    override the broker address in it. ``window`` is how many chunks may await the broker's
+    acknowledgement at once (QoS 1 pipelining); it also bounds the sender's memory.
+    """
+
+    def __init__(
+        self,
+        bundle: Path | str | Bundle,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        client_id: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        window: int = 32,
+        keepalive: int = 30,
+        session_expiry: int = SESSION_EXPIRY,
+        incomplete_timeout: float = 300.0,
+        max_message_bytes: int = 2 * 1024**3,
+        reconnect_delay: tuple[int, int] = (1, 30),
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.participant = self.bundle.participant
+        self.federation = self.bundle.federation
+        self.role = "coordinator" if self.bundle.role == "coordinator" else "site"
+        self.host = host or self.bundle.broker_host
+        self.port = int(port or self.bundle.broker_port)
+        self.client_id = client_id or f"nf-{self.federation}-{self.participant}"
+        self.chunk_size = chunk_size
+        self.window = max(1, window)
+        self.keepalive = keepalive
+        self.session_expiry = session_expiry
+        self.reconnect_delay = reconnect_delay
+        self.receiver = Receiver(
+            self.bundle, incomplete_timeout=incomplete_timeout, max_message_bytes=max_message_bytes
+        )
+        self.broker_max_packet: int | None = None
+        self._inbox: queue.Queue[tuple[str, bytes, bool] | None] = queue.Queue()
+        self._outbox: queue.Queue[Message] = queue.Queue()
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._connect_error: str | None = None
+        self._sub_mid: int | None = None
+        self._acks = threading.Condition()
+        self._unacked: set[int] = set()
+        self._early_acks: set[int] = set()
+        self._worker: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._retained: dict[MessageKind, set[str]] = {MessageKind.MODEL: set()}
+        self._retained_lock = threading.Lock()
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> None:
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle.ca_cert))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(self.bundle.client_cert), str(self.bundle.client_key))
+        c.tls_set_context(ctx)
+        c.reconnect_delay_set(*self.reconnect_delay)
+        c.max_inflight_messages_set(self.window)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        if self.role == "site":
+            will = seal_message(self.bundle, MessageKind.STATUS, 0, {"status": "offline", "reason": "lost"})
+            topic, frame = next(will.frames)
+            c.will_set(topic, frame, qos=1, retain=False)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry
+        self._client = c
+        self._closing = False
+        self._worker = threading.Thread(target=self._work, name=f"wire-{self.participant}", daemon=True)
+        self._worker.start()
+        try:
+            c.connect_async(self.host, self.port, self.keepalive, clean_start=False, properties=props)
+            c.loop_start()
+        except (OSError, ValueError) as exc:
+            self._shutdown_threads()
+            raise TransportError(f"cannot reach broker {self.host}:{self.port}: {exc}") from None
+        deadline = time.monotonic() + timeout
+        while not self._subscribed.wait(0.05):
+            if self._connect_error:
+                err = self._connect_error
+                self._shutdown_threads()
+                raise TransportError(f"broker {self.host}:{self.port} refused {self.participant}: {err}")
+            if time.monotonic() > deadline:
+                self._shutdown_threads()
+                raise TransportError(
+                    f"no connection to broker {self.host}:{self.port} within {timeout:.0f} s "
+                    "(is it running? are the bundle's certificates for this federation?)"
+                )
+        if self.role == "site":
+            self._send(MessageKind.STATUS, 0, {"status": "online"}, b"", False, min(timeout, 30.0))
+
+    def close(self) -> None:
+        if self._client is None:
+            return
+        try:
+            if self.role == "site" and self._connected.is_set():
+                self._send(MessageKind.STATUS, 0, {"status": "offline", "reason": "closed"}, b"", False, 5.0)
+        except TransportError as exc:
+            log.info("%s: offline status not acknowledged: %s", self.participant, exc)
+        self._closing = True
+        self._client.disconnect()
+        self._shutdown_threads()
+
+    def _shutdown_threads(self) -> None:
+        if self._client is not None:
+            self._client.loop_stop()
+        self._inbox.put(None)
+        if self._worker is not None:
+            self._worker.join(10)
+        self._client = None
+
+    # -- paho callbacks (network thread: enqueue only) ------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._connect_error = str(reason_code)
+            log.warning("%s: broker refused connection: %s", self.participant, reason_code)
+            return
+        if properties is not None and hasattr(properties, "MaximumPacketSize"):
+            self.broker_max_packet = int(properties.MaximumPacketSize)
+        self._connected.set()
+        opts = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE)
+        result, mid = client.subscribe([(t, opts) for t in subscriptions(self.federation, self.role)])
+        self._sub_mid = mid
+        log.info("%s connected to %s:%s (session present: %s)", self.participant, self.host, self.port, flags)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        if bad:
+            self._connect_error = f"subscription refused ({', '.join(bad)})"
+        elif mid == self._sub_mid:
+            self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._closing:
+            log.warning("%s disconnected from broker (%s); reconnecting", self.participant, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._inbox.put((msg.topic, msg.payload, bool(msg.retain)))
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._acks:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._early_acks.add(mid)
+            self._acks.notify_all()
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        last_expire = time.monotonic()
+        while True:
+            try:
+                item = self._inbox.get(timeout=1.0)
+            except queue.Empty:
+                item = ()
+            if item is None:
+                return
+            if item:
+                topic, data, retained = item
+                if self.role == "coordinator" and topic.startswith(prefix(self.federation) + "/model/"):
+                    self._note_retained_model(topic, data, retained)
+                    continue
+                msg = self.receiver.feed(topic, data, retained)
+                if msg is not None:
+                    self._outbox.put(msg)
+            if time.monotonic() - last_expire > 5.0:
+                self.receiver.expire()
+                last_expire = time.monotonic()
+
+    def _note_retained_model(self, topic: str, data: bytes, retained: bool) -> None:
+        if retained and data:
+            with self._retained_lock:
+                self._retained[MessageKind.MODEL].add(topic)
+
+    # -- Endpoint API ----------------------------------------------------------------------------
+    def send(
+        self,
+        kind: MessageKind,
+        round: int,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        payload: bytes = b"",
+        retain: bool = False,
+        timeout: float = 120.0,
+    ) -> str:
+        kind = MessageKind(kind)
+        if SENDER_ROLE[kind] != self.role:
+            raise ValueError(f"{self.participant} ({self.role}) may not send {kind}")
+        return self._send(kind, round, meta, payload, retain, timeout)
+
+    def _publish_and_track(self, topic: str, frame: bytes | None, retain: bool, deadline: float) -> None:
+        """Publish QoS 1, keeping at most ``window`` chunks unacknowledged. paho calls on_publish
+        under its own lock, so ours is never held across ``client.publish`` (no lock cycle); an
+        acknowledgement that overtakes the bookkeeping is parked in ``_early_acks``."""
+        assert self._client is not None
+        with self._acks:
+            while len(self._unacked) >= self.window:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(f"{self.participant}: broker did not acknowledge in time ({topic})")
+                self._acks.wait(min(left, 1.0))
+        info = self._client.publish(topic, frame, qos=1, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        with self._acks:
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+            else:
+                self._unacked.add(info.mid)
+
+    def _wait_all_acked(self, deadline: float, what: str) -> None:
+        with self._acks:
+            while self._unacked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    n = len(self._unacked)
+                    raise TransportError(f"{self.participant}: {n} chunks of {what} not acknowledged in time")
+                self._acks.wait(min(left, 1.0))
+
+    def _send(self, kind, round, meta, payload, retain, timeout) -> str:
+        if self._client is None:
+            raise TransportError(f"{self.participant}: endpoint not started")
+        deadline = time.monotonic() + timeout
+        chunk = plan_chunk_size(self.chunk_size, self.broker_max_packet)
+        sealed = seal_message(self.bundle, kind, round, meta, payload, chunk_size=chunk)
+        topics: list[str] = []
+        for topic, frame in sealed.frames:
+            check_packet(topic, len(frame), self.broker_max_packet)
+            self._publish_and_track(topic, frame, retain, deadline)
+            if retain:
+                topics.append(topic)
+        self._wait_all_acked(deadline, f"{kind} {sealed.msg_id}")
+        if retain and kind is MessageKind.MODEL:
+            self._clear_old_retained(kind, set(topics), deadline)
+        return sealed.msg_id
+
+    def _clear_old_retained(self, kind: MessageKind, keep: set[str], deadline: float) -> None:
+        """An empty retained publish deletes a retained message: drop older rounds' model chunks."""
+        with self._retained_lock:
+            old = self._retained[kind] - keep
+            self._retained[kind] = set(keep)
+        for topic in sorted(old):
+            self._publish_and_track(topic, None, True, deadline)
+        self._wait_all_acked(deadline, "clearing old retained chunks")
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        try:
+            return self._outbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def set_round_window(self, lowest: int, highest: int) -> None:
+        self.receiver.set_round_window(lowest, highest)
+
+    @property
+    def rejections(self) -> Mapping[str, int]:
+        return dict(self.receiver.rejections)
+
+
+def topic_of(federation: str, kind: MessageKind, sender: str, round: int, msg_id: str, index: int = 0) -> str:
+    """Re-exported for tests and tools that publish raw envelopes."""
+    return topic_for(federation, kind, sender, round, msg_id, index)
+
+
+__all__ = ["MqttEndpoint", "COORDINATOR", "parse_topic", "topic_of"]

@@ -1,0 +1,290 @@
+"""Receiver side: verify, reassemble and open messages; reject everything else with a reason.
+
+``Receiver.decode(topic, data)`` is the decoder: it returns a ``Message`` when the last chunk of a
+valid message arrives, None while a message is incomplete (or for an ignorable duplicate), and
+raises ``ProtocolError`` (nothing else) for a violation. ``Receiver.feed`` wraps it for the
+transport: it never raises, logs each rejection with its reason and counts it in ``rejections``.
+
+Checks per chunk, cheapest first: size, envelope syntax, federation, topic agreement (kind, sender,
+round, message id, chunk index), sender in the roster with the role the kind needs, round window,
+message size limit, recipient, Ed25519 signature (cached per message), replay, conflicting
+duplicates. On the last chunk: key unwrap, AES-GCM per chunk (associated data = header + index +
+final flag), total size and SHA-256 digest of the whole plaintext.
+
+Memory is bounded: at most ``max_pending_messages`` incomplete messages and ``max_pending_bytes``
+buffered bytes (the oldest incomplete message is dropped first); incomplete messages are dropped
+after ``incomplete_timeout`` seconds (``expire``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import struct
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from wire import crypto
+from wire.api import SENDER_ROLE, Message, MessageKind
+from wire.bundle import Bundle
+from wire.envelope import ENC_AEAD, Frame, Header, decode_frame
+from wire.errors import ProtocolError
+from wire.topics import parse_topic
+
+log = logging.getLogger(__name__)
+_META_LEN = struct.Struct(">I")
+
+
+@dataclass
+class _Pending:
+    header: Header
+    header_bytes: bytes
+    signature: bytes
+    first_seen: float
+    chunks: dict[int, Frame] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class Receiver:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        max_message_bytes: int = 2 * 1024**3,
+        max_pending_bytes: int = 3 * 1024**3,
+        max_pending_messages: int = 512,
+        max_frame_bytes: int = 64 * 1024 * 1024,
+        incomplete_timeout: float = 300.0,
+        seen_capacity: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bundle = bundle
+        self.federation = bundle.federation
+        self.participant = bundle.participant
+        self.max_message_bytes = max_message_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.max_pending_messages = max_pending_messages
+        self.max_frame_bytes = max_frame_bytes
+        self.incomplete_timeout = incomplete_timeout
+        self.seen_capacity = seen_capacity
+        self.clock = clock
+        self.window = (0, 2**31 - 1)
+        self.rejections: Counter[str] = Counter()
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._pending_bytes = 0
+        self._done: OrderedDict[str, None] = OrderedDict()  # completed or rejected message ids
+        self._lock = threading.Lock()
+
+    # -- public -------------------------------------------------------------------------------
+    def set_round_window(self, lowest: int, highest: int) -> None:
+        self.window = (lowest, highest)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def feed(self, topic: str, data: bytes, retained: bool = False) -> Message | None:
+        """Decode, logging and counting any rejection; never raises."""
+        if not data:  # an empty retained publish clears a topic; nothing to decode
+            return None
+        try:
+            return self.decode(topic, data, retained)
+        except ProtocolError as exc:
+            self._reject(exc.reason, f"{topic}: {exc.detail}")
+        except Exception:  # a decoder bug must not take the transport thread down
+            log.exception("internal error decoding %s", topic)
+            self.rejections["internal-error"] += 1
+        return None
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop incomplete messages older than the timeout (truncated streams); return how many."""
+        now = self.clock() if now is None else now
+        dropped = 0
+        with self._lock:
+            for msg_id in list(self._pending):
+                p = self._pending[msg_id]
+                if now - p.first_seen > self.incomplete_timeout:
+                    self._drop(msg_id)
+                    self._reject(
+                        "incomplete-timeout",
+                        f"{p.header.kind} {msg_id} from {p.header.sender}: {len(p.chunks)}/{p.header.count} "
+                        f"chunks after {self.incomplete_timeout:.0f} s",
+                    )
+                    dropped += 1
+        return dropped
+
+    def decode(self, topic: str, data: bytes, retained: bool = False) -> Message | None:
+        with self._lock:
+            return self._decode(topic, data, retained)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejections[reason] += 1
+        log.warning("%s rejected a message: %s (%s)", self.participant, reason, detail)
+
+    def _remember(self, msg_id: str) -> None:
+        self._done[msg_id] = None
+        while len(self._done) > self.seen_capacity:
+            self._done.popitem(last=False)
+
+    def _drop(self, msg_id: str) -> None:
+        p = self._pending.pop(msg_id, None)
+        if p is not None:
+            self._pending_bytes -= p.nbytes
+            self._remember(msg_id)
+
+    def _check_topic(self, topic: str, f: Frame) -> None:
+        h = f.header
+        try:
+            t = parse_topic(topic)
+        except ProtocolError:
+            raise ProtocolError(
+                "topic-mismatch", f"envelope arrived on a non-neurofed topic {topic!r}"
+            ) from None
+        if t.federation != self.federation:
+            raise ProtocolError("wrong-federation", f"topic is for federation {t.federation!r}")
+        if t.sender is not None and t.sender != h.sender:
+            raise ProtocolError(
+                "sender-topic-mismatch", f"{h.sender!r} signed a message on {t.sender!r}'s topic"
+            )
+        if (
+            t.kind is not h.kind
+            or (t.round is not None and t.round != h.round)
+            or (t.msg_id is not None and t.msg_id != h.msg_id)
+            or (t.index is not None and t.index != f.index)
+        ):
+            raise ProtocolError(
+                "topic-mismatch", f"header ({h.kind} r{h.round} {h.msg_id}#{f.index}) disagrees"
+            )
+
+    def _decode(self, topic: str, data: bytes, retained: bool) -> Message | None:
+        if len(data) > self.max_frame_bytes:
+            raise ProtocolError("over-size-limit", f"envelope of {len(data)} bytes")
+        f = decode_frame(data)
+        h = f.header
+        if h.federation != self.federation:
+            raise ProtocolError(
+                "wrong-federation", f"message for {h.federation!r}, this is {self.federation!r}"
+            )
+        self._check_topic(topic, f)
+        sender = self.bundle.roster.get(h.sender)
+        if sender is None:
+            raise ProtocolError("unknown-sender", f"{h.sender!r} is not in the roster (or was revoked)")
+        if sender.role != SENDER_ROLE[h.kind]:
+            raise ProtocolError("sender-role", f"{h.sender!r} ({sender.role}) may not send {h.kind}")
+        lo, hi = self.window
+        if h.kind is not MessageKind.STATUS and not lo <= h.round <= hi:
+            raise ProtocolError("stale-or-future-round", f"round {h.round} outside [{lo}, {hi}]")
+        if h.size > self.max_message_bytes:
+            raise ProtocolError("over-size-limit", f"{h.size} bytes > limit {self.max_message_bytes}")
+        if h.enc == ENC_AEAD and self.participant not in h.recipients:
+            raise ProtocolError(
+                "not-a-recipient", f"{h.kind} {h.msg_id} is not addressed to {self.participant}"
+            )
+        if h.msg_id in self._done:
+            if retained:  # the broker resends retained messages on every (re)subscription
+                log.debug("ignoring retained copy of %s", h.msg_id)
+                return None
+            raise ProtocolError("replay", f"message id {h.msg_id} was already received")
+        p = self._pending.get(h.msg_id)
+        if p is None:
+            crypto.verify(sender.signing_key(), f.signature, f.header_bytes)
+            if h.count > 1 and len(self._pending) >= self.max_pending_messages:
+                oldest = next(iter(self._pending))
+                self._drop(oldest)
+                self._reject("memory-budget", f"dropped incomplete message {oldest} (too many in flight)")
+            p = _Pending(h, f.header_bytes, f.signature, self.clock())
+            if h.count > 1:
+                self._pending[h.msg_id] = p
+        elif f.header_bytes != p.header_bytes or f.signature != p.signature:
+            # the same message id with another header: a forgery (bad signature) or equivocation
+            crypto.verify(sender.signing_key(), f.signature, f.header_bytes)
+            self._drop(h.msg_id)
+            raise ProtocolError("chunk-conflict", f"message {h.msg_id} arrived with two different headers")
+        if f.index == 0 and f.keys_bytes and hashlib.sha256(f.keys_bytes).hexdigest() != h.keys_digest:
+            raise ProtocolError("tampered-keys", f"key block of {h.msg_id} does not match the signed header")
+        old = p.chunks.get(f.index)
+        if old is not None:
+            if old.body == f.body and old.keys_bytes == f.keys_bytes:
+                log.debug("duplicate chunk %d of %s ignored", f.index, h.msg_id)
+                return None
+            self._drop(h.msg_id)
+            raise ProtocolError(
+                "chunk-conflict", f"chunk {f.index} of {h.msg_id} arrived twice with different content"
+            )
+        if h.count > 1:
+            if self._pending_bytes + len(f.body) > self.max_pending_bytes:
+                while self._pending and self._pending_bytes + len(f.body) > self.max_pending_bytes:
+                    oldest = next(iter(self._pending))
+                    self._drop(oldest)
+                    if oldest == h.msg_id:
+                        raise ProtocolError("memory-budget", f"{h.msg_id} does not fit the receive buffer")
+                    self._reject("memory-budget", f"dropped incomplete message {oldest} to stay in budget")
+            self._pending_bytes += len(f.body)
+            p.nbytes += len(f.body)
+        p.chunks[f.index] = f
+        if len(p.chunks) < h.count:
+            return None
+        self._drop(h.msg_id)
+        self._remember(h.msg_id)
+        return self._open(p)
+
+    def _open(self, p: _Pending) -> Message:
+        """Decrypt chunk by chunk (freeing each ciphertext), hash, and split meta from payload;
+        peak memory is about twice the message."""
+        h = p.header
+        chunks: list[Frame | None] = [p.chunks.pop(i) for i in range(h.count)]
+        aead = None
+        if h.enc == ENC_AEAD:
+            try:
+                wrapped = json.loads(chunks[0].keys_bytes)[self.participant]
+                wrapped = base64.b64decode(wrapped, validate=True)
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                raise ProtocolError("tampered-keys", f"no readable key for {self.participant}") from None
+            info = crypto.wrap_info(h.federation, h.round, h.msg_id, h.sender, self.participant)
+            aead = AESGCM(crypto.unwrap_key(wrapped, self.bundle.enc_key, info))
+        digest = hashlib.sha256()
+        pieces: list[bytes] = []
+        size = 0
+        for i in range(h.count):
+            c = chunks[i]
+            chunks[i] = None
+            piece = crypto.open_chunk(aead, c.index, c.body, c.aad) if aead else c.body
+            digest.update(piece)
+            size += len(piece)
+            pieces.append(piece)
+        if size != h.size:
+            raise ProtocolError("size-mismatch", f"{size} bytes, header says {h.size}")
+        if digest.hexdigest() != h.digest:
+            raise ProtocolError(
+                "digest-mismatch", f"plaintext of {h.msg_id} does not match its signed digest"
+            )
+        head = bytes(pieces[0]) if isinstance(pieces[0], memoryview) else pieces[0]
+        try:
+            (mlen,) = _META_LEN.unpack_from(head, 0)
+            if 4 + mlen > size:
+                raise ValueError("meta length beyond the end")
+            if 4 + mlen > len(head):  # meta spans chunks (rare): join once
+                head = b"".join(pieces)
+                pieces = [head]
+            meta = json.loads(head[4 : 4 + mlen])
+            if not isinstance(meta, dict):
+                raise ValueError("meta is not a JSON object")
+        except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ProtocolError("malformed-body", f"meta block unreadable ({exc})") from None
+        pieces[0] = head[4 + mlen :]
+        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        return Message(h.kind, h.federation, h.round, h.sender, h.msg_id, meta, payload)
+
+
+def counters(receiver: Receiver) -> Mapping[str, int]:
+    return dict(receiver.rejections)

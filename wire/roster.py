@@ -1,0 +1,129 @@
+"""The federation roster: who takes part, in which role, with which public keys.
+
+The roster is the trust root of the message layer: a receiver accepts a message only from a
+participant listed here, verified with the signing key listed here. It is signed at provisioning by
+the federation CA (ECDSA P-256 / SHA-256), so a bundle holder can check it against ``ca.crt`` and a
+tampered roster file is refused rather than trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from wire.errors import ProvisioningError
+
+ROSTER_FORMAT = "neurofed-roster/1"
+ROLES = ("coordinator", "site")
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One roster entry: the public half of a participant's identity."""
+
+    id: str
+    role: str
+    sign_key: bytes  # raw Ed25519 public key (32 bytes)
+    enc_key: bytes  # raw X25519 public key (32 bytes)
+
+    def signing_key(self) -> Ed25519PublicKey:
+        return Ed25519PublicKey.from_public_bytes(self.sign_key)
+
+    def encryption_key(self) -> X25519PublicKey:
+        return X25519PublicKey.from_public_bytes(self.enc_key)
+
+
+@dataclass(frozen=True)
+class Roster:
+    federation: str
+    version: int
+    issued_at: str
+    participants: dict[str, Participant]
+    revoked: tuple[str, ...] = field(default=())
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(p for p, e in self.participants.items() if e.role == "site")
+
+    def get(self, participant: str) -> Participant | None:
+        return self.participants.get(participant)
+
+    def to_json(self) -> bytes:
+        """Canonical bytes (sorted keys, no spaces): exactly what the CA signs."""
+        doc: dict[str, Any] = {
+            "format": ROSTER_FORMAT,
+            "federation": self.federation,
+            "version": self.version,
+            "issued_at": self.issued_at,
+            "participants": {
+                pid: {
+                    "role": p.role,
+                    "sign_key": base64.b64encode(p.sign_key).decode(),
+                    "enc_key": base64.b64encode(p.enc_key).decode(),
+                }
+                for pid, p in sorted(self.participants.items())
+            },
+            "revoked": sorted(self.revoked),
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str = "roster") -> Roster:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != ROSTER_FORMAT:
+                raise ValueError(f"format is {doc.get('format')!r}, expected {ROSTER_FORMAT!r}")
+            parts = {}
+            for pid, e in doc["participants"].items():
+                if e["role"] not in ROLES:
+                    raise ValueError(f"participant {pid!r} has unknown role {e['role']!r}")
+                sk, ek = base64.b64decode(e["sign_key"]), base64.b64decode(e["enc_key"])
+                if len(sk) != 32 or len(ek) != 32:
+                    raise ValueError(f"participant {pid!r} has keys of the wrong length")
+                parts[pid] = Participant(pid, e["role"], sk, ek)
+            return cls(
+                federation=str(doc["federation"]),
+                version=int(doc["version"]),
+                issued_at=str(doc["issued_at"]),
+                participants=parts,
+                revoked=tuple(doc.get("revoked", [])),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ProvisioningError(
+                f"{where} is not a valid neurofed roster ({exc}); re-run `neurofed provision`"
+            ) from None
+
+
+def sign_roster(roster: Roster, ca_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Return the base64 DER ECDSA signature of the roster's canonical bytes."""
+    sig = ca_key.sign(roster.to_json(), ec.ECDSA(hashes.SHA256()))
+    return base64.b64encode(sig)
+
+
+def load_verified_roster(roster_path: Path, sig_path: Path, ca_cert: x509.Certificate) -> Roster:
+    """Read the roster and check its signature against the federation CA; refuse it otherwise."""
+    for p in (roster_path, sig_path):
+        if not p.is_file():
+            raise ProvisioningError(f"{p} is missing; copy the whole bundle folder from `neurofed provision`")
+    data = roster_path.read_bytes()
+    try:
+        sig = base64.b64decode(sig_path.read_bytes(), validate=True)
+        pub = ca_cert.public_key()
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, AssertionError):
+        raise ProvisioningError(
+            f"{roster_path}: signature does not verify against the federation CA; the roster was altered "
+            "or belongs to another federation (take it again from the provisioning output)"
+        ) from None
+    return Roster.from_json(data, str(roster_path))
