@@ -29,17 +29,25 @@ RUN missing=""; \
       rm -rf /var/lib/apt/lists/*; \
     fi
 
+# ---- requirements: the dependency list, read from pyproject.toml -----------------------------------
+# A stage of its own so that only a change of the list itself (not of other pyproject settings)
+# invalidates the large dependency layer below: COPY --from is cached by content.
+FROM base AS requirements
+ARG ORT_FLAVOR=cpu
+COPY pyproject.toml docker/requirements.py /req/
+RUN case "$ORT_FLAVOR" in cpu|gpu) ;; *) echo "ORT_FLAVOR must be cpu or gpu, not '$ORT_FLAVOR'" >&2; exit 1 ;; esac; \
+    python3 /req/requirements.py /req/pyproject.toml --extra "$ORT_FLAVOR" > /req/requirements.txt
+
 # ---- builder: a virtual environment with the dependencies, then the kit's own wheel ------------
 FROM base AS builder
-ARG ORT_FLAVOR=cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-# The wheelhouse is optional (the bracket makes the copy match nothing when it is absent); the
-# dependency list comes from pyproject.toml, so this layer only rebuilds when dependencies change.
-COPY pyproject.toml docker/requirements.py wheelhous[e] /wheels/
-RUN case "$ORT_FLAVOR" in cpu|gpu) ;; *) echo "ORT_FLAVOR must be cpu or gpu, not '$ORT_FLAVOR'" >&2; exit 1 ;; esac; \
-    if ls /wheels/*.whl >/dev/null 2>&1; then \
+# The wheelhouse is optional: the bracket makes the copy match nothing when it is absent (the
+# script is there so the instruction always has a source). With wheels, no index is used at all.
+COPY docker/requirements.py wheelhous[e] /wheels/
+COPY --from=requirements /req/requirements.txt /wheels/requirements.txt
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then \
       printf 'export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels\n' > /wheels/pip.env; \
     elif [ -n "$TORCH_INDEX" ]; then \
       printf 'export PIP_EXTRA_INDEX_URL=%s\n' "$TORCH_INDEX" > /wheels/pip.env; \
@@ -47,7 +55,6 @@ RUN case "$ORT_FLAVOR" in cpu|gpu) ;; *) echo "ORT_FLAVOR must be cpu or gpu, no
       : > /wheels/pip.env; \
     fi; \
     . /wheels/pip.env; \
-    python3 /wheels/requirements.py /wheels/pyproject.toml --extra "$ORT_FLAVOR" > /wheels/requirements.txt; \
     python3 -m venv /opt/venv; \
     /opt/venv/bin/pip install -r /wheels/requirements.txt; \
     /opt/venv/bin/pip check

@@ -115,7 +115,9 @@ def main() -> None:
             "hpke_oneshot_bulk_dec_s": round(t_hpke_dec, 4),
             "composed_bulk_enc_s": round(t_comp_enc, 4),
             "composed_bulk_dec_s": round(t_comp_dec, 4),
-            "hpke_oneshot_over_composed_bulk": round((t_hpke_enc + t_hpke_dec) / (t_comp_enc + t_comp_dec), 3),
+            "hpke_oneshot_over_composed_bulk": round(
+                (t_hpke_enc + t_hpke_dec) / (t_comp_enc + t_comp_dec), 3
+            ),
             "key_wrap_unwrap_us_hpke": round(t_wrap_hpke * 1e6, 1),
             "key_wrap_unwrap_us_composed": round(t_wrap_comp * 1e6, 1),
             "goal": "seal/open within 1.3x of AES-GCM + one SHA-256 pass",

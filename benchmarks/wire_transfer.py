@@ -36,6 +36,12 @@ def main() -> None:
         from wire.bundle import load_bundle
 
         port = load_bundle(root / "coordinator").broker_port
+        # the tools send one message of the full size: lift the packet limit to MQTT's maximum
+        conf = root / "broker" / "mosquitto.conf"
+        lines = conf.read_text().splitlines()
+        conf.write_text(
+            "\n".join("max_packet_size 268435455" if x.startswith("max_packet_size") else x for x in lines)
+        )
         broker = BrokerInfo("localhost", port, root, Path(tmp) / "mosquitto.log")
         broker.start()
         coord, site = MqttEndpoint(root / "coordinator"), MqttEndpoint(root / "site-a")
@@ -66,11 +72,20 @@ def main() -> None:
                 if pub and sub:
                     f = Path(tmp) / "blob"
                     f.write_bytes(data)
-                    tls = ["-h", "localhost", "-p", str(port), "-V", "mqttv5", "--cafile", str(root / "broker/ca.crt")]
-                    cb, sb = root / "coordinator", root / "site-a"
+                    tls = [
+                        "-h",
+                        "localhost",
+                        "-p",
+                        str(port),
+                        "-V",
+                        "mqttv5",
+                        "--cafile",
+                        str(root / "broker/ca.crt"),
+                    ]
+                    cb = root / "coordinator"  # the only identity that may use a non-protocol topic
                     tools = []
                     for i in range(args.repeat):
-                        topic = f"nf/testfed/update/site-a/1/bench{i}/0"
+                        topic = f"nf/testfed/bench/{i}"  # not subscribed by the endpoints
                         s = subprocess.Popen(
                             [sub, *tls, "--cert", str(cb / "client.crt"), "--key", str(cb / "client.key")]
                             + ["-q", "1", "-t", topic, "-C", "1", "-W", "300", "-i", f"bench-sub-{i}"],
@@ -79,7 +94,7 @@ def main() -> None:
                         time.sleep(1.0)
                         t0 = time.perf_counter()
                         subprocess.run(
-                            [pub, *tls, "--cert", str(sb / "client.crt"), "--key", str(sb / "client.key")]
+                            [pub, *tls, "--cert", str(cb / "client.crt"), "--key", str(cb / "client.key")]
                             + ["-q", "1", "-t", topic, "-f", str(f), "-i", f"bench-pub-{i}"],
                             check=True,
                             timeout=300,

@@ -39,12 +39,43 @@ class CoordinatorSettings:
     broker_host: str | None = None
     broker_port: int | None = None
     receipt_interval: float = 3.0
+    init_weights: Path | None = None
 
 
 def roster_digest(bundle_dir: Path) -> str:
     """SHA-256 of the signed roster: a snapshot only resumes the federation it was made for."""
     path = Path(bundle_dir) / "roster.json"
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def load_start_weights(path: Path, model_config: dict[str, Any]) -> dict:
+    """Round 0 from a neurofed weights file (e.g. a pre-trained or centrally trained model): its
+    architecture must be the one this federation trains."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            meta = fh.metadata() or {}
+            weights = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise CoordinatorError(f"--init-weights {path}: not a readable safetensors file ({exc})") from None
+    cfg = meta.get("neurofed.model_config")
+    if cfg:
+        theirs = json.loads(cfg)
+        keys = ("channels", "strides", "num_res_units", "out_channels", "in_channels")
+        diff = [k for k in keys if k in theirs and k in model_config and list_of(theirs[k]) != list_of(model_config[k])]
+        if diff:
+            raise CoordinatorError(
+                f"--init-weights {path}: its UNet differs from --model-size ({', '.join(diff)}); "
+                "pick the matching --model-size"
+            )
+    return weights
+
+
+def list_of(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
@@ -97,9 +128,11 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     registrar = Registrar(store, model_config, factory)
 
     def init() -> dict:
+        if s.init_weights is not None:
+            return load_start_weights(Path(s.init_weights), model_config)
         from coordinator.init_weights import initial_weights
 
-        log.info("building the initial %s-parameter UNet (seed %d)", "?", s.seed)
+        log.info("building the initial UNet (seed %d) in a child process", s.seed)
         return initial_weights(model_config, seed=s.seed)
 
     endpoint = MqttEndpoint(bundle, host=s.broker_host, port=s.broker_port)

@@ -200,7 +200,10 @@ def flair_threshold_baseline(
 ) -> BaselineResult:
     """Choose the z-scored FLAIR threshold with the best mean training Dice; score it on test cases
     with the same Dice/HD95 as the network. Brain voxels only (background is 0)."""
-    pre = pre or Preprocessing()
+    if pre is None:  # the data's own grid: resampling 6 mm synthetic data to 1 mm helps nobody
+        from edge_node.data import native_spacing
+
+        pre = Preprocessing(spacing=native_spacing(train_cases))
     grid = thresholds if thresholds is not None else np.round(np.arange(-1.0, 6.0001, 0.05), 3)
     train = _flair_items(train_cases, pre)
     curves = np.stack([_dice_curve(f.numpy(), lab.numpy(), grid) for _, f, lab in train])

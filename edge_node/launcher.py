@@ -22,11 +22,12 @@ import io
 import os
 import stat
 import tarfile
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edge_node.errors import EdgeNodeError
 
@@ -59,6 +60,9 @@ class SiteSpec:
     bundle_mode: str = "copy"
     extra_args: Sequence[str] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
+    # Overrides of the image's HEALTHCHECK timing (docker.types.Healthcheck keys, nanoseconds),
+    # e.g. {"interval": 2_000_000_000, "retries": 1}; the image's check command stays.
+    healthcheck: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,8 @@ class SiteLauncher:
         kwargs: dict[str, Any] = {}
         if spec.network:
             kwargs["network_mode"] = spec.network
+        if spec.healthcheck:
+            kwargs["healthcheck"] = dict(spec.healthcheck)
         try:
             container = self.client.containers.create(
                 spec.image,
@@ -278,8 +284,9 @@ class SiteLauncher:
 def connect(timeout: float = 60.0) -> Any:
     """A Docker client from the environment; EngineUnavailable with what to do when none answers."""
     try:
-        import docker
         import docker.errors
+
+        import docker
     except ImportError:  # pragma: no cover - docker is a dependency of the kit
         raise LauncherError("the `docker` Python package is missing: pip install docker") from None
     where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")

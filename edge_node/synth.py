@@ -68,11 +68,15 @@ def site_case_counts(n_cases: int, n_sites: int, *, exponent: float = 1.3, floor
     return [int(base + c) for c in counts]
 
 
-def site_signature(site: str, index: int, seed: int) -> SiteSignature:
+def site_signature(site: str, index: int, seed: int, n_sites: int = 10) -> SiteSignature:
+    """Scanner and cohort of site ``index``. Intensity scales are stratified over 300-1500 (a
+    seeded permutation of strata) so that even a few sites differ clearly."""
     rng = np.random.default_rng([seed, 1, index])
+    stratum = int(np.random.default_rng([seed, 3]).permutation(n_sites)[index])
+    frac = (stratum + 0.5 + rng.uniform(-0.3, 0.3)) / n_sites
     return SiteSignature(
         site=site,
-        scale=float(np.exp(rng.uniform(np.log(300), np.log(1500)))),
+        scale=float(300 * 5.0**frac),
         offset=float(rng.uniform(0, 80)),
         gamma=float(rng.uniform(0.75, 1.3)),
         bias=float(rng.uniform(0.04, 0.2)),
@@ -287,7 +291,7 @@ def synthesize(
     width = max(2, len(str(sites)))
     for si, n in enumerate(counts):
         site = f"site-{si + 1:0{width}d}"
-        sig = site_signature(site, si, seed)
+        sig = site_signature(site, si, seed, len(counts))
         for k in range(n):
             case_id = f"SYN{si + 1:0{width}d}_{k + 1:03d}"
             rng = np.random.default_rng([seed, 2, si, k])
@@ -323,5 +327,5 @@ def synthesize(
 def describe_signatures(n_sites: int, seed: int) -> list[dict]:
     """The scanner/cohort parameters each site gets (for reports and tests)."""
     width = max(2, len(str(n_sites)))
-    return [asdict(site_signature(f"site-{i + 1:0{width}d}", i, seed)) for i in range(n_sites)]
+    return [asdict(site_signature(f"site-{i + 1:0{width}d}", i, seed, n_sites)) for i in range(n_sites)]
 

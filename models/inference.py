@@ -468,11 +468,14 @@ def run_inference(
     session=None,
     on_case: Callable[[CaseResult], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_error: Callable[[CaseInput, InferenceInputError], None] | None = None,
 ) -> list[CaseResult]:
     """Segment every case in ``inputs`` with the ONNX model; the library form of `neurofed infer`.
 
     All inputs are discovered and named before any work, so a wrong folder fails in a second,
     not after an hour of batch work. ``out`` is a mask file for one case, a folder otherwise.
+    With ``on_error``, a case whose files turn out unusable (corrupt, 2-D, absurd spacing...) is
+    handed to it and the batch goes on; without, the first such case raises.
     """
     from models.export import read_onnx_config
     from models.onnx_session import create_session
@@ -492,10 +495,16 @@ def run_inference(
     segmenter = Segmenter(session, config, settings)
     results = []
     for i, case in enumerate(cases):
-        res = segmenter.run_case(case, out, single=single)
-        results.append(res)
-        if on_case:
-            on_case(res)
+        try:
+            res = segmenter.run_case(case, out, single=single)
+        except InferenceInputError as exc:
+            if on_error is None:
+                raise
+            on_error(case, exc)
+        else:
+            results.append(res)
+            if on_case:
+                on_case(res)
         if progress:
             progress(i + 1, len(cases))
     return results

@@ -12,6 +12,9 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 import pytest  # noqa: E402
 
+# Cross-room fixtures: data (synthetic federation), broker (provisioned Mosquitto), mlflow (server).
+pytest_plugins = ["tests.fixtures.data", "tests.fixtures.broker", "tests.fixtures.mlflow"]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():

@@ -34,6 +34,14 @@ def fed_data(tmp_path_factory):
         pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
     root = tmp_path_factory.mktemp("fed-data")
     summary = make_data(root, sites=3, cases=12, shape=SHAPE)
+    # one initial model for every test (building it in each coordinator costs 10-30 s here)
+    from coordinator.init_weights import initial_weights
+    from coordinator.state import StateStore
+    from models.config import ModelConfig
+
+    cfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
+    StateStore(root / "init").write_round_weights(0, initial_weights(cfg), cfg)
+    summary["init"] = str(StateStore(root / "init").round_weights_path(0))
     return root, summary
 
 
@@ -61,7 +69,8 @@ class Fed:
                           fault: str | None = None, fault_round: int | None = None) -> Proc:
         args = ["-v", "coordinator", "--bundle", str(self.bundles / "coordinator"), "--rounds", str(rounds),
                 "--min-sites", str(min_sites), "--round-timeout", str(timeout), "--state", str(self.state),
-                "--model-size", "tiny", "--patch-size", str(SHAPE[0]), "--spacing", str(self.summary["spacing"][0])]
+                "--model-size", "tiny", "--patch-size", str(SHAPE[0]), "--spacing", str(self.summary["spacing"][0]),
+                "--init-weights", self.summary["init"]]
         if mlflow:
             args += ["--mlflow", mlflow]
         extra = {}
@@ -82,6 +91,18 @@ class Fed:
         self.edges[site] = p
         self.procs.append(p)
         return p
+
+    def wait_sites_ready(self, sites=None, timeout: float = 180) -> None:
+        """Edge processes take 10-30 s to import torch and MONAI here: start rounds after that."""
+
+        def ready() -> bool:
+            for s in sites or self.sites:
+                f = self.tmp / f"{s}-state" / "status.json"
+                if not f.is_file():
+                    return False
+            return True
+
+        wait_for(ready, timeout, "the edge agents to start", self.procs)
 
     def events(self, kind: str | None = None) -> list[dict]:
         ev = read_events(self.state)
@@ -112,10 +133,11 @@ def fed(tmp_path, fed_data):
 
 def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     a, b, c = fed.sites
-    fed.start_coordinator(rounds=2, min_sites=2, timeout=40)
     fed.start_site(a)
     fed.start_site(b)
     victim = fed.start_site(c, NEUROFED_FAULT="site-mid-upload", NEUROFED_FAULT_ROUND="1")
+    fed.wait_sites_ready()
+    fed.start_coordinator(rounds=2, min_sites=2, timeout=30)
     r1 = fed.wait_round(1)
     assert r1["sites"] == [a, b], "the round closes at its deadline with the two that reported (min-sites 2)"
     assert victim.wait(30) == -9 and "SIGKILL at site-mid-upload" in victim.tail()
@@ -169,6 +191,7 @@ def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_
 
     for s in fed.sites:
         fed.start_site(s)
+    fed.wait_sites_ready()
     plan = [("after-aggregate", 1), ("after-persist", 1), ("after-announce", 2), ("after-register", 2)]
     fired = []
     for point, r in plan:
@@ -209,6 +232,7 @@ def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_
 def test_broker_killed_during_uploads_everyone_reconnects_and_the_round_completes(fed):
     for s in fed.sites:
         fed.start_site(s)
+    fed.wait_sites_ready()
     fed.start_coordinator(rounds=2, min_sites=3, timeout=120)
     fed.wait_round(1)
     # kill the broker as soon as the first round-2 update arrived: the others are training or uploading

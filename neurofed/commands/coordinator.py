@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=_triple, help="voxel size in mm the model trains at, e.g. 3 or 1,1,1")
     p.add_argument("--fp16", action="store_true", help="send models and updates in half precision")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
+    p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
     p.set_defaults(func=run)
     return p
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             model_config=model_config_from(args),
             seed=args.seed,
             fp16=args.fp16,
+            init_weights=Path(args.init_weights) if args.init_weights else None,
         )
     )
     for r in results:

@@ -108,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
                     soft_wrap=True,
                 )
 
+            failed: list[str] = []
+
+            def skip(case, exc) -> None:
+                failed.append(case.case_id)
+                bar.console.print(f"{case.case_id}: skipped: {exc}", highlight=False, soft_wrap=True)
+
             results = run_inference(
                 args.inputs,
                 resolved.onnx_path,
@@ -116,7 +122,11 @@ def run(args: argparse.Namespace) -> int:
                 session=session,
                 on_case=report,
                 progress=lambda done, _n: bar.update(task, completed=done),
+                on_error=skip if len(cases) > 1 else None,
             )
-    if len(results) > 1:
+    if len(cases) > 1:
         print(f"{len(results)} cases segmented, {total:.2f} ml tumour in all")
+    if failed:
+        print(f"{len(failed)} of {len(cases)} cases failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

@@ -119,6 +119,7 @@ def test_unreachable_s3_endpoint_is_a_clear_error() -> None:
         check_artifacts_destination("s3://bucket", env, timeout=1)
 
 
+@pytest.mark.slow
 def test_shared_server_answers_health(mlflow_server: str) -> None:
     assert health(mlflow_server)
     with urllib.request.urlopen(f"{mlflow_server}/health", timeout=5) as resp:  # noqa: S310

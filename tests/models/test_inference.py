@@ -206,6 +206,9 @@ def test_batch_mode_over_a_folder_of_cases(tmp_path, capsys):
         )
         save_nifti(tmp_path / "cases" / f"case{i}" / f"case{i}_flair.nii.gz", img, affine)
         truths[f"case{i}"] = truth
+    bad = tmp_path / "cases" / "case9" / "case9_flair.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x1f\x8b" + b"\x00" * 40)  # corrupt: the batch goes on and reports it
     out = tmp_path / "masks"
     rc = main(
         [
@@ -221,9 +224,13 @@ def test_batch_mode_over_a_folder_of_cases(tmp_path, capsys):
             "3",
         ]
     )
-    assert rc == 0
-    text = capsys.readouterr().out
+    assert rc == 1  # one case failed
+    captured = capsys.readouterr()
+    text = captured.out
     assert "CPUExecutionProvider" in text and "3 cases segmented" in text
+    assert re.search(r"case9: skipped: .*case9_flair.nii.gz", text)
+    assert "1 of 4 cases failed: case9" in captured.err
+    assert not (out / "case9_mask.nii.gz").exists()
     for case, truth in truths.items():
         mask = np.asarray(nib.load(str(out / f"{case}_mask.nii.gz")).dataobj).astype(bool)
         assert dice(mask, truth) > 0.85

@@ -27,7 +27,16 @@ needs_clients = pytest.mark.skipif(
 
 
 def tls_args(broker, bundle_dir=None, cert=None, key=None) -> list[str]:
-    args = ["-h", "localhost", "-p", str(broker.port), "-V", "mqttv5", "--cafile", str(broker.root / "broker" / "ca.crt")]
+    args = [
+        "-h",
+        "localhost",
+        "-p",
+        str(broker.port),
+        "-V",
+        "mqttv5",
+        "--cafile",
+        str(broker.root / "broker" / "ca.crt"),
+    ]
     if bundle_dir is not None:
         cert, key = bundle_dir / "client.crt", bundle_dir / "client.key"
     if cert is not None:
@@ -48,7 +57,20 @@ class Sub:
 
     def __init__(self, broker, topic: str, count: int, wait: int, **kw) -> None:
         self.proc = subprocess.Popen(
-            [SUB, *tls_args(broker, **kw), "-q", "1", "-t", topic, "-C", str(count), "-W", str(wait), "-N", "-v"],
+            [
+                SUB,
+                *tls_args(broker, **kw),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-C",
+                str(count),
+                "-W",
+                str(wait),
+                "-N",
+                "-v",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -117,7 +139,10 @@ def test_site_cannot_publish_as_another_site(broker):
 @needs_clients
 def test_no_plaintext_crosses_the_broker(broker):
     rng = np.random.default_rng(0)
-    state = {"layer.weight": rng.standard_normal((64, 64, 3), dtype=np.float32), "layer.bias": np.arange(512.0)}
+    state = {
+        "layer.weight": rng.standard_normal((64, 64, 3), dtype=np.float32),
+        "layer.bias": np.arange(512.0),
+    }
     payload = encode_state(state)
     from wire.sealing import encode_plaintext_prefix
 
@@ -162,7 +187,11 @@ def test_expired_certificate_is_refused(broker, tmp_path):
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
     now = dt.datetime.now(dt.timezone.utc)
     key, cert = issue_certificate(
-        ca_key, ca_cert, "site-a", not_before=now - dt.timedelta(days=10), not_after=now - dt.timedelta(days=1)
+        ca_key,
+        ca_cert,
+        "site-a",
+        not_before=now - dt.timedelta(days=10),
+        not_after=now - dt.timedelta(days=1),
     )
     (tmp_path / "c.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "c.key").write_bytes(

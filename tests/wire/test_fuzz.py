@@ -15,7 +15,9 @@ from wire.errors import ProtocolError
 from wire.receiver import Receiver
 from wire.sealing import seal_message
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 TOPIC = "nf/testfed/update/site-a/1/{msg}/{i}"
 
 
@@ -44,7 +46,9 @@ def test_random_bytes(fed, data, topic):
 @given(body=st.binary(max_size=500), header=st.binary(max_size=300))
 def test_random_after_magic(fed, body, header):
     data = b"NFW\x01" + len(header).to_bytes(2, "big") + header + body
-    assert decode_only_protocol_errors(Receiver(fed.coordinator), "nf/testfed/update/site-a/1/x/0", data) is None
+    assert (
+        decode_only_protocol_errors(Receiver(fed.coordinator), "nf/testfed/update/site-a/1/x/0", data) is None
+    )
 
 
 @SETTINGS

@@ -66,7 +66,10 @@ def test_missing_file_is_named(root):
 def test_add_site_keeps_existing_bundles(root):
     before = (root / "site-a" / "client.crt").read_bytes(), (root / "site-a" / "sign.key").read_bytes()
     add_site(root, "site-c")
-    assert ((root / "site-a" / "client.crt").read_bytes(), (root / "site-a" / "sign.key").read_bytes()) == before
+    assert (
+        (root / "site-a" / "client.crt").read_bytes(),
+        (root / "site-a" / "sign.key").read_bytes(),
+    ) == before
     for p in ("coordinator", "site-a", "site-c"):
         assert load_bundle(root / p).roster.sites == ["site-a", "site-b", "site-c"]
     assert "update/site-c/#" in (root / "broker" / "acl").read_text()
@@ -104,7 +107,10 @@ def test_refuses_to_overwrite(root):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["provision", "--federation", "f", "--sites", "s1,s2", "--broker-host", "h", "--out", str(out)]) == 0
+    assert (
+        main(["provision", "--federation", "f", "--sites", "s1,s2", "--broker-host", "h", "--out", str(out)])
+        == 0
+    )
     assert main(["provision", "--out", str(out), "--add-site", "s3"]) == 0
     assert main(["provision", "--out", str(out), "--revoke", "s1"]) == 0
     assert main(["provision", "--out", str(out), "--revoke", "nobody"]) == 1

@@ -276,7 +276,9 @@ def test_header_with_missing_field(fed):
     f = decode_frame(fr[0][1])
     hb = f.header_bytes.replace(b',"v":1', b"")
     with pytest.raises(ProtocolError) as exc:
-        Receiver(fed.coordinator).decode(fr[0][0], encode_frame(hb, f.signature, 0, True, f.keys_bytes, f.body))
+        Receiver(fed.coordinator).decode(
+            fr[0][0], encode_frame(hb, f.signature, 0, True, f.keys_bytes, f.body)
+        )
     assert exc.value.reason == "malformed-header"
 
 

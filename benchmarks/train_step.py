@@ -1,0 +1,105 @@
+"""Step time of the default 3D-UNet (forward + backward + Adam, batch 1, DiceCE) at 64^3, 96^3
+and 128^3 on this machine, with voxels/s and peak memory, as JSON.
+
+Each size runs in its own process so that its peak resident memory is its own. Torch uses
+``--threads`` threads (default 1: processes share the CPU here).
+
+    .venv/bin/python -m benchmarks.train_step [--sizes 64 96 128] [--steps 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def one_size(size: int, steps: int, threads: int, model_size: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from monai.losses import DiceCELoss
+
+    from models.config import preset
+    from models.unet import build_unet, count_parameters
+
+    cfg = preset(model_size)
+    torch.manual_seed(0)
+    model = build_unet(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = DiceCELoss(sigmoid=True)
+    x = torch.randn(1, cfg.in_channels, size, size, size)
+    y = (torch.rand(1, 1, size, size, size) > 0.9).float()
+    times = []
+    for i in range(steps + 1):  # the first step warms up allocators and kernels
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    return {
+        "size": size,
+        "step_s_median": round(median, 4),
+        "step_s_min": round(times[0], 4),
+        "voxels_per_s": round(size**3 / median),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "params": count_parameters(model),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model-size", default="default", choices=["default", "small", "tiny"])
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one_size(args.child, args.steps, args.threads, args.model_size)))
+        return
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    rows = []
+    for size in args.sizes:
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", str(size), "--steps", str(args.steps),
+               "--threads", str(args.threads), "--model-size", args.model_size]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]["step_s_median"]
+    for r in rows:
+        r["step_ratio_vs_first"] = round(r["step_s_median"] / base, 3)
+    result = {
+        "benchmark": "train_step",
+        "model": args.model_size,
+        "batch": 1,
+        "threads": args.threads,
+        "rows": rows,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    out_dir = Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "train_step.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

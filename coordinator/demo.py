@@ -1,0 +1,233 @@
+"""The one-command demo's runner: every part a deployment has, as local processes, with a live
+rich view. Thin over ``coordinator.local`` (the same helpers the failure tests use)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.local import Broker, Proc, child_env, free_port, make_data, provision_sites, read_events, spawn
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    out: str
+    sites: int
+    cases: int
+    shape: int
+    model: str
+    rounds: int
+    epochs: int
+    timeout: float
+    strategy: str = "fedavg"
+    mlflow: str | None = "embedded"  # "embedded", a URI, or None
+    federation: str = "demo"
+
+
+class _Mlflow:
+    """The embedded MLflow: our server on a free port, else a local SQLite store (said which)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uri: str | None = None
+        self.kind = ""
+        self.server: Any = None
+        self.error = ""
+
+    def start(self) -> None:
+        try:
+            from mlflow_server.server import MlflowServer
+
+            srv = MlflowServer(port=free_port(), state_dir=self.root, startup_timeout=180)
+            srv.start()
+            self.server, self.uri, self.kind = srv, srv.url, "server"
+        except Exception as exc:  # noqa: BLE001 - fall back, and say why
+            self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.uri, self.kind = f"sqlite:///{self.root / 'mlflow.db'}", "sqlite"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            try:
+                self.server.stop()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _status(state: Path) -> dict[str, Any]:
+    try:
+        return json.loads((state / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _view(settings: DemoSettings, sites: list[str], out: Path, coord: Proc | None, note: str, t0: float):
+    from rich.table import Table
+
+    events = read_events(out / "coordinator-state")
+    rounds = [e for e in events if e["event"] == "round"]
+    announced = [e for e in events if e["event"] == "announce"]
+    current = announced[-1]["round"] if announced else 0
+    total = settings.rounds + 1
+    what = "evaluation-only" if current == total else "training"
+    title = (
+        f"neurofed demo: round {current}/{settings.rounds} ({what}) - {len(rounds)} closed - "
+        f"{time.time() - t0:.0f} s"
+        if current
+        else f"neurofed demo: {note} - {time.time() - t0:.0f} s"
+    )
+    table = Table(title=title)
+    table.add_column("site")
+    table.add_column("state")
+    table.add_column("round")
+    table.add_column("Dice (model evaluated)")
+    table.add_column("updates sent")
+    sent = {s: 0 for s in sites}
+    for e in events:
+        if e["event"] == "update":
+            sent[e["site"]] = sent.get(e["site"], 0) + 1
+    for s in sites:
+        st = _status(out / f"{s}-state")
+        dice = st.get("dice")
+        table.add_row(
+            s,
+            str(st.get("state", "starting")),
+            str(st.get("round") or "-"),
+            f"{dice:.3f} (r{st.get('evaluated_round')})" if isinstance(dice, float) else "-",
+            str(sent.get(s, 0)),
+        )
+    if coord is not None and not coord.alive():
+        table.caption = f"coordinator exited with {coord.popen.returncode}"
+    return table
+
+
+def run_demo(s: DemoSettings) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from models.config import preset
+
+    console = Console()
+    t0 = time.time()
+    out = Path(s.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    shape = (s.shape,) * 3
+    marker = data / "demo.json"
+    want = {"sites": s.sites, "cases": s.cases, "shape": list(shape)}
+    if marker.is_file() and json.loads(marker.read_text()).get("want") == want:
+        summary = json.loads(marker.read_text())["summary"]
+        console.print(f"[dim]reusing synthetic data in {data}[/]")
+    else:
+        with console.status(f"writing {s.cases} synthetic cases for {s.sites} institutions ({s.shape}^3) ..."):
+            import shutil
+
+            shutil.rmtree(data, ignore_errors=True)
+            summary = make_data(data, s.sites, s.cases, shape)
+            marker.write_text(json.dumps({"want": want, "summary": summary}))
+    sites = sorted(summary["sites"])
+    run_dir = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    port = free_port()
+    provision_sites(run_dir / "bundles", s.federation, sites, port)
+    logs = run_dir / "logs"
+    broker = Broker(run_dir / "bundles", port, logs / "mosquitto.log")
+    logs.mkdir(parents=True, exist_ok=True)
+    broker.start()
+    console.print(f"provisioned [bold]{len(sites)}[/] sites; Mosquitto (mTLS + ACL) on port {port}")
+
+    mlf = _Mlflow(out / "mlflow") if s.mlflow == "embedded" else None
+    mlflow_thread = None
+    if mlf is not None:
+        mlflow_thread = threading.Thread(target=mlf.start, daemon=True)
+        mlflow_thread.start()
+
+    procs: list[Proc] = []
+    for site in sites:
+        procs.append(
+            spawn(site, ["-v", "edge", "--bundle", str(run_dir / "bundles" / site), "--data", str(data / site),
+                         "--state", str(run_dir / f"{site}-state")], logs, child_env())
+        )
+    spacing = summary["spacing"][0]
+    model_cfg = preset(s.model, patch_size=shape, spacing=tuple(summary["spacing"]))
+    coord: Proc | None = None
+    code = 1
+    try:
+        with Live(console=console, refresh_per_second=2) as live:
+            note = "starting MLflow and the site agents"
+            while coord is None:
+                ready = all((run_dir / f"{x}-state" / "status.json").is_file() for x in sites)
+                mlflow_ready = mlflow_thread is None or not mlflow_thread.is_alive()
+                dead = [p.name for p in procs if not p.alive()]
+                if dead:
+                    raise SystemExit(f"edge process(es) {', '.join(dead)} exited; see {logs}")
+                if ready and mlflow_ready:
+                    uri = mlf.uri if mlf is not None else s.mlflow
+                    args = ["-v", "coordinator", "--bundle", str(run_dir / "bundles" / "coordinator"),
+                            "--rounds", str(s.rounds), "--min-sites", str(len(sites)), "--round-timeout", str(s.timeout),
+                            "--strategy", s.strategy, "--local-epochs", str(s.epochs), "--model-size", s.model,
+                            "--patch-size", str(s.shape), "--spacing", str(spacing),
+                            "--state", str(run_dir / "coordinator-state")]
+                    if uri:
+                        args += ["--mlflow", uri]
+                    coord = spawn("coordinator", args, logs, child_env())
+                    procs.append(coord)
+                live.update(_view(s, sites, run_dir, coord, note, t0))
+                time.sleep(0.5)
+            while coord.alive():
+                live.update(_view(s, sites, run_dir, coord, "", t0))
+                time.sleep(0.5)
+            live.update(_view(s, sites, run_dir, coord, "", t0))
+        code = coord.popen.returncode
+    finally:
+        for p in procs:
+            if p is not coord:
+                p.stop(timeout=10)
+        broker.stop()
+
+    events = read_events(run_dir / "coordinator-state")
+    final = [e for e in events if e["event"] == "round" and not e.get("train")]
+    table = Table(title=f"Federated model (round {s.rounds}) scored at each site, validation split")
+    table.add_column("site")
+    table.add_column("Dice", justify="right")
+    table.add_column("HD95 (mm)", justify="right")
+    if final:
+        for site, m in sorted(final[-1]["metrics"].items()):
+            table.add_row(site, f"{m['dice']:.3f}", f"{m['hd95']:.1f}")
+    console.print(table)
+    evals = [e for e in events if e["event"] == "evaluation"]
+    if evals:
+        console.print("mean Dice by round: " + ", ".join(f"r{e['round']} {e['dice']:.3f}" for e in evals))
+    console.print(f"finished in {time.time() - t0:.0f} s (exit {code}); logs in {logs}")
+    console.print(f"model weights per round: {run_dir / 'coordinator-state' / 'rounds'}")
+    if mlf is not None and mlf.uri:
+        how = "embedded MLflow server" if mlf.kind == "server" else f"local SQLite store (server failed: {mlf.error})"
+        console.print(f"MLflow: {how} at {mlf.uri}")
+        onnx = _fetch_onnx(mlf.uri, s.federation, run_dir / "model")
+        if onnx:
+            console.print(f"ONNX of the champion: {onnx}")
+            console.print(f"  try: neurofed infer SCAN.nii.gz --model {onnx} -o mask.nii.gz")
+        store = mlf.server.backend_store_uri if mlf.server is not None else mlf.uri
+        console.print(f"look at it: mlflow ui --backend-store-uri {store}")
+        mlf.stop()
+    elif s.mlflow:
+        console.print(f"MLflow: {s.mlflow}")
+    return int(code or 0)
+
+
+def _fetch_onnx(uri: str, federation: str, dst: Path) -> Path | None:
+    try:
+        from mlflow_server.registry import fetch_model, model_name
+
+        for alias in ("champion", "latest"):
+            try:
+                return fetch_model(f"models:/{model_name(federation)}@{alias}", dst, tracking_uri=uri).onnx_path
+            except Exception:  # noqa: BLE001 - try the next alias
+                continue
+    except ImportError:
+        return None
+    return None
