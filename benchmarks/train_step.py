@@ -72,8 +72,19 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     rows = []
     for size in args.sizes:
-        cmd = [sys.executable, "-m", "benchmarks.train_step", "--child", str(size), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--model-size", args.model_size]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.train_step",
+            "--child",
+            str(size),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--model-size",
+            args.model_size,
+        ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["step_s_median"]

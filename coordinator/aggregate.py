@@ -53,9 +53,7 @@ class WeightedMean:
         """The weighted mean, or None when nothing was added."""
         if not self.count:
             return None
-        return {
-            name: _cast(acc / self._total, self._dtypes[name]) for name, acc in self._sums.items()
-        }
+        return {name: _cast(acc / self._total, self._dtypes[name]) for name, acc in self._sums.items()}
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -47,7 +47,9 @@ def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
             raise UpdateRejected("non-finite", f"{name}: {bad} NaN/Inf values")
 
 
-def upcast_half(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def upcast_half(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """An fp16 transfer of an fp32 model comes back to fp32 before the checks (the wire's
     optional half-precision payload); anything else is left for ``check_update`` to judge."""
     out = {}

@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.local import Broker, Proc, child_env, free_port, make_data, provision_sites, read_events, spawn
+from coordinator.local import (
+    Broker,
+    Proc,
+    child_env,
+    free_port,
+    make_data,
+    provision_sites,
+    read_events,
+    spawn,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +119,6 @@ def run_demo(s: DemoSettings) -> int:
     from rich.live import Live
     from rich.table import Table
 
-    from models.config import preset
-
     console = Console()
     t0 = time.time()
     out = Path(s.out).resolve()
@@ -124,7 +131,9 @@ def run_demo(s: DemoSettings) -> int:
         summary = json.loads(marker.read_text())["summary"]
         console.print(f"[dim]reusing synthetic data in {data}[/]")
     else:
-        with console.status(f"writing {s.cases} synthetic cases for {s.sites} institutions ({s.shape}^3) ..."):
+        with console.status(
+            f"writing {s.cases} synthetic cases for {s.sites} institutions ({s.shape}^3) ..."
+        ):
             import shutil
 
             shutil.rmtree(data, ignore_errors=True)
@@ -149,11 +158,23 @@ def run_demo(s: DemoSettings) -> int:
     procs: list[Proc] = []
     for site in sites:
         procs.append(
-            spawn(site, ["-v", "edge", "--bundle", str(run_dir / "bundles" / site), "--data", str(data / site),
-                         "--state", str(run_dir / f"{site}-state")], logs, child_env())
+            spawn(
+                site,
+                [
+                    "-v",
+                    "edge",
+                    "--bundle",
+                    str(run_dir / "bundles" / site),
+                    "--data",
+                    str(data / site),
+                    "--state",
+                    str(run_dir / f"{site}-state"),
+                ],
+                logs,
+                child_env(),
+            )
         )
     spacing = summary["spacing"][0]
-    model_cfg = preset(s.model, patch_size=shape, spacing=tuple(summary["spacing"]))
     coord: Proc | None = None
     code = 1
     try:
@@ -167,11 +188,30 @@ def run_demo(s: DemoSettings) -> int:
                     raise SystemExit(f"edge process(es) {', '.join(dead)} exited; see {logs}")
                 if ready and mlflow_ready:
                     uri = mlf.uri if mlf is not None else s.mlflow
-                    args = ["-v", "coordinator", "--bundle", str(run_dir / "bundles" / "coordinator"),
-                            "--rounds", str(s.rounds), "--min-sites", str(len(sites)), "--round-timeout", str(s.timeout),
-                            "--strategy", s.strategy, "--local-epochs", str(s.epochs), "--model-size", s.model,
-                            "--patch-size", str(s.shape), "--spacing", str(spacing),
-                            "--state", str(run_dir / "coordinator-state")]
+                    args = [
+                        "-v",
+                        "coordinator",
+                        "--bundle",
+                        str(run_dir / "bundles" / "coordinator"),
+                        "--rounds",
+                        str(s.rounds),
+                        "--min-sites",
+                        str(len(sites)),
+                        "--round-timeout",
+                        str(s.timeout),
+                        "--strategy",
+                        s.strategy,
+                        "--local-epochs",
+                        str(s.epochs),
+                        "--model-size",
+                        s.model,
+                        "--patch-size",
+                        str(s.shape),
+                        "--spacing",
+                        str(spacing),
+                        "--state",
+                        str(run_dir / "coordinator-state"),
+                    ]
                     if uri:
                         args += ["--mlflow", uri]
                     coord = spawn("coordinator", args, logs, child_env())
@@ -205,7 +245,11 @@ def run_demo(s: DemoSettings) -> int:
     console.print(f"finished in {time.time() - t0:.0f} s (exit {code}); logs in {logs}")
     console.print(f"model weights per round: {run_dir / 'coordinator-state' / 'rounds'}")
     if mlf is not None and mlf.uri:
-        how = "embedded MLflow server" if mlf.kind == "server" else f"local SQLite store (server failed: {mlf.error})"
+        how = (
+            "embedded MLflow server"
+            if mlf.kind == "server"
+            else f"local SQLite store (server failed: {mlf.error})"
+        )
         console.print(f"MLflow: {how} at {mlf.uri}")
         onnx = _fetch_onnx(mlf.uri, s.federation, run_dir / "model")
         if onnx:
@@ -225,7 +269,9 @@ def _fetch_onnx(uri: str, federation: str, dst: Path) -> Path | None:
 
         for alias in ("champion", "latest"):
             try:
-                return fetch_model(f"models:/{model_name(federation)}@{alias}", dst, tracking_uri=uri).onnx_path
+                return fetch_model(
+                    f"models:/{model_name(federation)}@{alias}", dst, tracking_uri=uri
+                ).onnx_path
             except Exception:  # noqa: BLE001 - try the next alias
                 continue
     except ImportError:

@@ -21,7 +21,9 @@ import numpy as np
 from coordinator.errors import CoordinatorError
 
 
-def initial_weights(model_config: Mapping[str, Any], seed: int = 0, timeout: float = 300.0) -> dict[str, np.ndarray]:
+def initial_weights(
+    model_config: Mapping[str, Any], seed: int = 0, timeout: float = 300.0
+) -> dict[str, np.ndarray]:
     """Build the UNet described by ``model_config`` (seeded) in a child process; return its weights."""
     from safetensors.numpy import load_file
 
@@ -29,7 +31,14 @@ def initial_weights(model_config: Mapping[str, Any], seed: int = 0, timeout: flo
         out = Path(tmp) / "init.safetensors"
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(
-            [sys.executable, "-m", "coordinator.init_weights", json.dumps(dict(model_config)), str(out), str(seed)],
+            [
+                sys.executable,
+                "-m",
+                "coordinator.init_weights",
+                json.dumps(dict(model_config)),
+                str(out),
+                str(seed),
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,

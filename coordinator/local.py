@@ -29,7 +29,9 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true"
+    )
     for k in ("NEUROFED_FAULT", "NEUROFED_FAULT_ROUND"):
         env.pop(k, None)
     env.update(extra)
@@ -153,5 +155,7 @@ def wait_for(predicate, timeout: float, what: str, procs: Sequence[Proc] = (), p
         if value:
             return value
         time.sleep(poll)
-    tails = "\n".join(f"--- {p.name} ({'alive' if p.alive() else p.popen.returncode}) ---\n{p.tail()}" for p in procs)
+    tails = "\n".join(
+        f"--- {p.name} ({'alive' if p.alive() else p.popen.returncode}) ---\n{p.tail()}" for p in procs
+    )
     raise CoordinatorError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")

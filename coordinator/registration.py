@@ -56,8 +56,12 @@ class Registrar:
         self._thread.start()
 
     # -- round loop side (cheap) -----------------------------------------------------------------
-    def register(self, round: int, *, sites: list[str], cases: int, tags: Mapping[str, str] | None = None) -> None:
-        self._queue.put(Job("register", round, {"sites": list(sites), "cases": int(cases), "tags": dict(tags or {})}))
+    def register(
+        self, round: int, *, sites: list[str], cases: int, tags: Mapping[str, str] | None = None
+    ) -> None:
+        self._queue.put(
+            Job("register", round, {"sites": list(sites), "cases": int(cases), "tags": dict(tags or {})})
+        )
 
     def log_round(self, round: int, metrics: Mapping[str, float]) -> None:
         self._queue.put(Job("log", round, {"metrics": dict(metrics)}))

@@ -157,7 +157,9 @@ class Coordinator:
                 for r in range(1, snap.round + 1):
                     info = snap.extra.get("rounds", {}).get(str(r))
                     if r not in done and info is not None:
-                        self.registrar.register(r, sites=info["sites"], cases=info["cases"], tags=self._tags(r))
+                        self.registrar.register(
+                            r, sites=info["sites"], cases=info["cases"], tags=self._tags(r)
+                        )
             # a finished federation given more rounds goes on from where it stopped
             return bool(snap.extra.get("finished")) and snap.round >= self.cfg.rounds
         self.weights = self._initial()
@@ -209,7 +211,11 @@ class Coordinator:
         base = {"epochs": self.cfg.local_epochs, "train": train}
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
         self.ep.send(
-            MessageKind.MODEL, r, meta={"round": r, "model_digest": digest}, payload=model_payload, retain=True
+            MessageKind.MODEL,
+            r,
+            meta={"round": r, "model_digest": digest},
+            payload=model_payload,
+            retain=True,
         )
         self._send_task(r, train, deadline, digest, per_site)
         fault_point("after-announce", r)
@@ -261,7 +267,12 @@ class Coordinator:
         self._announce(r, train, deadline, model_payload, digest)
         del model_payload
         self._event("announce", round=r, train=train, deadline=deadline)
-        log.info("round %d announced (%s), deadline in %.0f s", r, "train" if train else "evaluate", self.cfg.round_timeout)
+        log.info(
+            "round %d announced (%s), deadline in %.0f s",
+            r,
+            "train" if train else "evaluate",
+            self.cfg.round_timeout,
+        )
         self._send_receipts(r, [], [])
         expected = set(self.cfg.expected_sites)
         last_receipts = self.clock()
@@ -282,7 +293,10 @@ class Coordinator:
                 deadline = now + self.cfg.round_timeout
                 log.warning(
                     "round %d: deadline passed with %d of %d required sites; extending by %.0f s",
-                    r, len(have()), self.cfg.min_sites, self.cfg.round_timeout,
+                    r,
+                    len(have()),
+                    self.cfg.min_sites,
+                    self.cfg.round_timeout,
                 )
                 self._send_task(r, train, deadline, digest, self._task_meta["sites"])
                 self._event("extend", round=r, deadline=deadline, have=sorted(have()))
@@ -327,10 +341,16 @@ class Coordinator:
                 if res.aggregated:
                     self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
         res.seconds = self.clock() - t0
-        self._event("round", **{k: v for k, v in asdict(res).items() if k != "rejected"}, rejected=res.rejected)
+        self._event(
+            "round", **{k: v for k, v in asdict(res).items() if k != "rejected"}, rejected=res.rejected
+        )
         log.info(
             "round %d closed: %d sites, %d cases, %d rejected, %.1f s",
-            r, len(res.sites), res.num_cases, len(res.rejected), res.seconds,
+            r,
+            len(res.sites),
+            res.num_cases,
+            len(res.rejected),
+            res.seconds,
         )
         return res
 
@@ -358,9 +378,13 @@ class Coordinator:
     def _reject(self, res: RoundResult, site: str, kind: str, msg_round: int, exc: UpdateRejected) -> None:
         res.rejected.append((site, exc.reason))
         log.warning("round %d: rejected %s from %s (round %d): %s", res.round, kind, site, msg_round, exc)
-        self._event("reject", round=res.round, site=site, msg_kind=kind, msg_round=msg_round, reason=exc.reason)
+        self._event(
+            "reject", round=res.round, site=site, msg_kind=kind, msg_round=msg_round, reason=exc.reason
+        )
 
-    def _handle(self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, *, closing: bool) -> None:
+    def _handle(
+        self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, *, closing: bool
+    ) -> None:
         if msg.kind is MessageKind.STATUS:
             self._event("status", site=msg.sender, meta=msg.meta)
             return
@@ -384,7 +408,9 @@ class Coordinator:
         if closing:
             raise UpdateRejected("late", f"arrived after round {r}'s deadline")
 
-    def _on_update(self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, closing: bool) -> None:
+    def _on_update(
+        self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, closing: bool
+    ) -> None:
         self._round_gate(msg, r, closing)
         site = msg.sender
         if not train:
@@ -405,8 +431,22 @@ class Coordinator:
         del update
         res.cases[site] = num_cases
         res.bytes_received += len(msg.payload)
-        log.info("round %d: update from %s accepted (%d cases; %d/%d)", r, site, num_cases, len(res.cases), len(self.cfg.expected_sites))
-        self._event("update", round=r, site=site, cases=num_cases, bytes=len(msg.payload), sha256=codec.digest(msg.payload))
+        log.info(
+            "round %d: update from %s accepted (%d cases; %d/%d)",
+            r,
+            site,
+            num_cases,
+            len(res.cases),
+            len(self.cfg.expected_sites),
+        )
+        self._event(
+            "update",
+            round=r,
+            site=site,
+            cases=num_cases,
+            bytes=len(msg.payload),
+            sha256=codec.digest(msg.payload),
+        )
         self._send_receipts(r, list(res.cases), list(res.metrics))
 
     def _on_metrics(self, msg: Message, r: int, res: RoundResult, closing: bool) -> None:

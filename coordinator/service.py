@@ -65,7 +65,11 @@ def load_start_weights(path: Path, model_config: dict[str, Any]) -> dict:
     if cfg:
         theirs = json.loads(cfg)
         keys = ("channels", "strides", "num_res_units", "out_channels", "in_channels")
-        diff = [k for k in keys if k in theirs and k in model_config and list_of(theirs[k]) != list_of(model_config[k])]
+        diff = [
+            k
+            for k in keys
+            if k in theirs and k in model_config and list_of(theirs[k]) != list_of(model_config[k])
+        ]
         if diff:
             raise CoordinatorError(
                 f"--init-weights {path}: its UNet differs from --model-size ({', '.join(diff)}); "

@@ -117,7 +117,9 @@ class StateStore:
     def exists(self) -> bool:
         return self.snapshot_path.is_file()
 
-    def write_round_weights(self, round: int, weights: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> Path:
+    def write_round_weights(
+        self, round: int, weights: Mapping[str, np.ndarray], model_config: Mapping[str, Any]
+    ) -> Path:
         meta = {
             FORMAT_KEY: FORMAT,
             CONFIG_KEY: json.dumps(dict(model_config), sort_keys=True),
@@ -190,7 +192,9 @@ class StateStore:
         try:
             return sorted(int(r) for r in json.loads(path.read_text()).get("rounds", []))
         except (ValueError, AttributeError):
-            raise StateError(f"{path}: corrupt registration ledger; delete it to re-register (idempotent)") from None
+            raise StateError(
+                f"{path}: corrupt registration ledger; delete it to re-register (idempotent)"
+            ) from None
 
     def mark_registered(self, rounds: Iterable[int], versions: Mapping[int, Any] | None = None) -> None:
         path = self.root / LEDGER

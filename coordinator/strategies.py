@@ -97,7 +97,7 @@ class Strategy(ABC):
                 f"--strategy {meta.get('name')} or start with a fresh --state folder"
             )
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op for most strategies
         """Release what the strategy holds between rounds (spill files)."""
 
 

@@ -146,7 +146,13 @@ class SiteAgent:
 
     # -- sending (with retry across broker outages) and auditing --------------------------------
     def _send(
-        self, kind: MessageKind, r: int, meta: Mapping[str, Any], payload: bytes = b"", *, resend: bool = False,
+        self,
+        kind: MessageKind,
+        r: int,
+        meta: Mapping[str, Any],
+        payload: bytes = b"",
+        *,
+        resend: bool = False,
         stop: threading.Event | None = None,
     ) -> str:
         delay = 1.0
@@ -157,7 +163,14 @@ class SiteAgent:
             except TransportError as exc:
                 if stop is not None and stop.is_set():
                     raise
-                log.warning("%s: sending %s for round %d failed (%s); retrying in %.0f s", self.site, kind, r, exc, delay)
+                log.warning(
+                    "%s: sending %s for round %d failed (%s); retrying in %.0f s",
+                    self.site,
+                    kind,
+                    r,
+                    exc,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self.audit.record(kind.value, r, msg_id=msg_id, payload=payload, meta=meta, resend=resend)
@@ -173,7 +186,9 @@ class SiteAgent:
         elif msg.kind is MessageKind.MODEL:
             digest = hashlib.sha256(msg.payload).hexdigest()
             if msg.meta.get("model_digest") not in (None, digest):
-                log.warning("%s: MODEL for round %d does not match its own digest; ignored", self.site, msg.round)
+                log.warning(
+                    "%s: MODEL for round %d does not match its own digest; ignored", self.site, msg.round
+                )
                 return
             if self.model is None or msg.round >= self.model[0]:
                 self.model = (msg.round, digest, msg.payload)
@@ -238,7 +253,14 @@ class SiteAgent:
             rs["dice"] = meta["dice"]
             self._save_state()
             self._set_status(dice=meta["dice"], evaluated_round=r - 1)
-            log.info("%s: round %d: model %d scores Dice %.4f on %d validation cases", self.site, r, r - 1, meta["dice"], meta["num_cases"])
+            log.info(
+                "%s: round %d: model %d scores Dice %.4f on %d validation cases",
+                self.site,
+                r,
+                r - 1,
+                meta["dice"],
+                meta["num_cases"],
+            )
         if not train:
             self._set_status(state="evaluated", round=r)
             return
@@ -268,7 +290,9 @@ class SiteAgent:
         if not rs.get("update_sent"):
             self._send_update(r, rs, stop=stop)
 
-    def _send_update(self, r: int, rs: dict[str, Any], *, resend: bool = False, stop: threading.Event | None = None) -> None:
+    def _send_update(
+        self, r: int, rs: dict[str, Any], *, resend: bool = False, stop: threading.Event | None = None
+    ) -> None:
         payload = self._update_path(r).read_bytes()
         meta = {
             "num_cases": int(rs["num_cases"]),
@@ -284,7 +308,14 @@ class SiteAgent:
             rs["sent_session"] = (self.task or {}).get("session")
         self._save_state()
         self._set_status(state="sent", round=r)
-        log.info("%s: round %d: update sent (%d cases, %d bytes)%s", self.site, r, rs["num_cases"], len(payload), " again" if resend else "")
+        log.info(
+            "%s: round %d: update sent (%d cases, %d bytes)%s",
+            self.site,
+            r,
+            rs["num_cases"],
+            len(payload),
+            " again" if resend else "",
+        )
 
     def _check_receipts(self, stop: threading.Event | None) -> None:
         """Resend the stored update if the coordinator's receipts lack it (lost upload, restart)."""
@@ -299,7 +330,9 @@ class SiteAgent:
         new_session = rc.get("session") not in (None, rs.get("sent_session"))
         if new_session or time.time() - float(rs.get("sent_at", 0)) > self.resend_after:
             if self._update_path(r).is_file():
-                log.warning("%s: receipts for round %d lack this site's update; sending it again", self.site, r)
+                log.warning(
+                    "%s: receipts for round %d lack this site's update; sending it again", self.site, r
+                )
                 if new_session:
                     rs["sent_session"] = rc.get("session")
                 self._send_update(r, rs, resend=True, stop=stop)

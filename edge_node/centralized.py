@@ -59,7 +59,9 @@ def model_config_for(
         path = c.image4d or next(iter(c.images.values()))
         shape = nib.load(str(path)).shape[:3]
         patch_size = auto_patch_size(shape, required_multiple(cfg))
-    return preset(size, modalities=tuple(modalities), spacing=spacing, patch_size=tuple(int(p) for p in patch_size))
+    return preset(
+        size, modalities=tuple(modalities), spacing=spacing, patch_size=tuple(int(p) for p in patch_size)
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -78,7 +80,9 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    }
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in opt["state"].items():
@@ -113,7 +117,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             meta = dict(fh.metadata() or {})
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise TrainingError(f"{path}: not a readable training checkpoint ({exc}); delete it to start over") from None
+        raise TrainingError(
+            f"{path}: not a readable training checkpoint ({exc}); delete it to start over"
+        ) from None
     if meta.get("format") != _FORMAT:
         raise TrainingError(f"{path}: not a neurofed training checkpoint (format {meta.get('format')!r})")
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -215,10 +221,17 @@ def train_arm(
     if remaining:
         with _progress_bar(show_progress, f"train {arm} ({len(by_split['train'])} cases)") as bar:
             loss = trainer.run_epochs(
-                model, optimizer, remaining, start_epoch=start_epoch, progress=bar, on_epoch_end=save,
+                model,
+                optimizer,
+                remaining,
+                start_epoch=start_epoch,
+                progress=bar,
+                on_epoch_end=save,
                 scaler=trainer.make_scaler(),
             )
-    save_weights(out / WEIGHTS, model.state_dict(), model_config, {"epochs": epochs, "sites": chosen, "arm": arm})
+    save_weights(
+        out / WEIGHTS, model.state_dict(), model_config, {"epochs": epochs, "sites": chosen, "arm": arm}
+    )
     result = trainer.evaluate_module(model, "test")
     metrics = {
         "arm": arm,
@@ -264,7 +277,10 @@ class _progress_bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
             TimeRemainingColumn(),
         )
         self._progress.start()

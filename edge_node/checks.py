@@ -133,10 +133,14 @@ def _stray_folders(root: Path, cases: Sequence[Case]) -> list[str]:
         return []
     found = {c.files[0].parent for c in cases if c.files}
     out = []
-    for folder in sorted(p for p in root.glob("*/*") if p.is_dir()) + sorted(p for p in root.glob("*") if p.is_dir()):
+    for folder in sorted(p for p in root.glob("*/*") if p.is_dir()) + sorted(
+        p for p in root.glob("*") if p.is_dir()
+    ):
         if folder in found or any(f.parent == folder for f in found) or folder in {f.parent for f in found}:
             continue
-        niftis = [f.name for f in folder.iterdir() if f.is_file() and f.name.lower().endswith((".nii", ".nii.gz"))]
+        niftis = [
+            f.name for f in folder.iterdir() if f.is_file() and f.name.lower().endswith((".nii", ".nii.gz"))
+        ]
         if niftis:
             out.append(
                 f"{folder}: holds NIfTI files ({', '.join(sorted(niftis)[:4])}) that match no known naming "

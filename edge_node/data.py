@@ -175,7 +175,9 @@ def write_sites_csv(path: Path, cases: Iterable[Case]) -> None:
         w.writerows(rows)
 
 
-def discover_cases(path: str | os.PathLike[str], *, sites_csv: str | os.PathLike[str] | None = None) -> list[Case]:
+def discover_cases(
+    path: str | os.PathLike[str], *, sites_csv: str | os.PathLike[str] | None = None
+) -> list[Case]:
     """Every case under ``path`` with its site, sorted by (site, case).
 
     ``path`` may be a datalist JSON, a root holding ``sites.csv`` (or given ``sites_csv``), a root
@@ -330,8 +332,17 @@ def _read_nifti(path: Path, case: Case, problems: list[str]) -> tuple[np.ndarray
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=np.float32)
         affine = np.asarray(img.affine, dtype=np.float64)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError, MemoryError) as exc:
-        problems.append(f"{where}: unreadable or corrupt NIfTI ({type(exc).__name__}: {exc}); re-export the file")
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+        nib.filebasedimages.ImageFileError,
+        MemoryError,
+    ) as exc:
+        problems.append(
+            f"{where}: unreadable or corrupt NIfTI ({type(exc).__name__}: {exc}); re-export the file"
+        )
         return None
     return data, affine
 
@@ -422,7 +433,9 @@ def inspect_case(
         bad = int(ch.size - np.count_nonzero(np.isfinite(ch)))
         if bad:
             src = case.image4d or case.images.get(m)
-            problems.append(f"{who}: {src} ({m}) has {bad} non-finite voxels (NaN or inf); fix or re-export it")
+            problems.append(
+                f"{who}: {src} ({m}) has {bad} non-finite voxels (NaN or inf); fix or re-export it"
+            )
     label = None
     if with_label:
         if case.label is None:

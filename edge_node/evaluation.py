@@ -57,7 +57,9 @@ def summarise_by_site(per_case: dict[str, dict[str, Any]]) -> dict[str, dict[str
     }
 
 
-def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float] | None = None) -> tuple[float, float]:
+def dice_hd95(
+    pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float] | None = None
+) -> tuple[float, float]:
     """Dice and HD95 of two binary masks shaped (1, X, Y, Z) or (X, Y, Z).
 
     Dice uses ``DiceMetric(ignore_empty=False)``: both empty -> 1, one empty -> 0. HD95 is NaN
@@ -72,7 +74,9 @@ def dice_hd95(pred: torch.Tensor, truth: torch.Tensor, spacing: Sequence[float] 
     if p.sum() == 0 or t.sum() == 0:
         return dice, float("nan")
     sp = [float(s) for s in spacing] if spacing is not None else None
-    hd = float(compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=sp).reshape(-1)[0])
+    hd = float(
+        compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=sp).reshape(-1)[0]
+    )
     return dice, hd if math.isfinite(hd) else float("nan")
 
 

@@ -202,6 +202,7 @@ class SiteLauncher:
                 mounts=mounts,
                 environment=dict(spec.environment),
                 restart_policy={"Name": "unless-stopped"},
+                init=True,  # a real PID 1: signals reach the agent, `down` stops it promptly
                 device_requests=device_requests(spec.gpus) or None,
                 detach=True,
                 **kwargs,

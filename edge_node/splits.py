@@ -129,7 +129,9 @@ def load_or_create_splits(
     return splits
 
 
-def select(cases: Sequence[Case], splits: dict[str, Any], split: str, sites: Sequence[str] | None = None) -> list[Case]:
+def select(
+    cases: Sequence[Case], splits: dict[str, Any], split: str, sites: Sequence[str] | None = None
+) -> list[Case]:
     """Cases of ``split`` (train/val/test) at ``sites`` (all sites if None), in (site, case) order."""
     if split not in SPLIT_NAMES:
         raise SplitError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")

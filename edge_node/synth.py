@@ -101,7 +101,10 @@ class _Grid:
     def __init__(self, shape: Sequence[int], spacing: Sequence[float]) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.spacing = tuple(float(s) for s in spacing)
-        axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * s for n, s in zip(self.shape, self.spacing, strict=True)]
+        axes = [
+            (np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * s
+            for n, s in zip(self.shape, self.spacing, strict=True)
+        ]
         self.x, self.y, self.z = np.meshgrid(*axes, indexing="ij", sparse=True)
         self._wcache: dict[tuple[int, int], np.ndarray] = {}
 
@@ -144,7 +147,9 @@ class _Grid:
         return np.sqrt(((self.x - cx) / ax) ** 2 + ((self.y - cy) / ay) ** 2 + ((self.z - cz) / az) ** 2)
 
 
-def generate_case(grid: _Grid, sig: SiteSignature, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def generate_case(
+    grid: _Grid, sig: SiteSignature, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One synthetic subject seen by one site's scanner: ({modality: float32}, BraTS label uint8)."""
     g = grid
     # ---- anatomy
@@ -328,4 +333,3 @@ def describe_signatures(n_sites: int, seed: int) -> list[dict]:
     """The scanner/cohort parameters each site gets (for reports and tests)."""
     width = max(2, len(str(n_sites)))
     return [asdict(site_signature(f"site-{i + 1:0{width}d}", i, seed, n_sites)) for i in range(n_sites)]
-

@@ -134,7 +134,9 @@ class CaseTrainer:
             for case in self.cases.get("train", []):
                 d = self._load(case)
                 out = tf({IMAGE: d[IMAGE], LABEL: d[LABEL]})
-                items.append({IMAGE: out[IMAGE], LABEL: out[LABEL], "case_id": case.case_id, "site": case.site})
+                items.append(
+                    {IMAGE: out[IMAGE], LABEL: out[LABEL], "case_id": case.case_id, "site": case.site}
+                )
             self._warn_if_resampled(items)
             self._train_cache = items
         return self._train_cache
@@ -148,7 +150,9 @@ class CaseTrainer:
             for case in self.cases.get(split, []):
                 d = self._load(case)
                 out = tf({IMAGE: d[IMAGE], LABEL: d[LABEL]})
-                items.append({IMAGE: out[IMAGE], LABEL: out[LABEL], "case_id": case.case_id, "site": case.site})
+                items.append(
+                    {IMAGE: out[IMAGE], LABEL: out[LABEL], "case_id": case.case_id, "site": case.site}
+                )
             self._eval_cache[split] = items
         return self._eval_cache[split]
 
@@ -177,7 +181,9 @@ class CaseTrainer:
             try:
                 model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
             except RuntimeError as exc:
-                raise TrainingError(f"weights do not fit the model config {self.model_config.digest()}: {exc}") from None
+                raise TrainingError(
+                    f"weights do not fit the model config {self.model_config.digest()}: {exc}"
+                ) from None
         return model
 
     def make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -192,7 +198,9 @@ class CaseTrainer:
         items = self.train_items()
         tc = self.train_config
         rng = np.random.default_rng([tc.seed, epoch])
-        covers = all(int(s) <= int(p) for s, p in zip(items[0][IMAGE].shape[1:], self.patch_size, strict=True))
+        covers = all(
+            int(s) <= int(p) for s, p in zip(items[0][IMAGE].shape[1:], self.patch_size, strict=True)
+        )
         ns = 1 if covers else tc.num_samples  # a patch that covers the volume gains nothing from repeats
         tf = random_transforms(self.patch_size, num_samples=ns, augment=tc.augment, pos=tc.pos, neg=tc.neg)
         tf.set_random_state(seed=int(rng.integers(2**31 - 1)))
@@ -263,7 +271,9 @@ class CaseTrainer:
 
     def _epoch_batches_count(self) -> range:
         items = self.train_items()
-        covers = all(int(s) <= int(p) for s, p in zip(items[0][IMAGE].shape[1:], self.patch_size, strict=True))
+        covers = all(
+            int(s) <= int(p) for s, p in zip(items[0][IMAGE].shape[1:], self.patch_size, strict=True)
+        )
         ns = 1 if covers else self.train_config.num_samples
         return range(math.ceil(len(items) * ns / max(1, self.train_config.batch_size)))
 
@@ -337,11 +347,18 @@ class LocalTrainer(CaseTrainer):
         model = self.load_state(state_dict)
         optimizer = self.make_optimizer(model)
         loss = self.run_epochs(
-            model, optimizer, epochs, start_epoch=self.epochs_done, prox_mu=prox_mu, progress=progress,
+            model,
+            optimizer,
+            epochs,
+            start_epoch=self.epochs_done,
+            prox_mu=prox_mu,
+            progress=progress,
             scaler=self.make_scaler(),
         )
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return TrainResult(state_dict=state, num_cases=self.num_train_cases, loss=loss, seconds=time.perf_counter() - t0)
+        return TrainResult(
+            state_dict=state, num_cases=self.num_train_cases, loss=loss, seconds=time.perf_counter() - t0
+        )
 
     def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None, split: str = "val") -> EvalResult:
         """Score ``state_dict`` on this site's ``split`` cases (val, test or train)."""

@@ -32,7 +32,11 @@ def to_monai(loaded: LoadedCase) -> dict:
     """The arrays of a validated case as MetaTensors carrying their affine, channel first."""
     affine = torch.as_tensor(loaded.affine, dtype=torch.float64)
     meta = {"original_channel_dim": 0, "filename_or_obj": loaded.case.case_id}
-    out = {IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(loaded.image)), affine=affine, meta=dict(meta))}
+    out = {
+        IMAGE: MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(loaded.image)), affine=affine, meta=dict(meta)
+        )
+    }
     if loaded.label is not None:
         out[LABEL] = MetaTensor(
             torch.from_numpy(loaded.label.astype(np.float32)), affine=affine.clone(), meta=dict(meta)
@@ -55,7 +59,12 @@ def eval_transforms(pre: Preprocessing) -> Compose:
 
 
 def random_transforms(
-    patch_size: Sequence[int], *, num_samples: int = 2, augment: bool = True, pos: float = 1.0, neg: float = 1.0
+    patch_size: Sequence[int],
+    *,
+    num_samples: int = 2,
+    augment: bool = True,
+    pos: float = 1.0,
+    neg: float = 1.0,
 ) -> Compose:
     """Patch sampling (``pos``:``neg`` tumour-centred vs background-centred) plus augmentation."""
     steps: list = [

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import Broker, Proc, child_env, free_port, make_data, provision_sites, read_events, spawn, wait_for
+from coordinator.local import (
+    Broker,
+    Proc,
+    child_env,
+    free_port,
+    make_data,
+    provision_sites,
+    read_events,
+    spawn,
+    wait_for,
+)
 from coordinator.state import StateStore
 from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F401 - fixtures
 
@@ -65,12 +75,38 @@ class Fed:
         self.edges: dict[str, Proc] = {}
         self._n = 0
 
-    def start_coordinator(self, *, rounds: int, min_sites: int, timeout: float, mlflow: str | None = None,
-                          fault: str | None = None, fault_round: int | None = None) -> Proc:
-        args = ["-v", "coordinator", "--bundle", str(self.bundles / "coordinator"), "--rounds", str(rounds),
-                "--min-sites", str(min_sites), "--round-timeout", str(timeout), "--state", str(self.state),
-                "--model-size", "tiny", "--patch-size", str(SHAPE[0]), "--spacing", str(self.summary["spacing"][0]),
-                "--init-weights", self.summary["init"]]
+    def start_coordinator(
+        self,
+        *,
+        rounds: int,
+        min_sites: int,
+        timeout: float,
+        mlflow: str | None = None,
+        fault: str | None = None,
+        fault_round: int | None = None,
+    ) -> Proc:
+        args = [
+            "-v",
+            "coordinator",
+            "--bundle",
+            str(self.bundles / "coordinator"),
+            "--rounds",
+            str(rounds),
+            "--min-sites",
+            str(min_sites),
+            "--round-timeout",
+            str(timeout),
+            "--state",
+            str(self.state),
+            "--model-size",
+            "tiny",
+            "--patch-size",
+            str(SHAPE[0]),
+            "--spacing",
+            str(self.summary["spacing"][0]),
+            "--init-weights",
+            self.summary["init"],
+        ]
         if mlflow:
             args += ["--mlflow", mlflow]
         extra = {}
@@ -84,8 +120,18 @@ class Fed:
         return self.coord
 
     def start_site(self, site: str, **env: str) -> Proc:
-        args = ["-v", "edge", "--bundle", str(self.bundles / site), "--data", str(self.data_root / site),
-                "--state", str(self.tmp / f"{site}-state"), "--resend-after", "6"]
+        args = [
+            "-v",
+            "edge",
+            "--bundle",
+            str(self.bundles / site),
+            "--data",
+            str(self.data_root / site),
+            "--state",
+            str(self.tmp / f"{site}-state"),
+            "--resend-after",
+            "6",
+        ]
         self._n += 1
         p = spawn(f"{site}-{self._n}", args, self.logs, child_env(**env))
         self.edges[site] = p
@@ -157,7 +203,9 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
         codec.decode(late)
         ep.send(MessageKind.UPDATE, 1, meta={"num_cases": 2}, payload=late, timeout=30)
         ep.send(MessageKind.UPDATE, 0, meta={"num_cases": 2}, payload=late, timeout=30)
-        wait_for(lambda: len([e for e in fed.events("reject") if e["site"] == c]) >= 2, 60, "rejections", fed.procs)
+        wait_for(
+            lambda: len([e for e in fed.events("reject") if e["site"] == c]) >= 2, 60, "rejections", fed.procs
+        )
     finally:
         ep.close()
     reasons = {e["reason"] for e in fed.events("reject") if e["site"] == c}
@@ -173,7 +221,12 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     received = {(e["site"], e["round"]): e for e in fed.events("update")}
     log_a = fed.audit(a)
     assert [(e["kind"], e["round"]) for e in log_a] == [
-        ("metrics", 1), ("update", 1), ("metrics", 2), ("update", 2), ("metrics", 3)]
+        ("metrics", 1),
+        ("update", 1),
+        ("metrics", 2),
+        ("update", 2),
+        ("metrics", 3),
+    ]
     for e in log_a:
         assert len(e["sha256"]) == 64 and e["bytes"] > 0 and e["site"] == a and e["msg_id"]
         if e["kind"] == "update":
@@ -195,7 +248,9 @@ def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_
     plan = [("after-aggregate", 1), ("after-persist", 1), ("after-announce", 2), ("after-register", 2)]
     fired = []
     for point, r in plan:
-        p = fed.start_coordinator(rounds=3, min_sites=3, timeout=120, mlflow=mlflow_server, fault=point, fault_round=r)
+        p = fed.start_coordinator(
+            rounds=3, min_sites=3, timeout=120, mlflow=mlflow_server, fault=point, fault_round=r
+        )
         rc = p.wait(300)
         if rc == 0:  # the federation finished before this point was reached
             break
@@ -217,7 +272,9 @@ def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_
     versions = client.search_model_versions(f"name = '{model_name(fed.federation)}'")
     rounds = sorted(int(v.tags["round"]) for v in versions)
     assert rounds == [1, 2, 3]
-    logs = "".join((fed.logs / f"{p.name}.log").read_text() for p in fed.procs if p.name.startswith("coordinator"))
+    logs = "".join(
+        (fed.logs / f"{p.name}.log").read_text() for p in fed.procs if p.name.startswith("coordinator")
+    )
     for r in (1, 2, 3):
         assert logs.count(f"round {r} registered as version") == 1
     # each round's model was evaluated by the sites and recorded on its version
@@ -236,7 +293,13 @@ def test_broker_killed_during_uploads_everyone_reconnects_and_the_round_complete
     fed.start_coordinator(rounds=2, min_sites=3, timeout=120)
     fed.wait_round(1)
     # kill the broker as soon as the first round-2 update arrived: the others are training or uploading
-    wait_for(lambda: [e for e in fed.events("update") if e["round"] == 2], 120, "a round-2 update", fed.procs, poll=0.05)
+    wait_for(
+        lambda: [e for e in fed.events("update") if e["round"] == 2],
+        120,
+        "a round-2 update",
+        fed.procs,
+        poll=0.05,
+    )
     fed.broker.kill()
     time.sleep(2.0)
     fed.broker.start()

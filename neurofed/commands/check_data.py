@@ -28,10 +28,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="data folder or datalist JSON")
     p.add_argument(
-        "--modalities", default="flair,t1,t1ce,t2",
+        "--modalities",
+        default="flair,t1,t1ce,t2",
         help="comma-separated modalities that must be present (default flair,t1,t1ce,t2)",
     )
-    p.add_argument("--no-labels", action="store_true", help="the cases are unlabelled (do not require seg files)")
+    p.add_argument(
+        "--no-labels", action="store_true", help="the cases are unlabelled (do not require seg files)"
+    )
     p.add_argument("--allow-empty-labels", action="store_true", help="accept labels without any tumour voxel")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=run)
@@ -49,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     with Progress(transient=True) as bar:
         task = bar.add_task("checking cases", total=None)
         report = check_folder(
-            args.path, modalities=mods, require_label=not args.no_labels,
+            args.path,
+            modalities=mods,
+            require_label=not args.no_labels,
             allow_empty_labels=args.allow_empty_labels,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

@@ -37,16 +37,31 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", required=True, help="the coordinator's bundle folder, DIR/coordinator")
     p.add_argument("--rounds", type=int, default=5, help="training rounds (default 5)")
-    p.add_argument("--min-sites", type=int, help="quorum: sites needed to close a round at its deadline (default: all)")
-    p.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round before the deadline (default 600)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation strategy (default fedavg)")
-    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at each site (default 1)")
-    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight, sent to the sites (default 0.01)")
+    p.add_argument(
+        "--min-sites", type=int, help="quorum: sites needed to close a round at its deadline (default: all)"
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        help="seconds per round before the deadline (default 600)",
+    )
+    p.add_argument(
+        "--strategy", choices=STRATEGIES, default="fedavg", help="aggregation strategy (default fedavg)"
+    )
+    p.add_argument(
+        "--local-epochs", type=int, default=1, help="local epochs per round at each site (default 1)"
+    )
+    p.add_argument(
+        "--mu", type=float, default=0.01, help="FedProx proximal weight, sent to the sites (default 0.01)"
+    )
     p.add_argument("--max-norm", type=float, help="bound each site's update norm (L2 of the delta) to this")
     p.add_argument("--state", help="state folder for resume (default: BUNDLE/../coordinator-state)")
     p.add_argument("--mlflow", help="MLflow tracking URI for round metrics and the model registry")
     p.add_argument("--model-size", choices=("default", "small", "tiny"), default="default", help="UNet size")
-    p.add_argument("--patch-size", type=int, help="training patch edge in voxels (multiple of 16; default 64)")
+    p.add_argument(
+        "--patch-size", type=int, help="training patch edge in voxels (multiple of 16; default 64)"
+    )
     p.add_argument("--spacing", type=_triple, help="voxel size in mm the model trains at, e.g. 3 or 1,1,1")
     p.add_argument("--fp16", action="store_true", help="send models and updates in half precision")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
@@ -92,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     for r in results:
         dice = ", ".join(f"{s} {m['dice']:.3f}" for s, m in sorted(r.metrics.items()))
         what = "train" if r.train else "evaluate"
-        print(f"round {r.round} ({what}): {len(r.sites)} updates, {r.num_cases} cases, "
-              f"{len(r.rejected)} rejected, {r.seconds:.1f} s; Dice of model {r.round - 1}: {dice or '-'}")
+        print(
+            f"round {r.round} ({what}): {len(r.sites)} updates, {r.num_cases} cases, "
+            f"{len(r.rejected)} rejected, {r.seconds:.1f} s; Dice of model {r.round - 1}: {dice or '-'}"
+        )
     return 0

@@ -22,8 +22,24 @@ Everything lands in --out (default ./demo): data/, bundles/, logs/, coordinator-
 
 PROFILES = {
     # sites, cases, shape, model size, rounds, local epochs, round timeout (s)
-    "quick": {"sites": 3, "cases": 24, "shape": 48, "model": "small", "rounds": 3, "epochs": 2, "timeout": 300},
-    "full": {"sites": 10, "cases": 165, "shape": 64, "model": "default", "rounds": 10, "epochs": 2, "timeout": 1800},
+    "quick": {
+        "sites": 3,
+        "cases": 24,
+        "shape": 48,
+        "model": "small",
+        "rounds": 3,
+        "epochs": 2,
+        "timeout": 300,
+    },
+    "full": {
+        "sites": 10,
+        "cases": 165,
+        "shape": 64,
+        "model": "default",
+        "rounds": 10,
+        "epochs": 2,
+        "timeout": 1800,
+    },
 }
 
 

@@ -26,11 +26,17 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", required=True, help="this site's bundle folder, DIR/<site>")
-    p.add_argument("--data", required=True, help="this site's data folder (DATA/<site>, as `neurofed synth` writes it)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="training device (default auto)")
+    p.add_argument(
+        "--data", required=True, help="this site's data folder (DATA/<site>, as `neurofed synth` writes it)"
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="training device (default auto)"
+    )
     p.add_argument("--state", help="state folder (default: BUNDLE/../<site>-state)")
     p.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS or 1)")
-    p.add_argument("--resend-after", type=float, default=10.0, help="seconds before a missing receipt triggers a resend")
+    p.add_argument(
+        "--resend-after", type=float, default=10.0, help="seconds before a missing receipt triggers a resend"
+    )
     p.add_argument("--batch-size", type=int, help="training batch size (default: the trainer's)")
     p.set_defaults(func=run)
     return p
@@ -62,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     tc = TrainConfig(batch_size=args.batch_size) if args.batch_size else TrainConfig()
 
     def make_trainer(cfg: dict) -> LocalTrainer:
-        return LocalTrainer(data, ModelConfig.from_dict(cfg) if cfg else ModelConfig(), tc, device=args.device)
+        return LocalTrainer(
+            data, ModelConfig.from_dict(cfg) if cfg else ModelConfig(), tc, device=args.device
+        )
 
     endpoint = MqttEndpoint(bundle)
     endpoint.start()

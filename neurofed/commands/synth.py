@@ -31,7 +31,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=165, help="total cases over all sites (default 165)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
-        "--shape", type=int, nargs=3, default=[64, 64, 64], metavar=("X", "Y", "Z"),
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[64, 64, 64],
+        metavar=("X", "Y", "Z"),
         help="volume size in voxels over a 192 mm field of view (default 64 64 64; multiples of 16 suit the UNet)",
     )
     p.set_defaults(func=run)
@@ -44,11 +48,17 @@ def run(args: argparse.Namespace) -> int:
     from edge_node.synth import synthesize
 
     if args.sites < 1 or args.cases < args.sites:
-        raise SystemExit(f"neurofed synth: need --cases >= --sites >= 1 (got {args.cases} cases, {args.sites} sites)")
+        raise SystemExit(
+            f"neurofed synth: need --cases >= --sites >= 1 (got {args.cases} cases, {args.sites} sites)"
+        )
     with Progress() as bar:
         task = bar.add_task("synthesising cases", total=args.cases)
         summary = synthesize(
-            args.out, sites=args.sites, cases=args.cases, seed=args.seed, shape=args.shape,
+            args.out,
+            sites=args.sites,
+            cases=args.cases,
+            seed=args.seed,
+            shape=args.shape,
             progress=lambda done, total: bar.update(task, completed=done),
         )
     counts = ", ".join(f"{s}: {n}" for s, n in summary.sites.items())

@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sites", help="comma-separated site ids to train on (default: all, pooled)")
     p.add_argument("--epochs", type=int, required=True, help="total epochs (with --resume: the target epoch)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--model-size", choices=["default", "small", "tiny"], default="default", help="UNet preset")
+    p.add_argument(
+        "--model-size", choices=["default", "small", "tiny"], default="default", help="UNet preset"
+    )
     p.add_argument("--modalities", default="flair", help="input channels, comma-separated (default flair)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling and augmentation")
@@ -47,9 +49,15 @@ def run(args: argparse.Namespace) -> int:
     set_torch_threads()
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     metrics = train_arm(
-        args.data, args.out, epochs=args.epochs, sites=sites, model_size=args.model_size,
+        args.data,
+        args.out,
+        epochs=args.epochs,
+        sites=sites,
+        model_size=args.model_size,
         modalities=[m.strip() for m in args.modalities.split(",") if m.strip()],
-        train_config=TrainConfig(lr=args.lr, seed=args.seed), resume=args.resume, device=args.device,
+        train_config=TrainConfig(lr=args.lr, seed=args.seed),
+        resume=args.resume,
+        device=args.device,
     )
     o = metrics["overall"]
     print(

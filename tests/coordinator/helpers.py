@@ -49,17 +49,42 @@ class ShiftTrainer:
         return SimpleNamespace(dice=self.dice, hd95=3.0, num_cases=2, per_case={}, seconds=0.0)
 
 
-def make_coordinator(hub: MemoryHub, state: Path, sites, *, rounds=2, min_sites=None, timeout=10.0,
-                     strategy="fedavg", registrar=None, **kw) -> Coordinator:
+def make_coordinator(
+    hub: MemoryHub,
+    state: Path,
+    sites,
+    *,
+    rounds=2,
+    min_sites=None,
+    timeout=10.0,
+    strategy="fedavg",
+    registrar=None,
+    **kw,
+) -> Coordinator:
     ep = hub.endpoint(COORDINATOR)
     ep.start()
-    cfg = RoundConfig(rounds=rounds, expected_sites=tuple(sites), min_sites=min_sites or len(sites),
-                      round_timeout=timeout, receipt_interval=kw.pop("receipt_interval", 0.5), **kw)
-    return Coordinator(ep, make_strategy(strategy), StateStore(state), cfg, model_config=MODEL_CONFIG,
-                       initial_weights=initial_weights, registrar=registrar)
+    cfg = RoundConfig(
+        rounds=rounds,
+        expected_sites=tuple(sites),
+        min_sites=min_sites or len(sites),
+        round_timeout=timeout,
+        receipt_interval=kw.pop("receipt_interval", 0.5),
+        **kw,
+    )
+    return Coordinator(
+        ep,
+        make_strategy(strategy),
+        StateStore(state),
+        cfg,
+        model_config=MODEL_CONFIG,
+        initial_weights=initial_weights,
+        registrar=registrar,
+    )
 
 
-def start_agent(hub: MemoryHub, site: str, trainer, state: Path, stop: threading.Event, **kw) -> tuple[SiteAgent, threading.Thread]:
+def start_agent(
+    hub: MemoryHub, site: str, trainer, state: Path, stop: threading.Event, **kw
+) -> tuple[SiteAgent, threading.Thread]:
     ep = hub.endpoint(site)
     ep.start()
     agent = SiteAgent(ep, trainer, state / site, **kw)

@@ -18,7 +18,10 @@ from coordinator.aggregate import (
 def _models(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
-        {"conv.weight": rng.normal(size=(4, 2, 3, 3, 3)).astype(np.float32), "conv.bias": rng.normal(size=4).astype(np.float32)}
+        {
+            "conv.weight": rng.normal(size=(4, 2, 3, 3, 3)).astype(np.float32),
+            "conv.bias": rng.normal(size=4).astype(np.float32),
+        }
         for _ in range(n)
     ]
 
@@ -66,7 +69,9 @@ def test_agrees_with_flower_reference():
     cases = [4, 4, 8, 1, 2, 30]
     ours = weighted_mean(zip(models, cases, strict=True))
     names = list(models[0])
-    theirs = flwr_aggregate.aggregate([([m[n] for n in names], c) for m, c in zip(models, cases, strict=True)])
+    theirs = flwr_aggregate.aggregate(
+        [([m[n] for n in names], c) for m, c in zip(models, cases, strict=True)]
+    )
     for name, arr in zip(names, theirs, strict=True):
         np.testing.assert_allclose(ours[name], arr, rtol=1e-5, atol=1e-6)
 

@@ -36,8 +36,10 @@ def _finish(t, box, stop, timeout=60):
 def test_full_federation_is_fedavg_and_scored_at_the_end(tmp_path):
     hub = MemoryHub("testfed")
     stop = threading.Event()
-    trainers = {s: ShiftTrainer(shift=i + 1.0, num_train_cases=n, dice=0.3 + 0.1 * i)
-                for i, (s, n) in enumerate(zip(SITES, (2, 3, 5), strict=True))}
+    trainers = {
+        s: ShiftTrainer(shift=i + 1.0, num_train_cases=n, dice=0.3 + 0.1 * i)
+        for i, (s, n) in enumerate(zip(SITES, (2, 3, 5), strict=True))
+    }
     reg = Registrar(StateStore(tmp_path / "coord"), {})
     coord = make_coordinator(hub, tmp_path / "coord", SITES, rounds=2, registrar=reg)
     agents = {s: start_agent(hub, s, trainers[s], tmp_path, stop)[0] for s in SITES}
@@ -139,8 +141,18 @@ def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
     res = box["results"][0]
     assert res.sites == ["site-a", "site-b"], "rejected updates never count toward quorum"
     reasons = sorted(r for _, r in res.rejected)
-    assert reasons == sorted(["non-finite", "shape-mismatch", "dtype-mismatch", "bad-num-cases", "stale-model",
-                              "undecodable", "old-round", "duplicate"])
+    assert reasons == sorted(
+        [
+            "non-finite",
+            "shape-mismatch",
+            "dtype-mismatch",
+            "bad-num-cases",
+            "stale-model",
+            "undecodable",
+            "old-round",
+            "duplicate",
+        ]
+    )
     np.testing.assert_allclose(coord.weights["w"], w["w"] + 1, rtol=1e-6)
     # the rejections are in the events file too, with the site
     events = (tmp_path / "c" / "events.jsonl").read_text()

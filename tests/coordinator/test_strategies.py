@@ -114,7 +114,11 @@ def test_server_optimiser_state_survives_restart(cls, tmp_path):
         w1 = run_round(s1, w1, r)
     meta, tensors = s1.state()
     store = StateStore(tmp_path)
-    store.save(Snapshot(round=2, federation="f", weights=w1, model_config={}, strategy_meta=meta, strategy_tensors=tensors))
+    store.save(
+        Snapshot(
+            round=2, federation="f", weights=w1, model_config={}, strategy_meta=meta, strategy_tensors=tensors
+        )
+    )
     snap = StateStore(tmp_path).load(federation="f")
     s2 = cls()
     s2.load_state(snap.strategy_meta, snap.strategy_tensors)

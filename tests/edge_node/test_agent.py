@@ -18,10 +18,26 @@ from wire.memory import MemoryHub
 def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None):
     payload = codec.encode(weights)
     d = digest or hashlib.sha256(payload).hexdigest()
-    coord.send(MessageKind.MODEL, r, meta={"model_digest": hashlib.sha256(payload).hexdigest()}, payload=payload, retain=True)
-    coord.send(MessageKind.TASK, r, meta={"round": r, "model_digest": d, "train": train, "epochs": 2,
-                                          "sites": {"site-a": {"epochs": 2, "mu": 0.05}}, "session": session},
-               retain=True)
+    coord.send(
+        MessageKind.MODEL,
+        r,
+        meta={"model_digest": hashlib.sha256(payload).hexdigest()},
+        payload=payload,
+        retain=True,
+    )
+    coord.send(
+        MessageKind.TASK,
+        r,
+        meta={
+            "round": r,
+            "model_digest": d,
+            "train": train,
+            "epochs": 2,
+            "sites": {"site-a": {"epochs": 2, "mu": 0.05}},
+            "session": session,
+        },
+        retain=True,
+    )
     return d
 
 
@@ -77,7 +93,10 @@ def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt
     # the audit log has every send, the resend marked, digests of what actually left
     entries = agent2.audit.entries()
     assert [(e["kind"], e["round"], e["resend"]) for e in entries] == [
-        ("metrics", 1, False), ("update", 1, False), ("update", 1, True)]
+        ("metrics", 1, False),
+        ("update", 1, False),
+        ("update", 1, True),
+    ]
     assert entries[1]["sha256"] == hashlib.sha256(upd.payload).hexdigest() == entries[2]["sha256"]
     assert entries[1]["bytes"] == len(upd.payload)
     assert entries[0]["fields"]["dice"] == 0.5 and entries[0]["fields"]["evaluated_round"] == 0

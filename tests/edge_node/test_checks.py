@@ -14,7 +14,9 @@ from tests.edge_node.test_data import SHAPE, _save, brats2021_case
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _broken_federation(root: Path) -> Path:
@@ -36,7 +38,16 @@ def test_check_folder_lists_every_problem(tmp_path: Path) -> None:
     report = check_folder(_broken_federation(tmp_path))
     text = "\n".join(report.problems)
     assert len(report.problems) == 4, text
-    for needle in ("A2", "missing modality t1ce", "B1_flair.nii.gz", "non-finite", "B2_t2.nii.gz", "corrupt", "B3_seg.nii.gz", "empty"):
+    for needle in (
+        "A2",
+        "missing modality t1ce",
+        "B1_flair.nii.gz",
+        "non-finite",
+        "B2_t2.nii.gz",
+        "corrupt",
+        "B3_seg.nii.gz",
+        "empty",
+    ):
         assert needle in text
     assert report.sites == {"site-a": 2, "site-b": 3}
     assert report.shapes == {"16x16x12": 1}  # only A1 is free of problems

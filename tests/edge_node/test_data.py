@@ -38,7 +38,10 @@ def brats2021_case(root: Path, case: str, **override) -> Path:
     folder = root / case
     for i, m in enumerate(("flair", "t1", "t1ce", "t2")):
         if override.get(m, True) is not None:
-            _save(folder / f"{case}_{m}.nii.gz", override.get(m) if isinstance(override.get(m), np.ndarray) else _volume(i))
+            _save(
+                folder / f"{case}_{m}.nii.gz",
+                override.get(m) if isinstance(override.get(m), np.ndarray) else _volume(i),
+            )
     _save(folder / f"{case}_seg.nii.gz", override.get("seg", _label()))
     return folder
 
@@ -97,7 +100,10 @@ def test_decathlon_4d_datalist(tmp_path: Path) -> None:
 
 
 def test_monai_datalist_with_file_lists_and_sites(tmp_path: Path) -> None:
-    files = [str(_save(tmp_path / "c1" / f"c1_{m}.nii.gz", _volume(i)).relative_to(tmp_path)) for i, m in enumerate("abcd")]
+    files = [
+        str(_save(tmp_path / "c1" / f"c1_{m}.nii.gz", _volume(i)).relative_to(tmp_path))
+        for i, m in enumerate("abcd")
+    ]
     _save(tmp_path / "c1" / "c1_lab.nii.gz", _label())
     spec = {"training": [{"image": files, "label": "c1/c1_lab.nii.gz", "site": "north"}]}
     (tmp_path / "list.json").write_text(json.dumps(spec))

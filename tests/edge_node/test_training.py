@@ -52,12 +52,14 @@ def test_local_trainer_interface(synth_data: Path, synth_tiny_config) -> None:
     prox = trainer.train(start, epochs=4, prox_mu=1000.0)
 
     def dist(sd):
-        return sum(float(((sd[k].float() - start[k].float()) ** 2).sum()) for k in start if sd[k].is_floating_point())
+        return sum(
+            float(((sd[k].float() - start[k].float()) ** 2).sum()) for k in start if sd[k].is_floating_point()
+        )
 
     assert dist(prox.state_dict) < dist(res.state_dict)  # FedProx pulls towards the start
     ev = trainer.evaluate(res.state_dict, split="val")
     assert isinstance(ev, EvalResult) and ev.num_cases == 1
-    (case_id, rec), = ev.per_case.items()
+    ((case_id, rec),) = ev.per_case.items()
     assert rec["site"] == "site-02" and 0.0 <= rec["dice"] <= 1.0
     steps = []
     trainer.train(res.state_dict, epochs=1, progress=lambda s, t, loss: steps.append((s, t)))
@@ -119,8 +121,14 @@ def test_tiny_model_learns_and_beats_flair_threshold(tmp_path: Path) -> None:
     from tests.fixtures.data import make_federation
 
     root = make_federation(tmp_path / "data", sites=3, cases=40, seed=1)
-    m = train_arm(root, tmp_path / "run", epochs=40, model_size="tiny", train_config=TrainConfig(lr=1e-2),
-                  show_progress=False)
+    m = train_arm(
+        root,
+        tmp_path / "run",
+        epochs=40,
+        model_size="tiny",
+        train_config=TrainConfig(lr=1e-2),
+        show_progress=False,
+    )
     cases = discover_cases(root)
     splits = json.loads((root / "splits.json").read_text())
     base = flair_threshold_baseline(select(cases, splits, "train"), select(cases, splits, "test"))

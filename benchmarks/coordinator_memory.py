@@ -1,0 +1,238 @@
+"""Coordinator peak memory against the number of sites (FedAvg should be flat).
+
+For each N in --sites (default 10,50,100): a fresh federation of N sites is provisioned, a private
+Mosquitto started, and a real `neurofed coordinator` process (default UNet, 4.8 M parameters,
+19 MB in fp32, FedAvg, one round plus the evaluation round) receives N distinct, valid updates sent
+concurrently over the real broker by light sender processes (each hosting up to --per-process site
+endpoints as threads; no torch, no data). The coordinator's RSS is sampled every 0.1 s; baseline is
+its RSS just after announcing round 1 (global model loaded and encoded), peak its high-water mark.
+
+    .venv/bin/python -m benchmarks.coordinator_memory [--sites 10,50,100] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
+    """Child process: one endpoint per site; send a distinct update for the round, metrics for the
+    evaluation round, then leave when the coordinator says done."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from wire.api import MessageKind
+    from wire.mqtt import MqttEndpoint
+    from wire.payload import encode_state
+
+    base = load_file(str(init))
+    errors: list[str] = []
+
+    def one(site: str, seed: int) -> None:
+        ep = MqttEndpoint(bundles / site)
+        try:
+            ep.start(timeout=120)
+            end = time.time() + timeout
+            sent_update = sent_metrics = False
+            while time.time() < end:
+                msg = ep.receive(timeout=1.0)
+                if msg is None or msg.kind is not MessageKind.TASK:
+                    continue
+                if msg.meta.get("done"):
+                    return
+                if msg.meta.get("train") and not sent_update:
+                    rng = np.random.default_rng(seed)
+                    upd = {
+                        k: (v + rng.normal(scale=1e-3, size=v.shape).astype(v.dtype))
+                        if v.dtype.kind == "f"
+                        else v
+                        for k, v in base.items()
+                    }
+                    payload = encode_state(upd)
+                    del upd
+                    ep.send(
+                        MessageKind.UPDATE,
+                        msg.round,
+                        meta={"num_cases": 1 + seed % 5, "model_digest": msg.meta["model_digest"]},
+                        payload=payload,
+                        timeout=600,
+                    )
+                    del payload
+                    sent_update = True
+                elif not msg.meta.get("train") and not sent_metrics:
+                    ep.send(MessageKind.METRICS, msg.round, meta={"dice": 0.5, "hd95": 1.0, "num_cases": 1})
+                    sent_metrics = True
+            errors.append(f"{site}: timed out")
+        except Exception as exc:  # noqa: BLE001 - reported by the parent
+            errors.append(f"{site}: {exc}")
+        finally:
+            ep.close()
+
+    threads = [threading.Thread(target=one, args=(s, int(s.split("-")[-1])), daemon=True) for s in sites]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 60)
+    for e in errors:
+        print(e, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _rss(pid: int) -> tuple[int, int]:
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeout: float) -> dict:
+    from coordinator.local import Broker, child_env, free_port, provision_sites, read_events, spawn
+
+    sites = [f"site-{i:03d}" for i in range(1, n + 1)]
+    port = free_port()
+    root = work / f"n{n}"
+    provision_sites(root / "bundles", f"mem{n}", sites, port)
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    broker = Broker(root / "bundles", port, logs / "mosquitto.log")
+    broker.start()
+    senders = []
+    try:
+        for i in range(0, n, per_process):
+            group = sites[i : i + per_process]
+            fh = open(logs / f"sender-{i}.log", "wb")  # noqa: SIM115
+            senders.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.coordinator_memory",
+                        "--sender",
+                        str(root / "bundles"),
+                        ",".join(group),
+                        str(init),
+                        str(timeout),
+                    ],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(),
+                )
+            )
+            fh.close()
+        time.sleep(2.0)
+        coord = spawn(
+            "coordinator",
+            [
+                "-v",
+                "coordinator",
+                "--bundle",
+                str(root / "bundles" / "coordinator"),
+                "--rounds",
+                "1",
+                "--round-timeout",
+                str(timeout),
+                "--model-size",
+                model,
+                "--init-weights",
+                str(init),
+                "--state",
+                str(root / "state"),
+            ],
+            logs,
+            child_env(),
+        )
+        baseline = None
+        peak_rss = 0
+        t0 = time.time()
+        while coord.alive() and time.time() - t0 < timeout * 3:
+            rss, hwm = _rss(coord.popen.pid)
+            if baseline is None and any(e["event"] == "announce" for e in read_events(root / "state")):
+                baseline = rss
+            peak_rss = max(peak_rss, rss, hwm)
+            time.sleep(0.1)
+        rc = coord.wait(60)
+    finally:
+        for p in senders:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.stop()
+    events = read_events(root / "state")
+    r1 = next((e for e in events if e["event"] == "round" and e["round"] == 1), {})
+    return {
+        "sites": n,
+        "coordinator_exit": rc,
+        "updates_accepted": len(r1.get("sites", [])),
+        "round_seconds": r1.get("seconds"),
+        "baseline_mb": round((baseline or 0) / 1024, 1),
+        "peak_mb": round(peak_rss / 1024, 1),
+        "above_baseline_mb": round((peak_rss - (baseline or 0)) / 1024, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--sender":
+        sys.exit(_sender(Path(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]), float(sys.argv[5])))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", default="10,50,100", help="comma-separated site counts")
+    ap.add_argument("--model", default="default", choices=("tiny", "small", "default"))
+    ap.add_argument("--per-process", type=int, default=20, help="site endpoints per sender process")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from coordinator.init_weights import initial_weights
+    from coordinator.state import StateStore
+    from models.config import preset
+
+    work = Path(args.out or tempfile.mkdtemp(prefix="nf-coordmem-"))
+    cfg = preset(args.model).to_dict()
+    weights = initial_weights(cfg)
+    model_mb = sum(v.nbytes for v in weights.values()) / 1024**2
+    init = StateStore(work / "init").write_round_weights(0, weights, cfg)
+    del weights
+    rows = [
+        measure(int(n), work, init, args.model, args.per_process, args.timeout) for n in args.sites.split(",")
+    ]
+    for r in rows:
+        r["above_baseline_x_model"] = round(r["above_baseline_mb"] / model_mb, 2)
+    result = {
+        "benchmark": "coordinator_memory",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "model": args.model,
+        "model_mb": round(model_mb, 2),
+        "strategy": "fedavg",
+        "init_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16],
+        "results": rows,
+    }
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "coordinator_memory.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""The study, as a command: federated vs centralized vs single-site on the same held-out cases.
+
+Sheller et al. (2019) compared centralized data sharing (CDS), federated averaging (FL) and
+single-institution models; this module runs those arms (plus the FLAIR-threshold baseline and,
+optionally, cyclic institutional incremental learning) on one ``splits.json``, with one model,
+one seed and one budget (centralized epochs = rounds x local epochs; each single site trains for
+the same number of epochs on its own cases). FL runs through the real stack: provisioning, a
+private Mosquitto, the coordinator and one edge process per site, encrypted end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """What an experiment trades for time. ``full`` is the study's size (10 sites, 165 cases)."""
+
+    name: str
+    sites: int
+    cases: int
+    shape: tuple[int, int, int]
+    model_size: str
+    rounds: int
+    local_epochs: int
+    seed: int = 0
+    ciil: bool = False
+
+    @property
+    def epochs(self) -> int:
+        """Centralized budget: rounds x local epochs (the study's equal-budget rule)."""
+        return self.rounds * self.local_epochs
+
+
+PROFILES: dict[str, Profile] = {
+    # Minutes on a 2-core CPU: proves every arm runs end to end, not the study's numbers.
+    "quick": Profile(name="quick", sites=3, cases=24, shape=(32, 32, 32), model_size="tiny", rounds=3, local_epochs=2),
+    # The study's shape: 10 unequal sites, 165 cases, 64^3 volumes, the 1.2 M-parameter UNet.
+    "full": Profile(name="full", sites=10, cases=165, shape=(64, 64, 64), model_size="small", rounds=10, local_epochs=2),
+}
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+    return {"mean": m, "std": sd, "n": len(vals)}
+
+
+def summarise(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation of Dice and HD95 over cases, overall and per site."""
+    from edge_node.evaluation import summarise_by_site
+
+    return {
+        "dice": _mean_std([c["dice"] for c in per_case.values()]),
+        "hd95": _mean_std([c.get("hd95", float("nan")) for c in per_case.values()]),
+        "per_site": summarise_by_site(per_case),
+        "cases": len(per_case),
+    }
+
+
+class Arms:
+    """The non-federated arms, sharing one case list, one splits.json and one model config."""
+
+    def __init__(self, data: Path, profile: Profile, device: str = "auto") -> None:
+        from edge_node.centralized import model_config_for, resolve_cases
+        from edge_node.splits import select
+        from edge_node.training import TrainConfig
+
+        self.data = data
+        self.profile = profile
+        self.device = device
+        self.cases, self.splits, self.split_file = resolve_cases(data, split_seed=profile.seed)
+        self.sites = sorted({c.site for c in self.cases})
+        self.select = lambda split, sites=None: select(self.cases, self.splits, split, sites)
+        self.model_config = model_config_for(self.cases, profile.model_size)
+        self.train_config = TrainConfig(seed=profile.seed, split_seed=profile.seed)
+
+    def _trainer(self, sites: Sequence[str] | None):
+        from edge_node.training import CaseTrainer
+
+        by_split = {
+            "train": self.select("train", sites),
+            "val": self.select("val", sites),
+            "test": self.select("test"),
+        }
+        return CaseTrainer(by_split, self.model_config, self.train_config, self.device)
+
+    def train(
+        self,
+        sites: Sequence[str] | None,
+        epochs: int,
+        *,
+        curve_every: int = 0,
+        init_state: dict | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> tuple[dict[str, Any], list[dict[str, float]], dict]:
+        """Train on ``sites`` (None: pooled) for ``epochs``; evaluate on every site's test cases.
+
+        With ``curve_every`` the validation Dice over every site's validation cases is recorded
+        every that many epochs (the CDS curve set beside FL's rounds).
+        """
+        import torch
+
+        trainer = self._trainer(sites)
+        if not trainer.num_train_cases:
+            raise ValueError(f"no training cases for sites {sites}")
+        torch.manual_seed(self.profile.seed)
+        model = trainer.model()
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        optimizer = trainer.make_optimizer(model)
+        curve: list[dict[str, float]] = []
+        done = 0
+        step = curve_every or epochs
+        pooled_val = self._trainer(None)
+        while done < epochs:
+            n = min(step, epochs - done)
+            trainer.run_epochs(model, optimizer, n, start_epoch=done)
+            done += n
+            if curve_every:
+                val = pooled_val.evaluate_module(model, "val")
+                curve.append({"epoch": done, "round": done // max(1, self.profile.local_epochs), "dice": val.dice})
+                if progress:
+                    progress(f"epoch {done}/{epochs}: val Dice {val.dice:.3f}")
+        test = trainer.evaluate_module(model, "test")
+        return summarise(test.per_case) | {"per_case": test.per_case}, curve, model.state_dict()
+
+    def evaluate_state(self, state: dict) -> dict[str, Any]:
+        trainer = self._trainer(None)
+        model = trainer.model()
+        model.load_state_dict(state)
+        test = trainer.evaluate_module(model, "test")
+        return summarise(test.per_case) | {"per_case": test.per_case}
+
+    def threshold(self) -> dict[str, Any]:
+        from edge_node.evaluation import flair_threshold_baseline
+
+        res = flair_threshold_baseline(self.select("train"), self.select("test"))
+        return summarise(res.per_case) | {"threshold": res.threshold, "per_case": res.per_case}
+
+    def ciil(self, epochs: int) -> dict[str, Any]:
+        """Cyclic institutional incremental learning: the model visits each site in turn, one
+        local epoch at a time, until the budget is spent (the later papers' CIIL arm)."""
+        import torch
+
+        from edge_node.training import CaseTrainer
+
+        trainers = {s: self._trainer([s]) for s in self.sites}
+        torch.manual_seed(self.profile.seed)
+        model = trainers[self.sites[0]].model()
+        state = model.state_dict()
+        spent = 0
+        while spent < epochs:
+            for s in self.sites:
+                if spent >= epochs:
+                    break
+                t: CaseTrainer = trainers[s]
+                if not t.num_train_cases:
+                    continue
+                m = t.model()
+                m.load_state_dict(state)
+                t.run_epochs(m, t.make_optimizer(m), 1, start_epoch=spent)
+                state = m.state_dict()
+                spent += 1
+        return self.evaluate_state(state)
+
+
+def run_federated_arm(data: Path, out: Path, profile: Profile, model_config, tracking_uri: str | None) -> dict[str, Any]:
+    """FL through the real stack; returns {"state": final global weights, "curve": [...], ...}."""
+    from coordinator.local import run_local_federation
+
+    return run_local_federation(
+        data=data,
+        out=out,
+        rounds=profile.rounds,
+        local_epochs=profile.local_epochs,
+        model_config=model_config,
+        tracking_uri=tracking_uri,
+        seed=profile.seed,
+    )
+
+
+def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """Dice per round (FL against CDS) and a bar chart of the arms, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, style in (("fl", "o-"), ("cds", "s--")):
+        curve = results.get("curves", {}).get(arm) or []
+        if curve:
+            ax.plot([p["round"] for p in curve], [p["dice"] for p in curve], style, label=arm.upper())
+    ax.set_xlabel("round (CDS: epochs / local epochs)")
+    ax.set_ylabel("validation Dice (whole tumour)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Federated vs centralized, per round")
+    fig.tight_layout()
+    p = out / "dice_per_round.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    arms = results["arms"]
+    names = [n for n in ("cds", "fl", "ciil", "best_single_site", "threshold") if n in arms]
+    means = [arms[n]["dice"]["mean"] for n in names]
+    stds = [arms[n]["dice"]["std"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([n.replace("_", " ") for n in names], means, yerr=stds, capsize=4, color="#4477aa")
+    for i, m in enumerate(means):
+        ax.text(i, m + 0.02, f"{m:.3f}", ha="center", fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test Dice (mean +- sd over cases)")
+    ax.set_title(f"Arms on {results['test_cases']} held-out cases from {len(results['sites'])} sites")
+    fig.tight_layout()
+    p = out / "arms.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def run_experiment(
+    data: Path,
+    out: Path,
+    profile: Profile,
+    *,
+    arms: Sequence[str] = ("threshold", "cds", "single", "fl"),
+    tracking_uri: str | None = None,
+    device: str = "auto",
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the arms, write results.json and the plots under ``out``, return the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    a = Arms(data, profile, device)
+    results: dict[str, Any] = {
+        "profile": asdict(profile),
+        "data": str(data),
+        "splits": str(a.split_file),
+        "sites": a.sites,
+        "test_cases": len(a.select("test")),
+        "model_config": a.model_config.to_dict(),
+        "budget": {"rounds": profile.rounds, "local_epochs": profile.local_epochs, "centralized_epochs": profile.epochs},
+        "arms": {},
+        "curves": {},
+        "seconds": {},
+    }
+
+    def timed(name: str, fn):
+        s = time.perf_counter()
+        progress(f"[{name}] start")
+        value = fn()
+        results["seconds"][name] = round(time.perf_counter() - s, 1)
+        progress(f"[{name}] done in {results['seconds'][name]} s")
+        return value
+
+    if "threshold" in arms:
+        results["arms"]["threshold"] = timed("threshold", a.threshold)
+    if "cds" in arms:
+        res, curve, _ = timed("cds", lambda: a.train(None, profile.epochs, curve_every=profile.local_epochs, progress=progress))
+        results["arms"]["cds"] = res
+        results["curves"]["cds"] = curve
+    if "single" in arms:
+        singles = {}
+        for s in a.sites:
+            singles[s] = timed(f"single:{s}", lambda s=s: a.train([s], profile.epochs)[0])
+        results["arms"]["single_site"] = {s: {k: v for k, v in r.items() if k != "per_case"} for s, r in singles.items()}
+        best = max(singles, key=lambda s: singles[s]["dice"]["mean"])
+        results["arms"]["best_single_site"] = singles[best] | {"site": best}
+    if "ciil" in arms or profile.ciil:
+        results["arms"]["ciil"] = timed("ciil", lambda: a.ciil(profile.epochs))
+    if "fl" in arms:
+        fl = timed("fl", lambda: run_federated_arm(data, out / "federation", profile, a.model_config, tracking_uri))
+        results["arms"]["fl"] = a.evaluate_state(fl["state"])
+        results["curves"]["fl"] = fl.get("curve", [])
+        results["federation"] = {k: v for k, v in fl.items() if k not in ("state", "curve")}
+    arms_ = results["arms"]
+    if "fl" in arms_ and "cds" in arms_:
+        results["fl_over_cds"] = arms_["fl"]["dice"]["mean"] / arms_["cds"]["dice"]["mean"]
+    results["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    slim = json.loads(json.dumps(results, default=float))
+    (out / "results.json").write_text(json.dumps(slim, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    results["plots"] = [str(p) for p in plot_results(results, out)]
+    if tracking_uri:
+        log_to_mlflow(results, out, tracking_uri)
+    return results
+
+
+def log_to_mlflow(results: dict[str, Any], out: Path, tracking_uri: str) -> None:
+    """One run per experiment: each arm's Dice/HD95, the ratio, results.json and the plots."""
+    import mlflow
+
+    client_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mlflow.set_experiment("neurofed-experiment")
+        with mlflow.start_run(run_name=f"study-{results['profile']['name']}"):
+            mlflow.log_params({f"profile.{k}": v for k, v in results["profile"].items()})
+            for arm, r in results["arms"].items():
+                if isinstance(r, dict) and "dice" in r:
+                    mlflow.log_metric(f"{arm}.dice_mean", r["dice"]["mean"])
+                    mlflow.log_metric(f"{arm}.dice_std", r["dice"]["std"])
+                    if math.isfinite(r["hd95"]["mean"]):
+                        mlflow.log_metric(f"{arm}.hd95_mean", r["hd95"]["mean"])
+            if "fl_over_cds" in results:
+                mlflow.log_metric("fl_over_cds", results["fl_over_cds"])
+            for arm, curve in results["curves"].items():
+                for p in curve:
+                    mlflow.log_metric(f"{arm}.val_dice", p["dice"], step=int(p["round"]))
+            mlflow.log_artifact(str(out / "results.json"))
+            for p in results.get("plots", []):
+                mlflow.log_artifact(p)
+    finally:
+        mlflow.set_tracking_uri(client_uri)
+
+
+def with_overrides(profile: Profile, **kw: Any) -> Profile:
+    return replace(profile, **{k: v for k, v in kw.items() if v is not None})

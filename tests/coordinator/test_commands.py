@@ -1,0 +1,71 @@
+"""The federation's sub-commands: registered, documented with an example, options mapped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.errors import CoordinatorError
+from coordinator.faults import fault_point
+from coordinator.service import load_start_weights
+from coordinator.state import StateStore
+from neurofed.cli import build_parser
+
+
+@pytest.mark.parametrize("name", ["coordinator", "edge", "demo"])
+def test_commands_are_registered_with_an_example(name):
+    _, subs = build_parser()
+    assert name in subs
+    assert "example:" in subs[name].epilog
+
+
+def test_coordinator_options_become_the_model_config():
+    from neurofed.commands.coordinator import model_config_from
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        [
+            "coordinator",
+            "--bundle",
+            "b",
+            "--model-size",
+            "tiny",
+            "--patch-size",
+            "32",
+            "--spacing",
+            "6",
+            "--strategy",
+            "fedprox",
+            "--mu",
+            "0.1",
+        ]
+    )
+    cfg = model_config_from(args)
+    assert cfg["channels"] == (4, 8, 16)
+    assert tuple(cfg["preprocessing"]["patch_size"]) == (32, 32, 32)
+    assert tuple(cfg["preprocessing"]["spacing"]) == (6.0, 6.0, 6.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["coordinator", "--bundle", "b", "--strategy", "fedsgd"])
+
+
+def test_init_weights_must_match_the_model(tmp_path):
+    w = {"a": np.zeros(3, dtype=np.float32)}
+    path = StateStore(tmp_path).write_round_weights(0, w, {"channels": [4, 8, 16], "strides": [2, 2]})
+    assert set(load_start_weights(path, {"channels": [4, 8, 16], "strides": [2, 2]})) == {"a"}
+    with pytest.raises(CoordinatorError, match="channels"):
+        load_start_weights(path, {"channels": [8, 16, 32, 64, 128], "strides": [2, 2, 2, 2]})
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    with pytest.raises(CoordinatorError, match="not a readable"):
+        load_start_weights(bad, {})
+
+
+def test_fault_points_are_named_and_inert_without_the_variable(monkeypatch):
+    monkeypatch.delenv("NEUROFED_FAULT", raising=False)
+    fault_point("after-persist", 1)  # no variable: nothing happens
+    monkeypatch.setenv("NEUROFED_FAULT", "after-persist")
+    monkeypatch.setenv("NEUROFED_FAULT_ROUND", "2")
+    fault_point("after-persist", 1)  # another round: nothing happens
+    fault_point("after-aggregate", 2)  # another point: nothing happens
+    with pytest.raises(ValueError, match="unknown fault point"):
+        fault_point("after-lunch", 1)
