@@ -67,15 +67,17 @@ def worker(args: argparse.Namespace) -> None:
 
     rss_loaded = _rss_mb()
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     roi = (args.roi,) * 3
     prob = None
     for bs in args.batches:
         inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=bs, overlap=args.overlap, mode="gaussian")
         with torch.inference_mode():
             predictor(torch.zeros(bs, 1, *roi))  # warm-up (allocations, kernel selection)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = inferer(volume, predictor)
             times[str(bs)] = time.perf_counter() - t0
+            cpu[str(bs)] = time.process_time() - c0
         if prob is None:
             prob = torch.sigmoid(logits)[0, 0].numpy()
     if args.save_prob:
@@ -86,6 +88,7 @@ def worker(args: argparse.Namespace) -> None:
             {
                 "engine": args.engine,
                 "seconds": times,
+                "cpu_seconds": cpu,
                 "rss_before_model_mb": round(rss_start, 1),
                 "rss_after_model_mb": round(rss_loaded, 1),
                 "peak_rss_mb": round(peak, 1),
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     from models.export import synthetic_scan
     from models.unet import build_unet, count_parameters
 
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     size = tuple(int(s) for s in args.size.split(","))
@@ -179,11 +183,16 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     for e in engines:
         t, bs = best(e)
+        batches = list(runs[e][0]["seconds"])
         summary[e] = {
             "best_seconds": round(t, 3),
             "best_sw_batch": bs,
-            "seconds_by_sw_batch": {
-                bs_: round(min(run["seconds"][bs_] for run in runs[e]), 3) for bs_ in runs[e][0]["seconds"]
+            "seconds_by_sw_batch": {b: round(min(run["seconds"][b] for run in runs[e]), 3) for b in batches},
+            # CPU time of the process (all its threads): steadier than wall time when other work
+            # shares the cores, though it also counts onnxruntime's spin-waiting threads.
+            "cpu_seconds_by_sw_batch": {
+                b: round(min(run.get("cpu_seconds", {}).get(b, float("nan")) for run in runs[e]), 3)
+                for b in batches
             },
             "peak_rss_mb": max(run["peak_rss_mb"] for run in runs[e]),
             "rss_after_model_mb": max(run["rss_after_model_mb"] for run in runs[e]),
@@ -200,13 +209,19 @@ def main(argv: list[str] | None = None) -> dict:
         "export_seconds": round(export_s, 2),
         "engines": summary,
         "speedup_ort_over_torch": round(summary["torch"]["best_seconds"] / summary["ort"]["best_seconds"], 3),
+        "speedup_ort_over_torch_cpu_time": round(
+            min(summary["torch"]["cpu_seconds_by_sw_batch"].values())
+            / min(summary["ort"]["cpu_seconds_by_sw_batch"].values()),
+            3,
+        ),
         "mask_voxels_differing": int(differ.sum()),
         "mask_voxels_differing_outside_1e-3": int(outside.sum()),
         "max_prob_diff": float(np.max(np.abs(prob_t - prob_o))),
         "machine": {
             "cpu_count": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(),
-            "load_avg_1m": os.getloadavg()[0],
+            "load_avg_1m_at_start": load_start,
+            "load_avg_1m_at_end": os.getloadavg()[0],
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(),

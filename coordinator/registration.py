@@ -135,7 +135,10 @@ class Registrar:
             if tracker is not None:
                 tracker.log_round(job.round, job.data["metrics"], step=job.round)
         elif job.kind == "evaluation":
+            if job.round in self.store.evaluated():
+                return
             if tracker is not None:
                 tracker.record_evaluation(job.round, job.data["dice"], job.data["per_site"])
+                self.store.mark_evaluated(job.round)
         else:  # pragma: no cover
             raise ValueError(job.kind)

@@ -20,6 +20,20 @@ It is separate from the aggregation maths (a ``Strategy``) and from the transpor
 After the last training round comes an evaluation-only round (``train: false``) so the last model
 is scored by every site too, then a final TASK with ``done: true``. Rejections are logged with the
 site and reason and counted in ``RoundResult.rejected``; they never count toward quorum.
+
+``meta`` fields the federation layer defines (wire/PROTOCOL.md leaves them to us):
+
+- TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload), ``train`` (false: evaluation
+  only), ``done`` (true: the federation is over), ``deadline`` (unix time), ``epochs``, ``sites``
+  ({site: its own config, e.g. ``{"epochs": 1, "mu": 0.01}``}), ``session`` (changes when the
+  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``model_config`` (ModelConfig dict).
+- MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights.
+- RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
+  whose evaluation it holds), ``session``.
+- UPDATE: ``num_cases`` (positive int, the FedAvg weight), ``model_digest`` (the model it was
+  trained from), ``loss``, ``train_seconds``; payload: safetensors of the full weights.
+- METRICS: ``dice``, ``hd95``, ``num_cases`` (validation cases), ``evaluated_round`` (r-1),
+  ``model_digest``.
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ from coordinator.registration import Registrar
 from coordinator.state import Snapshot, StateStore
 from coordinator.strategies import Strategy
 from wire.api import Endpoint, Message, MessageKind
+from wire.errors import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +175,10 @@ class Coordinator:
                         self.registrar.register(
                             r, sites=info["sites"], cases=info["cases"], tags=self._tags(r)
                         )
+                evaluated = set(self.store.evaluated())
+                for key, ev in sorted(snap.extra.get("evaluations", {}).items(), key=lambda kv: int(kv[0])):
+                    if int(key) not in evaluated:
+                        self.registrar.record_evaluation(int(key), ev["dice"], ev["per_site"])
             # a finished federation given more rounds goes on from where it stopped
             return bool(snap.extra.get("finished")) and snap.round >= self.cfg.rounds
         self.weights = self._initial()
@@ -210,7 +229,7 @@ class Coordinator:
     def _announce(self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str) -> None:
         base = {"epochs": self.cfg.local_epochs, "train": train}
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
-        self.ep.send(
+        self._send_reliably(
             MessageKind.MODEL,
             r,
             meta={"round": r, "model_digest": digest},
@@ -235,18 +254,40 @@ class Coordinator:
             "fp16": self.cfg.fp16,
             "model_config": self.model_config,
         }
-        self.ep.send(MessageKind.TASK, r, meta=self._task_meta, retain=True)
+        self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
+
+    def _send_reliably(self, kind: MessageKind, r: int, **kw: Any) -> None:
+        """Announcements must reach the broker: retry across a broker outage (the wire reconnects)."""
+        delay = 1.0
+        while True:
+            try:
+                self.ep.send(kind, r, timeout=60.0, **kw)
+                return
+            except TransportError as exc:
+                log.warning("round %d: publishing %s failed (%s); retrying in %.0f s", r, kind, exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     def _send_receipts(self, r: int, received: list[str], metrics: list[str]) -> None:
-        self.ep.send(
-            MessageKind.RECEIPTS,
-            r,
-            meta={"round": r, "held": sorted(received), "metrics": sorted(metrics), "session": self.session},
-        )
+        """Best effort: receipts are repeated every few seconds, so a lost one costs nothing."""
+        try:
+            self.ep.send(
+                MessageKind.RECEIPTS,
+                r,
+                meta={
+                    "round": r,
+                    "held": sorted(received),
+                    "metrics": sorted(metrics),
+                    "session": self.session,
+                },
+                timeout=5.0,
+            )
+        except TransportError as exc:
+            log.warning("round %d: receipts not published (%s); will repeat", r, exc)
 
     def _announce_done(self) -> None:
         r = self.cfg.rounds + 1
-        self.ep.send(
+        self._send_reliably(
             MessageKind.TASK,
             r,
             meta={"round": r, "done": True, "train": False, "session": self.session, "deadline": 0},
@@ -345,10 +386,11 @@ class Coordinator:
             "round", **{k: v for k, v in asdict(res).items() if k != "rejected"}, rejected=res.rejected
         )
         log.info(
-            "round %d closed: %d sites, %d cases, %d rejected, %.1f s",
+            "round %d closed: %d updates (%d cases), %d evaluations, %d rejected, %.1f s",
             r,
             len(res.sites),
             res.num_cases,
+            len(res.metrics),
             len(res.rejected),
             res.seconds,
         )
@@ -372,6 +414,11 @@ class Coordinator:
             metrics["hd95_mean"] = float(np.mean(hd))
         self.registrar.log_round(evaluated, metrics)
         if evaluated >= 1:
+            # kept in the snapshot too, so a crash before the worker got to it loses nothing
+            self._extra_state.setdefault("evaluations", {})[str(evaluated)] = {
+                "dice": dice,
+                "per_site": per_site,
+            }
             self.registrar.record_evaluation(evaluated, dice, per_site)
 
     # -- message handling -----------------------------------------------------------------------------
@@ -396,7 +443,12 @@ class Coordinator:
         except UpdateRejected as exc:
             self._reject(res, msg.sender, msg.kind.value, msg.round, exc)
 
-    def _round_gate(self, msg: Message, r: int, closing: bool) -> None:
+    @staticmethod
+    def _closing_gate(r: int, closing: bool) -> None:
+        if closing:
+            raise UpdateRejected("late", f"arrived after round {r}'s deadline")
+
+    def _round_gate(self, msg: Message, r: int) -> None:
         if msg.sender not in self.cfg.expected_sites:
             raise UpdateRejected("unknown-site", f"{msg.sender} is not in this federation's roster")
         if msg.round < r:
@@ -405,19 +457,19 @@ class Coordinator:
             raise UpdateRejected("old-round", f"for round {msg.round}, current round is {r}")
         if msg.round > r:
             raise UpdateRejected("future-round", f"for round {msg.round}, current round is {r}")
-        if closing:
-            raise UpdateRejected("late", f"arrived after round {r}'s deadline")
 
     def _on_update(
         self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, closing: bool
     ) -> None:
-        self._round_gate(msg, r, closing)
+        self._round_gate(msg, r)
         site = msg.sender
         if not train:
             raise UpdateRejected("not-a-training-round", f"round {r} only evaluates")
         if site in res.cases:
-            self._send_receipts(r, list(res.cases), list(res.metrics))
+            if not closing:
+                self._send_receipts(r, list(res.cases), list(res.metrics))
             raise UpdateRejected("duplicate", f"already holding {site}'s update for round {r}")
+        self._closing_gate(r, closing)
         if msg.meta.get("model_digest") not in (None, digest):
             raise UpdateRejected("stale-model", "trained from another model than this round's")
         num_cases = check_num_cases(msg.meta.get("num_cases"))
@@ -450,10 +502,11 @@ class Coordinator:
         self._send_receipts(r, list(res.cases), list(res.metrics))
 
     def _on_metrics(self, msg: Message, r: int, res: RoundResult, closing: bool) -> None:
-        self._round_gate(msg, r, closing)
+        self._round_gate(msg, r)
         site = msg.sender
         if site in res.metrics:
             raise UpdateRejected("duplicate", f"already holding {site}'s metrics for round {r}")
+        self._closing_gate(r, closing)
         m = msg.meta
         try:
             dice = float(m["dice"])

@@ -196,14 +196,31 @@ class StateStore:
                 f"{path}: corrupt registration ledger; delete it to re-register (idempotent)"
             ) from None
 
-    def mark_registered(self, rounds: Iterable[int], versions: Mapping[int, Any] | None = None) -> None:
+    def _ledger(self) -> dict[str, Any]:
         path = self.root / LEDGER
-        done = set(self.registered()) | {int(r) for r in rounds}
-        old = {}
-        if path.is_file():
-            try:
-                old = json.loads(path.read_text()).get("versions", {})
-            except ValueError:
-                old = {}
-        old.update({str(k): v for k, v in (versions or {}).items()})
-        atomic_write_json(path, {"rounds": sorted(done), "versions": old})
+        if not path.is_file():
+            return {"rounds": [], "versions": {}, "evaluated": []}
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            raise StateError(
+                f"{path}: corrupt registration ledger; delete it to re-register (idempotent)"
+            ) from None
+        data.setdefault("versions", {})
+        data.setdefault("evaluated", [])
+        return data
+
+    def mark_registered(self, rounds: Iterable[int], versions: Mapping[int, Any] | None = None) -> None:
+        data = self._ledger()
+        data["rounds"] = sorted(set(data.get("rounds", [])) | {int(r) for r in rounds})
+        data["versions"].update({str(k): v for k, v in (versions or {}).items()})
+        atomic_write_json(self.root / LEDGER, data)
+
+    def evaluated(self) -> list[int]:
+        """Rounds whose sites' evaluation reached the registry (``record_evaluation``)."""
+        return sorted(int(r) for r in self._ledger()["evaluated"])
+
+    def mark_evaluated(self, round: int) -> None:
+        data = self._ledger()
+        data["evaluated"] = sorted(set(data["evaluated"]) | {int(round)})
+        atomic_write_json(self.root / LEDGER, data)

@@ -62,12 +62,14 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     dynamo: bool = False,
     external_data: bool | None = None,
+    optimise: bool = True,
 ) -> Path:
     """Write the UNet as ONNX with dynamic batch and spatial axes, check it, and return its path.
 
     Weights are inline unless ``external_data`` is true, or (when ``None``) the weights exceed
     1.5 GiB, close to protobuf's 2 GiB limit (the default UNet is 19 MB, so it stays one file).
-    External weights go to ``<name>.data`` beside the model. ``onnx.checker`` runs its full check
+    External weights go to ``<name>.data`` beside the model. ``optimise`` applies the exact
+    rewrites of ``optimise_for_inference`` (PRelu with one slope -> LeakyRelu). ``onnx.checker`` runs its full check
     (shape inference included) on the written file; the file is written atomically.
     """
     import onnx
@@ -106,6 +108,8 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".data").unlink(missing_ok=True)
+    if optimise:
+        optimise_for_inference(proto)
     props = {CONFIG_KEY: config.to_json(), **(metadata or {})}
     existing = {p.key: p for p in proto.metadata_props}
     for k, v in props.items():
@@ -198,6 +202,64 @@ def read_onnx_config(path: str | os.PathLike[str]) -> ModelConfig:
         return ModelConfig.from_json(props[CONFIG_KEY])
     except (ValueError, TypeError) as exc:
         raise OnnxModelError(f"{path}: model config in the ONNX metadata is invalid ({exc})") from None
+
+
+# ------------------------------------------------------------------------------ graph clean-up
+
+
+def optimise_for_inference(proto) -> int:
+    """Rewrite ``PRelu`` with one constant slope (MONAI's default ``Act.PRELU``) as the
+    mathematically identical ``LeakyRelu(alpha=slope)``, then drop constants left unused.
+
+    Why: onnxruntime's CPU PRelu is a generic broadcasting kernel; it took 14-15 % of the default
+    UNet's time per 96^3 window here, while the vectorised LeakyRelu takes well under 1 %. The
+    outputs are bit-identical (same formula, same float32 slope). Returns the number of rewrites.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:  # Constant nodes, and Identity chains the TorchScript exporter adds
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            consts[node.output[0]] = consts[node.input[0]]
+    rewrites = 0
+    nodes = []
+    for node in graph.node:
+        slope = consts.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
+        if slope is not None and slope.size == 1:
+            nodes.append(
+                helper.make_node(
+                    "LeakyRelu",
+                    [node.input[0]],
+                    list(node.output),
+                    name=f"{node.name}_as_leaky",
+                    alpha=float(slope.reshape(-1)[0]),
+                )
+            )
+            rewrites += 1
+        else:
+            nodes.append(node)
+    # drop Constant/Identity nodes and initializers nobody reads any more
+    keep_outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in nodes for i in n.input} | keep_outputs
+        pruned = [
+            n for n in nodes if n.op_type not in ("Constant", "Identity") or any(o in used for o in n.output)
+        ]
+        if len(pruned) == len(nodes):
+            break
+        nodes = pruned
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input} | keep_outputs
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return rewrites
 
 
 # ---------------------------------------------------------------------------------------- parity

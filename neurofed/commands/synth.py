@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from edge_node.synth import synthesize
 
     if args.sites < 1 or args.cases < args.sites:
-        raise SystemExit(
-            f"neurofed synth: need --cases >= --sites >= 1 (got {args.cases} cases, {args.sites} sites)"
-        )
+        from edge_node.errors import EdgeNodeError
+
+        raise EdgeNodeError(f"need --cases >= --sites >= 1 (got {args.cases} cases for {args.sites} sites)")
     with Progress() as bar:
         task = bar.add_task("synthesising cases", total=args.cases)
         summary = synthesize(

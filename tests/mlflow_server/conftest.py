@@ -1,9 +1,2 @@
-"""The MLflow fixtures (tests/fixtures/mlflow.py) for this folder."""
-
-from tests.fixtures.mlflow import (  # noqa: F401
-    chromium,
-    mlflow_server,
-    mlflow_server_handle,
-    postgres_database,
-    s3_store,
-)
+"""The MLflow fixtures (mlflow_server, postgres_database, s3_store, chromium) come from
+tests/fixtures/mlflow.py, a pytest plugin listed in tests/conftest.py."""

@@ -1,13 +1,11 @@
-"""Wire test fixtures. The broker fixtures come from tests/fixtures/broker.py (imported here until
-tests/conftest.py lists it in pytest_plugins)."""
+"""Wire test fixtures. The broker fixtures come from tests/fixtures/broker.py (a pytest plugin
+listed in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-
-from tests.fixtures.broker import broker, provisioned  # noqa: F401
 
 
 @pytest.fixture(scope="session")

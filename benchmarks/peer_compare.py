@@ -1,0 +1,134 @@
+"""neurofed side by side with Flower (and NVIDIA FLARE): the same FedAvg task, measured in one run.
+
+Task (issue 8): N sites x C synthetic 64^3 cases (``edge_node.synth``, identical for everyone),
+UNet channels (8, 16, 32, 64, 128) (``ModelConfig.small()``), 1 local epoch, R rounds, FedAvg,
+every client training with the kit's own ``LocalTrainer`` from the same initial weights, one torch
+thread per process (OMP_NUM_THREADS=1) everywhere. Each framework runs in its own recommended
+multi-process deployment on this machine:
+
+* neurofed: coordinator + one ``neurofed edge`` process per site over a private Mosquitto (mTLS,
+  every message sealed and signed), via ``benchmarks.federation_overhead``;
+* Flower: ``flower-superlink`` + one ``flower-supernode`` per site, the app started with
+  ``flwr run`` against a local SuperLink connection in ``$FLWR_HOME/config.toml`` (insecure, loopback);
+* NVIDIA FLARE: see ``benchmarks.peers.flare_run`` (skipped, with the reason, when unavailable).
+
+Before a framework's timings are reported, its averaging is checked: its global weights after a
+round must equal the float64 case-weighted mean of the weights its clients logged (1e-5).
+Figures (see ``benchmarks.peers.measure``): per-round wall time, the round's non-training overhead
+share, the summed peak memory of all its processes, and the ratios neurofed / peer.
+
+    scripts/peer_env.sh [--flare]                    # the peers' own virtual environments, once
+    .venv/bin/python -m benchmarks.peer_compare [--sites 10] [--rounds 3] [--frameworks neurofed,flower]
+
+Prints one JSON object and writes ``benchmarks/results/peer_compare.json``. The machine is shared:
+treat single timings as +-30 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FRAMEWORKS = ("neurofed", "flower", "flare")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def ratios(nf: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """neurofed / peer: below 1 means neurofed is faster, leaner or has less overhead."""
+    if not nf.get("ok") or not peer.get("ok"):
+        return {"skipped": "needs both runs to have succeeded"}
+    return {
+        "round_wall_steady": _ratio(nf["wall_steady_mean_s"], peer["wall_steady_mean_s"]),
+        "round_wall_round1": _ratio(nf["wall_round1_s"], peer["wall_round1_s"]),
+        "wall_total": _ratio(nf["wall_total_s"], peer["wall_total_s"]),
+        "overhead_steady": _ratio(nf["overhead_steady_mean"], peer["overhead_steady_mean"]),
+        "peak_sum_rss": _ratio(nf["memory"]["peak_sum_rss_gb"], peer["memory"]["peak_sum_rss_gb"]),
+    }
+
+
+def _neurofed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.peers import neurofed_run
+
+    res = neurofed_run.run(work, sites=a.sites, cases_per_site=a.cases_per_site, rounds=a.rounds,
+                           shape=a.shape, model=a.model)
+    fo = res.pop("federation_overhead")
+    res["memory"] = {"peak_sum_rss_gb": fo["peak_sum_rss_gb"], "sum_of_process_hwm_gb": fo["sum_of_process_hwm_gb"],
+                     "processes_seen": fo["processes"]}
+    res["setup_s"] = fo["setup_s"]
+    res["deployment"] = "coordinator + 1 edge process per site + private Mosquitto (mTLS, sealed+signed)"
+    res["ok"] = fo["coordinator_exit"] == 0 and res["averaging_check"].get("ok", False) and len(res["rounds"]) == a.rounds
+    if not res["ok"]:
+        res["error"] = f"coordinator exit {fo['coordinator_exit']}, averaging {res['averaging_check']}"
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=int, default=10)
+    ap.add_argument("--cases-per-site", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shape", type=int, default=64, help="cube edge of the synthetic volumes (multiple of 16)")
+    ap.add_argument("--model", default="small", choices=("tiny", "small", "default"))
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma list of neurofed, flower, flare")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each peer's whole run")
+    ap.add_argument("--out", help="work folder (kept); default: a temporary one, removed afterwards")
+    ap.add_argument("--name", default="peer_compare", help="results file name (benchmarks/results/NAME.json)")
+    a = ap.parse_args(argv)
+    wanted = [f.strip() for f in a.frameworks.split(",") if f.strip()]
+    bad = [f for f in wanted if f not in FRAMEWORKS]
+    if bad or "neurofed" not in wanted:
+        ap.error(f"--frameworks: {bad or 'neurofed is required (the peers reuse its data)'}; choose from {FRAMEWORKS}")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.common import emit
+    from benchmarks.peers import flower_run, neurofed_run
+
+    work = Path(a.out or tempfile.mkdtemp(prefix="nf-peers-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results: dict[str, Any] = {}
+    try:
+        print(f"[peer_compare] neurofed: {a.sites} sites x {a.cases_per_site} cases, {a.rounds} rounds", file=sys.stderr)
+        results["neurofed"] = _neurofed(work / "neurofed", a)
+        data = work / "neurofed" / "data"
+        init = neurofed_run.init_weights_path(work / "neurofed")
+        common = dict(data=data, init=init, sites=a.sites, rounds=a.rounds, shape=a.shape, model=a.model,
+                      timeout=a.timeout)
+        if "flower" in wanted:
+            print("[peer_compare] Flower", file=sys.stderr)
+            results["flower"] = flower_run.run(work / "flower", **common)
+        if "flare" in wanted:
+            from benchmarks.peers import flare_run
+
+            print("[peer_compare] NVIDIA FLARE", file=sys.stderr)
+            results["flare"] = flare_run.run(work / "flare", **common)
+    finally:
+        if not a.out:
+            shutil.rmtree(work, ignore_errors=True)
+    nf = results["neurofed"]
+    figures = {
+        "task": {"sites": a.sites, "cases_per_site": a.cases_per_site, "shape": [a.shape] * 3, "model": a.model,
+                 "local_epochs": 1, "rounds": a.rounds, "strategy": "fedavg", "torch_threads_per_process": 1},
+        "frameworks": results,
+        "ratios": {f"neurofed_vs_{k}": ratios(nf, v) for k, v in results.items() if k != "neurofed"},
+        "total_s": round(time.time() - t0, 1),
+        "note": "2-core machine shared with other work while measured: single timings are noisy (+-30 %)",
+    }
+    return emit(a.name, figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Flower's side: its recommended multi-process deployment on one machine, driven as a user would.
+
+``flower-superlink --insecure`` (loopback only), one ``flower-supernode`` per site with
+``--node-config "site='site-01'"``, and the hand-written app in ``flower_app/`` started with
+``flwr run flower_app deployment`` against a SuperLink connection written to ``$FLWR_HOME/config.toml``
+(a private FLWR_HOME in the work folder, so the user's own Flower settings are left alone).
+All binaries come from the separate peer environment (``scripts/peer_env.sh``), never the kit's.
+
+The ServerApp stamps each round's start and end; each ClientApp appends its train/evaluate
+intervals; this module samples the memory of every process under the SuperLink, the SuperNodes
+and ``flwr run`` (ServerApp and ClientApp processes included), then checks that the round-1
+global weights are the case-weighted mean of what the clients sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.peers.measure import (
+    TreeMemory,
+    read_intervals,
+    round_figures,
+    summarise,
+    weighted_mean_error,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+APP = Path(__file__).resolve().parent / "flower_app"
+VENV = Path(os.environ.get("NEUROFED_PEER_VENV", REPO / ".cache" / "peer-venv"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available() -> str | None:
+    """None when Flower can run, else why not (for the JSON's skip reason)."""
+    for exe in ("flower-superlink", "flower-supernode", "flwr"):
+        if not (VENV / "bin" / exe).is_file():
+            return f"{VENV / 'bin' / exe} missing: run scripts/peer_env.sh"
+    return None
+
+
+def flwr_version() -> str:
+    out = subprocess.run([str(VENV / "bin" / "python"), "-c", "import flwr; print(flwr.__version__)"],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout.strip() or "unknown"
+
+
+def _env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO),  # the kit's LocalTrainer and benchmarks.peers.measure
+        PATH=f"{VENV / 'bin'}:{env.get('PATH', '')}",
+        FLWR_TELEMETRY_ENABLED="0",
+    )
+    return env
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    fh = open(log, "ab")  # noqa: SIM115 - the child owns it
+    try:
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    finally:
+        fh.close()
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(15)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(10)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run(work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout: float = 900, **_: Any) -> dict[str, Any]:
+    why = available()
+    if why:
+        return {"ok": False, "skipped": why}
+    if work.exists():
+        shutil.rmtree(work)
+    logs, check, timeline = work / "logs", work / "check", work / "timeline"
+    for d in (logs, check, timeline):
+        d.mkdir(parents=True)
+    flwr_home = work / "flwr-home"
+    flwr_home.mkdir()
+    site_names = sorted(p.name for p in data.iterdir() if p.is_dir())[:sites]
+    from models.config import ModelConfig, preset
+
+    from safetensors import safe_open
+
+    with safe_open(str(init), "np") as fh:
+        meta = fh.metadata() or {}
+    cfg_json = meta.get("neurofed.model_config")
+    model_config = json.loads(cfg_json) if cfg_json else preset("small").to_dict()
+    ModelConfig.from_dict(model_config)  # fail here, not in ten clients, on a bad config
+    task = {
+        "repo": str(REPO),
+        "data": str(data),
+        "model_config": model_config,
+        "init_weights": str(init),
+        "epochs": 1,
+        "rounds": rounds,
+        "sites": len(site_names),
+        "timeline": str(timeline),
+        "check": str(check),
+        "marks": str(work / "rounds.jsonl"),
+    }
+    task_file = work / "task.json"
+    task_file.write_text(json.dumps(task, indent=1))
+
+    port = _free_port()  # Flower 1.42: one HTTP API (Fleet, Control, ServerAppIO) on the SuperLink
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "deployment"\n\n'
+        f'[superlink.deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = _env(flwr_home)
+    bin_ = VENV / "bin"
+    procs: list[subprocess.Popen] = []
+    t0 = time.time()
+    runp: subprocess.Popen | None = None
+    with TreeMemory(lambda: [p.pid for p in procs] + ([runp.pid] if runp else [])) as mem:
+        try:
+            procs.append(_spawn([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                 "--disable-runtime-dependency-installation"],
+                                logs / "superlink.log", env, work))
+            _wait_port(port, 120, procs[0], logs / "superlink.log")
+            for s in site_names:
+                procs.append(_spawn([str(bin_ / "flower-supernode"), "--insecure",
+                                     "--superlink", f"127.0.0.1:{port}",
+                                     "--host", "127.0.0.1", "--port", str(_free_port()),
+                                     "--node-config", f"site='{s}'"],
+                                    logs / f"supernode-{s}.log", env, work))
+            started = time.time()
+            runp = _spawn([str(bin_ / "flwr"), "run", str(APP), "deployment", "--stream",
+                           "--run-config", f"task-file='{task_file}'"], logs / "flwr-run.log", env, work)
+            marks = work / "rounds.jsonl"
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                if marks.is_file() and sum(1 for x in marks.read_text().splitlines() if '"end"' in x) >= rounds:
+                    break
+                dead = [p for p in procs if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"a Flower process exited early ({dead[0].args[0]}):\n" + _tail(logs / "superlink.log"))
+                time.sleep(0.5)
+            else:
+                raise TimeoutError(f"Flower did not finish {rounds} rounds in {timeout:.0f} s:\n{_tail(logs / 'flwr-run.log')}"
+                                   f"\n{_tail(logs / 'superlink.log')}")
+            # the final global weights are written after the last round's evaluation
+            end = time.time() + 60
+            while time.time() < end and not (check / "global-final.safetensors").is_file():
+                time.sleep(0.5)
+        except Exception as exc:  # noqa: BLE001 - report it in the JSON, keep the other frameworks
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:], "logs": str(logs)}
+        finally:
+            for p in ([runp] if runp else []) + procs[::-1]:
+                _stop(p)
+    total = time.time() - t0
+    marks = [json.loads(x) for x in (work / "rounds.jsonl").read_text().splitlines()]
+    start = {m["round"]: m["t"] for m in marks if m["what"] == "start"}
+    stop = {m["round"]: m["t"] for m in marks if m["what"] == "end"}
+    bounds = {r: (start[r], start.get(r + 1, stop[r])) for r in sorted(start) if r in stop}
+    rows = round_figures(bounds, read_intervals(sorted(timeline.glob("*.jsonl"))))
+    res: dict[str, Any] = {
+        "version": flwr_version(),
+        "deployment": f"flower-superlink + {len(site_names)} flower-supernode (insecure, loopback) + flwr run; "
+                      "a ServerApp process and a ClientApp process per message",
+        "rounds": rows,
+        **summarise(rows),
+        "memory": mem.figures(),
+        "startup_s": round(start.get(1, started) - started, 2),
+        "total_s": round(total, 1),
+        "averaging_check": _check(check, site_names),
+    }
+    res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds
+    return res
+
+
+def _check(check: Path, sites: list[str]) -> dict[str, Any]:
+    from safetensors.numpy import load_file
+
+    g = check / "global-r1.safetensors"
+    if not g.is_file():
+        return {"ok": False, "reason": "the ServerApp wrote no round-1 global weights"}
+    updates = []
+    for s in sites:
+        f = check / f"client-r1-{s}.safetensors"
+        if f.is_file():
+            updates.append((load_file(str(f)), float((check / f"client-r1-{s}.cases").read_text())))
+    out = weighted_mean_error(load_file(str(g)), updates)
+    out["round"] = 1
+    if len(updates) != len(sites):
+        out.update(ok=False, reason=f"only {len(updates)} of {len(sites)} clients logged their round-1 weights")
+    return out
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}:\n{_tail(log)}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout:.0f} s:\n{_tail(log)}")
