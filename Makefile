@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-peers lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# Flower / NVIDIA FLARE side by side: a separate environment, never the kit's own .venv.
+bench-peers: setup
+	bash scripts/peer_env.sh
+	$(PY) -m benchmarks.peer_compare
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(args.plain_model, so, providers=["CPUExecutionProvider"])
 
         def predictor(x):
             return torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", choices=ENGINES, dest="engine", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--plain-model", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--volume", help=argparse.SUPPRESS)
     p.add_argument("--save-prob", help=argparse.SUPPRESS)
@@ -119,7 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,2,4", help="sliding-window batch sizes to try")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
-    p.add_argument("--plain", action="store_true", help="also time a default onnxruntime session")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="also time the export without graph rewrites in a default onnxruntime session",
+    )
     p.add_argument("--model-size", default="default", choices=("default", "small", "tiny"))
     p.add_argument("--quick", action="store_true", help="small model, 128x128x96, one round")
     args = p.parse_args(argv)
@@ -153,10 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         onnx_path = export_onnx(model.state_dict(), config, Path(tmp) / "m.onnx")
         export_s = time.perf_counter() - t0
+        plain_path = export_onnx(model.state_dict(), config, Path(tmp) / "plain.onnx", optimise=False)
         vol_path = Path(tmp) / "vol.npy"
         np.save(vol_path, synthetic_scan(size, seed=1))
         common = [
             f"--model={onnx_path}",
+            f"--plain-model={plain_path}",
             f"--weights={weights}",
             f"--volume={vol_path}",
             f"--roi={args.roi}",

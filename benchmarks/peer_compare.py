@@ -27,7 +27,6 @@ treat single timings as +-30 %.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -59,14 +58,22 @@ def ratios(nf: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
 def _neurofed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.peers import neurofed_run
 
-    res = neurofed_run.run(work, sites=a.sites, cases_per_site=a.cases_per_site, rounds=a.rounds,
-                           shape=a.shape, model=a.model)
+    res = neurofed_run.run(
+        work, sites=a.sites, cases_per_site=a.cases_per_site, rounds=a.rounds, shape=a.shape, model=a.model
+    )
     fo = res.pop("federation_overhead")
-    res["memory"] = {"peak_sum_rss_gb": fo["peak_sum_rss_gb"], "sum_of_process_hwm_gb": fo["sum_of_process_hwm_gb"],
-                     "processes_seen": fo["processes"]}
+    res["memory"] = {
+        "peak_sum_rss_gb": fo["peak_sum_rss_gb"],
+        "sum_of_process_hwm_gb": fo["sum_of_process_hwm_gb"],
+        "processes_seen": fo["processes"],
+    }
     res["setup_s"] = fo["setup_s"]
     res["deployment"] = "coordinator + 1 edge process per site + private Mosquitto (mTLS, sealed+signed)"
-    res["ok"] = fo["coordinator_exit"] == 0 and res["averaging_check"].get("ok", False) and len(res["rounds"]) == a.rounds
+    res["ok"] = (
+        fo["coordinator_exit"] == 0
+        and res["averaging_check"].get("ok", False)
+        and len(res["rounds"]) == a.rounds
+    )
     if not res["ok"]:
         res["error"] = f"coordinator exit {fo['coordinator_exit']}, averaging {res['averaging_check']}"
     return res
@@ -77,9 +84,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--cases-per-site", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shape", type=int, default=64, help="cube edge of the synthetic volumes (multiple of 16)")
+    ap.add_argument(
+        "--shape", type=int, default=64, help="cube edge of the synthetic volumes (multiple of 16)"
+    )
     ap.add_argument("--model", default="small", choices=("tiny", "small", "default"))
-    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma list of neurofed, flower, flare")
+    ap.add_argument(
+        "--frameworks", default=",".join(FRAMEWORKS), help="comma list of neurofed, flower, flare"
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each peer's whole run")
     ap.add_argument("--out", help="work folder (kept); default: a temporary one, removed afterwards")
     ap.add_argument("--name", default="peer_compare", help="results file name (benchmarks/results/NAME.json)")
@@ -87,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wanted = [f.strip() for f in a.frameworks.split(",") if f.strip()]
     bad = [f for f in wanted if f not in FRAMEWORKS]
     if bad or "neurofed" not in wanted:
-        ap.error(f"--frameworks: {bad or 'neurofed is required (the peers reuse its data)'}; choose from {FRAMEWORKS}")
+        ap.error(
+            f"--frameworks: {bad or 'neurofed is required (the peers reuse its data)'}; choose from {FRAMEWORKS}"
+        )
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     import torch
@@ -101,12 +114,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     results: dict[str, Any] = {}
     try:
-        print(f"[peer_compare] neurofed: {a.sites} sites x {a.cases_per_site} cases, {a.rounds} rounds", file=sys.stderr)
+        print(
+            f"[peer_compare] neurofed: {a.sites} sites x {a.cases_per_site} cases, {a.rounds} rounds",
+            file=sys.stderr,
+        )
         results["neurofed"] = _neurofed(work / "neurofed", a)
         data = work / "neurofed" / "data"
         init = neurofed_run.init_weights_path(work / "neurofed")
-        common = dict(data=data, init=init, sites=a.sites, rounds=a.rounds, shape=a.shape, model=a.model,
-                      timeout=a.timeout)
+        common = dict(
+            data=data,
+            init=init,
+            sites=a.sites,
+            rounds=a.rounds,
+            shape=a.shape,
+            model=a.model,
+            timeout=a.timeout,
+        )
         if "flower" in wanted:
             print("[peer_compare] Flower", file=sys.stderr)
             results["flower"] = flower_run.run(work / "flower", **common)
@@ -120,8 +143,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     nf = results["neurofed"]
     figures = {
-        "task": {"sites": a.sites, "cases_per_site": a.cases_per_site, "shape": [a.shape] * 3, "model": a.model,
-                 "local_epochs": 1, "rounds": a.rounds, "strategy": "fedavg", "torch_threads_per_process": 1},
+        "task": {
+            "sites": a.sites,
+            "cases_per_site": a.cases_per_site,
+            "shape": [a.shape] * 3,
+            "model": a.model,
+            "local_epochs": 1,
+            "rounds": a.rounds,
+            "strategy": "fedavg",
+            "torch_threads_per_process": 1,
+        },
         "frameworks": results,
         "ratios": {f"neurofed_vs_{k}": ratios(nf, v) for k, v in results.items() if k != "neurofed"},
         "total_s": round(time.time() - t0, 1),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SKIP = {"__init__", "run_all", "common"}
+# peer_compare needs its own environment (scripts/peer_env.sh): `make bench-peers` runs it.
+SKIP = {"__init__", "run_all", "common", "peer_compare"}
 
 
 def machine() -> dict[str, object]:

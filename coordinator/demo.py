@@ -264,6 +264,9 @@ def run_demo(s: DemoSettings) -> int:
 
 
 def _fetch_onnx(uri: str, federation: str, dst: Path) -> Path | None:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from mlflow_server.registry import fetch_model, model_name
 

@@ -407,6 +407,12 @@ class Coordinator:
         dice = sum(per_site[s] * weights[s] for s in per_site) / total if total else float("nan")
         hd = [float(m["hd95"]) for m in res.metrics.values() if np.isfinite(m.get("hd95", float("nan")))]
         self._event("evaluation", round=evaluated, dice=dice, per_site=per_site)
+        if evaluated >= 1:
+            # kept in the snapshot too, so a crash before the worker got to it loses nothing
+            self._extra_state.setdefault("evaluations", {})[str(evaluated)] = {
+                "dice": dice,
+                "per_site": per_site,
+            }
         if self.registrar is None:
             return
         metrics = {"dice_mean": dice, **{f"dice/{s}": d for s, d in per_site.items()}}
@@ -414,11 +420,6 @@ class Coordinator:
             metrics["hd95_mean"] = float(np.mean(hd))
         self.registrar.log_round(evaluated, metrics)
         if evaluated >= 1:
-            # kept in the snapshot too, so a crash before the worker got to it loses nothing
-            self._extra_state.setdefault("evaluations", {})[str(evaluated)] = {
-                "dice": dice,
-                "per_site": per_site,
-            }
             self.registrar.record_evaluation(evaluated, dice, per_site)
 
     # -- message handling -----------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def generate_case(
         c = rng.uniform(-1, 1, size=3) * np.array([40, 50, 32])
         if (c[0] / 66) ** 2 + (c[1] / 80) ** 2 + (c[2] / 58) ** 2 < 0.45 and abs(c[0]) > 10:
             break
-    big = rng.uniform(10, 32) * sig.tumour_size
+    big = rng.uniform(15, 35) * sig.tumour_size  # oedema radius: roughly 10-200 ml whole tumour
     axes = big * rng.uniform(0.75, 1.25, size=3)
     tum_r = g.ellipsoid_r(c, axes) + 0.22 * g.smooth_field(rng, 7)
     wt = brain & ~vent & (tum_r < 1.0)

@@ -52,8 +52,12 @@ def available() -> str | None:
 
 
 def flwr_version() -> str:
-    out = subprocess.run([str(VENV / "bin" / "python"), "-c", "import flwr; print(flwr.__version__)"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", "import flwr; print(flwr.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout.strip() or "unknown"
 
 
@@ -75,7 +79,9 @@ def _env(flwr_home: Path) -> dict[str, str]:
 def _spawn(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
     fh = open(log, "ab")  # noqa: SIM115 - the child owns it
     try:
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
     finally:
         fh.close()
 
@@ -100,7 +106,9 @@ def _tail(path: Path, n: int = 30) -> str:
         return ""
 
 
-def run(work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout: float = 900, **_: Any) -> dict[str, Any]:
+def run(
+    work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout: float = 900, **_: Any
+) -> dict[str, Any]:
     why = available()
     if why:
         return {"ok": False, "skipped": why}
@@ -112,9 +120,9 @@ def run(work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout:
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
     site_names = sorted(p.name for p in data.iterdir() if p.is_dir())[:sites]
-    from models.config import ModelConfig, preset
-
     from safetensors import safe_open
+
+    from models.config import ModelConfig, preset
 
     with safe_open(str(init), "np") as fh:
         meta = fh.metadata() or {}
@@ -148,31 +156,78 @@ def run(work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout:
     runp: subprocess.Popen | None = None
     with TreeMemory(lambda: [p.pid for p in procs] + ([runp.pid] if runp else [])) as mem:
         try:
-            procs.append(_spawn([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                 "--disable-runtime-dependency-installation"],
-                                logs / "superlink.log", env, work))
+            procs.append(
+                _spawn(
+                    [
+                        str(bin_ / "flower-superlink"),
+                        "--insecure",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--disable-runtime-dependency-installation",
+                    ],
+                    logs / "superlink.log",
+                    env,
+                    work,
+                )
+            )
             _wait_port(port, 120, procs[0], logs / "superlink.log")
             for s in site_names:
-                procs.append(_spawn([str(bin_ / "flower-supernode"), "--insecure",
-                                     "--superlink", f"127.0.0.1:{port}",
-                                     "--host", "127.0.0.1", "--port", str(_free_port()),
-                                     "--node-config", f"site='{s}'"],
-                                    logs / f"supernode-{s}.log", env, work))
+                procs.append(
+                    _spawn(
+                        [
+                            str(bin_ / "flower-supernode"),
+                            "--insecure",
+                            "--superlink",
+                            f"127.0.0.1:{port}",
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(_free_port()),
+                            "--node-config",
+                            f"site='{s}'",
+                        ],
+                        logs / f"supernode-{s}.log",
+                        env,
+                        work,
+                    )
+                )
             started = time.time()
-            runp = _spawn([str(bin_ / "flwr"), "run", str(APP), "deployment", "--stream",
-                           "--run-config", f"task-file='{task_file}'"], logs / "flwr-run.log", env, work)
+            runp = _spawn(
+                [
+                    str(bin_ / "flwr"),
+                    "run",
+                    str(APP),
+                    "deployment",
+                    "--stream",
+                    "--run-config",
+                    f"task-file='{task_file}'",
+                ],
+                logs / "flwr-run.log",
+                env,
+                work,
+            )
             marks = work / "rounds.jsonl"
             deadline = time.time() + timeout
             while time.time() < deadline:
-                if marks.is_file() and sum(1 for x in marks.read_text().splitlines() if '"end"' in x) >= rounds:
+                if (
+                    marks.is_file()
+                    and sum(1 for x in marks.read_text().splitlines() if '"end"' in x) >= rounds
+                ):
                     break
                 dead = [p for p in procs if p.poll() is not None]
                 if dead:
-                    raise RuntimeError(f"a Flower process exited early ({dead[0].args[0]}):\n" + _tail(logs / "superlink.log"))
+                    raise RuntimeError(
+                        f"a Flower process exited early ({dead[0].args[0]}):\n"
+                        + _tail(logs / "superlink.log")
+                    )
                 time.sleep(0.5)
             else:
-                raise TimeoutError(f"Flower did not finish {rounds} rounds in {timeout:.0f} s:\n{_tail(logs / 'flwr-run.log')}"
-                                   f"\n{_tail(logs / 'superlink.log')}")
+                raise TimeoutError(
+                    f"Flower did not finish {rounds} rounds in {timeout:.0f} s:\n{_tail(logs / 'flwr-run.log')}"
+                    f"\n{_tail(logs / 'superlink.log')}"
+                )
             # the final global weights are written after the last round's evaluation
             end = time.time() + 60
             while time.time() < end and not (check / "global-final.safetensors").is_file():
@@ -191,7 +246,7 @@ def run(work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout:
     res: dict[str, Any] = {
         "version": flwr_version(),
         "deployment": f"flower-superlink + {len(site_names)} flower-supernode (insecure, loopback) + flwr run; "
-                      "a ServerApp process and a ClientApp process per message",
+        "a ServerApp process and a ClientApp process per message",
         "rounds": rows,
         **summarise(rows),
         "memory": mem.figures(),
@@ -217,7 +272,9 @@ def _check(check: Path, sites: list[str]) -> dict[str, Any]:
     out = weighted_mean_error(load_file(str(g)), updates)
     out["round"] = 1
     if len(updates) != len(sites):
-        out.update(ok=False, reason=f"only {len(updates)} of {len(sites)} clients logged their round-1 weights")
+        out.update(
+            ok=False, reason=f"only {len(updates)} of {len(sites)} clients logged their round-1 weights"
+        )
     return out
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 
-def record_interval(timeline_dir: str | os.PathLike[str], site: str, what: str, rnd: int, t0: float, t1: float) -> None:
+def record_interval(
+    timeline_dir: str | os.PathLike[str], site: str, what: str, rnd: int, t0: float, t1: float
+) -> None:
     """Append one client interval (one JSON line; O_APPEND keeps concurrent writers whole)."""
     d = Path(timeline_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,9 @@ def round_figures(bounds: Mapping[int, tuple[float, float]], intervals: Sequence
     rows = []
     for r in sorted(bounds):
         a, b = bounds[r]
-        busy = union_seconds((max(a, i["start"]), min(b, i["end"])) for i in intervals if i["end"] > a and i["start"] < b)
+        busy = union_seconds(
+            (max(a, i["start"]), min(b, i["end"])) for i in intervals if i["end"] > a and i["start"] < b
+        )
         wall = b - a
         rows.append(
             {

@@ -22,11 +22,25 @@ def init_weights_path(work: Path) -> Path:
     return work / "init" / "rounds" / "global-r0000.safetensors"
 
 
-def run(work: Path, *, sites: int, cases_per_site: int, rounds: int, shape: int, model: str) -> dict[str, Any]:
+def run(
+    work: Path, *, sites: int, cases_per_site: int, rounds: int, shape: int, model: str
+) -> dict[str, Any]:
     from benchmarks import federation_overhead
 
-    argv = ["--sites", str(sites), "--cases-per-site", str(cases_per_site), "--rounds", str(rounds),
-            "--shape", str(shape), "--model", model, "--out", str(work)]
+    argv = [
+        "--sites",
+        str(sites),
+        "--cases-per-site",
+        str(cases_per_site),
+        "--rounds",
+        str(rounds),
+        "--shape",
+        str(shape),
+        "--model",
+        model,
+        "--out",
+        str(work),
+    ]
     with contextlib.redirect_stdout(sys.stderr):  # its JSON goes to our log, ours to stdout
         fo = federation_overhead.main(argv)
     return {"federation_overhead": fo, **measure(work, rounds)}

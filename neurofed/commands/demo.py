@@ -28,7 +28,7 @@ PROFILES = {
         "shape": 48,
         "model": "small",
         "rounds": 3,
-        "epochs": 2,
+        "epochs": 5,
         "timeout": 300,
     },
     "full": {

@@ -220,3 +220,55 @@ def test_snapshot_refuses_another_federation(tmp_path):
     (tmp_path / "snapshot.safetensors").write_bytes(b"garbage")
     with pytest.raises(StateError, match="corrupt"):
         store.load()
+
+
+class _RecordingTracker:
+    """Stands in for mlflow_server.tracking.FederationTracker (tested in tests/mlflow_server and
+    against a real server in tests/test_federation_failures.py); records what it was asked."""
+
+    def __init__(self):
+        self.calls = []
+
+    def register_round(self, round, weights_path, model_config, *, sites, cases, tags=None):
+        assert weights_path.is_file()
+        self.calls.append(("register", round))
+        return str(round)
+
+    def log_round(self, round, metrics, step=None):
+        self.calls.append(("log", round))
+
+    def record_evaluation(self, round, dice, per_site):
+        self.calls.append(("evaluation", round))
+
+    def close(self):
+        self.calls.append(("close", None))
+
+
+def test_resume_hands_over_registrations_and_evaluations_a_crash_lost(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    state = tmp_path / "c"
+    coord = make_coordinator(hub, state, SITES[:2], rounds=2)
+    for s in SITES[:2]:
+        start_agent(hub, s, ShiftTrainer(shift=1.0, num_train_cases=1), tmp_path, stop)
+    _finish(*run_in_thread(coord), stop)  # no registrar: as if every hand-over was lost in a crash
+    store = StateStore(state)
+    assert store.registered() == [] and store.evaluated() == []
+    tracker = _RecordingTracker()
+    reg = Registrar(store, {}, lambda: tracker)
+    coord2 = make_coordinator(hub, state, SITES[:2], rounds=2, registrar=reg)
+    assert coord2.run() == []  # finished already: nothing to run again
+    reg.close()
+    assert [c for c in tracker.calls if c[0] in ("register", "evaluation")] == [
+        ("register", 1),
+        ("register", 2),
+        ("evaluation", 1),
+        ("evaluation", 2),
+    ]
+    assert store.registered() == [1, 2] and store.evaluated() == [1, 2]
+    # a third start hands over nothing: the ledger says it is done
+    tracker3 = _RecordingTracker()
+    reg3 = Registrar(store, {}, lambda: tracker3)
+    make_coordinator(hub, state, SITES[:2], rounds=2, registrar=reg3).run()
+    reg3.close()
+    assert [c for c in tracker3.calls if c[0] in ("register", "evaluation")] == []

@@ -151,3 +151,21 @@ def test_default_unet_matches_at_real_sizes(tmp_path):
     path = export_onnx(model.state_dict(), cfg, tmp_path / "default.onnx")
     report = check_parity(model, cfg, path, sizes=[(64, 64, 64), (48, 64, 80)])
     assert report.ok, report.summary()
+
+
+def test_prelu_rewrite_is_exact(tmp_path, tiny_model, tiny_config):
+    """The exported graph runs LeakyRelu instead of onnxruntime's slow generic PRelu, with
+    bit-identical output to the unrewritten export."""
+    import onnx
+
+    from models.onnx_session import create_session
+
+    fast = export_onnx(tiny_model.state_dict(), tiny_config, tmp_path / "fast.onnx")
+    plain = export_onnx(tiny_model.state_dict(), tiny_config, tmp_path / "plain.onnx", optimise=False)
+    ops_fast = {n.op_type for n in onnx.load(str(fast)).graph.node}
+    ops_plain = {n.op_type for n in onnx.load(str(plain)).graph.node}
+    assert "PRelu" in ops_plain and "PRelu" not in ops_fast and "LeakyRelu" in ops_fast
+    x = np.random.default_rng(1).standard_normal((2, 1, 16, 32, 48)).astype(np.float32)
+    a = create_session(fast, threads=1, device="cpu").run_numpy(x)
+    b = create_session(plain, threads=1, device="cpu").run_numpy(x)
+    np.testing.assert_array_equal(a, b)

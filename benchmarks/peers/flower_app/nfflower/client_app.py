@@ -28,7 +28,10 @@ def _trainer(context: Context):
         from models.config import ModelConfig
 
         _TRAINER[key] = LocalTrainer(
-            Path(task["data"]) / site, ModelConfig.from_dict(task["model_config"]), TrainConfig(), device="cpu"
+            Path(task["data"]) / site,
+            ModelConfig.from_dict(task["model_config"]),
+            TrainConfig(),
+            device="cpu",
         )
     return task, site, _TRAINER[key]
 

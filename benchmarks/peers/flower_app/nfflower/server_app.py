@@ -42,9 +42,10 @@ class TimedFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if server_round == 1 and arrays is not None:
-            save_arrays(Path(self.task["check"]) / "global-r1.safetensors", {
-                k: v.numpy() for k, v in arrays.to_torch_state_dict().items()
-            })
+            save_arrays(
+                Path(self.task["check"]) / "global-r1.safetensors",
+                {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()},
+            )
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round, replies):
