@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ENGINES = ("torch", "ort", "ort-plain")
+ENGINES = ("torch", "ort", "ort-plain", "interleaved")
 
 
 def _rss_mb(field: str = "VmRSS") -> float:
@@ -35,8 +35,51 @@ def _rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def interleaved(args: argparse.Namespace) -> None:
+    """Both engines in one process, calls alternating window batch by window batch, best of
+    several: on a machine shared with other work this is the steadiest comparison."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from models.checkpoint import load_model
+    from models.onnx_session import create_session
+
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.weights)
+    model.eval()
+    tuned = create_session(args.model, threads=args.threads, device="cpu")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    plain = ort.InferenceSession(args.plain_model, so, providers=["CPUExecutionProvider"])
+    engines = {
+        "torch": lambda x: model(torch.from_numpy(x)),
+        "ort": tuned.run_numpy,
+        "ort-plain": lambda x: plain.run(None, {"image": x})[0],
+    }
+    out: dict[str, dict[str, float]] = {e: {} for e in engines}
+    rng = np.random.default_rng(0)
+    for bs in args.batches:
+        x = rng.standard_normal((bs, 1, args.roi, args.roi, args.roi)).astype(np.float32)
+        best = dict.fromkeys(engines, float("inf"))
+        with torch.inference_mode():
+            for fn in engines.values():
+                fn(x)  # warm-up
+            for _ in range(args.reps):
+                for name, fn in engines.items():
+                    t0 = time.perf_counter()
+                    fn(x)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        for name in engines:
+            out[name][str(bs)] = best[name] / bs
+    print(json.dumps({"engine": "interleaved", "seconds_per_window": out}))
+
+
 def worker(args: argparse.Namespace) -> None:
     """Time one engine over the batch sizes; print JSON."""
+    if args.engine == "interleaved":
+        interleaved(args)
+        return
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import numpy as np
     import torch
@@ -120,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,2,4", help="sliding-window batch sizes to try")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine")
+    p.add_argument("--reps", type=int, default=4, help="repetitions per batch size, interleaved part")
     p.add_argument(
         "--plain",
         action="store_true",
@@ -178,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
                 extra = [f"--save-prob={tmp}/{e}.npy"] if r == 0 else []
                 runs[e].append(_run_worker(e, common, extra))
                 print(f"round {r} {e}: {runs[e][-1]['seconds']}", file=sys.stderr)
+        inter = _run_worker("interleaved", common, [f"--reps={args.reps}"])["seconds_per_window"]
+        print(f"interleaved: {inter}", file=sys.stderr)
         prob_t, prob_o = np.load(f"{tmp}/torch.npy"), np.load(f"{tmp}/ort.npy")
     thr = config.preprocessing.threshold
     differ = (prob_t > thr) != (prob_o > thr)
@@ -220,6 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
             min(summary["torch"]["cpu_seconds_by_sw_batch"].values())
             / min(summary["ort"]["cpu_seconds_by_sw_batch"].values()),
             3,
+        ),
+        "interleaved_seconds_per_window": {
+            e: {b: round(t, 4) for b, t in v.items()} for e, v in inter.items()
+        },
+        "interleaved_speedup_ort_over_torch": round(
+            min(inter["torch"].values()) / min(inter["ort"].values()), 3
+        ),
+        "interleaved_speedup_ort_over_plain_ort": round(
+            min(inter["ort-plain"].values()) / min(inter["ort"].values()), 3
         ),
         "mask_voxels_differing": int(differ.sum()),
         "mask_voxels_differing_outside_1e-3": int(outside.sum()),

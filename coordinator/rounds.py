@@ -12,7 +12,9 @@ It is separate from the aggregation maths (a ``Strategy``) and from the transpor
    coordinator holds; also re-published every few seconds, so a site whose upload was lost to a
    broker restart notices and resends). METRICS (each site's evaluation of model r-1) are gathered
    on the way. The round closes when every expected site delivered, or at the deadline with at
-   least ``min_sites``; below quorum the deadline is extended and the task re-published.
+   least ``min_sites``, or early with ``min_sites`` once every missing site is known offline (its
+   MQTT will published an offline STATUS); below quorum the deadline is extended and the task
+   re-published.
 3. CLOSE: drain what is already queued; updates for round r from now on are rejected as late.
 4. Then IN THIS ORDER: aggregate -> persist the snapshot atomically -> hand registration to the
    background worker -> announce round r+1 (fault points between each).
@@ -144,6 +146,7 @@ class Coordinator:
         self.completed = 0  # last aggregated (persisted) round
         self.closed_round = 0
         self.results: list[RoundResult] = []
+        self.offline: set[str] = set()  # sites whose latest STATUS is offline (e.g. their MQTT will)
         self._extra_state: dict[str, Any] = {"rounds": {}}
 
     # -- events for logs and the live view ------------------------------------------------------
@@ -325,6 +328,13 @@ class Coordinator:
             now = self.clock()
             if have() >= expected:
                 break
+            waiting = expected - have() - self.offline
+            if not waiting and len(have()) >= self.cfg.min_sites:
+                # the rest are offline (their MQTT will said so): waiting for them helps nobody
+                log.warning(
+                    "round %d: closing with quorum; %s offline", r, ", ".join(sorted(expected - have()))
+                )
+                break
             if now >= deadline:
                 if len(have()) >= self.cfg.min_sites:
                     break
@@ -434,8 +444,14 @@ class Coordinator:
         self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, *, closing: bool
     ) -> None:
         if msg.kind is MessageKind.STATUS:
-            self._event("status", site=msg.sender, meta=msg.meta)
+            state = msg.meta.get("status")
+            if state == "offline":
+                self.offline.add(msg.sender)
+            elif state == "online":
+                self.offline.discard(msg.sender)
+            self._event("status", site=msg.sender, status=state)
             return
+        self.offline.discard(msg.sender)  # anything it sends proves it is back
         try:
             if msg.kind is MessageKind.UPDATE:
                 self._on_update(msg, r, train, digest, res, closing)

@@ -98,7 +98,7 @@ class SiteAgent:
         self.send_timeout = send_timeout
         self.fp16 = fp16
         self.task: dict[str, Any] | None = None
-        self.model: tuple[int, str, bytes] | None = None  # (round, digest, payload)
+        self.models: dict[str, tuple[int, str, bytes]] = {}  # digest -> (round, digest, payload)
         self.receipts: dict[str, Any] | None = None
         self._fresh_receipts: dict[str, Any] | None = None
         self.done = False
@@ -179,7 +179,9 @@ class SiteAgent:
     # -- message intake -----------------------------------------------------------------------------
     def _accept(self, msg: Message) -> None:
         if msg.kind is MessageKind.TASK:
-            if self.task is None or msg.round >= self.task["round"] or msg.meta.get("done"):
+            newer = self.task is None or msg.round >= self.task["round"]
+            restarted = self.task is not None and msg.meta.get("session") != self.task.get("session")
+            if newer or restarted or msg.meta.get("done"):
                 self.task = dict(msg.meta, round=msg.round)
                 if msg.meta.get("done"):
                     self.done = True
@@ -190,8 +192,10 @@ class SiteAgent:
                     "%s: MODEL for round %d does not match its own digest; ignored", self.site, msg.round
                 )
                 return
-            if self.model is None or msg.round >= self.model[0]:
-                self.model = (msg.round, digest, msg.payload)
+            # keep the two newest by arrival: a model may arrive before the task that names it
+            self.models[digest] = (msg.round, digest, msg.payload)
+            while len(self.models) > 2:
+                del self.models[next(iter(self.models))]
         elif msg.kind is MessageKind.RECEIPTS:
             self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
 
@@ -220,17 +224,25 @@ class SiteAgent:
         return self.trainer
 
     def _work(self, stop: threading.Event | None) -> None:
-        task, model = self.task, self.model
+        task = self.task
+        model = self.models.get(str((task or {}).get("model_digest")))
         if task is None or task.get("done"):
             return
         r = int(task["round"])
         rs = self._round_state(r)
+        if rs.get("task_digest") not in (None, task.get("model_digest")):
+            # same round number, another global model: the federation started over; so do we
+            log.warning("%s: round %d now comes with another model; forgetting the old one", self.site, r)
+            self._update_path(r).unlink(missing_ok=True)
+            rs.clear()
+            self._save_state()
         self._prune(r)
         if model is None or model[0] != r or model[1] != task.get("model_digest"):
             if not rs.get("update_sent"):
                 self._set_status(state="waiting-for-model", round=r)
             return
         trainer = self._trainer_for(task)
+        rs["task_digest"] = model[1]
         train = bool(task.get("train", True))
         site_cfg = dict(task.get("sites", {}).get(self.site, {}))
         state_dict = None

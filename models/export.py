@@ -11,6 +11,8 @@ after onnxruntime's own graph optimisation the sessions run at the same speed (0
 96^3 window). The TorchScript exporter takes 1.7 s against 24 s for dynamo and writes one
 self-contained file, while dynamo writes weights to a ``.data`` side file unless told otherwise.
 So ``dynamo=False`` is the default; ``dynamo=True`` stays available and passes the same checks.
+Either way ``optimise_for_inference`` then makes one exact rewrite (PRelu -> LeakyRelu) that
+removes 12-14 % of onnxruntime's time per window.
 """
 
 from __future__ import annotations

@@ -272,3 +272,18 @@ def test_resume_hands_over_registrations_and_evaluations_a_crash_lost(tmp_path):
     make_coordinator(hub, state, SITES[:2], rounds=2, registrar=reg3).run()
     reg3.close()
     assert [c for c in tracker3.calls if c[0] in ("register", "evaluation")] == []
+
+
+def test_a_site_known_offline_is_not_waited_for(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=2, timeout=60, final_eval=False)
+    gone = hub.endpoint("site-c")
+    gone.start()
+    gone.send(MessageKind.STATUS, 0, meta={"status": "offline", "reason": "lost"})  # as its MQTT will would
+    for s in SITES[:2]:
+        start_agent(hub, s, ShiftTrainer(shift=1.0, num_train_cases=1), tmp_path, stop)
+    t0 = time.time()
+    results = _finish(*run_in_thread(coord), stop)
+    assert results[0].sites == ["site-a", "site-b"]
+    assert time.time() - t0 < 30, "the round closed early instead of waiting for the 60 s deadline"

@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# The first test also waits for the session's image build (minutes when the layer cache is cold).
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
 FAST_HEALTH = {
     "interval": 2_000_000_000,
     "timeout": 15_000_000_000,

@@ -350,6 +350,7 @@ def test_model_uri_that_does_not_resolve(tmp_path, capsys):
     assert "not a readable ONNX model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # MLflow creates and migrates the SQLite store: 10-60 s here
 def test_registry_uri_that_does_not_resolve(tmp_path, monkeypatch):
     """With no server at the tracking URI, models:/ fails with a ModelUriError (or the registry
     room's own NeurofedError), never a traceback."""
