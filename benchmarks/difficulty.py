@@ -7,7 +7,7 @@
 
 all with the same epochs. Pass criteria printed: threshold < pooled, best single site <= pooled - 0.05.
 
-    .venv/bin/python -m benchmarks.difficulty [--data DIR] [--epochs 15] [--model-size small] [--patch 32]
+    .venv/bin/python -m benchmarks.difficulty [--data DIR] [--epochs 8] [--model-size small] [--patch 0]
 """
 
 from __future__ import annotations
@@ -24,9 +24,14 @@ from pathlib import Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="existing synthetic federation (default: generate the default one)")
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--model-size", default="small", choices=["default", "small", "tiny"])
-    ap.add_argument("--patch", type=int, default=32, help="training/inference patch edge (multiple of 16)")
+    ap.add_argument(
+        "--patch",
+        type=int,
+        default=0,
+        help="patch edge (multiple of 16); 0: whole volume, as `neurofed train` does",
+    )
     ap.add_argument("--top-sites", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--out", default=None, help="run folder (default: a temp folder)")
@@ -48,7 +53,7 @@ def main() -> None:
         synthesize(data, sites=10, cases=165, seed=0)
     cases, splits, _ = resolve_cases(data)
     base = flair_threshold_baseline(select(cases, splits, "train"), select(cases, splits, "test"))
-    cfg = model_config_for(cases, args.model_size, patch_size=(args.patch,) * 3)
+    cfg = model_config_for(cases, args.model_size, patch_size=(args.patch,) * 3 if args.patch else None)
     tc = TrainConfig(lr=args.lr, batch_size=2, num_samples=2)
     arms = {"pooled": None}
     sizes = {s: len(p["train"]) for s, p in splits["sites"].items()}
@@ -80,7 +85,7 @@ def main() -> None:
         "test_cases": base.test.num_cases,
         "epochs": args.epochs,
         "model": args.model_size,
-        "patch": args.patch,
+        "patch": list(cfg.preprocessing.patch_size),
         "flair_threshold": {
             "threshold": base.threshold,
             "train_dice": base.train_dice,

@@ -6,7 +6,8 @@ with the right mounts, restart policy and (optionally) GPUs, so nobody has to as
 container it creates carries ``io.neurofed.*`` labels so ``status``/``logs``/``down`` find it again.
 
 Mounts:
-- ``/data``: the scans, bind-mounted read-only: the container cannot alter patient data.
+- ``/data/<site>``: the scans, bind-mounted read-only: the container cannot alter patient data.
+  The folder must hold the federation's ``splits.json`` (it cannot be written there).
 - ``/bundle``: the provisioning bundle. By default it is *copied* into the container before it
   starts, owned by the image's non-root user with private modes (``bundle_mode="copy"``): a bind
   mount keeps the host's owner and ``0600`` modes, which a non-root container user cannot read
@@ -180,13 +181,16 @@ class SiteLauncher:
                 f"image {spec.image} is not on this host; build it (`docker build -t {spec.image} .`) "
                 "or load it (`docker load -i neurofed.tar`)"
             ) from None
+        # Under /data/<site>, not /data itself: the trainer names the site after its folder, and
+        # the split (splits.json) lists cases by that site id.
+        data_dir = f"/data/{site}"
         mounts = [
-            Mount("/data", str(data), type="bind", read_only=True),
+            Mount(data_dir, str(data), type="bind", read_only=True),
             Mount("/state", f"{name}-state", type="volume"),
         ]
         if spec.bundle_mode == "mount":
             mounts.append(Mount("/bundle", str(bundle), type="bind", read_only=True))
-        command = ["edge", "--bundle", "/bundle", "--data", "/data", *spec.extra_args]
+        command = ["edge", "--bundle", "/bundle", "--data", data_dir, *spec.extra_args]
         labels = {ROLE_LABEL: "edge", SITE_LABEL: site, FEDERATION_LABEL: federation}
         kwargs: dict[str, Any] = {}
         if spec.network:

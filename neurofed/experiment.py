@@ -44,9 +44,13 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     # Minutes on a 2-core CPU: proves every arm runs end to end, not the study's numbers.
-    "quick": Profile(name="quick", sites=3, cases=24, shape=(32, 32, 32), model_size="tiny", rounds=3, local_epochs=2),
+    "quick": Profile(
+        name="quick", sites=3, cases=24, shape=(32, 32, 32), model_size="tiny", rounds=3, local_epochs=2
+    ),
     # The study's shape: 10 unequal sites, 165 cases, 64^3 volumes, the 1.2 M-parameter UNet.
-    "full": Profile(name="full", sites=10, cases=165, shape=(64, 64, 64), model_size="small", rounds=10, local_epochs=2),
+    "full": Profile(
+        name="full", sites=10, cases=165, shape=(64, 64, 64), model_size="small", rounds=10, local_epochs=2
+    ),
 }
 
 
@@ -132,7 +136,9 @@ class Arms:
             done += n
             if curve_every:
                 val = pooled_val.evaluate_module(model, "val")
-                curve.append({"epoch": done, "round": done // max(1, self.profile.local_epochs), "dice": val.dice})
+                curve.append(
+                    {"epoch": done, "round": done // max(1, self.profile.local_epochs), "dice": val.dice}
+                )
                 if progress:
                     progress(f"epoch {done}/{epochs}: val Dice {val.dice:.3f}")
         test = trainer.evaluate_module(model, "test")
@@ -149,7 +155,7 @@ class Arms:
         from edge_node.evaluation import flair_threshold_baseline
 
         res = flair_threshold_baseline(self.select("train"), self.select("test"))
-        return summarise(res.per_case) | {"threshold": res.threshold, "per_case": res.per_case}
+        return summarise(res.test.per_case) | {"threshold": res.threshold, "per_case": res.test.per_case}
 
     def ciil(self, epochs: int) -> dict[str, Any]:
         """Cyclic institutional incremental learning: the model visits each site in turn, one
@@ -178,19 +184,91 @@ class Arms:
         return self.evaluate_state(state)
 
 
-def run_federated_arm(data: Path, out: Path, profile: Profile, model_config, tracking_uri: str | None) -> dict[str, Any]:
-    """FL through the real stack; returns {"state": final global weights, "curve": [...], ...}."""
-    from coordinator.local import run_local_federation
+def run_federated_arm(
+    data: Path, out: Path, profile: Profile, model_config, tracking_uri: str | None, timeout: float = 3600.0
+) -> dict[str, Any]:
+    """FL through the real stack: provisioning, a private Mosquitto (mTLS + ACL), one ``neurofed
+    edge`` process per site and ``neurofed coordinator``, exactly as a deployment runs them.
 
-    return run_local_federation(
-        data=data,
-        out=out,
-        rounds=profile.rounds,
-        local_epochs=profile.local_epochs,
-        model_config=model_config,
-        tracking_uri=tracking_uri,
-        seed=profile.seed,
-    )
+    The coordinator starts from the same initial weights as the other arms (same seed), and the
+    returned ``state`` is the final global model; ``curve`` is the sites' case-weighted
+    validation Dice of each round's global model.
+    """
+    import torch
+
+    from coordinator.local import Broker, child_env, free_port, provision_sites, read_events, spawn, wait_for
+    from coordinator.state import StateStore
+    from models.checkpoint import load_weights, save_weights
+    from models.unet import build_unet
+
+    out.mkdir(parents=True, exist_ok=True)
+    sites = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.iterdir()))
+    torch.manual_seed(profile.seed)
+    init = save_weights(out / "init.safetensors", build_unet(model_config).state_dict(), model_config)
+    port = free_port()
+    bundles = provision_sites(out / "bundles", "study", sites, port)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    broker = Broker(bundles, port, logs / "mosquitto.log")
+    broker.start()
+    pre = model_config.preprocessing
+    procs = []
+    try:
+        for site in sites:
+            procs.append(
+                spawn(
+                    site,
+                    [
+                        "edge",
+                        "--bundle",
+                        str(bundles / site),
+                        "--data",
+                        str(data / site),
+                        "--state",
+                        str(out / f"{site}-state"),
+                    ],
+                    logs,
+                    child_env(),
+                )
+            )
+        wait_for(
+            lambda: all((out / f"{x}-state" / "status.json").is_file() for x in sites),
+            600,
+            "site agents",
+            procs,
+        )
+        args = [
+            "coordinator", "--bundle", str(bundles / "coordinator"), "--rounds", str(profile.rounds),
+            "--min-sites", str(len(sites)), "--round-timeout", str(timeout), "--strategy", "fedavg",
+            "--local-epochs", str(profile.local_epochs), "--model-size", profile.model_size,
+            "--patch-size", str(int(pre.patch_size[0])),
+            "--spacing", ",".join(str(float(x)) for x in pre.spacing),
+            "--init-weights", str(init), "--state", str(out / "coordinator-state"),
+        ]  # fmt: skip
+        if tracking_uri:
+            args += ["--mlflow", tracking_uri]
+        coord = spawn("coordinator", args, logs, child_env())
+        procs.append(coord)
+        code = coord.wait(timeout)
+        if code != 0:
+            raise RuntimeError(f"coordinator exited with {code}; see {logs}\n{coord.tail()}")
+    finally:
+        for p in procs:
+            p.stop(timeout=10)
+        broker.stop()
+    store = StateStore(out / "coordinator-state")
+    state, _, _ = load_weights(store.round_weights_path(profile.rounds))
+    events = read_events(out / "coordinator-state")
+    curve = [
+        {"round": int(e["round"]), "dice": float(e["dice"])} for e in events if e.get("event") == "evaluation"
+    ]
+    rounds = [e for e in events if e.get("event") == "round" and e.get("train")]
+    return {
+        "state": state,
+        "curve": curve,
+        "sites": sites,
+        "round_seconds": [e.get("seconds") for e in rounds],
+    }
 
 
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
@@ -258,7 +336,11 @@ def run_experiment(
         "sites": a.sites,
         "test_cases": len(a.select("test")),
         "model_config": a.model_config.to_dict(),
-        "budget": {"rounds": profile.rounds, "local_epochs": profile.local_epochs, "centralized_epochs": profile.epochs},
+        "budget": {
+            "rounds": profile.rounds,
+            "local_epochs": profile.local_epochs,
+            "centralized_epochs": profile.epochs,
+        },
         "arms": {},
         "curves": {},
         "seconds": {},
@@ -275,20 +357,26 @@ def run_experiment(
     if "threshold" in arms:
         results["arms"]["threshold"] = timed("threshold", a.threshold)
     if "cds" in arms:
-        res, curve, _ = timed("cds", lambda: a.train(None, profile.epochs, curve_every=profile.local_epochs, progress=progress))
+        res, curve, _ = timed(
+            "cds", lambda: a.train(None, profile.epochs, curve_every=profile.local_epochs, progress=progress)
+        )
         results["arms"]["cds"] = res
         results["curves"]["cds"] = curve
     if "single" in arms:
         singles = {}
         for s in a.sites:
             singles[s] = timed(f"single:{s}", lambda s=s: a.train([s], profile.epochs)[0])
-        results["arms"]["single_site"] = {s: {k: v for k, v in r.items() if k != "per_case"} for s, r in singles.items()}
+        results["arms"]["single_site"] = {
+            s: {k: v for k, v in r.items() if k != "per_case"} for s, r in singles.items()
+        }
         best = max(singles, key=lambda s: singles[s]["dice"]["mean"])
         results["arms"]["best_single_site"] = singles[best] | {"site": best}
     if "ciil" in arms or profile.ciil:
         results["arms"]["ciil"] = timed("ciil", lambda: a.ciil(profile.epochs))
     if "fl" in arms:
-        fl = timed("fl", lambda: run_federated_arm(data, out / "federation", profile, a.model_config, tracking_uri))
+        fl = timed(
+            "fl", lambda: run_federated_arm(data, out / "federation", profile, a.model_config, tracking_uri)
+        )
         results["arms"]["fl"] = a.evaluate_state(fl["state"])
         results["curves"]["fl"] = fl.get("curve", [])
         results["federation"] = {k: v for k, v in fl.items() if k not in ("state", "curve")}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -183,7 +184,18 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     fed.start_site(b)
     victim = fed.start_site(c, NEUROFED_FAULT="site-mid-upload", NEUROFED_FAULT_ROUND="1")
     fed.wait_sites_ready()
-    fed.start_coordinator(rounds=3, min_sites=2, timeout=90)
+    fed.start_coordinator(rounds=2, min_sites=2, timeout=90)
+    # Rounds of the tiny model take a second, a restarted site twenty: hold the other two still
+    # (SIGSTOP) once their round-1 updates are in, so that round 2 is still open when it is back.
+    wait_for(
+        lambda: {e["site"] for e in fed.events("update") if e["round"] == 1} >= {a, b},
+        240,
+        "round-1 updates from the two healthy sites",
+        fed.procs,
+        poll=0.05,
+    )
+    for s in (a, b):
+        fed.edges[s].popen.send_signal(signal.SIGSTOP)
     r1 = fed.wait_round(1)
     assert r1["sites"] == [a, b], "the round closes with the two that reported (min-sites 2)"
     assert victim.wait(30) == -9 and "SIGKILL at site-mid-upload" in victim.tail()
@@ -214,11 +226,18 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     reasons = {e["reason"] for e in fed.events("reject") if e["site"] == c and e["msg_round"] < 2}
     assert reasons == {"late", "old-round"}
 
-    assert fed.coord.wait(400) == 0, fed.coord.tail()
-    rounds = {r: fed.round_closed(r) for r in (1, 2, 3, 4)}
-    rejoined = [r for r in (2, 3) if c in rounds[r]["sites"]]
-    assert rejoined, "the killed site rejoins a later round once it is back"
-    assert sorted(rounds[4]["metrics"]) == [a, b, c] and not rounds[4]["train"]
+    wait_for(
+        lambda: (c, 2) in {(e["site"], e["round"]) for e in fed.events("update")},
+        240,
+        "its round-2 update",
+        fed.procs,
+    )
+    for s in (a, b):
+        fed.edges[s].popen.send_signal(signal.SIGCONT)
+    assert fed.coord.wait(300) == 0, fed.coord.tail()
+    r2, r3 = fed.round_closed(2), fed.round_closed(3)
+    assert r2["sites"] == [a, b, c], "the killed site rejoins the next round"
+    assert sorted(r3["metrics"]) == [a, b, c] and not r3["train"]
 
     # the audit log is what the coordinator received: digest and size of each update
     received = {(e["site"], e["round"]): e for e in fed.events("update")}
@@ -229,8 +248,6 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
         ("metrics", 2),
         ("update", 2),
         ("metrics", 3),
-        ("update", 3),
-        ("metrics", 4),
     ]
     for e in log_a:
         assert len(e["sha256"]) == 64 and e["bytes"] > 0 and e["site"] == a and e["msg_id"]
@@ -241,7 +258,7 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     # the killed site's log: its round-1 update never left (it died first), later ones did
     log_c = [(e["kind"], e["round"]) for e in fed.audit(c)]
     assert ("update", 1) not in log_c and ("metrics", 1) in log_c
-    assert ("update", rejoined[0]) in log_c
+    assert ("update", 2) in log_c
 
 
 def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_round(fed, mlflow_server):  # noqa: F811

@@ -20,8 +20,8 @@ examples:
   neurofed site logs --name neurofed-site-01 --follow
   neurofed site down --name neurofed-site-01 [--purge]   # --purge also deletes the state volume
 
-The container is named neurofed-<site> unless --name is given. Arguments after `--` go to
-`neurofed edge` inside the container, e.g. `-- --device cuda --threads 4`.
+The container is named neurofed-<site> unless --name is given. --edge-args passes options to
+`neurofed edge` inside the container, e.g. --edge-args "--device cuda --threads 4".
 """
 
 
@@ -51,7 +51,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tail", default="100", help="logs: lines from the end (default 100, or 'all')")
     p.add_argument("--follow", action="store_true", help="logs: keep streaming")
     p.add_argument("--purge", action="store_true", help="down: also delete the state volume")
-    p.add_argument("edge_args", nargs=argparse.REMAINDER, help="up: after --, arguments for `neurofed edge`")
+    p.add_argument(
+        "--edge-args",
+        default="",
+        help="up: extra arguments for `neurofed edge`, one string, e.g. '--threads 4'",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -73,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "up":
         if not args.bundle or not args.data:
             raise LauncherError("`neurofed site up` needs --bundle DIR/<site> and --data PATH")
-        extra = [a for a in args.edge_args if a != "--"]
+        import shlex
+
+        extra = shlex.split(args.edge_args)
         spec = SiteSpec(
             bundle=Path(args.bundle),
             data=Path(args.data),

@@ -106,7 +106,7 @@ def test_site_up_status_logs_down(docker_engine, image, federation, site_name):
     root, data = federation["root"], federation["data"]
     res = neurofed(
         "site", "up", "--bundle", str(root / "site-a"), "--data", str(data), "--image", image,
-        "--name", site_name, "--network", "host", "--", "--threads", "1",
+        "--name", site_name, "--network", "host", "--edge-args", "--threads 1",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert f"started {site_name} (site site-a" in res.stdout
@@ -114,16 +114,26 @@ def test_site_up_status_logs_down(docker_engine, image, federation, site_name):
     c = docker_engine.containers.get(site_name)
     attrs = c.attrs
     assert attrs["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
-    assert attrs["Config"]["Cmd"] == ["edge", "--bundle", "/bundle", "--data", "/data", "--threads", "1"]
+    assert attrs["Config"]["Cmd"] == [
+        "edge",
+        "--bundle",
+        "/bundle",
+        "--data",
+        "/data/site-a",
+        "--threads",
+        "1",
+    ]
     assert attrs["Config"]["Labels"]["io.neurofed.site"] == "site-a"
     mounts = {m["Destination"]: m for m in attrs["Mounts"]}
-    assert mounts["/data"]["Type"] == "bind" and mounts["/data"]["RW"] is False
-    assert mounts["/data"]["Source"] == str(data.resolve())
+    assert mounts["/data/site-a"]["Type"] == "bind" and mounts["/data/site-a"]["RW"] is False
+    assert mounts["/data/site-a"]["Source"] == str(data.resolve())
     assert mounts["/state"]["Type"] == "volume" and mounts["/state"]["Name"] == f"{site_name}-state"
     assert "/bundle" not in mounts  # copied in, owned by the container user
     assert not attrs["HostConfig"].get("DeviceRequests")
 
-    probe = c.exec_run(["sh", "-c", "stat -c '%u %a' /bundle/client.key /bundle/sign.key; touch /data/x"])
+    probe = c.exec_run(
+        ["sh", "-c", "stat -c '%u %a' /bundle/client.key /bundle/sign.key; touch /data/site-a/x"]
+    )
     lines = probe.output.decode().splitlines()
     assert lines[:2] == ["10001 600", "10001 600"], probe.output
     assert probe.exit_code != 0 and "Read-only file system" in probe.output.decode()
