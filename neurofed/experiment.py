@@ -45,7 +45,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Minutes on a 2-core CPU: proves every arm runs end to end, not the study's numbers.
     "quick": Profile(
-        name="quick", sites=3, cases=24, shape=(32, 32, 32), model_size="tiny", rounds=3, local_epochs=2
+        name="quick", sites=3, cases=48, shape=(32, 32, 32), model_size="tiny", rounds=4, local_epochs=5
     ),
     # The study's shape: 10 unequal sites, 165 cases, 64^3 volumes, the 1.2 M-parameter UNet.
     "full": Profile(

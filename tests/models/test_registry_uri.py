@@ -6,7 +6,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F401  (fixtures)
 from tests.models.conftest import blob_scan, save_nifti
 
 pytestmark = pytest.mark.slow
