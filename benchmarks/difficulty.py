@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from edge_node.centralized import model_config_for, resolve_cases, train_arm
+    from edge_node.centralized import _json_safe, model_config_for, resolve_cases, train_arm
     from edge_node.evaluation import flair_threshold_baseline
     from edge_node.splits import select
     from edge_node.synth import synthesize
@@ -76,7 +76,7 @@ def main() -> None:
             "train_cases": m["train_cases"],
             "seconds": m["seconds"],
         }
-        print(json.dumps({name: results[name]}), flush=True)
+        print(json.dumps(_json_safe({name: results[name]})), flush=True)
     pooled = results["pooled"]["dice"]
     best_single = max(v["dice"] for k, v in results.items() if k != "pooled")
     out = {
@@ -104,7 +104,7 @@ def main() -> None:
             "load_avg_1m": round(os.getloadavg()[0], 2),
         },
     }
-    text = json.dumps(out, indent=2)
+    text = json.dumps(_json_safe(out), indent=2)  # undefined HD95 (empty mask) -> null
     print(text)
     res = Path(__file__).resolve().parent / "results"
     res.mkdir(exist_ok=True)

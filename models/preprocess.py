@@ -41,7 +41,7 @@ def preprocess_transforms(pre: Preprocessing, *, with_label: bool, load: bool = 
         steps.append(LoadImaged(keys=keys, image_only=True))
     steps += [
         EnsureChannelFirstd(keys=keys),
-        Orientationd(keys=keys, axcodes=pre.orientation),
+        Orientationd(keys=keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(
             keys=keys,
             pixdim=pre.spacing,

@@ -42,7 +42,7 @@ def encode_state(
     arrays: dict[str, np.ndarray] = {}
     cast: dict[str, str] = {}
     for name, value in state.items():
-        arr = np.ascontiguousarray(_to_numpy(name, value))
+        arr = np.asarray(_to_numpy(name, value), order="C")  # keeps 0-d tensors 0-d
         if fp16 and arr.dtype.kind == "f" and arr.dtype != np.float16:
             cast[name] = str(arr.dtype)
             arr = arr.astype(np.float16)
