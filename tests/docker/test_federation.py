@@ -190,11 +190,22 @@ def test_compose_runs_a_federation_to_the_end(docker_engine, image, tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         cid = run("ps", "-q", "coordinator").stdout.strip()
         assert cid, run("ps").stdout
-        waited = subprocess.run(["docker", "wait", cid], capture_output=True, text=True, timeout=1200)
+        coordinator = docker_engine.containers.get(cid)
+        deadline = time.monotonic() + 1200
+        while True:  # like `docker wait`, but fail fast when a site crash-loops
+            coordinator.reload()
+            if coordinator.status == "exited":
+                break
+            for site in ("site-01", "site-02", "site-03"):
+                sc = docker_engine.containers.get(run("ps", "-q", site).stdout.strip())
+                if sc.attrs["RestartCount"] >= 3:
+                    tail = sc.logs(tail=30).decode(errors="replace")
+                    pytest.fail(f"{site} crash-loops ({sc.attrs['RestartCount']} restarts):\n{tail}")
+            assert time.monotonic() < deadline, run("logs", "--no-color", "--tail", "40").stdout[-6000:]
+            time.sleep(5)
         logs = run("logs", "--no-color", "--tail", "40").stdout
-        assert waited.stdout.strip() == "0", (
-            f"coordinator exit {waited.stdout}{waited.stderr}\n{logs[-6000:]}"
-        )
+        code = coordinator.attrs["State"]["ExitCode"]
+        assert code == 0, f"coordinator exit {code}\n{logs[-6000:]}"
         for site in ("site-01", "site-02", "site-03"):
             sid = run("ps", "-q", site).stdout.strip()
             st = docker_engine.containers.get(sid)
