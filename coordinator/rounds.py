@@ -228,6 +228,14 @@ class Coordinator:
             self.strategy.close()
         return self.results
 
+    def _heartbeat(self) -> None:
+        """Touch STATE/heartbeat: the container HEALTHCHECK (neurofed health) reads its age."""
+        try:
+            self.store.root.mkdir(parents=True, exist_ok=True)
+            (self.store.root / "heartbeat").touch()
+        except OSError:  # health reporting must never stop a round
+            pass
+
     # -- one round ------------------------------------------------------------------------------------
     def _announce(self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str) -> None:
         base = {"epochs": self.cfg.local_epochs, "train": train}
@@ -354,6 +362,7 @@ class Coordinator:
             if now - last_receipts >= self.cfg.receipt_interval:
                 self._send_receipts(r, list(res.cases), list(res.metrics))
                 last_receipts = now
+            self._heartbeat()
             msg = self.ep.receive(timeout=max(0.01, min(0.5, deadline - now, self.cfg.receipt_interval)))
             if msg is not None:
                 self._handle(msg, r, train, digest, res, closing=False)
@@ -527,7 +536,8 @@ class Coordinator:
         m = msg.meta
         try:
             dice = float(m["dice"])
-            hd95 = float(m.get("hd95", float("nan")))
+            # HD95 is undefined (null on the wire: JSON has no NaN) when a mask is empty.
+            hd95 = float("nan") if m.get("hd95") is None else float(m["hd95"])
             n = int(m.get("num_cases", 0))
         except (KeyError, TypeError, ValueError):
             raise UpdateRejected("bad-metrics", "METRICS needs numeric dice, hd95, num_cases") from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -255,7 +256,8 @@ class SiteAgent:
             self._timeline("evaluate", r, t0, t1)
             meta = {
                 "dice": float(ev.dice),
-                "hd95": float(ev.hd95) if ev.hd95 is not None else float("nan"),
+                # HD95 is undefined when a mask is empty (an untrained model): null, as JSON has no NaN.
+                "hd95": float(ev.hd95) if ev.hd95 is not None and math.isfinite(float(ev.hd95)) else None,
                 "num_cases": int(ev.num_cases),
                 "evaluated_round": r - 1,
                 "model_digest": model[1],
@@ -376,6 +378,8 @@ class SiteAgent:
         self._set_status(state="waiting")
         last = time.time()
         while stop is None or not stop.is_set():
+            # The container HEALTHCHECK (neurofed health) reads this: alive and looping.
+            (self.state_dir / "heartbeat").touch()
             seen = (self.task or {}).get("round"), (self.receipts or {}).get("held")
             if not self.step(timeout=1.0, stop=stop):
                 log.info("%s: federation finished", self.site)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from edge_node.errors import SplitError
 
 SPLITS_JSON = "splits.json"
 SPLIT_NAMES = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def _site_seed(seed: int, site: str) -> list[int]:
@@ -125,7 +128,12 @@ def load_or_create_splits(
             check_splits(splits, [c for c in cases if c.site in present], str(path))
         return splits
     splits = make_splits(cases, seed=seed)
-    write_splits(path, splits)
+    try:
+        write_splits(path, splits)
+    except OSError as exc:
+        # A hospital mounts its scans read-only; the split is deterministic from the seed, so the
+        # same one comes back next time without a file.
+        log.warning("could not write %s (%s); using the seed-%d split without saving it", path, exc, seed)
     return splits
 
 
