@@ -47,3 +47,18 @@ def emit(name: str, figures: dict[str, Any]) -> dict[str, Any]:
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))
     return out
+
+
+def proc_status_kb(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS) of a process in KiB from /proc; (0, 0) once it is gone."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import proc_status_kb as _rss
+
 
 def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
     """Child process: one endpoint per site; send a distinct update for the round, metrics for the
@@ -86,20 +88,6 @@ def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
     for e in errors:
         print(e, file=sys.stderr)
     return 1 if errors else 0
-
-
-def _rss(pid: int) -> tuple[int, int]:
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
 
 
 def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeout: float) -> dict:

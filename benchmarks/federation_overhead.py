@@ -25,19 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def _rss_kb(pid: int) -> tuple[int, int]:
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
+from benchmarks.common import proc_status_kb as _rss_kb
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:

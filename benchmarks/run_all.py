@@ -40,12 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, capture_output=True, text=True
+        )
         took = time.perf_counter() - t0
         if proc.returncode != 0:
             failed.append(name)
             print(proc.stderr[-3000:], file=sys.stderr)
-            summary["benchmarks"][name] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"], "seconds": took}
+            summary["benchmarks"][name] = {
+                "error": proc.stderr.strip().splitlines()[-1:] or ["failed"],
+                "seconds": took,
+            }
             continue
         try:
             figures = json.loads(proc.stdout.strip().splitlines()[-1])

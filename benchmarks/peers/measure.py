@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import proc_status_kb as _status_kb
+
 
 def record_interval(
     timeline_dir: str | os.PathLike[str], site: str, what: str, rnd: int, t0: float, t1: float
@@ -95,18 +97,6 @@ def summarise(rounds: Sequence[Mapping]) -> dict:
 
 
 # -- memory of a process tree -------------------------------------------------------------------------
-def _status_kb(pid: int) -> tuple[int, int]:
-    rss = hwm = 0
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, hwm
 
 
 def _children_map() -> dict[int, list[int]]:
