@@ -420,7 +420,7 @@ class Coordinator:
         evaluated = r - 1
         if not res.metrics:
             return
-        per_site = {s: float(m["dice"]) for s, m in res.metrics.items() if "dice" in m}
+        per_site = {s: float(m["dice"]) for s, m in res.metrics.items() if np.isfinite(m.get("dice", float("nan")))}
         weights = {s: float(res.metrics[s].get("num_cases", 1) or 1) for s in per_site}
         total = sum(weights.values())
         dice = sum(per_site[s] * weights[s] for s in per_site) / total if total else float("nan")
@@ -535,13 +535,14 @@ class Coordinator:
         self._closing_gate(r, closing)
         m = msg.meta
         try:
-            dice = float(m["dice"])
+            # A site with no validation cases sends dice null and num_cases 0: accepted, not averaged.
+            dice = float("nan") if m.get("dice", 0) is None and int(m.get("num_cases", 0)) == 0 else float(m["dice"])
             # HD95 is undefined (null on the wire: JSON has no NaN) when a mask is empty.
             hd95 = float("nan") if m.get("hd95") is None else float(m["hd95"])
             n = int(m.get("num_cases", 0))
         except (KeyError, TypeError, ValueError):
             raise UpdateRejected("bad-metrics", "METRICS needs numeric dice, hd95, num_cases") from None
-        if not 0.0 <= dice <= 1.0:
+        if not (0.0 <= dice <= 1.0 or (np.isnan(dice) and n == 0)):
             raise UpdateRejected("bad-metrics", f"dice {dice} outside [0, 1]")
         res.metrics[site] = {"dice": dice, "hd95": hd95, "num_cases": n}
         self._event("metrics", round=r, evaluated_round=r - 1, site=site, dice=dice, hd95=hd95)

@@ -255,7 +255,8 @@ class SiteAgent:
             t1 = time.time()
             self._timeline("evaluate", r, t0, t1)
             meta = {
-                "dice": float(ev.dice),
+                # No validation cases (a very small site): nothing to score, said as null.
+                "dice": float(ev.dice) if ev.num_cases and math.isfinite(float(ev.dice)) else None,
                 # HD95 is undefined when a mask is empty (an untrained model): null, as JSON has no NaN.
                 "hd95": float(ev.hd95) if ev.hd95 is not None and math.isfinite(float(ev.hd95)) else None,
                 "num_cases": int(ev.num_cases),
@@ -272,7 +273,7 @@ class SiteAgent:
                 self.site,
                 r,
                 r - 1,
-                meta["dice"],
+                float("nan") if meta["dice"] is None else meta["dice"],
                 meta["num_cases"],
             )
         if not train:

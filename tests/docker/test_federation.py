@@ -114,10 +114,16 @@ def test_edge_container_completes_a_round_with_host_broker_and_coordinator(docke
         assert trained[0]["cases"]["site-01"] > 0
         # The agent's own record of the round, read from its state volume (the container may be
         # restarting: it exits once the federation is over and `unless-stopped` starts it again).
-        agent = docker_engine.containers.run(
-            image, entrypoint=["cat"], command=["/s/agent.json"], remove=True,
+        # Detached + wait + logs: with remove=True the SDK can return a truncated stream.
+        reader = docker_engine.containers.run(
+            image, entrypoint=["cat"], command=["/s/agent.json"], detach=True,
             volumes={f"{name}-state": {"bind": "/s", "mode": "ro"}},
         )  # fmt: skip
+        try:
+            reader.wait(timeout=60)
+            agent = reader.logs(stdout=True, stderr=False)
+        finally:
+            reader.remove(force=True)
         assert "1" in json.loads(agent)["rounds"], agent
         print(f"\nrounds: {[(e['round'], e['train']) for e in rounds]}")
     finally:
