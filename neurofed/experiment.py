@@ -284,6 +284,9 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
         curve = results.get("curves", {}).get(arm) or []
         if curve:
             ax.plot([p["round"] for p in curve], [p["dice"] for p in curve], style, label=arm.upper())
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (CDS: epochs / local epochs)")
     ax.set_ylabel("validation Dice (whole tumour)")
     ax.set_ylim(0, 1)
