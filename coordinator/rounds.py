@@ -420,7 +420,9 @@ class Coordinator:
         evaluated = r - 1
         if not res.metrics:
             return
-        per_site = {s: float(m["dice"]) for s, m in res.metrics.items() if np.isfinite(m.get("dice", float("nan")))}
+        per_site = {
+            s: float(m["dice"]) for s, m in res.metrics.items() if np.isfinite(m.get("dice", float("nan")))
+        }
         weights = {s: float(res.metrics[s].get("num_cases", 1) or 1) for s in per_site}
         total = sum(weights.values())
         dice = sum(per_site[s] * weights[s] for s in per_site) / total if total else float("nan")
@@ -536,7 +538,11 @@ class Coordinator:
         m = msg.meta
         try:
             # A site with no validation cases sends dice null and num_cases 0: accepted, not averaged.
-            dice = float("nan") if m.get("dice", 0) is None and int(m.get("num_cases", 0)) == 0 else float(m["dice"])
+            dice = (
+                float("nan")
+                if m.get("dice", 0) is None and int(m.get("num_cases", 0)) == 0
+                else float(m["dice"])
+            )
             # HD95 is undefined (null on the wire: JSON has no NaN) when a mask is empty.
             hd95 = float("nan") if m.get("hd95") is None else float(m["hd95"])
             n = int(m.get("num_cases", 0))
