@@ -291,7 +291,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("validation Dice (whole tumour)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.set_title("Federated vs centralized, per round")
     fig.tight_layout()
     p = out / "dice_per_round.png"

@@ -41,3 +41,44 @@ def test_experiment_runs_every_arm_on_the_same_test_cases(tmp_path):
     for png in res["plots"]:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_brats_folders_run_with_a_site_mapping_csv(tmp_path):
+    """BraTS ships every case in one folder; a case,site CSV says which hospital each came from."""
+    import csv
+    import shutil
+
+    from edge_node.synth import synthesize
+    from neurofed.cli import main
+
+    synth = tmp_path / "synth"
+    synthesize(synth, sites=2, cases=10, seed=1, shape=(32, 32, 32))
+    flat = tmp_path / "BraTS2021_Training_Data"
+    flat.mkdir()
+    rows = []
+    for site_dir in sorted(p for p in synth.iterdir() if p.is_dir()):
+        for case in sorted(site_dir.iterdir()):
+            shutil.copytree(case, flat / case.name)
+            rows.append((case.name, site_dir.name))
+    site_map = tmp_path / "sites.csv"
+    with site_map.open("w", newline="") as fh:
+        csv.writer(fh).writerows([("case", "site"), *rows])
+    out = tmp_path / "results"
+    code = main(
+        [
+            "experiment",
+            "--data",
+            str(flat),
+            "--site-map",
+            str(site_map),
+            "--out",
+            str(out),
+            "--arms",
+            "threshold",
+        ]
+    )
+    assert code == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["sites"] == sorted({site for _, site in rows})
+    assert saved["arms"]["threshold"]["dice"]["n"] == saved["test_cases"] > 0
+    assert not any(flat.glob("*.json")), "the experiment must not write into the hospital's data folder"
