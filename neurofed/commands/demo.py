@@ -24,11 +24,11 @@ PROFILES = {
     # sites, cases, shape, model size, rounds, local epochs, round timeout (s)
     "quick": {
         "sites": 3,
-        "cases": 24,
+        "cases": 48,
         "shape": 48,
         "model": "small",
         "rounds": 3,
-        "epochs": 5,
+        "epochs": 8,
         "timeout": 300,
     },
     "full": {
