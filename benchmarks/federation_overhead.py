@@ -26,16 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import proc_status_kb as _rss_kb
-
-
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
+from benchmarks.common import union_seconds as _union
 
 
 def main(argv: list[str] | None = None) -> dict:

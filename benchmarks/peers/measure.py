@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import proc_status_kb as _status_kb
+from benchmarks.common import union_seconds
 
 
 def record_interval(
@@ -45,17 +46,6 @@ def read_intervals(paths: Iterable[Path]) -> list[dict]:
         if Path(p).is_file():
             out += [json.loads(x) for x in Path(p).read_text().splitlines() if x.strip()]
     return out
-
-
-def union_seconds(intervals: Iterable[tuple[float, float]]) -> float:
-    """Length of the union of [start, end] intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
 
 
 def round_figures(bounds: Mapping[int, tuple[float, float]], intervals: Sequence[Mapping]) -> list[dict]:
