@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -24,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import emit
 from benchmarks.common import proc_status_kb as _rss
 
 
@@ -215,11 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "init_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16],
         "results": rows,
     }
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "coordinator_memory.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+    return emit("coordinator_memory", result)
 
 
 if __name__ == "__main__":

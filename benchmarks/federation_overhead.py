@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import emit
 from benchmarks.common import proc_status_kb as _rss_kb
 from benchmarks.common import union_seconds as _union
 
@@ -210,11 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sum_of_process_hwm_gb": round(sum(hwm.values()) / 1024**2, 3),
         "processes": len(hwm),
     }
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "federation_overhead.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+    return emit("federation_overhead", result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import emit
+
 ENGINES = ("torch", "ort", "ort-plain", "interleaved")
 
 
@@ -293,10 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["speedup_tuned_over_plain_ort"] = round(
             summary["ort-plain"]["best_seconds"] / summary["ort"]["best_seconds"], 3
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "onnx_vs_torch_quick" if args.quick else "onnx_vs_torch"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    emit(name, result)
     return result
 
 
