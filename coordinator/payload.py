@@ -19,11 +19,13 @@ def encode(weights: Mapping[str, Any], *, fp16: bool = False) -> bytes:
     return encode_state(dict(weights), fp16=fp16)
 
 
-def decode(payload: bytes) -> dict[str, np.ndarray]:
+def decode(payload: bytes | memoryview, copy: bool = True) -> dict[str, np.ndarray]:
+    """``copy=False``: read-only views into ``payload`` (an update checked and folded in, never
+    kept, need not exist twice in memory)."""
     from wire.payload import decode_state
 
-    return decode_state(payload)
+    return decode_state(payload, copy=copy)
 
 
-def digest(payload: bytes) -> str:
+def digest(payload: bytes | memoryview) -> str:
     return hashlib.sha256(payload).hexdigest()

@@ -366,10 +366,17 @@ class Coordinator:
             msg = self.ep.receive(timeout=max(0.01, min(0.5, deadline - now, self.cfg.receipt_interval)))
             if msg is not None:
                 self._handle(msg, r, train, digest, res, closing=False)
+            # an update is folded in and dropped before the wire decodes the next one: memory
+            # stays at one update however many sites upload at once
+            msg = None
         # close: anything still queued for this round is late
         self.closed_round = r
-        while (msg := self.ep.receive(timeout=0)) is not None:
+        while True:
+            msg = self.ep.receive(timeout=0)
+            if msg is None:
+                break
             self._handle(msg, r, train, digest, res, closing=True)
+            msg = None
         res.sites = sorted(res.cases)
         self._send_receipts(r, list(res.cases), list(res.metrics))
         self._forward_metrics(r, res)
@@ -502,7 +509,7 @@ class Coordinator:
             raise UpdateRejected("stale-model", "trained from another model than this round's")
         num_cases = check_num_cases(msg.meta.get("num_cases"))
         try:
-            update = codec.decode(msg.payload)
+            update = codec.decode(msg.payload, copy=False)
         except Exception as exc:
             raise UpdateRejected("undecodable", f"payload is not a safetensors state dict ({exc})") from None
         update = upcast_half(update, self.weights)

@@ -47,7 +47,8 @@ class Message:
     """One verified, decrypted, reassembled message as the federation sees it.
 
     ``meta`` is a small JSON object (authenticated and, except for STATUS, encrypted with the
-    body); ``payload`` is the bulk bytes (safetensors for MODEL and UPDATE, empty otherwise).
+    body); ``payload`` is the bulk bytes (safetensors for MODEL and UPDATE, empty otherwise): a
+    read-only ``memoryview`` of the decrypted buffer when it is large (no copy), else ``bytes``.
     """
 
     kind: MessageKind
@@ -56,7 +57,7 @@ class Message:
     sender: str
     msg_id: str
     meta: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+    payload: bytes | memoryview = b""
 
 
 class Endpoint(ABC):

@@ -97,6 +97,16 @@ def open_chunk(aead: AESGCM, index: int, ciphertext: bytes | memoryview, aad: by
         raise ProtocolError("tampered-chunk", f"chunk {index} fails authentication") from None
 
 
+def open_chunk_into(
+    aead: AESGCM, index: int, ciphertext: bytes | memoryview, aad: bytes, out: memoryview
+) -> None:
+    """``open_chunk`` writing the plaintext into ``out`` (exactly its size): no per-chunk copy."""
+    try:
+        aead.decrypt_into(chunk_nonce(index), ciphertext, aad, out)
+    except (InvalidTag, ValueError):
+        raise ProtocolError("tampered-chunk", f"chunk {index} fails authentication") from None
+
+
 def header_digest(header_bytes: bytes) -> bytes:
     return hashlib.sha256(SIG_CONTEXT + header_bytes).digest()
 

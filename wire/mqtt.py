@@ -7,6 +7,12 @@
 - Subscriptions are made in ``on_connect`` so every reconnect renews them. Callbacks only enqueue:
   decoding and verification run on a worker thread, and nothing ever waits inside a callback
   (paho runs them on its network thread under its lock).
+- Memory flat in the number of senders: the worker verifies each chunk and spools multi-chunk
+  messages (MODEL, UPDATE) to disk as ciphertext; a complete one is decrypted only when the caller
+  asks ``receive`` for the next message, so one bulk message is in memory at a time however many
+  sites upload at once (the caller drops its reference before asking again). Incoming chunks are
+  acknowledged only once spooled (paho's manual ack), and the CONNECT's Receive Maximum
+  (``receive_window``) asks the broker to keep the rest (Mosquitto 2.0 honours it loosely).
 - Chunks are sized under the Maximum Packet Size the broker announced in CONNACK, at most
   ``chunk_size``; a single-packet message that would not fit is refused locally with
   ``TransportError`` (the broker would disconnect us and paho would resend it for ever).
@@ -67,6 +73,8 @@ class MqttEndpoint(Endpoint):
         incomplete_timeout: float = 300.0,
         max_message_bytes: int = 2 * 1024**3,
         reconnect_delay: tuple[int, int] = (1, 30),
+        receive_window: int = 16,
+        spool_dir: str | Path | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.participant = self.bundle.participant
@@ -80,11 +88,19 @@ class MqttEndpoint(Endpoint):
         self.keepalive = keepalive
         self.session_expiry = session_expiry
         self.reconnect_delay = reconnect_delay
+        self.receive_window = max(1, receive_window)
         self.receiver = Receiver(
-            self.bundle, incomplete_timeout=incomplete_timeout, max_message_bytes=max_message_bytes
+            self.bundle,
+            incomplete_timeout=incomplete_timeout,
+            max_message_bytes=max_message_bytes,
+            spool_dir=spool_dir,
+            defer_open=True,
         )
         self.broker_max_packet: int | None = None
-        self._inbox: queue.Queue[tuple[str, bytes, bool] | None] = queue.Queue()
+        # (topic, payload, retained, connection generation, mid, qos); None stops the worker
+        self._inbox: queue.Queue[tuple[str, bytes, bool, int, int, int] | None] = queue.Queue()
+        self._generation = 0
+        self._arrival = threading.Condition()
         self._outbox: queue.Queue[Message] = queue.Queue()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -106,6 +122,7 @@ class MqttEndpoint(Endpoint):
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             reconnect_on_failure=True,
+            manual_ack=True,
         )
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle.ca_cert))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -124,6 +141,7 @@ class MqttEndpoint(Endpoint):
             c.will_set(topic, frame, qos=1, retain=False)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry
+        props.ReceiveMaximum = self.receive_window
         self._client = c
         self._closing = False
         self._worker = threading.Thread(target=self._work, name=f"wire-{self.participant}", daemon=True)
@@ -168,6 +186,7 @@ class MqttEndpoint(Endpoint):
         if self._worker is not None:
             self._worker.join(10)
         self._client = None
+        self.receiver.close()
 
     # -- paho callbacks (network thread: enqueue only) ------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -177,6 +196,7 @@ class MqttEndpoint(Endpoint):
             return
         if properties is not None and hasattr(properties, "MaximumPacketSize"):
             self.broker_max_packet = int(properties.MaximumPacketSize)
+        self._generation += 1
         self._connected.set()
         opts = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE)
         result, mid = client.subscribe([(t, opts) for t in subscriptions(self.federation, self.role)])
@@ -196,7 +216,7 @@ class MqttEndpoint(Endpoint):
             log.warning("%s disconnected from broker (%s); reconnecting", self.participant, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._inbox.put((msg.topic, msg.payload, bool(msg.retain)))
+        self._inbox.put((msg.topic, msg.payload, bool(msg.retain), self._generation, msg.mid, msg.qos))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._acks:
@@ -217,16 +237,30 @@ class MqttEndpoint(Endpoint):
             if item is None:
                 return
             if item:
-                topic, data, retained = item
+                topic, data, retained, generation, mid, qos = item
+                msg = None
                 if self.role == "coordinator" and topic.startswith(prefix(self.federation) + "/model/"):
                     self._note_retained_model(topic, data, retained)
-                    continue
-                msg = self.receiver.feed(topic, data, retained)
-                if msg is not None:
-                    self._outbox.put(msg)
+                else:
+                    msg = self.receiver.feed(topic, data, retained)
+                del data, item
+                self._ack(generation, mid, qos)
+                if msg is not None or self.receiver.ready_count:
+                    with self._arrival:
+                        if msg is not None:
+                            self._outbox.put(msg)
+                        self._arrival.notify_all()
+                msg = None
             if time.monotonic() - last_expire > 5.0:
                 self.receiver.expire()
                 last_expire = time.monotonic()
+
+    def _ack(self, generation: int, mid: int, qos: int) -> None:
+        """PUBACK a decoded chunk. A chunk from an earlier connection is not acknowledged: its
+        packet id means nothing on this one, and the broker resends it (duplicates are ignored)."""
+        client = self._client
+        if qos and client is not None and generation == self._generation and self._connected.is_set():
+            client.ack(mid, qos)
 
     def _note_retained_model(self, topic: str, data: bytes, retained: bool) -> None:
         if retained and data:
@@ -305,10 +339,25 @@ class MqttEndpoint(Endpoint):
         self._wait_all_acked(deadline, "clearing old retained chunks")
 
     def receive(self, timeout: float | None = None) -> Message | None:
-        try:
-            return self._outbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """The next message: small ones in arrival order, then a spooled bulk one, decrypted now.
+        Drop the reference to the previous bulk message before calling again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._outbox.get_nowait()
+            except queue.Empty:
+                pass
+            while self.receiver.ready_count:
+                msg = self.receiver.open_ready()  # None: it failed its checks (counted)
+                if msg is not None:
+                    return msg
+            with self._arrival:
+                if self._outbox.qsize() or self.receiver.ready_count:
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._arrival.wait(left if left is not None else 1.0)
 
     def set_round_window(self, lowest: int, highest: int) -> None:
         self.receiver.set_round_window(lowest, highest)

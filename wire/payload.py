@@ -53,15 +53,76 @@ def encode_state(
     return save(arrays, metadata=meta or None)
 
 
-def decode_state(data: bytes, restore_dtype: bool = True) -> dict[str, np.ndarray]:
-    """Parse safetensors bytes into numpy arrays; ProtocolError('bad-payload') if they are not."""
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def view_state(data: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Read-only numpy views into safetensors bytes: no copy of the tensors.
+
+    ``safetensors.numpy.load`` copies every tensor, so a coordinator folding a 19 MB update would
+    hold it twice; this reader checks what the format promises (known dtype, in-bounds offsets
+    that match the shape, tensors packed without gaps or overlaps) and returns views. Raises
+    ``ValueError`` on anything else. Tests hold it to ``safetensors.numpy.load``'s results.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(view[:8], "little")
+    if n > len(view) - 8:
+        raise ValueError("header length beyond the end")
+    header = json.loads(bytes(view[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    body = view[8 + n :]
+    spans: list[tuple[int, int]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} do not fit shape {shape} of {dtype}")
+        spans.append((begin, end))
+        arr = np.frombuffer(body, dtype=dtype.newbyteorder("<"), count=count, offset=begin)
+        arrays[name] = arr.reshape(shape)
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        if begin != pos:
+            raise ValueError("tensor data has gaps or overlaps")
+        pos = end
+    if pos != len(body):
+        raise ValueError("trailing bytes after the tensor data")
+    return arrays
+
+
+def decode_state(
+    data: bytes | memoryview, restore_dtype: bool = True, copy: bool = True
+) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes into numpy arrays; ProtocolError('bad-payload') if they are not.
+
+    ``copy=False`` returns read-only views into ``data`` (see ``view_state``): what the
+    coordinator uses so an update is in memory once while it is checked and folded in."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
     try:
-        arrays = load(bytes(data))
+        arrays = load(bytes(data)) if copy else view_state(data)
         meta = state_metadata(data)
-    except (SafetensorError, ValueError, OverflowError) as exc:
+    except (SafetensorError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ProtocolError("bad-payload", f"not a safetensors state dict ({exc})") from None
     if restore_dtype and META_KEY in meta:
         try:
@@ -76,6 +137,7 @@ def decode_state(data: bytes, restore_dtype: bool = True) -> dict[str, np.ndarra
 
 def state_metadata(data: bytes) -> dict[str, str]:
     """The safetensors ``__metadata__`` block (empty if none)."""
+    data = memoryview(data).cast("B")
     if len(data) < 8:
         raise ValueError("shorter than a safetensors header")
     n = int.from_bytes(data[:8], "little")

@@ -11,9 +11,16 @@ message size limit, recipient, Ed25519 signature (cached per message), replay, c
 duplicates. On the last chunk: key unwrap, AES-GCM per chunk (associated data = header + index +
 final flag), total size and SHA-256 digest of the whole plaintext.
 
-Memory is bounded: at most ``max_pending_messages`` incomplete messages and ``max_pending_bytes``
-buffered bytes (the oldest incomplete message is dropped first); incomplete messages are dropped
-after ``incomplete_timeout`` seconds (``expire``).
+Memory stays flat in the number of concurrent senders: the ciphertext of an incomplete message
+is spooled to an anonymous temporary file (``spool_dir``; deleted when the message is opened, is
+dropped, or the process dies), so a coordinator receiving 100 interleaved uploads holds chunk
+indexes in memory, not 100 models. Spooling ciphertext reveals nothing a broker could not see.
+With ``defer_open`` a complete multi-chunk message stays spooled until ``open_ready`` is called,
+so the consumer brings bulk messages into memory one at a time. Opening decrypts chunk by chunk
+straight into one buffer of the plaintext's size (``payload`` is a read-only memoryview of it). Disk use
+is bounded by ``max_pending_messages`` incomplete messages and ``max_pending_bytes`` spooled bytes
+(the oldest incomplete message is dropped first); incomplete messages are dropped after
+``incomplete_timeout`` seconds (``expire``).
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ import hashlib
 import json
 import logging
 import struct
+import tempfile
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -36,21 +46,59 @@ from wire import crypto
 from wire.api import SENDER_ROLE, Message, MessageKind
 from wire.bundle import Bundle
 from wire.envelope import ENC_AEAD, Frame, Header, decode_frame
+from wire.envelope import chunk_aad as _chunk_aad
 from wire.errors import ProtocolError
 from wire.topics import parse_topic
 
 log = logging.getLogger(__name__)
 _META_LEN = struct.Struct(">I")
+_COPY_BELOW = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Where one spooled chunk's ciphertext lies, and what its AEAD needs besides the body."""
+
+    offset: int
+    length: int
+    final: bool
+    keys_bytes: bytes
 
 
 @dataclass
 class _Pending:
+    """An incomplete message: its signed header in memory, its chunk bodies in a spool file."""
+
     header: Header
     header_bytes: bytes
     signature: bytes
     first_seen: float
-    chunks: dict[int, Frame] = field(default_factory=dict)
+    spool_dir: str | None = None
+    chunks: dict[int, _Chunk] = field(default_factory=dict)
     nbytes: int = 0
+    spool: BinaryIO | None = None
+
+    def store(self, f: Frame) -> None:
+        if self.spool is None:
+            self.spool = tempfile.TemporaryFile(dir=self.spool_dir, prefix="nf-spool-")
+        offset = self.spool.seek(0, 2)
+        self.spool.write(f.body)
+        self.chunks[f.index] = _Chunk(offset, len(f.body), f.final, f.keys_bytes)
+        self.nbytes += len(f.body)
+
+    def body(self, index: int) -> bytes:
+        c = self.chunks[index]
+        assert self.spool is not None
+        self.spool.seek(c.offset)
+        data = self.spool.read(c.length)
+        if len(data) != c.length:
+            raise ProtocolError("internal-error", f"spool file lost chunk {index} of {self.header.msg_id}")
+        return data
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
 
 class Receiver:
@@ -64,9 +112,13 @@ class Receiver:
         max_frame_bytes: int = 64 * 1024 * 1024,
         incomplete_timeout: float = 300.0,
         seen_capacity: int = 200_000,
+        spool_dir: str | Path | None = None,
+        defer_open: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bundle = bundle
+        self.defer_open = defer_open
+        self.spool_dir = str(spool_dir) if spool_dir is not None else None
         self.federation = bundle.federation
         self.participant = bundle.participant
         self.max_message_bytes = max_message_bytes
@@ -79,6 +131,7 @@ class Receiver:
         self.window = (0, 2**31 - 1)
         self.rejections: Counter[str] = Counter()
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self._ready: deque[_Pending] = deque()
         self._pending_bytes = 0
         self._done: OrderedDict[str, None] = OrderedDict()  # completed or rejected message ids
         self._lock = threading.Lock()
@@ -89,7 +142,18 @@ class Receiver:
 
     @property
     def pending_bytes(self) -> int:
+        """Ciphertext bytes of incomplete messages (spooled to disk, not held in memory)."""
         return self._pending_bytes
+
+    def close(self) -> None:
+        """Drop every incomplete or unopened message and its spool file."""
+        with self._lock:
+            for msg_id in list(self._pending):
+                self._drop(msg_id)
+            while self._ready:
+                p = self._ready.popleft()
+                self._pending_bytes -= p.nbytes
+                p.close()
 
     def feed(self, topic: str, data: bytes, retained: bool = False) -> Message | None:
         """Decode, logging and counting any rejection; never raises."""
@@ -139,6 +203,7 @@ class Receiver:
         p = self._pending.pop(msg_id, None)
         if p is not None:
             self._pending_bytes -= p.nbytes
+            p.close()
             self._remember(msg_id)
 
     def _check_topic(self, topic: str, f: Frame) -> None:
@@ -201,7 +266,7 @@ class Receiver:
                 oldest = next(iter(self._pending))
                 self._drop(oldest)
                 self._reject("memory-budget", f"dropped incomplete message {oldest} (too many in flight)")
-            p = _Pending(h, f.header_bytes, f.signature, self.clock())
+            p = _Pending(h, f.header_bytes, f.signature, self.clock(), self.spool_dir)
             if h.count > 1:
                 self._pending[h.msg_id] = p
         elif f.header_bytes != p.header_bytes or f.signature != p.signature:
@@ -213,76 +278,122 @@ class Receiver:
             raise ProtocolError("tampered-keys", f"key block of {h.msg_id} does not match the signed header")
         old = p.chunks.get(f.index)
         if old is not None:
-            if old.body == f.body and old.keys_bytes == f.keys_bytes:
+            if p.body(f.index) == f.body and old.keys_bytes == f.keys_bytes:
                 log.debug("duplicate chunk %d of %s ignored", f.index, h.msg_id)
                 return None
             self._drop(h.msg_id)
             raise ProtocolError(
                 "chunk-conflict", f"chunk {f.index} of {h.msg_id} arrived twice with different content"
             )
-        if h.count > 1:
-            if self._pending_bytes + len(f.body) > self.max_pending_bytes:
-                while self._pending and self._pending_bytes + len(f.body) > self.max_pending_bytes:
-                    oldest = next(iter(self._pending))
-                    self._drop(oldest)
-                    if oldest == h.msg_id:
-                        raise ProtocolError("memory-budget", f"{h.msg_id} does not fit the receive buffer")
-                    self._reject("memory-budget", f"dropped incomplete message {oldest} to stay in budget")
-            self._pending_bytes += len(f.body)
-            p.nbytes += len(f.body)
-        p.chunks[f.index] = f
+        if h.count == 1:
+            self._remember(h.msg_id)
+            return self._open(p, {0: f})
+        if self._pending_bytes + len(f.body) > self.max_pending_bytes:
+            while self._pending and self._pending_bytes + len(f.body) > self.max_pending_bytes:
+                oldest = next(iter(self._pending))
+                self._drop(oldest)
+                if oldest == h.msg_id:
+                    raise ProtocolError("memory-budget", f"{h.msg_id} does not fit the receive buffer")
+                self._reject("memory-budget", f"dropped incomplete message {oldest} to stay in budget")
+        try:
+            p.store(f)
+        except OSError as exc:  # a full or unwritable spool disk: drop the message, say why
+            self._drop(h.msg_id)
+            raise ProtocolError("memory-budget", f"cannot spool {h.msg_id} to disk ({exc})") from None
+        self._pending_bytes += len(f.body)
         if len(p.chunks) < h.count:
             return None
-        self._drop(h.msg_id)
         self._remember(h.msg_id)
-        return self._open(p)
+        if self.defer_open:
+            # complete: leave it spooled until the caller asks for it (``open_ready``)
+            del self._pending[h.msg_id]
+            self._ready.append(p)
+            return None
+        try:
+            return self._open(p)
+        finally:
+            self._drop(h.msg_id)
 
-    def _open(self, p: _Pending) -> Message:
-        """Decrypt chunk by chunk (freeing each ciphertext), hash, and split meta from payload;
-        peak memory is about twice the message."""
+    @property
+    def ready_count(self) -> int:
+        """Complete multi-chunk messages waiting, spooled, for ``open_ready`` (``defer_open``)."""
+        return len(self._ready)
+
+    def open_ready(self) -> Message | None:
+        """Open the oldest complete spooled message; None if there is none or it fails its checks
+        (logged and counted like any rejection). The caller decides when a bulk message comes
+        into memory, so it can hold one at a time however many arrived."""
+        with self._lock:
+            if not self._ready:
+                return None
+            p = self._ready.popleft()
+        try:
+            return self._open(p)
+        except ProtocolError as exc:
+            self._reject(exc.reason, f"{p.header.kind} {p.header.msg_id} from {p.header.sender}: {exc.detail}")
+            return None
+        finally:
+            with self._lock:
+                self._pending_bytes -= p.nbytes
+            p.close()
+
+    def _open(self, p: _Pending, frames: Mapping[int, Frame] | None = None) -> Message:
+        """Decrypt chunk by chunk straight into one plaintext-sized buffer, hash, and split meta
+        from payload: peak memory is the plaintext plus one chunk. ``frames`` holds the bodies of a
+        single-chunk message (never spooled); otherwise they are read back from the spool."""
         h = p.header
-        chunks: list[Frame | None] = [p.chunks.pop(i) for i in range(h.count)]
+
+        def body(i: int) -> bytes | memoryview:
+            return frames[i].body if frames is not None else p.body(i)
+
+        def chunk_aad(i: int) -> bytes:
+            final = frames[i].final if frames is not None else p.chunks[i].final
+            return _chunk_aad(p.header_bytes, i, final)
+
+        keys_bytes = frames[0].keys_bytes if frames is not None else p.chunks[0].keys_bytes
         aead = None
         if h.enc == ENC_AEAD:
             try:
-                wrapped = json.loads(chunks[0].keys_bytes)[self.participant]
+                wrapped = json.loads(keys_bytes)[self.participant]
                 wrapped = base64.b64decode(wrapped, validate=True)
             except (ValueError, KeyError, TypeError, binascii.Error):
                 raise ProtocolError("tampered-keys", f"no readable key for {self.participant}") from None
             info = crypto.wrap_info(h.federation, h.round, h.msg_id, h.sender, self.participant)
             aead = AESGCM(crypto.unwrap_key(wrapped, self.bundle.enc_key, info))
+        buf = bytearray(h.size)
+        view = memoryview(buf)
         digest = hashlib.sha256()
-        pieces: list[bytes] = []
         size = 0
         for i in range(h.count):
-            c = chunks[i]
-            chunks[i] = None
-            piece = crypto.open_chunk(aead, c.index, c.body, c.aad) if aead else c.body
-            digest.update(piece)
-            size += len(piece)
-            pieces.append(piece)
+            data = body(i)
+            n = len(data) - crypto.TAG_LEN if aead else len(data)
+            if n < 0 or size + n > h.size:
+                raise ProtocolError("size-mismatch", f"more than the {h.size} bytes the header says")
+            out = view[size : size + n]
+            if aead:
+                crypto.open_chunk_into(aead, i, data, chunk_aad(i), out)
+            else:
+                out[:] = data
+            digest.update(out)
+            size += n
         if size != h.size:
             raise ProtocolError("size-mismatch", f"{size} bytes, header says {h.size}")
         if digest.hexdigest() != h.digest:
             raise ProtocolError(
                 "digest-mismatch", f"plaintext of {h.msg_id} does not match its signed digest"
             )
-        head = bytes(pieces[0]) if isinstance(pieces[0], memoryview) else pieces[0]
         try:
-            (mlen,) = _META_LEN.unpack_from(head, 0)
+            (mlen,) = _META_LEN.unpack_from(view, 0)
             if 4 + mlen > size:
                 raise ValueError("meta length beyond the end")
-            if 4 + mlen > len(head):  # meta spans chunks (rare): join once
-                head = b"".join(pieces)
-                pieces = [head]
-            meta = json.loads(head[4 : 4 + mlen])
+            meta = json.loads(bytes(view[4 : 4 + mlen]))
             if not isinstance(meta, dict):
                 raise ValueError("meta is not a JSON object")
         except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ProtocolError("malformed-body", f"meta block unreadable ({exc})") from None
-        pieces[0] = head[4 + mlen :]
-        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        pieces.clear()
+        rest = size - 4 - mlen
+        # small payloads as bytes (what most callers compare against); bulk ones without a copy
+        payload = bytes(view[4 + mlen :]) if rest <= _COPY_BELOW else view[4 + mlen :].toreadonly()
         return Message(h.kind, h.federation, h.round, h.sender, h.msg_id, meta, payload)
 
 

@@ -159,3 +159,54 @@ def test_payload_over_256_mib(coord, site_a):
     m = receive_kind(coord, MessageKind.UPDATE, 300)
     assert m is not None and m.msg_id == msg_id and len(m.payload) == size
     assert m.payload == data
+
+
+def test_bulk_messages_wait_spooled_until_the_consumer_asks(broker):
+    """Flow control: six 1.5 MiB updates from three sites while the coordinator does not call
+    receive. The endpoint verifies and spools them as they come (its inbox drains, nothing is
+    decrypted), then decrypts one per ``receive`` call, so one bulk message is in memory at a time
+    however many sites upload at once."""
+    coord = MqttEndpoint(broker.bundle("coordinator"), receive_window=4)
+    coord.start(timeout=20)
+    sites = [MqttEndpoint(broker.bundle(s), chunk_size=64 * 1024) for s in ("site-a", "site-b", "site-c")]
+    for s in sites:
+        s.start(timeout=20)
+    payloads = {i: os.urandom(3 * MiB // 2 + i) for i in range(6)}
+    errors: list[BaseException] = []
+
+    def upload(i: int) -> None:
+        try:
+            sites[i % 3].send(MessageKind.UPDATE, 1, meta={"i": i}, payload=payloads[i], timeout=120)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors
+        deadline = time.monotonic() + 30
+        while coord.receiver.ready_count < 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # all six complete, verified chunk by chunk and spooled; none decrypted into memory yet
+        assert coord.receiver.ready_count == 6 and coord._inbox.qsize() == 0
+        assert coord.receiver.pending_bytes >= sum(map(len, payloads.values()))
+        assert all(len(m.payload) < 1024 for m in list(coord._outbox.queue))  # STATUS only
+        got = {}
+        while len(got) < 6:
+            m = coord.receive(timeout=5)
+            assert m is not None, sorted(got)
+            if m.kind is MessageKind.UPDATE:
+                left = coord.receiver.ready_count
+                assert left == 6 - len(got) - 1  # exactly one was opened for this call
+                got[m.meta["i"]] = bytes(m.payload)
+            del m
+        assert got == payloads
+        assert coord.receiver.pending_bytes == 0
+    finally:
+        for s in sites:
+            s.close()
+        coord.close()
+    assert not coord.rejections
