@@ -171,15 +171,28 @@ def main(argv: list[str] | None = None) -> dict:
             ]
         )
         wall = nxt - a
-        rounds.append(
-            {
-                "round": r,
-                "wall_s": round(wall, 3),
-                "busy_s": round(busy, 3),
-                "overhead": round(1 - busy / wall, 4) if wall > 0 else None,
-                "train": r <= args.rounds,
+        mine = [i for i in intervals if i["round"] == r]
+        got = [e["t"] for e in events if e.get("round") == r and e["event"] in ("update", "metrics")]
+        row = {
+            "round": r,
+            "wall_s": round(wall, 3),
+            "busy_s": round(busy, 3),
+            "overhead": round(1 - busy / wall, 4) if wall > 0 else None,
+            "train": r <= args.rounds,
+        }
+        if mine and got:
+            first, last = min(i["start"] for i in mine), max(i["end"] for i in mine)
+            # where the non-training time goes: before the first site starts, gaps while no site
+            # works, after the last one stops until the coordinator holds every result, closing
+            # (aggregate + persist), and announcing the next round (encode, seal, publish)
+            row["breakdown_s"] = {
+                "start": round(first - a, 3),
+                "gaps": round((last - first) - busy, 3) if last <= nxt else None,
+                "last_result": round(max(got) - last, 3),
+                "close": round(b - max(got), 3),
+                "announce_next": round(nxt - b, 3),
             }
-        )
+        rounds.append(row)
     train_rounds = [x for x in rounds if x["train"]]
     steady = train_rounds[1:] or train_rounds
     result = {

@@ -25,8 +25,11 @@ class WeightedMean:
         self._dtypes: dict[str, np.dtype] = {}
         self._total = 0.0
         self.count = 0
+        self._taken = False
 
     def add(self, weights: Mapping[str, np.ndarray], weight: float) -> None:
+        if self._taken:
+            raise RuntimeError("WeightedMean.add after result(): start a new one for the next round")
         if not weight > 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
         if self._sums and set(weights) != set(self._sums):
@@ -40,8 +43,7 @@ class WeightedMean:
                 self._sums[name] = acc
                 self._dtypes[name] = a.dtype
             else:
-                # in place: no per-site copy survives this call
-                acc += a.astype(np.float64, copy=False) * weight
+                _fold(acc, a, weight)
         self._total += float(weight)
         self.count += 1
 
@@ -50,10 +52,32 @@ class WeightedMean:
         return self._total
 
     def result(self) -> Weights | None:
-        """The weighted mean, or None when nothing was added."""
+        """The weighted mean, or None when nothing was added. It consumes the accumulator tensor
+        by tensor (the float64 sums are freed as the means are made), so it can be taken once."""
         if not self.count:
             return None
-        return {name: _cast(acc / self._total, self._dtypes[name]) for name, acc in self._sums.items()}
+        if self._taken:
+            raise RuntimeError("WeightedMean.result() was already taken")
+        self._taken = True
+        out: Weights = {}
+        for name in list(self._sums):
+            acc = self._sums.pop(name)
+            acc /= self._total
+            out[name] = _cast(acc, self._dtypes[name])
+            del acc
+        return out
+
+
+# Elements per step when folding a tensor in: bounds the float64 temporary to 512 KiB.
+_BLOCK = 64 * 1024
+
+
+def _fold(acc: np.ndarray, a: np.ndarray, weight: float) -> None:
+    """``acc += a * weight`` in float64, in blocks: no tensor-sized temporary (the default UNet's
+    largest tensor would need 7 MB twice per update otherwise), and no per-site copy survives."""
+    flat_acc, flat_a = acc.reshape(-1), a.reshape(-1)  # acc is ours and contiguous: a view
+    for i in range(0, flat_acc.size, _BLOCK):
+        flat_acc[i : i + _BLOCK] += np.multiply(flat_a[i : i + _BLOCK], weight, dtype=np.float64)
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:

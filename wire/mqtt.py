@@ -73,7 +73,7 @@ class MqttEndpoint(Endpoint):
         incomplete_timeout: float = 300.0,
         max_message_bytes: int = 2 * 1024**3,
         reconnect_delay: tuple[int, int] = (1, 30),
-        receive_window: int = 16,
+        receive_window: int = 8,
         spool_dir: str | Path | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)

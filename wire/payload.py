@@ -84,7 +84,9 @@ def view_state(data: bytes | memoryview) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise ValueError(f"tensor {name!r}: unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+            raise ValueError(
+                f"tensor {name!r}: unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}"
+            )
         dtype = np.dtype(_DTYPES[info["dtype"]])
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):

@@ -330,7 +330,9 @@ class Receiver:
         try:
             return self._open(p)
         except ProtocolError as exc:
-            self._reject(exc.reason, f"{p.header.kind} {p.header.msg_id} from {p.header.sender}: {exc.detail}")
+            self._reject(
+                exc.reason, f"{p.header.kind} {p.header.msg_id} from {p.header.sender}: {exc.detail}"
+            )
             return None
         finally:
             with self._lock:

@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
+    from edge_node.lean import skip_unused_imports
+
+    skip_unused_imports()  # before MONAI loads: about 130 MB less per site process
     from edge_node.agent import SiteAgent
     from edge_node.training import LocalTrainer, TrainConfig, set_torch_threads
     from models.config import ModelConfig
