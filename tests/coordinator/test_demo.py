@@ -27,7 +27,8 @@ def run_demo(tmp_path: Path, *args: str) -> tuple[str, Path]:
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
-    return text, out
+    [run] = list(out.glob("run-*"))  # each demo run gets its own folder next to the reusable data
+    return text, run
 
 
 def test_demo_runs_a_federation_registers_it_and_points_at_the_onnx(tmp_path):
