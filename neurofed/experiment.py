@@ -185,7 +185,13 @@ class Arms:
 
 
 def run_federated_arm(
-    data: Path, out: Path, profile: Profile, model_config, tracking_uri: str | None, timeout: float = 3600.0
+    data: Path,
+    out: Path,
+    profile: Profile,
+    model_config,
+    tracking_uri: str | None,
+    timeout: float = 3600.0,
+    coordinator_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """FL through the real stack: provisioning, a private Mosquitto (mTLS + ACL), one ``neurofed
     edge`` process per site and ``neurofed coordinator``, exactly as a deployment runs them.
@@ -247,6 +253,7 @@ def run_federated_arm(
         ]  # fmt: skip
         if tracking_uri:
             args += ["--mlflow", tracking_uri]
+        args += list(coordinator_args)  # e.g. --fp16 (benchmarks/fp16_updates.py)
         coord = spawn("coordinator", args, logs, child_env())
         procs.append(coord)
         code = coord.wait(timeout)
@@ -268,6 +275,7 @@ def run_federated_arm(
         "curve": curve,
         "sites": sites,
         "round_seconds": [e.get("seconds") for e in rounds],
+        "update_bytes": [int(e["bytes"]) for e in events if e.get("event") == "update"],
     }
 
 
