@@ -224,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         "sum_of_process_hwm_gb": round(sum(hwm.values()) / 1024**2, 3),
         "processes": len(hwm),
     }
-    return emit("federation_overhead", result)
+    # the peers' task keeps the plain name; other models get their own file
+    return emit(
+        "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}", result
+    )
 
 
 if __name__ == "__main__":

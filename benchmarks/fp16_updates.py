@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     for label, extra in (("fp32", []), ("fp16", ["--fp16"])):
         t0 = time.time()
-        fl = run_federated_arm(work / "data", work / label, profile, arms.model_config, None, coordinator_args=extra)
+        fl = run_federated_arm(
+            work / "data", work / label, profile, arms.model_config, None, coordinator_args=extra
+        )
         test = arms.evaluate_state(fl["state"])
         model_bytes = len(encode_state(fl["state"], fp16=label == "fp16"))
         runs[label] = {

@@ -10,15 +10,20 @@ multi-process deployment on this machine:
   every message sealed and signed), via ``benchmarks.federation_overhead``;
 * Flower: ``flower-superlink`` + one ``flower-supernode`` per site, the app started with
   ``flwr run`` against a local SuperLink connection in ``$FLWR_HOME/config.toml`` (insecure, loopback);
-* NVIDIA FLARE: see ``benchmarks.peers.flare_run`` (skipped, with the reason, when unavailable).
+* NVIDIA FLARE: its simulator (``nvflare simulator``, FLARE's single-machine deployment) with one
+  client per site and as many simulator threads as clients, so every client keeps its own worker
+  process; FLARE's FedAvg controller and the Client API script in ``peers/flare_app`` (via
+  ``benchmarks.peers.flare_run``).
+
+A peer whose environment is missing is reported as skipped, with the reason, never left out.
 
 Before a framework's timings are reported, its averaging is checked: its global weights after a
 round must equal the float64 case-weighted mean of the weights its clients logged (1e-5).
 Figures (see ``benchmarks.peers.measure``): per-round wall time, the round's non-training overhead
 share, the summed peak memory of all its processes, and the ratios neurofed / peer.
 
-    scripts/peer_env.sh [--flare]                    # the peers' own virtual environments, once
-    .venv/bin/python -m benchmarks.peer_compare [--sites 10] [--rounds 3] [--frameworks neurofed,flower]
+    scripts/peer_env.sh [--no-flare]                 # the peers' own virtual environments, once
+    .venv/bin/python -m benchmarks.peer_compare [--sites 10] [--rounds 3] [--peers flower,flare]
 
 Prints one JSON object and writes ``benchmarks/results/peer_compare.json``. The machine is shared:
 treat single timings as +-30 %.
@@ -79,6 +84,12 @@ def _neurofed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _say_if_skipped(name: str, res: dict[str, Any]) -> None:
+    why = res.get("skipped") or res.get("error")
+    if why:
+        print(f"[peer_compare] {name}: {'skipped' if 'skipped' in res else 'failed'}: {why}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=10)
@@ -89,13 +100,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--model", default="small", choices=("tiny", "small", "default"))
     ap.add_argument(
-        "--frameworks", default=",".join(FRAMEWORKS), help="comma list of neurofed, flower, flare"
+        "--frameworks", default=None, help="comma list of neurofed, flower, flare (default: all three)"
+    )
+    ap.add_argument(
+        "--peers", default=None, help="comma list of flower, flare to run next to neurofed (default: both)"
+    )
+    ap.add_argument(
+        "--flare-threads",
+        type=int,
+        default=None,
+        help="FLARE simulator threads (default: one per site, every client in its own worker process)",
     )
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each peer's whole run")
     ap.add_argument("--out", help="work folder (kept); default: a temporary one, removed afterwards")
     ap.add_argument("--name", default="peer_compare", help="results file name (benchmarks/results/NAME.json)")
     a = ap.parse_args(argv)
-    wanted = [f.strip() for f in a.frameworks.split(",") if f.strip()]
+    if a.frameworks and a.peers:
+        ap.error("--frameworks and --peers: give one of them")
+    spec = f"neurofed,{a.peers}" if a.peers else a.frameworks or ",".join(FRAMEWORKS)
+    wanted = [f.strip() for f in spec.split(",") if f.strip()]
     bad = [f for f in wanted if f not in FRAMEWORKS]
     if bad or "neurofed" not in wanted:
         ap.error(
@@ -133,11 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "flower" in wanted:
             print("[peer_compare] Flower", file=sys.stderr)
             results["flower"] = flower_run.run(work / "flower", **common)
+            _say_if_skipped("Flower", results["flower"])
         if "flare" in wanted:
             from benchmarks.peers import flare_run
 
             print("[peer_compare] NVIDIA FLARE", file=sys.stderr)
-            results["flare"] = flare_run.run(work / "flare", **common)
+            results["flare"] = flare_run.run(work / "flare", threads=a.flare_threads, **common)
+            _say_if_skipped("NVIDIA FLARE", results["flare"])
     finally:
         if not a.out:
             shutil.rmtree(work, ignore_errors=True)

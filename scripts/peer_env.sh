@@ -2,22 +2,28 @@
 # Separate virtual environments for the peer benchmark (benchmarks/peer_compare.py), so the kit's
 # own .venv never gets flwr or nvflare (their grpcio/protobuf pins would leak into the kit).
 #
-#   scripts/peer_env.sh            # Flower:  .cache/peer-venv
-#   scripts/peer_env.sh --flare    # also NVIDIA FLARE: .cache/flare-venv (its own env: its pins
-#                                  # conflict with Flower's)
+#   scripts/peer_env.sh              # Flower: .cache/peer-venv, and NVIDIA FLARE: .cache/flare-venv
+#   scripts/peer_env.sh --no-flare   # Flower only (PEER_FLARE=0 does the same)
+#   scripts/peer_env.sh --flare-only # NVIDIA FLARE only
 #
+# FLARE gets an environment of its own: its pins conflict with Flower's.
 # torch==2.13.0 goes in first (the CPU wheel on the local disk, so nothing pulls a CUDA build),
-# then MONAI and the few packages the kit's trainer imports. The kit itself is not installed:
-# the peer apps put the repository root on PYTHONPATH and use edge_node.training unchanged, so
-# every framework runs the very same training code. Idempotent: a stamp records what was installed.
+# then the framework and MONAI and the few packages the kit's trainer imports (for FLARE the
+# framework first, alone, so that the kit's packages have to fit around nvflare's pins, not the
+# other way round). The kit itself is not installed: the peer apps put the repository root on
+# PYTHONPATH and use edge_node.training unchanged, so every framework runs the very same training
+# code; each environment is checked by importing it that way. Idempotent: a stamp records what
+# was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH=${PEER_TORCH:-torch==2.13.0}
 COMMON=(monai==1.6.1 "nibabel>=5" "scipy>=1.11" "safetensors>=0.4" "numpy>=1.26" psutil)
 
-make_env() {  # make_env DIR PACKAGE...
+make_env() {  # make_env DIR [--framework-first] PACKAGE...
   local dir=$1; shift
+  local first=0
+  if [ "${1:-}" = "--framework-first" ]; then first=1; shift; fi
   local want
   want=$(echo "$TORCH ${COMMON[*]} $*" | sha256sum | cut -c1-16)
   if [ -f "$dir/.peer-installed" ] && [ "$(cat "$dir/.peer-installed")" = "$want" ]; then
@@ -27,12 +33,26 @@ make_env() {  # make_env DIR PACKAGE...
   [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
   "$dir/bin/pip" install -q --upgrade pip >/dev/null
   "$dir/bin/python" -c "import torch" 2>/dev/null || "$dir/bin/pip" install -q "$TORCH"
-  "$dir/bin/pip" install -q "${COMMON[@]}" "$@"
+  if [ "$first" = 1 ]; then
+    "$dir/bin/pip" install -q "$@"
+    "$dir/bin/pip" install -q "${COMMON[@]}"
+  else
+    "$dir/bin/pip" install -q "${COMMON[@]}" "$@"
+  fi
+  PYTHONPATH="$PWD" "$dir/bin/python" -c "import torch, edge_node.training, models.config" \
+    || { echo "peer_env: $dir cannot import the kit's trainer" >&2; return 1; }
   echo "$want" > "$dir/.peer-installed"
   echo "peer_env: $dir ready ($*)"
 }
 
-make_env .cache/peer-venv "flwr>=1.20,<2"
-if [ "${1:-}" = "--flare" ] || [ "${PEER_FLARE:-0}" = 1 ]; then
-  make_env .cache/flare-venv "nvflare>=2.5"
-fi
+flower=1
+flare=${PEER_FLARE:-1}
+case "${1:-}" in
+  "") ;;
+  --flare) flare=1 ;;  # the default now; kept for older instructions
+  --no-flare) flare=0 ;;
+  --flare-only) flower=0; flare=1 ;;
+  *) echo "usage: $0 [--no-flare | --flare-only]" >&2; exit 2 ;;
+esac
+if [ "$flower" = 1 ]; then make_env .cache/peer-venv "flwr>=1.20,<2"; fi
+if [ "$flare" = 1 ]; then make_env .cache/flare-venv --framework-first "nvflare>=2.9,<2.10"; fi

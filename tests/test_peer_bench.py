@@ -1,5 +1,5 @@
-"""The peer benchmark's harness: its measurements (fast) and, when the peer environment exists,
-a tiny neurofed-vs-Flower run end to end (slow)."""
+"""The peer benchmark's harness: its measurements (fast) and, when the peer environments exist,
+tiny neurofed-vs-Flower and neurofed-vs-NVIDIA FLARE runs end to end (slow)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.peers import flower_run
+from benchmarks.peers import flare_run, flower_run
 from benchmarks.peers.measure import TreeMemory, round_figures, summarise, union_seconds, weighted_mean_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +68,40 @@ def test_weighted_mean_check_catches_dropped_payloads_and_wrong_weights():
     assert not weighted_mean_error({"w": plain}, [])["ok"]
 
 
+def test_weighted_mean_check_catches_a_tensor_left_out_of_the_global_model():
+    # NVIDIA FLARE leaves out non-torch payloads and reports success: the global model then lacks
+    # a tensor that the comparison above would never look at
+    rng = np.random.default_rng(2)
+    ups = [({"w": rng.standard_normal(3), "b": rng.standard_normal(2)}, 1.0) for _ in range(2)]
+    mean = {k: (ups[0][0][k] + ups[1][0][k]) / 2 for k in ("w", "b")}
+    assert weighted_mean_error(mean, ups)["ok"]
+    res = weighted_mean_error({"w": mean["w"]}, ups)
+    assert not res["ok"] and res["tensors_missing_from_global"] == 1, res
+
+
+def test_flare_job_gets_this_runs_settings(tmp_path):
+    task = tmp_path / "task.json"
+    job = flare_run.prepare_job(tmp_path / "job", task, clients=3, rounds=2)
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    args = server["workflows"][0]["args"]
+    assert (args["num_clients"], args["num_rounds"], args["task_file"]) == (3, 2, str(task))
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    executor = client["executors"][0]["executor"]["args"]
+    assert executor["task_script_args"] == f"--task-file {task}"
+    assert executor["params_exchange_format"] == "pytorch"  # the clients send torch tensors
+    assert (job / "app" / "custom" / "nfflare_train.py").is_file()
+    with pytest.raises(ValueError, match="whitespace"):
+        flare_run.prepare_job(tmp_path / "job2", tmp_path / "a b" / "task.json", clients=1, rounds=1)
+
+
+def test_a_peer_without_its_environment_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(flare_run, "VENV", tmp_path / "no-venv")
+    monkeypatch.setattr(flower_run, "VENV", tmp_path / "no-venv")
+    for mod in (flare_run, flower_run):
+        res = mod.run(tmp_path / "w", data=tmp_path, init=tmp_path / "init", sites=2, rounds=1)
+        assert res["ok"] is False and "scripts/peer_env.sh" in res["skipped"], res
+
+
 def test_tree_memory_sees_children():
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(50 * 2**20); time.sleep(3)"])
     try:
@@ -83,10 +117,8 @@ def test_tree_memory_sees_children():
         child.wait(10)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-@pytest.mark.skipif(flower_run.available() is not None, reason=f"{flower_run.available()}")
-def test_tiny_side_by_side(tmp_path):
+def _tiny_peer_compare(tmp_path, name: str, *which: str) -> dict:
+    """2 sites x 1 round of 32^3 volumes with the tiny UNet through ``benchmarks.peer_compare``."""
     out = subprocess.run(
         [
             sys.executable,
@@ -100,12 +132,11 @@ def test_tiny_side_by_side(tmp_path):
             "32",
             "--model",
             "tiny",
-            "--frameworks",
-            "neurofed,flower",
+            *which,
             "--out",
             str(tmp_path),
             "--name",
-            "peer_compare_test",
+            name,
         ],
         cwd=REPO,
         capture_output=True,
@@ -114,7 +145,14 @@ def test_tiny_side_by_side(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(flower_run.available() is not None, reason=f"{flower_run.available()}")
+def test_tiny_side_by_side(tmp_path):
+    res = _tiny_peer_compare(tmp_path, "peer_compare_test", "--frameworks", "neurofed,flower")
     for name in ("neurofed", "flower"):
         fw = res["frameworks"][name]
         assert fw["ok"], fw
@@ -122,3 +160,20 @@ def test_tiny_side_by_side(tmp_path):
         assert len(fw["round_wall_s"]) == 1 and 0 <= fw["overhead"][0] < 1
         assert fw["memory"]["peak_sum_rss_gb"] > 0
     assert res["ratios"]["neurofed_vs_flower"]["round_wall_round1"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(flare_run.available() is not None, reason=f"{flare_run.available()}")
+def test_tiny_side_by_side_with_flare(tmp_path):
+    res = _tiny_peer_compare(tmp_path, "peer_compare_flare_test", "--peers", "flare")
+    assert set(res["frameworks"]) == {"neurofed", "flare"}
+    fw = res["frameworks"]["flare"]
+    assert fw["ok"], fw
+    check = fw["averaging_check"]
+    assert check["ok"] and check["clients"] == 2 and check["max_abs_diff"] <= 1e-5
+    assert check["excluded_vars_warnings"] == 0 and check["tensors_missing_from_global"] == 0
+    assert fw["threads"] == 2  # every client in its own simulator worker
+    assert len(fw["round_wall_s"]) == 1 and 0 <= fw["overhead"][0] < 1
+    assert fw["memory"]["peak_sum_rss_gb"] > 0 and fw["memory"]["processes_seen"] >= 3
+    assert res["ratios"]["neurofed_vs_flare"]["round_wall_round1"] > 0

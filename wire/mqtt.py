@@ -97,8 +97,9 @@ class MqttEndpoint(Endpoint):
             defer_open=True,
         )
         self.broker_max_packet: int | None = None
-        # (topic, payload, retained, connection generation, mid, qos); None stops the worker
-        self._inbox: queue.Queue[tuple[str, bytes, bool, int, int, int] | None] = queue.Queue()
+        # (topic, payload, retained, retained-or-redelivered, connection generation, mid, qos);
+        # None stops the worker
+        self._inbox: queue.Queue[tuple[str, bytes, bool, bool, int, int, int] | None] = queue.Queue()
         self._generation = 0
         self._arrival = threading.Condition()
         self._outbox: queue.Queue[Message] = queue.Queue()
@@ -216,7 +217,9 @@ class MqttEndpoint(Endpoint):
             log.warning("%s disconnected from broker (%s); reconnecting", self.participant, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._inbox.put((msg.topic, msg.payload, bool(msg.retain), self._generation, msg.mid, msg.qos))
+        # a redelivery (DUP) of a chunk we took before a reconnect counts as a copy, like retained
+        again = bool(msg.retain) or bool(msg.dup)
+        self._inbox.put((msg.topic, msg.payload, bool(msg.retain), again, self._generation, msg.mid, msg.qos))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._acks:
@@ -237,12 +240,12 @@ class MqttEndpoint(Endpoint):
             if item is None:
                 return
             if item:
-                topic, data, retained, generation, mid, qos = item
+                topic, data, retained, again, generation, mid, qos = item
                 msg = None
                 if self.role == "coordinator" and topic.startswith(prefix(self.federation) + "/model/"):
                     self._note_retained_model(topic, data, retained)
                 else:
-                    msg = self.receiver.feed(topic, data, retained)
+                    msg = self.receiver.feed(topic, data, again)
                 del data, item
                 self._ack(generation, mid, qos)
                 if msg is not None or self.receiver.ready_count:

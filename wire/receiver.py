@@ -156,7 +156,9 @@ class Receiver:
                 p.close()
 
     def feed(self, topic: str, data: bytes, retained: bool = False) -> Message | None:
-        """Decode, logging and counting any rejection; never raises."""
+        """Decode, logging and counting any rejection; never raises. ``retained``: the broker says
+        this is a copy (retained, or a DUP redelivery), so a message already taken is ignored
+        quietly instead of counted as a replay (it is never delivered twice either way)."""
         if not data:  # an empty retained publish clears a topic; nothing to decode
             return None
         try:
@@ -255,8 +257,8 @@ class Receiver:
                 "not-a-recipient", f"{h.kind} {h.msg_id} is not addressed to {self.participant}"
             )
         if h.msg_id in self._done:
-            if retained:  # the broker resends retained messages on every (re)subscription
-                log.debug("ignoring retained copy of %s", h.msg_id)
+            if retained:  # retained copies on every (re)subscription; DUP redeliveries after a reconnect
+                log.debug("ignoring another copy of %s", h.msg_id)
                 return None
             raise ProtocolError("replay", f"message id {h.msg_id} was already received")
         p = self._pending.get(h.msg_id)

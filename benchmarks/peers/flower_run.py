@@ -14,33 +14,29 @@ global weights are the case-weighted mean of what the clients sent.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peers.harness import check_round1, package_version, read_marks, write_task
+from benchmarks.peers.harness import free_port as _free_port
+from benchmarks.peers.harness import spawn as _spawn
+from benchmarks.peers.harness import stop as _stop
+from benchmarks.peers.harness import tail as _tail
 from benchmarks.peers.measure import (
     TreeMemory,
     read_intervals,
     round_figures,
     summarise,
-    weighted_mean_error,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 APP = Path(__file__).resolve().parent / "flower_app"
 VENV = Path(os.environ.get("NEUROFED_PEER_VENV", REPO / ".cache" / "peer-venv"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def available() -> str | None:
@@ -52,13 +48,7 @@ def available() -> str | None:
 
 
 def flwr_version() -> str:
-    out = subprocess.run(
-        [str(VENV / "bin" / "python"), "-c", "import flwr; print(flwr.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return out.stdout.strip() or "unknown"
+    return package_version(VENV, "flwr")
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
@@ -76,36 +66,6 @@ def _env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    fh = open(log, "ab")  # noqa: SIM115 - the child owns it
-    try:
-        return subprocess.Popen(
-            args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
-        )
-    finally:
-        fh.close()
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(15)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(10)
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
 def run(
     work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout: float = 900, **_: Any
 ) -> dict[str, Any]:
@@ -120,29 +80,9 @@ def run(
     flwr_home = work / "flwr-home"
     flwr_home.mkdir()
     site_names = sorted(p.name for p in data.iterdir() if p.is_dir())[:sites]
-    from safetensors import safe_open
-
-    from models.config import ModelConfig, preset
-
-    with safe_open(str(init), "np") as fh:
-        meta = fh.metadata() or {}
-    cfg_json = meta.get("neurofed.model_config")
-    model_config = json.loads(cfg_json) if cfg_json else preset("small").to_dict()
-    ModelConfig.from_dict(model_config)  # fail here, not in ten clients, on a bad config
-    task = {
-        "repo": str(REPO),
-        "data": str(data),
-        "model_config": model_config,
-        "init_weights": str(init),
-        "epochs": 1,
-        "rounds": rounds,
-        "sites": len(site_names),
-        "timeline": str(timeline),
-        "check": str(check),
-        "marks": str(work / "rounds.jsonl"),
-    }
-    task_file = work / "task.json"
-    task_file.write_text(json.dumps(task, indent=1))
+    task_file = write_task(
+        work, data=data, init=init, site_names=site_names, rounds=rounds, timeline=timeline, check=check
+    )
 
     port = _free_port()  # Flower 1.42: one HTTP API (Fleet, Control, ServerAppIO) on the SuperLink
     (flwr_home / "config.toml").write_text(
@@ -238,10 +178,7 @@ def run(
             for p in ([runp] if runp else []) + procs[::-1]:
                 _stop(p)
     total = time.time() - t0
-    marks = [json.loads(x) for x in (work / "rounds.jsonl").read_text().splitlines()]
-    start = {m["round"]: m["t"] for m in marks if m["what"] == "start"}
-    stop = {m["round"]: m["t"] for m in marks if m["what"] == "end"}
-    bounds = {r: (start[r], start.get(r + 1, stop[r])) for r in sorted(start) if r in stop}
+    bounds = read_marks(work / "rounds.jsonl")
     rows = round_figures(bounds, read_intervals(sorted(timeline.glob("*.jsonl"))))
     res: dict[str, Any] = {
         "version": flwr_version(),
@@ -250,32 +187,12 @@ def run(
         "rounds": rows,
         **summarise(rows),
         "memory": mem.figures(),
-        "startup_s": round(start.get(1, started) - started, 2),
+        "startup_s": round(bounds[1][0] - started, 2) if 1 in bounds else None,
         "total_s": round(total, 1),
-        "averaging_check": _check(check, site_names),
+        "averaging_check": check_round1(check, site_names),
     }
     res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds
     return res
-
-
-def _check(check: Path, sites: list[str]) -> dict[str, Any]:
-    from safetensors.numpy import load_file
-
-    g = check / "global-r1.safetensors"
-    if not g.is_file():
-        return {"ok": False, "reason": "the ServerApp wrote no round-1 global weights"}
-    updates = []
-    for s in sites:
-        f = check / f"client-r1-{s}.safetensors"
-        if f.is_file():
-            updates.append((load_file(str(f)), float((check / f"client-r1-{s}.cases").read_text())))
-    out = weighted_mean_error(load_file(str(g)), updates)
-    out["round"] = 1
-    if len(updates) != len(sites):
-        out.update(
-            ok=False, reason=f"only {len(updates)} of {len(sites)} clients logged their round-1 weights"
-        )
-    return out
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:

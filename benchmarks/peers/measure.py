@@ -169,13 +169,21 @@ def weighted_mean_error(
 ) -> dict:
     """Largest absolute and relative difference between ``global_weights`` and the float64
     case-weighted mean of the clients' ``updates`` (floating tensors only). A framework that
-    dropped the clients' payloads, or averaged something else, shows up here as a large error."""
+    dropped the clients' payloads, or averaged something else, shows up here as a large error;
+    one that dropped some of their tensors, as ``tensors_missing_from_global``."""
     if not updates:
         return {"ok": False, "reason": "no client updates recorded"}
     total = float(sum(w for _, w in updates))
     max_abs = max_rel = 0.0
     checked = moved = 0
     first = updates[0][0]
+    # a tensor the clients sent but the global model lacks was dropped on the way (NVIDIA FLARE
+    # leaves out non-torch payloads and reports success): compared below it would never be
+    missing = sorted(
+        k
+        for k, v in first.items()
+        if np.issubdtype(np.asarray(v).dtype, np.floating) and k not in global_weights
+    )
     for name, g in global_weights.items():
         g = np.asarray(g)
         if not np.issubdtype(g.dtype, np.floating):
@@ -190,12 +198,18 @@ def weighted_mean_error(
         max_rel = max(max_rel, float(diff.max(initial=0.0) / (np.abs(acc).max(initial=0.0) + 1e-12)))
         checked += g.size
         moved += int(np.count_nonzero(np.asarray(first[name], dtype=np.float64) != acc))
-    ok = checked > 0 and max_abs <= 1e-5 and moved > 0
+    ok = checked > 0 and max_abs <= 1e-5 and moved > 0 and not missing
     return {
         "ok": bool(ok),
+        **(
+            {"reason": f"{len(missing)} client tensors missing from the global model: {missing[:5]}"}
+            if missing
+            else {}
+        ),
         "max_abs_diff": max_abs,
         "max_rel_diff": max_rel,
         "values_checked": int(checked),
+        "tensors_missing_from_global": len(missing),
         "clients": len(updates),
         "weights": [float(w) for _, w in updates],
         "mean_differs_from_first_client": moved > 0,
