@@ -7,7 +7,7 @@ import argparse
 EXAMPLE = """\
 examples:
   neurofed experiment --out results-quick                      # synthetic data, quick profile
-  neurofed experiment --profile full --out results-full         # 10 sites, 165 cases (about an hour on 2 cores)
+  neurofed experiment --profile full --out results-full         # 10 sites, 165 cases, 25 rounds (35 min on 2 cores)
   neurofed experiment --data /brats2021 --site-map sites.csv --out results-brats   # real BraTS folders
 
 Writes OUT/results.json (Dice and HD95 per arm and site, FL/CDS ratio), OUT/dice_per_round.png and
