@@ -132,11 +132,12 @@ def test_site_up_status_logs_down(docker_engine, image, federation, site_name):
     assert not attrs["HostConfig"].get("DeviceRequests")
 
     probe = c.exec_run(
-        ["sh", "-c", "stat -c '%u %a' /bundle/client.key /bundle/sign.key; touch /data/site-a/x"]
+        ["sh", "-c", "stat -c '%u %a' /bundle/client.key /bundle/sign.key; touch /data/site-a/x"],
+        demux=True,  # stdout and stderr apart: their interleaving is not ordered
     )
-    lines = probe.output.decode().splitlines()
-    assert lines[:2] == ["10001 600", "10001 600"], probe.output
-    assert probe.exit_code != 0 and "Read-only file system" in probe.output.decode()
+    out, err = ((b or b"").decode() for b in probe.output)
+    assert out.splitlines()[:2] == ["10001 600", "10001 600"], probe.output
+    assert probe.exit_code != 0 and "Read-only file system" in err, probe.output
 
     res = neurofed("site", "status")
     assert site_name in res.stdout and "site=site-a" in res.stdout, res.stdout + res.stderr
