@@ -35,6 +35,9 @@ class Profile:
     local_epochs: int
     seed: int = 0
     ciil: bool = False
+    # the FL arm's aggregation: FedAvg is the study's; the kit's others can be compared on the
+    # same arms (FedProx and FedAdam use the coordinator's default mu / server learning rate)
+    fl_strategy: str = "fedavg"
 
     @property
     def epochs(self) -> int:
@@ -247,7 +250,7 @@ def run_federated_arm(
         )
         args = [
             "coordinator", "--bundle", str(bundles / "coordinator"), "--rounds", str(profile.rounds),
-            "--min-sites", str(len(sites)), "--round-timeout", str(timeout), "--strategy", "fedavg",
+            "--min-sites", str(len(sites)), "--round-timeout", str(timeout), "--strategy", profile.fl_strategy,
             "--local-epochs", str(profile.local_epochs), "--model-size", profile.model_size,
             "--patch-size", str(int(pre.patch_size[0])),
             "--spacing", ",".join(str(float(x)) for x in pre.spacing),

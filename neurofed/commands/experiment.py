@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, help="override the profile's local epochs")
     p.add_argument("--model-size", choices=("default", "small", "tiny"), help="override the profile's UNet")
     p.add_argument(
+        "--fl-strategy",
+        default="fedavg",
+        choices=("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"),
+        help="the FL arm's aggregation (default fedavg, the study's)",
+    )
+    p.add_argument(
         "--arms",
         default="threshold,cds,single,fl",
         help="comma list of threshold, cds, single, fl, ciil (default: all but ciil)",
@@ -60,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from neurofed.experiment import PROFILES, run_experiment, with_overrides
 
     profile = with_overrides(
-        PROFILES[args.profile], rounds=args.rounds, local_epochs=args.local_epochs, model_size=args.model_size
+        PROFILES[args.profile],
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        model_size=args.model_size,
+        fl_strategy=args.fl_strategy,
     )
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

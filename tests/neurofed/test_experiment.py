@@ -75,10 +75,13 @@ def test_real_brats_folders_run_with_a_site_mapping_csv(tmp_path):
             str(out),
             "--arms",
             "threshold",
+            "--fl-strategy",
+            "fedadam",
         ]
     )
     assert code == 0
     saved = json.loads((out / "results.json").read_text())
+    assert saved["profile"]["fl_strategy"] == "fedadam"  # recorded with the results it shaped
     assert saved["sites"] == sorted({site for _, site in rows})
     assert saved["arms"]["threshold"]["dice"]["n"] == saved["test_cases"] > 0
     assert not any(flat.glob("*.json")), "the experiment must not write into the hospital's data folder"
