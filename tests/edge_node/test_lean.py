@@ -8,7 +8,7 @@ import sys
 from edge_node.lean import UNUSED_BY_SITES
 
 PROBE = """
-import sys, resource
+import sys
 from edge_node.lean import skip_unused_imports
 print(sorted(skip_unused_imports()) if sys.argv[1] == "lean" else [])
 import torch, monai
@@ -25,7 +25,9 @@ hd = HausdorffDistanceMetric(percentile=95)
 hd(y, y)
 assert float(hd.aggregate()) == 0.0
 print([m for m in ("mlflow", "matplotlib", "pandas", "sklearn", "PIL") if sys.modules.get(m) is not None])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# VmHWM, not getrusage: Linux carries the parent's peak into ru_maxrss across fork + exec, so a
+# child of a big pytest process would report the parent's size
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) // 1024)
 """
 
 
