@@ -90,17 +90,11 @@ def seal_chunk(aead: AESGCM, index: int, plaintext: bytes | memoryview, aad: byt
     return aead.encrypt(chunk_nonce(index), plaintext, aad)
 
 
-def open_chunk(aead: AESGCM, index: int, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
-    try:
-        return aead.decrypt(chunk_nonce(index), ciphertext, aad)
-    except (InvalidTag, ValueError):
-        raise ProtocolError("tampered-chunk", f"chunk {index} fails authentication") from None
-
-
 def open_chunk_into(
     aead: AESGCM, index: int, ciphertext: bytes | memoryview, aad: bytes, out: memoryview
 ) -> None:
-    """``open_chunk`` writing the plaintext into ``out`` (exactly its size): no per-chunk copy."""
+    """Decrypt and authenticate chunk ``index`` straight into ``out`` (exactly the plaintext's
+    size): no per-chunk copy. A failed tag is ``tampered-chunk``."""
     try:
         aead.decrypt_into(chunk_nonce(index), ciphertext, aad, out)
     except (InvalidTag, ValueError):

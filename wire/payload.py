@@ -68,16 +68,7 @@ def view_state(data: bytes | memoryview) -> dict[str, np.ndarray]:
     that match the shape, tensors packed without gaps or overlaps) and returns views. Raises
     ``ValueError`` on anything else. Tests hold it to ``safetensors.numpy.load``'s results.
     """
-    view = memoryview(data).cast("B")
-    if len(view) < 8:
-        raise ValueError("shorter than a safetensors header")
-    n = int.from_bytes(view[:8], "little")
-    if n > len(view) - 8:
-        raise ValueError("header length beyond the end")
-    header = json.loads(bytes(view[8 : 8 + n]))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    body = view[8 + n :]
+    header, body = _split(data)
     spans: list[tuple[int, int]] = []
     arrays: dict[str, np.ndarray] = {}
     for name, info in header.items():
@@ -139,12 +130,21 @@ def decode_state(
 
 def state_metadata(data: bytes) -> dict[str, str]:
     """The safetensors ``__metadata__`` block (empty if none)."""
-    data = memoryview(data).cast("B")
-    if len(data) < 8:
-        raise ValueError("shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header length beyond the end")
-    header = json.loads(bytes(data[8 : 8 + n]))
+    header, _ = _split(data)
     meta = header.get("__metadata__") or {}
     return {str(k): str(v) for k, v in meta.items()}
+
+
+def _split(data: bytes | memoryview) -> tuple[dict, memoryview]:
+    """The safetensors JSON header and a view of the tensor bytes after it; ValueError if the
+    8-byte length or the header itself is not what the format says."""
+    view = memoryview(data).cast("B")
+    if len(view) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(view[:8], "little")
+    if n > len(view) - 8:
+        raise ValueError("header length beyond the end")
+    header = json.loads(bytes(view[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, view[8 + n :]
