@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from neurofed.commands.coordinator import STRATEGIES
+
 EXAMPLE = """\
 examples:
   neurofed experiment --out results-quick                      # synthetic data, quick profile
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--fl-strategy",
         default="fedavg",
-        choices=("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean"),
+        choices=STRATEGIES,
         help="the FL arm's aggregation (default fedavg, the study's)",
     )
     p.add_argument(
