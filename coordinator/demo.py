@@ -49,10 +49,17 @@ class _Mlflow:
 
     def start(self) -> None:
         try:
+            from mlflow_server.errors import PortInUseError
             from mlflow_server.server import MlflowServer
 
-            srv = MlflowServer(port=free_port(), state_dir=self.root, startup_timeout=180)
-            srv.start()
+            for attempt in range(3):  # a port can still be taken between picking and binding
+                srv = MlflowServer(port=free_port(), state_dir=self.root, startup_timeout=180)
+                try:
+                    srv.start()
+                    break
+                except PortInUseError:
+                    if attempt == 2:
+                        raise
             self.server, self.uri, self.kind = srv, srv.url, "server"
         except Exception as exc:  # noqa: BLE001 - fall back, and say why
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

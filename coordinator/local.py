@@ -21,9 +21,39 @@ from typing import Any
 from coordinator.errors import CoordinatorError
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on, chosen outside the kernel's ephemeral range.
+
+    Why not ``bind(0)``: that port comes from the ephemeral range, and between picking it and a
+    server binding it (MLflow takes 5-30 s to start here) any outgoing connection on the machine
+    may take it as its source port; CI saw exactly that. Ports below the range are only ever
+    taken by listeners, so a bind test is enough.
+    """
+    import random
+
+    lo, hi = _ephemeral_range()
+    spans = [(max(1024, lo - 12000), lo), (hi + 1, 65536)]
+    spans = [(a, b) for a, b in spans if b - a >= 500]
+    rng = random.SystemRandom()
+    for _ in range(200 if spans else 0):
+        a, b = rng.choice(spans)
+        port = rng.randrange(a, b)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room outside the range: the kernel's pick
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -18,6 +18,11 @@ Why these choices:
 - ``mlflow.onnx`` with ``save_as_external_data=True`` mutates the ONNX object it is given; here each
   version is saved from a freshly loaded object, self-contained (no external data), and reloaded
   and checked before upload.
+- With a database URI used directly (``sqlite:///...``, ``postgresql://...``, no server), MLflow
+  3.x's SQL registry store resolves a ``models:/<model_id>`` source through the *process-global*
+  tracking URI, not the client's (a TODO in its ``create_model_version``); left alone it opens
+  ``./mlflow.db`` and fails with "Logged model ... not found". ``create_model_version`` here runs
+  with the global URI pointed at the client's own store.
 - Promotion history lives in version tags (``val_dice``, ``promoted_over``, ``was_champion``): aliases
   are only pointers.
 """
@@ -30,7 +35,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -396,17 +403,42 @@ def register_round(
     existing = find_round_version(client, name, round, run_id)
     if existing is not None:
         return existing
-    mv = client.create_model_version(
-        name,
-        source=f"models:/{lm.model_id}",
-        run_id=run_id,
-        tags=version_tags,
-        description=description,
-        model_id=lm.model_id,
-    )
+    with _registry_sees_client_store(client):
+        mv = client.create_model_version(
+            name,
+            source=f"models:/{lm.model_id}",
+            run_id=run_id,
+            tags=version_tags,
+            description=description,
+            model_id=lm.model_id,
+        )
     _move_latest(client, name)
     log.info("registered %s v%s for round %d (onnx sha256 %s)", name, mv.version, round, onnx_sha[:12])
     return client.get_model_version(name, mv.version)
+
+
+_GLOBAL_URI_LOCK = threading.Lock()
+
+
+@contextmanager
+def _registry_sees_client_store(client: Any) -> Iterator[None]:
+    """Point MLflow's global tracking URI at ``client``'s store while a version is created.
+
+    Only for direct database stores: a server resolves ``models:/<id>`` on its own side."""
+    tracking = getattr(getattr(client, "_tracking_client", None), "tracking_uri", None)
+    if not tracking or "://" not in str(tracking) or str(tracking).startswith(("http", "databricks")):
+        yield
+        return
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _GLOBAL_URI_LOCK:
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            with _use_tracking_uri(str(tracking)):
+                yield
+        finally:  # MLflow unsets the variable when it restores an unset global: put it back
+            if env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _move_latest(client: Any, name: str) -> None:

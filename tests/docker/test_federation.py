@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.local import free_port
 from tests.docker.conftest import _apt_install
 
 # The first test also waits for the session's image build (minutes when the layer cache is cold).
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE, SPACING = 32, 6  # 32^3 voxels over the synthetic 192 mm field of view
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def neurofed(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

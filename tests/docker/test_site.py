@@ -5,13 +5,14 @@ edge container uses host networking (the bundle names the broker `localhost`).""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
+
+from coordinator.local import free_port
 
 # The first test also waits for the session's image build (minutes when the layer cache is cold).
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -21,12 +22,6 @@ FAST_HEALTH = {
     "retries": 1,
     "start_period": 1_000_000_000,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
