@@ -28,7 +28,8 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 - TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload), ``train`` (false: evaluation
   only), ``done`` (true: the federation is over), ``deadline`` (unix time), ``epochs``, ``sites``
   ({site: its own config, e.g. ``{"epochs": 1, "mu": 0.01}``}), ``session`` (changes when the
-  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``model_config`` (ModelConfig dict).
+  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``site_optimizer`` (reset | continue-local), ``model_config``
+  (ModelConfig dict).
 - MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights.
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
   whose evaluation it holds), ``session``.
@@ -64,6 +65,13 @@ from wire.errors import TransportError
 log = logging.getLogger(__name__)
 
 
+SITE_OPTIMIZER = ("reset", "continue-local")
+"""What a site does with its optimiser's state between rounds (OpenFL's names): ``reset`` starts
+each round with a fresh Adam (the FedAvg paper's convention); ``continue-local`` keeps the site's
+Adam moments from its previous round and applies them to the new global weights, which avoids
+Adam's large bias-corrected first steps every round."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundConfig:
     """How the federation runs. ``round_timeout`` is the collection deadline per round (seconds)."""
@@ -74,6 +82,7 @@ class RoundConfig:
     round_timeout: float = 600.0
     local_epochs: int = 1
     fp16: bool = False
+    site_optimizer: str = "reset"
     receipt_interval: float = 3.0
     final_eval: bool = True
     max_extensions: int = 1000
@@ -92,6 +101,10 @@ class RoundConfig:
             raise CoordinatorError(f"--round-timeout must be positive, got {self.round_timeout}")
         if self.local_epochs < 1:
             raise CoordinatorError(f"--local-epochs must be >= 1, got {self.local_epochs}")
+        if self.site_optimizer not in SITE_OPTIMIZER:
+            raise CoordinatorError(
+                f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZER)}, got {self.site_optimizer!r}"
+            )
 
 
 @dataclass
@@ -263,6 +276,7 @@ class Coordinator:
             "strategy": self.strategy.name,
             "min_sites": self.cfg.min_sites,
             "fp16": self.cfg.fp16,
+            "site_optimizer": self.cfg.site_optimizer,
             "model_config": self.model_config,
         }
         self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)

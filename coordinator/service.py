@@ -36,6 +36,7 @@ class CoordinatorSettings:
     model_config: dict[str, Any] | None = None
     seed: int = 0
     fp16: bool = False
+    site_optimizer: str = "reset"
     broker_host: str | None = None
     broker_port: int | None = None
     receipt_interval: float = 3.0
@@ -105,6 +106,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         round_timeout=s.round_timeout,
         local_epochs=s.local_epochs,
         fp16=s.fp16,
+        site_optimizer=s.site_optimizer,
         receipt_interval=s.receipt_interval,
     )
     params = {
@@ -117,6 +119,8 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         "model": model_config,
         "seed": s.seed,
     }
+    if s.site_optimizer != "reset":
+        params["site_optimizer"] = s.site_optimizer
     if s.strategy == "fedprox":
         params["mu"] = s.mu
     if s.max_norm is not None:

@@ -45,7 +45,15 @@ class Trainer(Protocol):
 
     num_train_cases: int
 
-    def train(self, state_dict: Any, epochs: int, *, prox_mu: float = 0.0, progress: Any = None) -> Any: ...
+    def train(
+        self,
+        state_dict: Any,
+        epochs: int,
+        *,
+        prox_mu: float = 0.0,
+        progress: Any = None,
+        keep_optimizer: bool = False,
+    ) -> Any: ...
 
     def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
 
@@ -287,7 +295,8 @@ class SiteAgent:
             epochs = int(site_cfg.get("epochs", task.get("epochs", 1)))
             mu = float(site_cfg.get("mu", 0.0))
             t0 = time.time()
-            result = trainer.train(state_dict, epochs, prox_mu=mu)
+            keep = task.get("site_optimizer", "reset") == "continue-local"
+            result = trainer.train(state_dict, epochs, prox_mu=mu, keep_optimizer=keep)
             t1 = time.time()
             self._timeline("train", r, t0, t1)
             from wire.payload import encode_state

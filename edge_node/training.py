@@ -111,6 +111,7 @@ class CaseTrainer:
         self._eval_cache: dict[str, list[dict]] = {}
         self._model: torch.nn.Module | None = None
         self.epochs_done = 0  # epochs trained by this object: seeds the next epoch
+        self._optimizer_state: dict | None = None  # LocalTrainer.train(keep_optimizer=True)
 
     # ------------------------------------------------------------------ caches
     @property
@@ -337,15 +338,22 @@ class LocalTrainer(CaseTrainer):
         *,
         prox_mu: float = 0.0,
         progress: Progress | None = None,
+        keep_optimizer: bool = False,
     ) -> TrainResult:
-        """Start from ``state_dict`` (None: fresh weights), train ``epochs`` local epochs with a
-        fresh optimiser (the federated convention), return the new weights.
+        """Start from ``state_dict`` (None: fresh weights), train ``epochs`` local epochs, return
+        the new weights.
 
+        The optimiser is fresh each call (the federated convention) unless ``keep_optimizer``:
+        then Adam's moments and step count carry over from this trainer's previous call (OpenFL's
+        ``continue-local``), so a new round does not restart with Adam's large bias-corrected
+        first steps. They live in memory only: a restarted site starts its next round fresh.
         ``prox_mu`` > 0 adds FedProx's (mu/2)·||w - w_start||² to the loss.
         """
         t0 = time.perf_counter()
         model = self.load_state(state_dict)
         optimizer = self.make_optimizer(model)
+        if keep_optimizer and self._optimizer_state is not None:
+            optimizer.load_state_dict(self._optimizer_state)
         loss = self.run_epochs(
             model,
             optimizer,
@@ -356,6 +364,7 @@ class LocalTrainer(CaseTrainer):
             scaler=self.make_scaler(),
         )
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        self._optimizer_state = optimizer.state_dict() if keep_optimizer else None
         return TrainResult(
             state_dict=state, num_cases=self.num_train_cases, loss=loss, seconds=time.perf_counter() - t0
         )

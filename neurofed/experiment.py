@@ -38,6 +38,8 @@ class Profile:
     # the FL arm's aggregation: FedAvg is the study's; the kit's others can be compared on the
     # same arms (FedProx and FedAdam use the coordinator's default mu / server learning rate)
     fl_strategy: str = "fedavg"
+    # what the FL arm's sites do with Adam's state between rounds (reset | continue-local)
+    site_optimizer: str = "reset"
 
     @property
     def epochs(self) -> int:
@@ -255,6 +257,7 @@ def run_federated_arm(
             "--patch-size", str(int(pre.patch_size[0])),
             "--spacing", ",".join(str(float(x)) for x in pre.spacing),
             "--init-weights", str(init), "--state", str(out / "coordinator-state"),
+            "--site-optimizer", profile.site_optimizer,
         ]  # fmt: skip
         if tracking_uri:
             args += ["--mlflow", tracking_uri]

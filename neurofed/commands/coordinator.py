@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 
 NAME = "coordinator"
+# The CLI stays import-light (no numpy at parser build); tests/coordinator/test_commands.py pins
+# these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER.
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean")
+SITE_OPTIMIZER = ("reset", "continue-local")
 EXAMPLE = """\
 example:
   neurofed coordinator --bundle bundles/coordinator --rounds 5 --min-sites 2 --round-timeout 600 \\
@@ -64,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--spacing", type=_triple, help="voxel size in mm the model trains at, e.g. 3 or 1,1,1")
     p.add_argument("--fp16", action="store_true", help="send models and updates in half precision")
+    p.add_argument(
+        "--site-optimizer",
+        choices=SITE_OPTIMIZER,
+        default="reset",
+        help="sites' Adam state between rounds: reset (fresh each round, FedAvg's convention) or "
+        "continue-local (keep each site's moments; see docs/study for the measured effect)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
     p.set_defaults(func=run)
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             model_config=model_config_from(args),
             seed=args.seed,
             fp16=args.fp16,
+            site_optimizer=args.site_optimizer,
             init_weights=Path(args.init_weights) if args.init_weights else None,
         )
     )

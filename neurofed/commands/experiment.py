@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from neurofed.commands.coordinator import STRATEGIES
+from neurofed.commands.coordinator import SITE_OPTIMIZER, STRATEGIES
 
 EXAMPLE = """\
 examples:
@@ -50,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the FL arm's aggregation (default fedavg, the study's)",
     )
     p.add_argument(
+        "--site-optimizer",
+        default=None,
+        choices=SITE_OPTIMIZER,
+        help="the FL arm's sites' Adam state between rounds (default: the profile's)",
+    )
+    p.add_argument(
         "--arms",
         default="threshold,cds,single,fl",
         help="comma list of threshold, cds, single, fl, ciil (default: all but ciil)",
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs,
         model_size=args.model_size,
         fl_strategy=args.fl_strategy,
+        site_optimizer=args.site_optimizer,
     )
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,10 @@ class ShiftTrainer:
     dice: float = 0.5
     trained: int = 0
 
-    def train(self, state_dict, epochs, *, prox_mu=0.0, progress=None):
+    def train(self, state_dict, epochs, *, prox_mu=0.0, progress=None, keep_optimizer=False):
         self.trained += 1
         self.last_mu = prox_mu
+        self.last_keep_optimizer = keep_optimizer
         self.last_epochs = epochs
         out = {k: (v + self.shift if v.is_floating_point() else v.clone()) for k, v in state_dict.items()}
         return SimpleNamespace(state_dict=out, num_cases=self.num_train_cases, loss=0.1, seconds=0.0)

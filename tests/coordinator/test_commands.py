@@ -69,3 +69,13 @@ def test_fault_points_are_named_and_inert_without_the_variable(monkeypatch):
     fault_point("after-aggregate", 2)  # another point: nothing happens
     with pytest.raises(ValueError, match="unknown fault point"):
         fault_point("after-lunch", 1)
+
+
+def test_cli_choices_are_the_coordinators_own():
+    """The CLI keeps literal tuples so building the parser imports no numpy; they must not drift."""
+    from coordinator.rounds import SITE_OPTIMIZER
+    from coordinator.strategies import STRATEGIES
+    from neurofed.commands import coordinator as cli
+
+    assert tuple(cli.STRATEGIES) == tuple(STRATEGIES)
+    assert tuple(cli.SITE_OPTIMIZER) == SITE_OPTIMIZER

@@ -287,3 +287,23 @@ def test_a_site_known_offline_is_not_waited_for(tmp_path):
     results = _finish(*run_in_thread(coord), stop)
     assert results[0].sites == ["site-a", "site-b"]
     assert time.time() - t0 < 30, "the round closed early instead of waiting for the 60 s deadline"
+
+
+@pytest.mark.parametrize("choice", ["reset", "continue-local"])
+def test_site_optimizer_choice_reaches_every_sites_trainer(tmp_path, choice):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    trainers = {s: ShiftTrainer(shift=1.0, num_train_cases=2) for s in SITES}
+    coord = make_coordinator(hub, tmp_path / "coord", SITES, rounds=1, site_optimizer=choice)
+    for s in SITES:
+        start_agent(hub, s, trainers[s], tmp_path, stop)
+    t, box = run_in_thread(coord)
+    _finish(t, box, stop)
+    assert all(tr.last_keep_optimizer == (choice == "continue-local") for tr in trainers.values())
+
+
+def test_unknown_site_optimizer_is_refused_with_the_choices(tmp_path):
+    from coordinator.errors import CoordinatorError
+
+    with pytest.raises(CoordinatorError, match="reset, continue-local"):
+        make_coordinator(MemoryHub("x"), tmp_path, SITES, site_optimizer="global")

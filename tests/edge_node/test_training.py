@@ -66,6 +66,34 @@ def test_local_trainer_interface(synth_data: Path, synth_tiny_config) -> None:
     assert steps and steps[-1][0] == steps[-1][1]
 
 
+def test_keep_optimizer_carries_adams_moments_into_the_next_round(
+    synth_data: Path, synth_tiny_config
+) -> None:
+    """continue-local: round 2 starts from round 1's Adam state (step count and moments), which a
+    fresh optimiser (reset) does not; the weights differ accordingly."""
+    start = {
+        k: v.clone()
+        for k, v in LocalTrainer(synth_data / "site-02", synth_tiny_config).model().state_dict().items()
+    }
+
+    def two_rounds(keep: bool) -> tuple[list[float], dict]:
+        tr = LocalTrainer(synth_data / "site-02", synth_tiny_config, TrainConfig(), device="cpu")
+        first = tr.train(start, epochs=1, keep_optimizer=keep)
+        steps = [float(v["step"]) for v in tr._optimizer_state["state"].values()] if keep else []
+        second = tr.train(first.state_dict, epochs=1, keep_optimizer=keep)
+        if keep:
+            steps += [float(v["step"]) for v in tr._optimizer_state["state"].values()]
+        else:
+            assert tr._optimizer_state is None
+        return steps, second.state_dict
+
+    steps, w_kept = two_rounds(True)
+    _, w_reset = two_rounds(False)
+    half = len(steps) // 2
+    assert half and steps[0] >= 1 and steps[half:] == [2 * x for x in steps[:half]], steps
+    assert any(not torch.equal(w_kept[k], w_reset[k]) for k in w_kept if w_kept[k].is_floating_point())
+
+
 def test_checkpoint_round_trip_bit_exact(tmp_path: Path, synth_tiny_config) -> None:
     from models.unet import build_unet
 
