@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         provision_sites,
         read_events,
         spawn,
+        spawn_site,
         wait_for,
     )
     from coordinator.state import StateStore
@@ -92,22 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     sampler.start()
     try:
         for s in sites:
-            procs.append(
-                spawn(
-                    s,
-                    [
-                        "edge",
-                        "--bundle",
-                        str(work / "bundles" / s),
-                        "--data",
-                        str(work / "data" / s),
-                        "--state",
-                        str(work / f"{s}-state"),
-                    ],
-                    logs,
-                    child_env(),
-                )
-            )
+            procs.append(spawn_site(s, work / "bundles", work / "data", work, logs))
         wait_for(
             lambda: all((work / f"{s}-state" / "status.json").is_file() for s in sites), 600, "sites", procs
         )
@@ -152,11 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     events = read_events(work / "coordinator-state")
     announce = {e["round"]: e["t"] for e in events if e["event"] == "announce"}
     closed = {e["round"]: e["t"] for e in events if e["event"] == "round"}
-    intervals: list[dict] = []
+    intervals: list[dict] = []  # work: evaluating and training
+    uploads: list[dict] = []  # the sites' store (encode + write + fsync) and send intervals
     for s in sites:
         tl = work / f"{s}-state" / "timeline.jsonl"
         if tl.is_file():
-            intervals += [json.loads(x) for x in tl.read_text().splitlines()]
+            for rec in map(json.loads, tl.read_text().splitlines()):
+                (intervals if rec.get("what", "train") in ("train", "evaluate") else uploads).append(rec)
     rounds = []
     for r in sorted(closed):
         if r not in announce:
@@ -192,6 +180,27 @@ def main(argv: list[str] | None = None) -> dict:
                 "close": round(b - max(got), 3),
                 "announce_next": round(nxt - b, 3),
             }
+            # the last site to finish training: its store and send, and the wire's delivery after
+            last_site = max(
+                (i for i in mine if i.get("what") == "train"), key=lambda i: i["end"], default=None
+            )
+            if last_site is not None:
+                ups = {u["what"]: u for u in uploads if u["round"] == r and u["site"] == last_site["site"]}
+                arrived = [
+                    e["t"]
+                    for e in events
+                    if e.get("round") == r and e["event"] == "update" and e.get("site") == last_site["site"]
+                ]
+                if "store" in ups and "send" in ups and arrived:
+                    row["last_site_s"] = {
+                        "store": round(ups["store"]["end"] - ups["store"]["start"], 3),
+                        "to_send": round(ups["send"]["start"] - ups["store"]["end"], 3),
+                        "send": round(ups["send"]["end"] - ups["send"]["start"], 3),
+                        "coordinator_has_it": round(arrived[0] - ups["send"]["end"], 3),
+                    }
+            ann = next((e for e in events if e["event"] == "announce" and e["round"] == r + 1), None)
+            if ann is not None and "model_s" in ann:
+                row["announce_next_s"] = {k: ann[k] for k in ("encode_s", "model_s", "task_s")}
         rounds.append(row)
     train_rounds = [x for x in rounds if x["train"]]
     steady = train_rounds[1:] or train_rounds

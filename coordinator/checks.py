@@ -18,6 +18,19 @@ from coordinator.errors import UpdateRejected
 MAX_CASES = 10_000_000
 
 
+MAX_STEPS = 100_000_000
+
+
+def check_local_steps(value: Any) -> int | None:
+    """The optimiser steps a site took this round (FedNova's tau): absent (None) or a positive
+    integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_STEPS:
+        raise UpdateRejected("bad-local-steps", f"local_steps must be a positive integer, got {value!r}")
+    return value
+
+
 def check_num_cases(value: Any) -> int:
     """The update's weight: a positive integer (bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CASES:

@@ -19,6 +19,7 @@ from coordinator.local import (
     provision_sites,
     read_events,
     spawn,
+    spawn_site,
 )
 
 
@@ -164,23 +165,7 @@ def run_demo(s: DemoSettings) -> int:
 
     procs: list[Proc] = []
     for site in sites:
-        procs.append(
-            spawn(
-                site,
-                [
-                    "-v",
-                    "edge",
-                    "--bundle",
-                    str(run_dir / "bundles" / site),
-                    "--data",
-                    str(data / site),
-                    "--state",
-                    str(run_dir / f"{site}-state"),
-                ],
-                logs,
-                child_env(),
-            )
-        )
+        procs.append(spawn_site(site, run_dir / "bundles", data, run_dir, logs, verbose=True))
     spacing = summary["spacing"][0]
     coord: Proc | None = None
     code = 1

@@ -136,6 +136,27 @@ def spawn(name: str, args: Sequence[str], log_dir: Path, env: dict[str, str] | N
     return Proc(name, popen, log)
 
 
+def spawn_site(
+    site: str,
+    bundles: Path,
+    data: Path,
+    state_root: Path,
+    log_dir: Path,
+    *,
+    verbose: bool = False,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """``neurofed edge`` for ``site``: its bundle ``bundles/<site>``, its data ``data/<site>``, its
+    state ``state_root/<site>-state``."""
+    args = [
+        "edge",
+        "--bundle", str(bundles / site),
+        "--data", str(data / site),
+        "--state", str(state_root / f"{site}-state"),
+    ]  # fmt: skip
+    return spawn(site, ["-v", *args] if verbose else args, log_dir, env or child_env())
+
+
 class Broker:
     """A private Mosquitto from a provisioned bundle (``root/broker``), restartable."""
 

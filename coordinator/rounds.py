@@ -34,7 +34,8 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
   whose evaluation it holds), ``session``.
 - UPDATE: ``num_cases`` (positive int, the FedAvg weight), ``model_digest`` (the model it was
-  trained from), ``loss``, ``train_seconds``; payload: safetensors of the full weights.
+  trained from), ``loss``, ``train_seconds``, ``local_steps`` (optimiser steps taken, FedNova's
+  tau); payload: safetensors of the full weights.
 - METRICS: ``dice``, ``hd95``, ``num_cases`` (validation cases), ``evaluated_round`` (r-1),
   ``model_digest``.
 """
@@ -53,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from coordinator import payload as codec
-from coordinator.checks import check_num_cases, check_update, upcast_half
+from coordinator.checks import check_local_steps, check_num_cases, check_update, upcast_half
 from coordinator.errors import CoordinatorError, UpdateRejected
 from coordinator.faults import fault_point
 from coordinator.registration import Registrar
@@ -250,9 +251,13 @@ class Coordinator:
             pass
 
     # -- one round ------------------------------------------------------------------------------------
-    def _announce(self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str) -> None:
+    def _announce(
+        self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str
+    ) -> dict[str, float]:
+        """MODEL, then the TASK naming it; returns how long each took (seconds, for events.jsonl)."""
         base = {"epochs": self.cfg.local_epochs, "train": train}
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
+        t0 = time.time()
         self._send_reliably(
             MessageKind.MODEL,
             r,
@@ -260,8 +265,10 @@ class Coordinator:
             payload=model_payload,
             retain=True,
         )
+        t1 = time.time()
         self._send_task(r, train, deadline, digest, per_site)
         fault_point("after-announce", r)
+        return {"model_s": round(t1 - t0, 4), "task_s": round(time.time() - t1, 4)}
 
     def _send_task(self, r: int, train: bool, deadline: float, digest: str, per_site: dict[str, Any]) -> None:
         self._task_meta = {
@@ -322,6 +329,7 @@ class Coordinator:
 
     def _round(self, r: int, *, train: bool) -> RoundResult:
         t0 = self.clock()
+        t0_wall = time.time()
         res = RoundResult(round=r, train=train)
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
@@ -330,9 +338,17 @@ class Coordinator:
         if train:
             self.strategy.begin(r, self.weights)
         deadline = self.clock() + self.cfg.round_timeout
-        self._announce(r, train, deadline, model_payload, digest)
+        t_encoded = time.time()
+        timing = self._announce(r, train, deadline, model_payload, digest)
         del model_payload
-        self._event("announce", round=r, train=train, deadline=deadline)
+        self._event(
+            "announce",
+            round=r,
+            train=train,
+            deadline=deadline,
+            encode_s=round(t_encoded - t0_wall, 4),
+            **timing,
+        )
         log.info(
             "round %d announced (%s), deadline in %.0f s",
             r,
@@ -528,7 +544,7 @@ class Coordinator:
             raise UpdateRejected("undecodable", f"payload is not a safetensors state dict ({exc})") from None
         update = upcast_half(update, self.weights)
         check_update(update, self.weights)
-        self.strategy.add(site, update, num_cases)
+        self.strategy.add(site, update, num_cases, check_local_steps(msg.meta.get("local_steps")))
         del update
         res.cases[site] = num_cases
         res.bytes_received += len(msg.payload)

@@ -150,6 +150,8 @@ class SiteAgent:
             pass
 
     def _timeline(self, what: str, r: int, t0: float, t1: float) -> None:
+        """STATE/timeline.jsonl: when this site evaluated, trained, stored and sent (the
+        federation-overhead benchmark reads it; only evaluate and train count as work)."""
         with open(self.state_dir / "timeline.jsonl", "a") as fh:
             fh.write(json.dumps({"site": self.site, "what": what, "round": r, "start": t0, "end": t1}) + "\n")
 
@@ -303,12 +305,14 @@ class SiteAgent:
 
             payload = encode_state(result.state_dict, fp16=bool(task.get("fp16", self.fp16)))
             _atomic_write(path, payload)
+            self._timeline("store", r, t1, time.time())
             rs.update(
                 update_stored=True,
                 num_cases=int(result.num_cases),
                 loss=float(result.loss),
                 model_digest=model[1],
                 train_seconds=float(t1 - t0),
+                local_steps=int(getattr(result, "steps", 0) or 0) or None,
             )
             self._save_state()
         if not rs.get("update_sent"):
@@ -323,10 +327,13 @@ class SiteAgent:
             "model_digest": rs["model_digest"],
             "loss": rs.get("loss"),
             "train_seconds": rs.get("train_seconds"),
+            "local_steps": rs.get("local_steps"),
         }
         self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r)
+        t0 = time.time()
         self._send(MessageKind.UPDATE, r, meta, payload, resend=resend, stop=stop)
+        self._timeline("send", r, t0, time.time())
         rs.update(update_sent=True, sent_at=time.time())
         if not resend:
             rs["sent_session"] = (self.task or {}).get("session")

@@ -73,6 +73,7 @@ class TrainResult:
     num_cases: int
     loss: float
     seconds: float
+    steps: int = 0  # optimiser steps taken (FedNova normalises by it)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -366,7 +367,11 @@ class LocalTrainer(CaseTrainer):
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self._optimizer_state = optimizer.state_dict() if keep_optimizer else None
         return TrainResult(
-            state_dict=state, num_cases=self.num_train_cases, loss=loss, seconds=time.perf_counter() - t0
+            state_dict=state,
+            num_cases=self.num_train_cases,
+            loss=loss,
+            seconds=time.perf_counter() - t0,
+            steps=epochs * len(self._epoch_batches_count()),
         )
 
     def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None, split: str = "val") -> EvalResult:

@@ -209,7 +209,16 @@ def run_federated_arm(
     """
     import torch
 
-    from coordinator.local import Broker, child_env, free_port, provision_sites, read_events, spawn, wait_for
+    from coordinator.local import (
+        Broker,
+        child_env,
+        free_port,
+        provision_sites,
+        read_events,
+        spawn,
+        spawn_site,
+        wait_for,
+    )
     from coordinator.state import StateStore
     from models.checkpoint import load_weights, save_weights
     from models.unet import build_unet
@@ -228,22 +237,7 @@ def run_federated_arm(
     procs = []
     try:
         for site in sites:
-            procs.append(
-                spawn(
-                    site,
-                    [
-                        "edge",
-                        "--bundle",
-                        str(bundles / site),
-                        "--data",
-                        str(data / site),
-                        "--state",
-                        str(out / f"{site}-state"),
-                    ],
-                    logs,
-                    child_env(),
-                )
-            )
+            procs.append(spawn_site(site, bundles, data, out, logs))
         wait_for(
             lambda: all((out / f"{x}-state" / "status.json").is_file() for x in sites),
             600,

@@ -8,7 +8,7 @@ import argparse
 NAME = "coordinator"
 # The CLI stays import-light (no numpy at parser build); tests/coordinator/test_commands.py pins
 # these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER.
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed-mean")
+STRATEGIES = ("fedavg", "fedprox", "fednova", "fedadam", "fedyogi", "median", "trimmed-mean")
 SITE_OPTIMIZER = ("reset", "continue-local")
 EXAMPLE = """\
 example:

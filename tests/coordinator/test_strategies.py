@@ -27,7 +27,7 @@ def test_identical_updates_return_them(name, tmp_path):
     s = make_strategy(name, spill_dir=tmp_path)
     s.begin(1, glob)
     for site, cases in (("a", 3), ("b", 5), ("c", 1)):
-        s.add(site, upd, cases)
+        s.add(site, upd, cases, local_steps=4)  # FedNova with equal steps is FedAvg
     out = s.result()
     if name in ("fedadam", "fedyogi"):
         # a server optimiser steps toward the sites' common model; it returns it exactly when the
@@ -141,3 +141,47 @@ def test_load_state_refuses_other_strategy():
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(CoordinatorError, match="choose one of"):
         make_strategy("fedsgd")
+
+
+def test_fednova_is_the_normalised_average_and_fedavg_when_steps_agree():
+    glob = _model(0)
+    sites = {"big": (_model(1), 41, 82), "mid": (_model(2), 9, 18), "small": (_model(3), 5, 10)}
+    s = make_strategy("fednova")
+    s.begin(1, glob)
+    for site, (upd, n, tau) in sites.items():
+        s.add(site, upd, n, local_steps=tau)
+    out = s.result()
+    # Wang et al. 2020, written out directly in float64: w + tau_eff * sum_i p_i (w_i - w) / tau_i
+    total = sum(n for _, n, _ in sites.values())
+    tau_eff = sum(n * tau for _, n, tau in sites.values()) / total
+    for k in ("a.weight", "a.bias"):
+        g = glob[k].astype(np.float64)
+        want = g + tau_eff * sum(
+            (n / total) * (u[k].astype(np.float64) - g) / tau for u, n, tau in sites.values()
+        )
+        np.testing.assert_allclose(out[k], want.astype(np.float32), rtol=1e-6, atol=1e-7)
+        assert out[k].dtype == np.float32
+    assert int(out["bn.num_batches_tracked"]) == 7
+    # the same updates with equal steps: exactly FedAvg
+    nova, avg = make_strategy("fednova"), make_strategy("fedavg")
+    for st in (nova, avg):
+        st.begin(1, glob)
+        for site, (upd, n, _) in sites.items():
+            st.add(site, upd, n, local_steps=12)
+    a, b = nova.result(), avg.result()
+    for k in glob:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_fednova_rejects_an_update_without_local_steps():
+    from coordinator.checks import check_local_steps
+    from coordinator.errors import UpdateRejected
+
+    s = make_strategy("fednova")
+    s.begin(1, _model(0))
+    with pytest.raises(UpdateRejected, match="missing-local-steps"):
+        s.add("a", _model(1), 3)
+    for bad in (0, -2, 1.5, True, "7"):
+        with pytest.raises(UpdateRejected, match="bad-local-steps"):
+            check_local_steps(bad)
+    assert check_local_steps(None) is None and check_local_steps(7) == 7
