@@ -53,7 +53,12 @@ def test_demo_runs_a_federation_registers_it_and_points_at_the_onnx(tmp_path):
         assert {"update", "metrics"} <= kinds, kinds
 
 
-def test_trimmed_mean_runs_through_the_real_stack(tmp_path):
-    _, out = run_demo(tmp_path, "--strategy", "trimmed-mean", "--no-mlflow")
-    closed = [e for e in read_events(out / "coordinator-state") if e["event"] == "round"]
+@pytest.mark.parametrize("strategy", ["trimmed-mean", "fednova"])
+def test_strategy_runs_through_the_real_stack(tmp_path, strategy):
+    """Trimmed mean spills to disk; FedNova needs each site's local_steps from the UPDATE's
+    encrypted meta: an update without it would be rejected and the round not aggregated."""
+    _, out = run_demo(tmp_path, "--strategy", strategy, "--no-mlflow")
+    events = read_events(out / "coordinator-state")
+    closed = [e for e in events if e["event"] == "round"]
     assert closed[0]["aggregated"] and len(closed[0]["sites"]) == 2
+    assert not [e for e in events if e["event"] == "reject"], events
