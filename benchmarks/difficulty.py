@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import emit
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,11 +106,7 @@ def main() -> None:
             "load_avg_1m": round(os.getloadavg()[0], 2),
         },
     }
-    text = json.dumps(_json_safe(out), indent=2)  # undefined HD95 (empty mask) -> null
-    print(text)
-    res = Path(__file__).resolve().parent / "results"
-    res.mkdir(exist_ok=True)
-    (res / "difficulty.json").write_text(text + "\n")
+    emit("difficulty", _json_safe(out))  # undefined HD95 (empty mask) -> null; one JSON line
 
 
 if __name__ == "__main__":

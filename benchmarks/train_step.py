@@ -17,7 +17,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from benchmarks.common import emit
 
 
 def one_size(size: int, steps: int, threads: int, model_size: str) -> dict:
@@ -105,11 +106,7 @@ def main() -> None:
             "cuda": torch.cuda.is_available(),
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    out_dir = Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "train_step.json").write_text(text + "\n")
+    emit("train_step", result)  # one JSON line, as make bench (run_all) reads it
 
 
 if __name__ == "__main__":
