@@ -31,6 +31,7 @@ class CoordinatorSettings:
     local_epochs: int = 1
     mu: float = 0.01
     max_norm: float | None = None
+    server_lr: float | None = None
     state_dir: Path | None = None
     mlflow_uri: str | None = None
     model_config: dict[str, Any] | None = None
@@ -98,7 +99,9 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     ModelConfig.from_dict(model_config)  # validate early
     state_dir = Path(s.state_dir or Path(s.bundle).parent / "coordinator-state")
     store = StateStore(state_dir)
-    strategy = make_strategy(s.strategy, mu=s.mu, max_norm=s.max_norm, spill_dir=state_dir / "spill")
+    strategy = make_strategy(
+        s.strategy, mu=s.mu, max_norm=s.max_norm, spill_dir=state_dir / "spill", server_lr=s.server_lr
+    )
     cfg = RoundConfig(
         rounds=s.rounds,
         expected_sites=sites,
@@ -125,6 +128,8 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         params["mu"] = s.mu
     if s.max_norm is not None:
         params["max_norm"] = s.max_norm
+    if s.server_lr is not None:
+        params["server_lr"] = s.server_lr
     factory = None
     if s.mlflow_uri:
 

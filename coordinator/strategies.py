@@ -369,6 +369,7 @@ def make_strategy(
     mu: float = 0.01,
     max_norm: float | None = None,
     spill_dir: str | Path | None = None,
+    server_lr: float | None = None,
     **opts: Any,
 ) -> Strategy:
     """Build a strategy by its CLI name (``fedavg``, ``fedprox``, ``fednova``, ``fedadam``,
@@ -376,6 +377,15 @@ def make_strategy(
     if name not in STRATEGIES:
         raise CoordinatorError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
+    if server_lr is not None:
+        if not issubclass(cls, FedOpt):
+            raise CoordinatorError(
+                f"--server-lr is the server optimiser's learning rate of fedadam and fedyogi; "
+                f"{name} has none (drop the flag or choose --strategy fedadam)"
+            )
+        if not server_lr > 0:
+            raise CoordinatorError(f"--server-lr must be positive, got {server_lr}")
+        opts["eta"] = server_lr
     if cls is FedProx:
         return FedProx(mu=mu, max_norm=max_norm)
     if issubclass(cls, _Spilled):

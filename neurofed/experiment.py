@@ -40,6 +40,8 @@ class Profile:
     fl_strategy: str = "fedavg"
     # what the FL arm's sites do with Adam's state between rounds (reset | continue-local)
     site_optimizer: str = "reset"
+    # FedAdam / FedYogi's server learning rate (None: the coordinator's default)
+    fl_server_lr: float | None = None
 
     @property
     def epochs(self) -> int:
@@ -253,6 +255,8 @@ def run_federated_arm(
             "--init-weights", str(init), "--state", str(out / "coordinator-state"),
             "--site-optimizer", profile.site_optimizer,
         ]  # fmt: skip
+        if profile.fl_server_lr is not None:
+            args += ["--server-lr", str(profile.fl_server_lr)]
         if tracking_uri:
             args += ["--mlflow", tracking_uri]
         args += list(coordinator_args)  # e.g. --fp16 (benchmarks/fp16_updates.py)

@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=STRATEGIES,
         help="the FL arm's aggregation (default fedavg, the study's)",
     )
+    p.add_argument("--fl-server-lr", type=float, help="the FL arm's server learning rate (fedadam, fedyogi)")
     p.add_argument(
         "--site-optimizer",
         default=None,
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         model_size=args.model_size,
         fl_strategy=args.fl_strategy,
         site_optimizer=args.site_optimizer,
+        fl_server_lr=args.fl_server_lr,
     )
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,25 @@ def test_cli_choices_are_the_coordinators_own():
 
     assert tuple(cli.STRATEGIES) == tuple(STRATEGIES)
     assert tuple(cli.SITE_OPTIMIZER) == SITE_OPTIMIZER
+
+
+def test_server_lr_and_site_optimizer_flags_parse():
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        [
+            "coordinator",
+            "--bundle",
+            "b",
+            "--strategy",
+            "fedadam",
+            "--server-lr",
+            "0.003",
+            "--site-optimizer",
+            "continue-local",
+        ]
+    )
+    assert args.server_lr == 0.003 and args.site_optimizer == "continue-local"
+    exp = parser.parse_args(
+        ["experiment", "--out", "o", "--fl-strategy", "fednova", "--fl-server-lr", "0.01"]
+    )
+    assert exp.fl_strategy == "fednova" and exp.fl_server_lr == 0.01

@@ -185,3 +185,22 @@ def test_fednova_rejects_an_update_without_local_steps():
         with pytest.raises(UpdateRejected, match="bad-local-steps"):
             check_local_steps(bad)
     assert check_local_steps(None) is None and check_local_steps(7) == 7
+
+
+def test_server_lr_sets_the_server_optimisers_step_and_is_refused_elsewhere():
+    glob = _model(0)
+    upd = {k: (v + 1.0 if v.dtype == np.float32 else v) for k, v in glob.items()}
+    moved = {}
+    for eta in (1e-3, 1e-2):
+        s = make_strategy("fedadam", server_lr=eta)
+        assert s.eta == eta
+        s.begin(1, glob)
+        s.add("a", upd, 3)
+        out = s.result()
+        moved[eta] = float(np.abs(out["a.weight"] - glob["a.weight"]).max())
+    # the first Adam step moves each coordinate by about eta (a delta of 1 >> tau)
+    assert moved[1e-3] == pytest.approx(1e-3, rel=0.05) and moved[1e-2] == pytest.approx(1e-2, rel=0.05)
+    with pytest.raises(CoordinatorError, match="fedadam and fedyogi; fedavg has none"):
+        make_strategy("fedavg", server_lr=0.1)
+    with pytest.raises(CoordinatorError, match="must be positive"):
+        make_strategy("fedyogi", server_lr=0.0)
