@@ -50,7 +50,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="seconds per round before the deadline (default 600)",
     )
     p.add_argument(
-        "--strategy", choices=STRATEGIES, default="fedavg", help="aggregation strategy (default fedavg)"
+        "--strategy",
+        choices=STRATEGIES,
+        default="fedavg",
+        help="aggregation strategy (default fedavg; fednova normalises each site's update by its local "
+        "steps, for sites of very different sizes; median and trimmed-mean resist outliers)",
     )
     p.add_argument(
         "--local-epochs", type=int, default=1, help="local epochs per round at each site (default 1)"
