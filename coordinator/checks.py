@@ -16,26 +16,26 @@ import numpy as np
 from coordinator.errors import UpdateRejected
 
 MAX_CASES = 10_000_000
-
-
 MAX_STEPS = 100_000_000
+
+
+def _positive_int(value: Any, field: str, limit: int) -> int:
+    """``value`` if it is an int in [1, limit] (bool is not one), else ``bad-<field>``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        reason = "bad-" + field.replace("_", "-")
+        raise UpdateRejected(reason, f"{field} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_local_steps(value: Any) -> int | None:
     """The optimiser steps a site took this round (FedNova's tau): absent (None) or a positive
     integer."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_STEPS:
-        raise UpdateRejected("bad-local-steps", f"local_steps must be a positive integer, got {value!r}")
-    return value
+    return None if value is None else _positive_int(value, "local_steps", MAX_STEPS)
 
 
 def check_num_cases(value: Any) -> int:
-    """The update's weight: a positive integer (bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CASES:
-        raise UpdateRejected("bad-num-cases", f"num_cases must be a positive integer, got {value!r}")
-    return value
+    """The update's weight: a positive integer."""
+    return _positive_int(value, "num_cases", MAX_CASES)
 
 
 def check_update(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> None:

@@ -154,7 +154,7 @@ def spawn_site(
         "--data", str(data / site),
         "--state", str(state_root / f"{site}-state"),
     ]  # fmt: skip
-    return spawn(site, ["-v", *args] if verbose else args, log_dir, env or child_env())
+    return spawn(site, ["-v", *args] if verbose else args, log_dir, env)
 
 
 class Broker:

@@ -28,8 +28,8 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 - TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload), ``train`` (false: evaluation
   only), ``done`` (true: the federation is over), ``deadline`` (unix time), ``epochs``, ``sites``
   ({site: its own config, e.g. ``{"epochs": 1, "mu": 0.01}``}), ``session`` (changes when the
-  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``site_optimizer`` (reset | continue-local), ``model_config``
-  (ModelConfig dict).
+  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``site_optimizer`` (reset |
+  continue-local), ``model_config`` (ModelConfig dict).
 - MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights.
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
   whose evaluation it holds), ``session``.

@@ -20,7 +20,7 @@ import math
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +36,7 @@ class Strategy(ABC):
     """Base: optional update-norm bound, per-site configuration, persistence hooks."""
 
     name: ClassVar[str] = "base"
+    needs_local_steps: ClassVar[bool] = False  # FedNova: updates without local_steps are rejected
 
     def __init__(self, *, max_norm: float | None = None) -> None:
         if max_norm is not None and not max_norm > 0:
@@ -58,8 +59,6 @@ class Strategy(ABC):
         self.clipped = {}
         self.local_steps: dict[str, int] = {}
         self._begin()
-
-    needs_local_steps: ClassVar[bool] = False
 
     def add(
         self, site: str, update: Mapping[str, np.ndarray], num_cases: int, local_steps: int | None = None
@@ -151,6 +150,25 @@ class FedProx(FedAvg):
         return meta, tensors
 
 
+def _server_step(
+    global_weights: Mapping[str, np.ndarray],
+    mean: Mapping[str, np.ndarray],
+    step: Callable[[str, np.ndarray], np.ndarray],
+) -> Weights:
+    """``global + step(name, mean - global)`` per floating tensor, in float64 and cast back; the
+    counters (integer tensors) take the sites' mean as is. FedNova and FedOpt differ only in
+    ``step``."""
+    out: Weights = {}
+    for name, g in global_weights.items():
+        g = np.asarray(g)
+        if not np.issubdtype(g.dtype, np.floating):
+            out[name] = mean[name]
+            continue
+        g64 = g.astype(np.float64)
+        out[name] = (g64 + step(name, mean[name].astype(np.float64) - g64)).astype(g.dtype)
+    return out
+
+
 class FedNova(FedAvg):
     """Wang et al. 2020 (normalised averaging): each site's change is divided by the optimiser
     steps it took, the per-step changes are averaged by cases, and the result is scaled back by
@@ -187,15 +205,7 @@ class FedNova(FedAvg):
         if mean is None or self._global is None:
             return None
         scale = self._t * self._a / (self._n * self._n)  # 1 when every site took the same steps
-        out: Weights = {}
-        for name, g in self._global.items():
-            g = np.asarray(g)
-            if not np.issubdtype(g.dtype, np.floating):
-                out[name] = mean[name]  # counters: the weighted mean as is
-                continue
-            g64 = g.astype(np.float64)
-            out[name] = (g64 + scale * (mean[name].astype(np.float64) - g64)).astype(g.dtype)
-        return out
+        return _server_step(self._global, mean, lambda _name, delta: scale * delta)
 
 
 class FedOpt(FedAvg):
@@ -227,21 +237,17 @@ class FedOpt(FedAvg):
         if avg is None or self._global is None:
             return None
         self.t += 1
-        out: Weights = {}
-        for name, g in self._global.items():
-            g = np.asarray(g)
-            if not np.issubdtype(g.dtype, np.floating):
-                out[name] = avg[name]  # counters: take the mean as is
-                continue
-            delta = avg[name].astype(np.float64) - g.astype(np.float64)
-            m = self.m.get(name)
-            v = self.v.get(name)
-            m = (1.0 - self.beta1) * delta if m is None else self.beta1 * m + (1.0 - self.beta1) * delta
-            d2 = delta * delta
-            v = (1.0 - self.beta2) * d2 if v is None else self._second_moment(v, d2)
-            self.m[name], self.v[name] = m, v
-            out[name] = (g.astype(np.float64) + self.eta * m / (np.sqrt(v) + self.tau)).astype(g.dtype)
-        return out
+        return _server_step(self._global, avg, self._adaptive_step)
+
+    def _adaptive_step(self, name: str, delta: np.ndarray) -> np.ndarray:
+        """One server-optimiser step for tensor ``name`` from its pseudo-gradient ``delta``."""
+        m = self.m.get(name)
+        v = self.v.get(name)
+        m = (1.0 - self.beta1) * delta if m is None else self.beta1 * m + (1.0 - self.beta1) * delta
+        d2 = delta * delta
+        v = (1.0 - self.beta2) * d2 if v is None else self._second_moment(v, d2)
+        self.m[name], self.v[name] = m, v
+        return self.eta * m / (np.sqrt(v) + self.tau)
 
     def state(self) -> tuple[dict[str, Any], Weights]:
         meta, tensors = super().state()

@@ -312,7 +312,7 @@ class SiteAgent:
                 loss=float(result.loss),
                 model_digest=model[1],
                 train_seconds=float(t1 - t0),
-                local_steps=int(getattr(result, "steps", 0) or 0) or None,
+                local_steps=int(getattr(result, "steps", 0)) or None,  # 0: the trainer does not say
             )
             self._save_state()
         if not rs.get("update_sent"):

@@ -79,11 +79,8 @@ def dice_hd95(
         # MONAI 1.5 passes its own deprecated ``always_return_as_numpy`` to ``get_mask_edges``
         # inside ``compute_hausdorff_distance``: nothing a caller can change, so not shown to users
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        hd = float(
-            compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=sp).reshape(-1)[
-                0
-            ]
-        )
+        hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=sp)
+    hd = float(hd95.reshape(-1)[0])
     return dice, hd if math.isfinite(hd) else float("nan")
 
 
