@@ -32,6 +32,7 @@ class CoordinatorSettings:
     mu: float = 0.01
     max_norm: float | None = None
     server_lr: float | None = None
+    server_momentum: float | None = None
     state_dir: Path | None = None
     mlflow_uri: str | None = None
     model_config: dict[str, Any] | None = None
@@ -100,7 +101,12 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     state_dir = Path(s.state_dir or Path(s.bundle).parent / "coordinator-state")
     store = StateStore(state_dir)
     strategy = make_strategy(
-        s.strategy, mu=s.mu, max_norm=s.max_norm, spill_dir=state_dir / "spill", server_lr=s.server_lr
+        s.strategy,
+        mu=s.mu,
+        max_norm=s.max_norm,
+        spill_dir=state_dir / "spill",
+        server_lr=s.server_lr,
+        server_momentum=s.server_momentum,
     )
     cfg = RoundConfig(
         rounds=s.rounds,
@@ -130,6 +136,8 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         params["max_norm"] = s.max_norm
     if s.server_lr is not None:
         params["server_lr"] = s.server_lr
+    if s.server_momentum is not None:
+        params["server_momentum"] = s.server_momentum
     factory = None
     if s.mlflow_uri:
 

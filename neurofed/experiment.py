@@ -40,8 +40,10 @@ class Profile:
     fl_strategy: str = "fedavg"
     # what the FL arm's sites do with Adam's state between rounds (reset | continue-local)
     site_optimizer: str = "reset"
-    # FedAdam / FedYogi's server learning rate (None: the coordinator's default)
+    # FedAvgM / FedAdam / FedYogi's server learning rate (None: the coordinator's default)
     fl_server_lr: float | None = None
+    # FedAvgM's server momentum (None: the coordinator's default)
+    fl_server_momentum: float | None = None
 
     @property
     def epochs(self) -> int:
@@ -257,6 +259,8 @@ def run_federated_arm(
         ]  # fmt: skip
         if profile.fl_server_lr is not None:
             args += ["--server-lr", str(profile.fl_server_lr)]
+        if profile.fl_server_momentum is not None:
+            args += ["--server-momentum", str(profile.fl_server_momentum)]
         if tracking_uri:
             args += ["--mlflow", tracking_uri]
         args += list(coordinator_args)  # e.g. --fp16 (benchmarks/fp16_updates.py)

@@ -49,7 +49,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=STRATEGIES,
         help="the FL arm's aggregation (default fedavg, the study's)",
     )
-    p.add_argument("--fl-server-lr", type=float, help="the FL arm's server learning rate (fedadam, fedyogi)")
+    p.add_argument(
+        "--fl-server-lr", type=float, help="the FL arm's server learning rate (fedavgm, fedadam, fedyogi)"
+    )
+    p.add_argument("--fl-server-momentum", type=float, help="the FL arm's server momentum (fedavgm)")
     p.add_argument(
         "--site-optimizer",
         default=None,
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         fl_strategy=args.fl_strategy,
         site_optimizer=args.site_optimizer,
         fl_server_lr=args.fl_server_lr,
+        fl_server_momentum=args.fl_server_momentum,
     )
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
