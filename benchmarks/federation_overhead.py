@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="small", choices=("tiny", "small", "default"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument(
+        "--fp16", action="store_true", help="send models and updates in half precision (coordinator --fp16)"
+    )
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args(argv)
 
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                 str(init),
                 "--state",
                 str(work / "coordinator-state"),
-            ],
+            ]
+            + (["--fp16"] if args.fp16 else []),
             logs,
             child_env(),
         )
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
             "rounds": args.rounds,
             "local_epochs": args.epochs,
             "strategy": "fedavg",
+            "fp16": args.fp16,
         },
         "coordinator_exit": rc,
         "setup_s": round(setup_s, 1),
@@ -234,9 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         "processes": len(hwm),
     }
     # the peers' task keeps the plain name; other models get their own file
-    return emit(
-        "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}", result
-    )
+    name = "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}"
+    return emit(name + ("_fp16" if args.fp16 else ""), result)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,16 @@ def fault_point(point: str, round: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """All or nothing (temporary file, rename). ``durable`` also fsyncs, for what a restart relies
+    on (the update, the round state); the status file is only read by people and health checks,
+    and an fsync there would sit on the round's critical path."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -110,6 +114,7 @@ class SiteAgent:
         self.models: dict[str, tuple[int, str, bytes]] = {}  # digest -> (round, digest, payload)
         self.receipts: dict[str, Any] | None = None
         self._fresh_receipts: dict[str, Any] | None = None
+        self._fresh_update: tuple[int, bytes] | None = None  # (round, bytes) just stored
         self.done = False
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
@@ -145,7 +150,7 @@ class SiteAgent:
     def _set_status(self, **kw: Any) -> None:
         self._status.update(kw, t=time.time())
         try:
-            _atomic_write(self.state_dir / "status.json", json.dumps(self._status).encode())
+            _atomic_write(self.state_dir / "status.json", json.dumps(self._status).encode(), durable=False)
         except OSError:  # pragma: no cover - the status file is a convenience
             pass
 
@@ -305,6 +310,7 @@ class SiteAgent:
 
             payload = encode_state(result.state_dict, fp16=bool(task.get("fp16", self.fp16)))
             _atomic_write(path, payload)
+            self._fresh_update = (r, payload)  # sent from memory; the file is for resends
             self._timeline("store", r, t1, time.time())
             rs.update(
                 update_stored=True,
@@ -321,7 +327,8 @@ class SiteAgent:
     def _send_update(
         self, r: int, rs: dict[str, Any], *, resend: bool = False, stop: threading.Event | None = None
     ) -> None:
-        payload = self._update_path(r).read_bytes()
+        fresh, self._fresh_update = self._fresh_update, None
+        payload = fresh[1] if fresh and fresh[0] == r else self._update_path(r).read_bytes()
         meta = {
             "num_cases": int(rs["num_cases"]),
             "model_digest": rs["model_digest"],
