@@ -39,6 +39,7 @@ class CoordinatorSettings:
     seed: int = 0
     fp16: bool = False
     site_optimizer: str = "reset"
+    lr_schedule: str = "constant"
     broker_host: str | None = None
     broker_port: int | None = None
     receipt_interval: float = 3.0
@@ -116,6 +117,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         local_epochs=s.local_epochs,
         fp16=s.fp16,
         site_optimizer=s.site_optimizer,
+        lr_schedule=s.lr_schedule,
         receipt_interval=s.receipt_interval,
     )
     params = {
@@ -130,6 +132,8 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     }
     if s.site_optimizer != "reset":
         params["site_optimizer"] = s.site_optimizer
+    if s.lr_schedule != "constant":
+        params["lr_schedule"] = s.lr_schedule
     if s.strategy == "fedprox":
         params["mu"] = s.mu
     if s.max_norm is not None:

@@ -53,6 +53,7 @@ class Trainer(Protocol):
         prox_mu: float = 0.0,
         progress: Any = None,
         keep_optimizer: bool = False,
+        lr_scale: float = 1.0,
     ) -> Any: ...
 
     def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
@@ -303,7 +304,8 @@ class SiteAgent:
             mu = float(site_cfg.get("mu", 0.0))
             t0 = time.time()
             keep = task.get("site_optimizer", "reset") == "continue-local"
-            result = trainer.train(state_dict, epochs, prox_mu=mu, keep_optimizer=keep)
+            lr_scale = float(site_cfg.get("lr_scale", 1.0))
+            result = trainer.train(state_dict, epochs, prox_mu=mu, keep_optimizer=keep, lr_scale=lr_scale)
             t1 = time.time()
             self._timeline("train", r, t0, t1)
             from wire.payload import encode_state

@@ -76,6 +76,13 @@ class TrainResult:
     steps: int = 0  # optimiser steps taken (FedNova normalises by it)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (a schedule's step, also after loading a kept
+    optimiser state, which carries the previous round's rate)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,6 +196,7 @@ class CaseTrainer:
         return model
 
     def make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Adam at the configured rate; :func:`set_lr` rescales it per round or epoch."""
         tc = self.train_config
         return torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
@@ -340,6 +348,7 @@ class LocalTrainer(CaseTrainer):
         prox_mu: float = 0.0,
         progress: Progress | None = None,
         keep_optimizer: bool = False,
+        lr_scale: float = 1.0,
     ) -> TrainResult:
         """Start from ``state_dict`` (None: fresh weights), train ``epochs`` local epochs, return
         the new weights.
@@ -348,13 +357,17 @@ class LocalTrainer(CaseTrainer):
         then Adam's moments and step count carry over from this trainer's previous call (OpenFL's
         ``continue-local``), so a new round does not restart with Adam's large bias-corrected
         first steps. They live in memory only: a restarted site starts its next round fresh.
-        ``prox_mu`` > 0 adds FedProx's (mu/2)·||w - w_start||² to the loss.
+        ``prox_mu`` > 0 adds FedProx's (mu/2)·||w - w_start||² to the loss. ``lr_scale`` multiplies
+        the configured learning rate for this call (the coordinator's ``--lr-schedule``).
         """
+        if not (math.isfinite(lr_scale) and 0 < lr_scale <= 10):
+            raise TrainingError(f"lr_scale must be in (0, 10], got {lr_scale}")
         t0 = time.perf_counter()
         model = self.load_state(state_dict)
         optimizer = self.make_optimizer(model)
         if keep_optimizer and self._optimizer_state is not None:
             optimizer.load_state_dict(self._optimizer_state)
+        set_lr(optimizer, self.train_config.lr * lr_scale)
         loss = self.run_epochs(
             model,
             optimizer,

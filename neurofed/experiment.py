@@ -42,6 +42,8 @@ class Profile:
     site_optimizer: str = "reset"
     # FedAvgM / FedAdam / FedYogi's server learning rate (None: the coordinator's default)
     fl_server_lr: float | None = None
+    # the learning rate over the rounds (constant | cosine), the same for every arm by epoch
+    lr_schedule: str = "constant"
     # FedAvgM's server momentum (None: the coordinator's default)
     fl_server_momentum: float | None = None
 
@@ -129,6 +131,8 @@ class Arms:
         """
         import torch
 
+        from edge_node.training import set_lr
+
         trainer = self._trainer(sites)
         if not trainer.num_train_cases:
             raise ValueError(f"no training cases for sites {sites}")
@@ -143,7 +147,9 @@ class Arms:
         pooled_val = self._trainer(None)
         while done < epochs:
             n = min(step, epochs - done)
-            trainer.run_epochs(model, optimizer, n, start_epoch=done)
+            for e in range(done, done + n):  # one epoch at a time: the schedule's factor by epoch
+                set_lr(optimizer, self.train_config.lr * self.epoch_lr_scale(e))
+                trainer.run_epochs(model, optimizer, 1, start_epoch=e)
             done += n
             if curve_every:
                 val = pooled_val.evaluate_module(model, "val")
@@ -154,6 +160,14 @@ class Arms:
                     progress(f"epoch {done}/{epochs}: val Dice {val.dice:.3f}")
         test = trainer.evaluate_module(model, "test")
         return summarise(test.per_case) | {"per_case": test.per_case}, curve, model.state_dict()
+
+    def epoch_lr_scale(self, epoch: int) -> float:
+        """The learning-rate factor of 0-based ``epoch``: that of the federated round it falls in
+        (epochs 0..E-1 are round 1 with E local epochs), so every arm follows one schedule."""
+        from coordinator.rounds import lr_scale
+
+        p = self.profile
+        return lr_scale(p.lr_schedule, epoch // max(1, p.local_epochs) + 1, p.rounds)
 
     def evaluate_state(self, state: dict) -> dict[str, Any]:
         trainer = self._trainer(None)
@@ -173,7 +187,7 @@ class Arms:
         local epoch at a time, until the budget is spent (the later papers' CIIL arm)."""
         import torch
 
-        from edge_node.training import CaseTrainer
+        from edge_node.training import CaseTrainer, set_lr
 
         trainers = {s: self._trainer([s]) for s in self.sites}
         torch.manual_seed(self.profile.seed)
@@ -189,7 +203,9 @@ class Arms:
                     continue
                 m = t.model()
                 m.load_state_dict(state)
-                t.run_epochs(m, t.make_optimizer(m), 1, start_epoch=spent)
+                opt = t.make_optimizer(m)
+                set_lr(opt, self.train_config.lr * self.epoch_lr_scale(spent))
+                t.run_epochs(m, opt, 1, start_epoch=spent)
                 state = m.state_dict()
                 spent += 1
         return self.evaluate_state(state)
@@ -255,7 +271,7 @@ def run_federated_arm(
             "--patch-size", str(int(pre.patch_size[0])),
             "--spacing", ",".join(str(float(x)) for x in pre.spacing),
             "--init-weights", str(init), "--state", str(out / "coordinator-state"),
-            "--site-optimizer", profile.site_optimizer,
+            "--site-optimizer", profile.site_optimizer, "--lr-schedule", profile.lr_schedule,
         ]  # fmt: skip
         if profile.fl_server_lr is not None:
             args += ["--server-lr", str(profile.fl_server_lr)]

@@ -7,9 +7,10 @@ import argparse
 
 NAME = "coordinator"
 # The CLI stays import-light (no numpy at parser build); tests/coordinator/test_commands.py pins
-# these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER.
+# these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER / LR_SCHEDULES.
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean")
 SITE_OPTIMIZER = ("reset", "continue-local")
+LR_SCHEDULES = ("constant", "cosine")
 EXAMPLE = """\
 example:
   neurofed coordinator --bundle bundles/coordinator --rounds 5 --min-sites 2 --round-timeout 600 \\
@@ -89,6 +90,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="sites' Adam state between rounds: reset (fresh each round, FedAvg's convention) or "
         "continue-local (keep each site's moments; see docs/study for the measured effect)",
     )
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="sites' learning rate over the rounds: constant, or cosine (decays to near 0 by the last "
+        "round, which lets FedAvg settle instead of plateauing; see docs/study)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
     p.set_defaults(func=run)
@@ -129,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             fp16=args.fp16,
             site_optimizer=args.site_optimizer,
+            lr_schedule=args.lr_schedule,
             init_weights=Path(args.init_weights) if args.init_weights else None,
         )
     )

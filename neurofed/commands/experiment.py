@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from neurofed.commands.coordinator import SITE_OPTIMIZER, STRATEGIES
+from neurofed.commands.coordinator import LR_SCHEDULES, SITE_OPTIMIZER, STRATEGIES
 
 EXAMPLE = """\
 examples:
@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--fl-server-momentum", type=float, help="the FL arm's server momentum (fedavgm)")
     p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="every arm's learning rate over the rounds (constant | cosine; centralized and single "
+        "sites follow the same factor by epoch; default: the profile's)",
+    )
+    p.add_argument(
         "--site-optimizer",
         default=None,
         choices=SITE_OPTIMIZER,
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         site_optimizer=args.site_optimizer,
         fl_server_lr=args.fl_server_lr,
         fl_server_momentum=args.fl_server_momentum,
+        lr_schedule=args.lr_schedule,
     )
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ class ShiftTrainer:
     dice: float = 0.5
     trained: int = 0
 
-    def train(self, state_dict, epochs, *, prox_mu=0.0, progress=None, keep_optimizer=False):
+    def train(self, state_dict, epochs, *, prox_mu=0.0, progress=None, keep_optimizer=False, lr_scale=1.0):
         self.trained += 1
+        self.lr_scales = [*getattr(self, "lr_scales", []), lr_scale]
         self.last_mu = prox_mu
         self.last_keep_optimizer = keep_optimizer
         self.last_epochs = epochs

@@ -73,12 +73,13 @@ def test_fault_points_are_named_and_inert_without_the_variable(monkeypatch):
 
 def test_cli_choices_are_the_coordinators_own():
     """The CLI keeps literal tuples so building the parser imports no numpy; they must not drift."""
-    from coordinator.rounds import SITE_OPTIMIZER
+    from coordinator.rounds import LR_SCHEDULES, SITE_OPTIMIZER
     from coordinator.strategies import STRATEGIES
     from neurofed.commands import coordinator as cli
 
     assert tuple(cli.STRATEGIES) == tuple(STRATEGIES)
     assert tuple(cli.SITE_OPTIMIZER) == SITE_OPTIMIZER
+    assert tuple(cli.LR_SCHEDULES) == LR_SCHEDULES
 
 
 def test_server_lr_and_site_optimizer_flags_parse():
@@ -101,3 +102,22 @@ def test_server_lr_and_site_optimizer_flags_parse():
         ["experiment", "--out", "o", "--fl-strategy", "fednova", "--fl-server-lr", "0.01"]
     )
     assert exp.fl_strategy == "fednova" and exp.fl_server_lr == 0.01
+    args = parser.parse_args(
+        [
+            "coordinator",
+            "--bundle",
+            "b",
+            "--strategy",
+            "fedavgm",
+            "--server-momentum",
+            "0.5",
+            "--lr-schedule",
+            "cosine",
+        ]
+    )
+    assert args.server_momentum == 0.5 and args.lr_schedule == "cosine"
+    exp = parser.parse_args(
+        ["experiment", "--out", "o", "--fl-server-momentum", "0.5", "--lr-schedule", "cosine"]
+    )
+    assert exp.fl_server_momentum == 0.5 and exp.lr_schedule == "cosine"
+    assert parser.parse_args(["coordinator", "--bundle", "b"]).lr_schedule == "constant"

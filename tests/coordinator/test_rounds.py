@@ -307,3 +307,23 @@ def test_unknown_site_optimizer_is_refused_with_the_choices(tmp_path):
 
     with pytest.raises(CoordinatorError, match="reset, continue-local"):
         make_coordinator(MemoryHub("x"), tmp_path, SITES, site_optimizer="global")
+
+
+def test_cosine_lr_schedule_reaches_every_site_round_by_round(tmp_path):
+    from coordinator.errors import CoordinatorError
+    from coordinator.rounds import lr_scale
+
+    assert lr_scale("constant", 3, 4) == 1.0
+    assert [round(lr_scale("cosine", r, 4), 4) for r in (1, 2, 3, 4)] == [1.0, 0.8536, 0.5, 0.1464]
+    with pytest.raises(CoordinatorError, match="constant, cosine"):
+        make_coordinator(MemoryHub("x"), tmp_path / "bad", SITES, lr_schedule="step")
+
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    trainers = {s: ShiftTrainer(shift=1.0, num_train_cases=2) for s in SITES}
+    coord = make_coordinator(hub, tmp_path / "coord", SITES, rounds=4, lr_schedule="cosine")
+    for s in SITES:
+        start_agent(hub, s, trainers[s], tmp_path, stop)
+    _finish(*run_in_thread(coord), stop)
+    expected = [pytest.approx(lr_scale("cosine", r, 4)) for r in (1, 2, 3, 4)]
+    assert all(tr.lr_scales == expected for tr in trainers.values())

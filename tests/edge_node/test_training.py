@@ -94,6 +94,30 @@ def test_keep_optimizer_carries_adams_moments_into_the_next_round(
     assert any(not torch.equal(w_kept[k], w_reset[k]) for k in w_kept if w_kept[k].is_floating_point())
 
 
+def test_lr_scale_sets_this_rounds_rate_also_over_a_kept_optimizer(
+    synth_data: Path, synth_tiny_config
+) -> None:
+    """--lr-schedule: the round's factor is the rate Adam runs at, including after continue-local
+    loads the previous round's state (which carries that round's rate); a bad factor is refused."""
+    from edge_node.errors import TrainingError
+
+    tr = LocalTrainer(synth_data / "site-02", synth_tiny_config, TrainConfig(lr=1e-3), device="cpu")
+    start = {k: v.clone() for k, v in tr.model().state_dict().items()}
+    first = tr.train(start, epochs=1, keep_optimizer=True, lr_scale=0.5)
+    assert [g["lr"] for g in tr._optimizer_state["param_groups"]] == [pytest.approx(5e-4)]
+    tr.train(first.state_dict, epochs=1, keep_optimizer=True, lr_scale=0.25)
+    assert [g["lr"] for g in tr._optimizer_state["param_groups"]] == [pytest.approx(2.5e-4)]
+    # a smaller rate moves the weights less from the same start
+    moved = {}
+    for scale in (1.0, 0.01):
+        out = tr.train(start, epochs=1, lr_scale=scale).state_dict
+        moved[scale] = sum(float((out[k].float() - start[k].float()).abs().sum()) for k in start)
+    assert moved[0.01] < 0.2 * moved[1.0]
+    for bad in (0.0, -1.0, float("nan"), 11.0):
+        with pytest.raises(TrainingError, match="lr_scale"):
+            tr.train(start, epochs=1, lr_scale=bad)
+
+
 def test_checkpoint_round_trip_bit_exact(tmp_path: Path, synth_tiny_config) -> None:
     from models.unet import build_unet
 

@@ -85,3 +85,20 @@ def test_real_brats_folders_run_with_a_site_mapping_csv(tmp_path):
     assert saved["sites"] == sorted({site for _, site in rows})
     assert saved["arms"]["threshold"]["dice"]["n"] == saved["test_cases"] > 0
     assert not any(flat.glob("*.json")), "the experiment must not write into the hospital's data folder"
+
+
+def test_every_arm_follows_the_federations_lr_schedule_by_epoch():
+    """Equal budgets include equal schedules: centralized epoch e runs at the factor of the round
+    it falls in, the same factor the coordinator sends the sites that round."""
+    from types import SimpleNamespace
+
+    from coordinator.rounds import lr_scale
+    from neurofed.experiment import PROFILES, Arms, with_overrides
+
+    p = with_overrides(PROFILES["quick"], rounds=4, local_epochs=5, lr_schedule="cosine")
+    arms = SimpleNamespace(profile=p)
+    scales = [Arms.epoch_lr_scale(arms, e) for e in range(p.epochs)]
+    assert scales == [lr_scale("cosine", e // 5 + 1, 4) for e in range(20)]
+    assert scales[0] == 1.0 and scales[4] == 1.0 and scales[5] < 1.0 and scales[-1] < 0.2
+    flat = SimpleNamespace(profile=with_overrides(p, lr_schedule="constant"))
+    assert {Arms.epoch_lr_scale(flat, e) for e in range(20)} == {1.0}
