@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -136,6 +137,7 @@ class MqttEndpoint(Endpoint):
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_socket_open = _no_delay
         if self.role == "site":
             will = seal_message(self.bundle, MessageKind.STATUS, 0, {"status": "offline", "reason": "lost"})
             topic, frame = next(will.frames)
@@ -368,6 +370,16 @@ class MqttEndpoint(Endpoint):
     @property
     def rejections(self) -> Mapping[str, int]:
         return dict(self.receiver.rejections)
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """TCP_NODELAY on the broker connection: an acknowledgement or a task is a packet of a few
+    bytes, and Nagle's algorithm holds it until the previous segment is acknowledged, which the
+    broker's delayed ACK can stretch to 40 ms per exchange (the broker side: ``set_tcp_nodelay``)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (e.g. a unix socket or a test double)
+        pass
 
 
 def topic_of(federation: str, kind: MessageKind, sender: str, round: int, msg_id: str, index: int = 0) -> str:

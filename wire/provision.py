@@ -288,6 +288,9 @@ max_inflight_messages 100
 max_queued_messages {max_queued}
 max_queued_bytes 0
 max_keepalive 300
+# Small packets (acknowledgements, tasks, receipts) go out at once: with Nagle's algorithm each
+# waits for the ACK of the one before, which the peer delays by up to 40 ms.
+set_tcp_nodelay true
 
 listener {int(state["broker_port"])}
 cafile ca.crt

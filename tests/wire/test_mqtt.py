@@ -210,3 +210,14 @@ def test_bulk_messages_wait_spooled_until_the_consumer_asks(broker):
             s.close()
         coord.close()
     assert not coord.rejections
+
+
+def test_both_ends_of_the_broker_connection_send_small_packets_at_once(broker, coord):
+    """TCP_NODELAY on the client socket, set_tcp_nodelay in the broker's generated config (which
+    this Mosquitto started with): acknowledgements and tasks do not wait out Nagle's algorithm."""
+    import socket
+
+    sock = coord._client.socket()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    conf = (broker.root / "broker" / "mosquitto.conf").read_text()
+    assert "\nset_tcp_nodelay true\n" in conf
