@@ -326,7 +326,9 @@ class Coordinator:
                 delay = min(2 * delay, 10.0)
 
     def _send_receipts(self, r: int, received: list[str], metrics: list[str]) -> None:
-        """Best effort: receipts are repeated every few seconds, so a lost one costs nothing."""
+        """Best effort: receipts are repeated every few seconds, so a lost one costs nothing, and
+        they are not waited for: after each update a broker round trip, while the broker relays
+        other sites' updates, held up opening the next one."""
         try:
             self.ep.send(
                 MessageKind.RECEIPTS,
@@ -338,6 +340,7 @@ class Coordinator:
                     "session": self.session,
                 },
                 timeout=5.0,
+                wait=False,
             )
         except TransportError as exc:
             log.warning("round %d: receipts not published (%s); will repeat", r, exc)

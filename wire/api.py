@@ -84,10 +84,15 @@ class Endpoint(ABC):
         payload: bytes = b"",
         retain: bool = False,
         timeout: float = 120.0,
+        wait: bool = True,
     ) -> str:
         """Seal, sign, chunk and publish; return the message id once the broker acknowledged every
         chunk (QoS 1). Raises ``wire.errors.TransportError`` on timeout or a payload the broker
-        cannot take, ``ValueError`` if this participant may not send ``kind``."""
+        cannot take, ``ValueError`` if this participant may not send ``kind``.
+
+        ``wait=False`` returns once the chunks are handed to the client, without waiting for the
+        broker: for messages that are repeated anyway (receipts), where a broker round trip per
+        message would hold up the caller while the broker is busy relaying updates."""
 
     @abstractmethod
     def receive(self, timeout: float | None = None) -> Message | None:

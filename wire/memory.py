@@ -92,6 +92,7 @@ class MemoryEndpoint(Endpoint):
         payload: bytes = b"",
         retain: bool = False,
         timeout: float = 120.0,
+        wait: bool = True,
     ) -> str:
         if not self._started:
             raise TransportError(f"{self.participant}: endpoint not started")

@@ -282,11 +282,12 @@ class MqttEndpoint(Endpoint):
         payload: bytes = b"",
         retain: bool = False,
         timeout: float = 120.0,
+        wait: bool = True,
     ) -> str:
         kind = MessageKind(kind)
         if SENDER_ROLE[kind] != self.role:
             raise ValueError(f"{self.participant} ({self.role}) may not send {kind}")
-        return self._send(kind, round, meta, payload, retain, timeout)
+        return self._send(kind, round, meta, payload, retain, timeout, wait)
 
     def _publish_and_track(self, topic: str, frame: bytes | None, retain: bool, deadline: float) -> None:
         """Publish QoS 1, keeping at most ``window`` chunks unacknowledged. paho calls on_publish
@@ -317,7 +318,7 @@ class MqttEndpoint(Endpoint):
                     raise TransportError(f"{self.participant}: {n} chunks of {what} not acknowledged in time")
                 self._acks.wait(min(left, 1.0))
 
-    def _send(self, kind, round, meta, payload, retain, timeout) -> str:
+    def _send(self, kind, round, meta, payload, retain, timeout, wait=True) -> str:
         if self._client is None:
             raise TransportError(f"{self.participant}: endpoint not started")
         deadline = time.monotonic() + timeout
@@ -329,6 +330,8 @@ class MqttEndpoint(Endpoint):
             self._publish_and_track(topic, frame, retain, deadline)
             if retain:
                 topics.append(topic)
+        if not wait:
+            return sealed.msg_id
         self._wait_all_acked(deadline, f"{kind} {sealed.msg_id}")
         if retain and kind is MessageKind.MODEL:
             self._clear_old_retained(kind, set(topics), deadline)

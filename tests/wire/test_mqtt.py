@@ -221,3 +221,13 @@ def test_both_ends_of_the_broker_connection_send_small_packets_at_once(broker, c
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     conf = (broker.root / "broker" / "mosquitto.conf").read_text()
     assert "\nset_tcp_nodelay true\n" in conf
+
+
+def test_send_without_waiting_still_delivers_and_later_sends_wait_for_it(coord, site_a):
+    """wait=False (receipts) returns before the broker's acknowledgement; the message arrives all
+    the same, and the next waiting send returns only once every earlier chunk is acknowledged."""
+    coord.send(MessageKind.RECEIPTS, 1, meta={"round": 1, "held": ["site-a"]}, wait=False)
+    coord.send(MessageKind.RECEIPTS, 1, meta={"round": 1, "held": ["site-a", "site-b"]})
+    assert not coord._unacked
+    got = [receive_kind(site_a, MessageKind.RECEIPTS) for _ in range(2)]
+    assert [m.meta["held"] for m in got] == [["site-a"], ["site-a", "site-b"]]
