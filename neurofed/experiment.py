@@ -36,7 +36,7 @@ class Profile:
     seed: int = 0
     ciil: bool = False
     # the FL arm's aggregation: FedAvg is the study's; the kit's others can be compared on the
-    # same arms (FedProx and FedAdam use the coordinator's default mu / server learning rate)
+    # same arms (None below: the coordinator's default)
     fl_strategy: str = "fedavg"
     # what the FL arm's sites do with Adam's state between rounds (reset | continue-local)
     site_optimizer: str = "reset"
@@ -46,6 +46,8 @@ class Profile:
     lr_schedule: str = "constant"
     # FedAvgM's server momentum (None: the coordinator's default)
     fl_server_momentum: float | None = None
+    # FedProx's proximal weight (None: the coordinator's default)
+    fl_mu: float | None = None
 
     @property
     def epochs(self) -> int:
@@ -275,6 +277,8 @@ def run_federated_arm(
         ]  # fmt: skip
         if profile.fl_server_lr is not None:
             args += ["--server-lr", str(profile.fl_server_lr)]
+        if profile.fl_mu is not None:
+            args += ["--mu", str(profile.fl_mu)]
         if profile.fl_server_momentum is not None:
             args += ["--server-momentum", str(profile.fl_server_momentum)]
         if tracking_uri:

@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--fl-server-lr", type=float, help="the FL arm's server learning rate (fedavgm, fedadam, fedyogi)"
     )
     p.add_argument("--fl-server-momentum", type=float, help="the FL arm's server momentum (fedavgm)")
+    p.add_argument("--fl-mu", type=float, help="the FL arm's proximal weight (fedprox; default 0.01)")
     p.add_argument(
         "--lr-schedule",
         choices=LR_SCHEDULES,
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         site_optimizer=args.site_optimizer,
         fl_server_lr=args.fl_server_lr,
         fl_server_momentum=args.fl_server_momentum,
+        fl_mu=args.fl_mu,
         lr_schedule=args.lr_schedule,
     )
     out = Path(args.out).resolve()
