@@ -217,7 +217,9 @@ class FedAvgM(FedAvg):
     small site's worth of optimiser steps; pooled training over the same epochs takes ten times
     as many. Momentum keeps walking a direction the sites agree on round after round (at most
     1 / (1 - momentum) times as far in steady state), so federated training is not starved of
-    progress at an equal epoch budget. Flower's ``FedAvgM`` has the same two knobs.
+    progress at an equal epoch budget. Flower's ``FedAvgM`` has the same two knobs. Measured on the
+    study's synthetic sites (docs/study): momentum 0.5 reaches FedAvg's plateau in fewer rounds;
+    0.9 diverged there.
     """
 
     name = "fedavgm"

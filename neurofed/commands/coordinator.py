@@ -94,8 +94,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=LR_SCHEDULES,
         default="constant",
-        help="sites' learning rate over the rounds: constant, or cosine (decays to near 0 by the last "
-        "round, which lets FedAvg settle instead of plateauing; see docs/study)",
+        help="sites' learning rate over the rounds: constant, or cosine (1 in the first round, decaying "
+        "to near 0 in the last; measured effect in docs/study)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
