@@ -82,42 +82,28 @@ def test_cli_choices_are_the_coordinators_own():
     assert tuple(cli.LR_SCHEDULES) == LR_SCHEDULES
 
 
-def test_server_lr_and_site_optimizer_flags_parse():
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            "coordinator --bundle b --strategy fedadam --server-lr 0.003 --site-optimizer continue-local",
+            {"server_lr": 0.003, "site_optimizer": "continue-local", "lr_schedule": "constant"},
+        ),
+        (
+            "coordinator --bundle b --strategy fedavgm --server-momentum 0.5 --lr-schedule cosine",
+            {"strategy": "fedavgm", "server_momentum": 0.5, "lr_schedule": "cosine"},
+        ),
+        (
+            "experiment --out o --fl-strategy fednova --fl-server-lr 0.01",
+            {"fl_strategy": "fednova", "fl_server_lr": 0.01, "lr_schedule": None},
+        ),
+        (
+            "experiment --out o --fl-server-momentum 0.5 --lr-schedule cosine --fl-mu 0.1",
+            {"fl_server_momentum": 0.5, "lr_schedule": "cosine", "fl_mu": 0.1},
+        ),
+    ],
+)
+def test_strategy_and_schedule_flags_parse(argv, expected):
     parser, _ = build_parser()
-    args = parser.parse_args(
-        [
-            "coordinator",
-            "--bundle",
-            "b",
-            "--strategy",
-            "fedadam",
-            "--server-lr",
-            "0.003",
-            "--site-optimizer",
-            "continue-local",
-        ]
-    )
-    assert args.server_lr == 0.003 and args.site_optimizer == "continue-local"
-    exp = parser.parse_args(
-        ["experiment", "--out", "o", "--fl-strategy", "fednova", "--fl-server-lr", "0.01"]
-    )
-    assert exp.fl_strategy == "fednova" and exp.fl_server_lr == 0.01
-    args = parser.parse_args(
-        [
-            "coordinator",
-            "--bundle",
-            "b",
-            "--strategy",
-            "fedavgm",
-            "--server-momentum",
-            "0.5",
-            "--lr-schedule",
-            "cosine",
-        ]
-    )
-    assert args.server_momentum == 0.5 and args.lr_schedule == "cosine"
-    exp = parser.parse_args(
-        ["experiment", "--out", "o", "--fl-server-momentum", "0.5", "--lr-schedule", "cosine"]
-    )
-    assert exp.fl_server_momentum == 0.5 and exp.lr_schedule == "cosine"
-    assert parser.parse_args(["coordinator", "--bundle", "b"]).lr_schedule == "constant"
+    args = parser.parse_args(argv.split())
+    assert {k: getattr(args, k) for k in expected} == expected
