@@ -1,15 +1,15 @@
 """The site's append-only record of everything it sent out: the privacy officer's evidence.
 
 One JSON object per line in ``STATE/audit.jsonl``: time, kind, round, message id, number of bytes
-and SHA-256 of the payload (for METRICS, of the canonical JSON of its fields), and the small fields
-that went with it (case counts, Dice, the model digest). Weights themselves are not copied here;
-their digest is enough to prove which update left the building. Each line is flushed and fsynced
+and SHA-256 of the message (its meta block and payload: the digest its envelope signs, which the
+coordinator verifies and logs in its events for each update), and the small fields that went with
+it (case counts, Dice, the model digest). Weights themselves are not copied here; the digest is
+enough to prove which update left the building, and with which case count. Each line is flushed and fsynced
 before the send is reported done, and the file is only ever opened for appending.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -18,12 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from wire.sealing import message_digest
+
 
 def canonical_digest(payload: bytes, meta: Mapping[str, Any]) -> str:
-    """SHA-256 of the payload, or of the canonical JSON of ``meta`` when there is no payload."""
-    if payload:
-        return hashlib.sha256(payload).hexdigest()
-    return hashlib.sha256(json.dumps(dict(meta), sort_keys=True, default=str).encode()).hexdigest()
+    """The message's signed digest (``wire.sealing.message_digest``), the one the coordinator logs."""
+    return message_digest(meta, payload)
 
 
 class AuditLog:

@@ -58,6 +58,9 @@ class Message:
     msg_id: str
     meta: dict[str, Any] = field(default_factory=dict)
     payload: bytes | memoryview = b""
+    # SHA-256 (hex) of the plaintext (meta block + payload) that the envelope signed and the
+    # receiver verified: what the coordinator logs and a site's audit log records
+    digest: str = ""
 
 
 class Endpoint(ABC):

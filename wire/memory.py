@@ -16,6 +16,7 @@ from typing import Any
 
 from wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
 from wire.errors import TransportError
+from wire.sealing import message_digest
 
 
 class MemoryHub:
@@ -101,7 +102,14 @@ class MemoryEndpoint(Endpoint):
             raise ValueError(f"{self.participant} ({role}) may not send {kind}")
         msg_id = f"{self.participant}-{next(self.hub._ids)}"
         msg = Message(
-            MessageKind(kind), self.federation, round, self.participant, msg_id, dict(meta or {}), payload
+            MessageKind(kind),
+            self.federation,
+            round,
+            self.participant,
+            msg_id,
+            dict(meta or {}),
+            payload,
+            message_digest(meta, payload),
         )
         self.hub._publish(msg, retain)
         return msg_id

@@ -398,7 +398,7 @@ class Receiver:
         rest = size - 4 - mlen
         # small payloads as bytes (what most callers compare against); bulk ones without a copy
         payload = bytes(view[4 + mlen :]) if rest <= _COPY_BELOW else view[4 + mlen :].toreadonly()
-        return Message(h.kind, h.federation, h.round, h.sender, h.msg_id, meta, payload)
+        return Message(h.kind, h.federation, h.round, h.sender, h.msg_id, meta, payload, h.digest)
 
 
 def counters(receiver: Receiver) -> Mapping[str, int]:

@@ -61,6 +61,15 @@ def encode_plaintext_prefix(meta: Mapping[str, Any] | None) -> bytes:
     return _META_LEN.pack(len(meta_bytes)) + meta_bytes
 
 
+def message_digest(meta: Mapping[str, Any] | None, payload: bytes | memoryview = b"") -> str:
+    """SHA-256 (hex) of a message's plaintext, the meta block and the payload: the digest its
+    envelope signs and the receiver verifies (``Message.digest``). A site's audit log records it,
+    so the coordinator can log what it verified without hashing the payload a second time."""
+    h = hashlib.sha256(encode_plaintext_prefix(meta))
+    h.update(payload)
+    return h.hexdigest()
+
+
 def seal_message(
     bundle: Bundle,
     kind: MessageKind,

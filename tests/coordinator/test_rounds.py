@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from coordinator import payload as codec
+from coordinator.local import read_events
 from coordinator.registration import Registrar
 from coordinator.state import StateStore
 from tests.coordinator.helpers import (
@@ -67,6 +68,13 @@ def test_full_federation_is_fedavg_and_scored_at_the_end(tmp_path):
     assert kinds == [("metrics", 1), ("update", 1), ("metrics", 2), ("update", 2), ("metrics", 3)]
     upd = log[1]
     assert upd["fields"]["num_cases"] == 3 and len(upd["sha256"]) == 64 and upd["bytes"] > 100
+    # the coordinator logs the digest the wire verified, the same one the site's audit recorded
+    logged = {
+        (e["site"], e["round"]): e["sha256"]
+        for e in read_events(tmp_path / "coord")
+        if e["event"] == "update"
+    }
+    assert all(logged[("site-b", e["round"])] == e["sha256"] for e in log if e["kind"] == "update")
     assert (tmp_path / "site-b" / "status.json").is_file()
 
 

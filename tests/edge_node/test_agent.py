@@ -13,6 +13,7 @@ from edge_node.agent import SiteAgent
 from tests.coordinator.helpers import ShiftTrainer, initial_weights
 from wire.api import COORDINATOR, MessageKind
 from wire.memory import MemoryHub
+from wire.sealing import message_digest
 
 
 def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None):
@@ -97,7 +98,9 @@ def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt
         ("update", 1, False),
         ("update", 1, True),
     ]
-    assert entries[1]["sha256"] == hashlib.sha256(upd.payload).hexdigest() == entries[2]["sha256"]
+    # the message's signed digest (meta block + payload), the one the coordinator verifies and logs
+    assert entries[1]["sha256"] == upd.digest == message_digest(upd.meta, upd.payload) == entries[2]["sha256"]
+    assert upd.digest != hashlib.sha256(upd.payload).hexdigest()  # it covers the case count too
     assert entries[1]["bytes"] == len(upd.payload)
     assert entries[0]["fields"]["dice"] == 0.5 and entries[0]["fields"]["evaluated_round"] == 0
 

@@ -11,6 +11,7 @@ import pytest
 from wire.api import MessageKind
 from wire.errors import TransportError
 from wire.mqtt import MqttEndpoint
+from wire.sealing import message_digest
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -48,6 +49,9 @@ def test_update_round_trip(coord, site_a, size):
     m = receive_kind(coord, MessageKind.UPDATE)
     assert m is not None and m.msg_id == msg_id
     assert m.payload == data and m.meta == {"num_cases": 4} and m.sender == "site-a"
+    # the digest the envelope signed and the receiver verified: what the sender can record itself
+    assert m.digest == message_digest({"num_cases": 4}, data)
+    assert m.digest != message_digest({"num_cases": 5}, data)
     assert coord.broker_max_packet is not None and coord.broker_max_packet >= MiB
     assert not coord.rejections
 
