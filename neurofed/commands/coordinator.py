@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--server-momentum",
         type=float,
-        help="fedavgm: momentum of the server's update buffer, in [0, 1) (default 0.9)",
+        help="fedavgm: momentum of the server's update buffer, in [0, 1) (default 0.5; 0.9 diverged on "
+        "the study's sites, see docs/study)",
     )
     p.add_argument("--max-norm", type=float, help="bound each site's update norm (L2 of the delta) to this")
     p.add_argument("--state", help="state folder for resume (default: BUNDLE/../coordinator-state)")
