@@ -169,6 +169,19 @@ def _server_step(
     return out
 
 
+def _save_buffers(prefix: str, buffers: Mapping[str, np.ndarray]) -> Weights:
+    """A server optimiser's per-tensor buffers as snapshot tensors named ``<prefix>/<tensor>``."""
+    return {f"{prefix}/{name}": b.astype(np.float32) for name, b in buffers.items()}
+
+
+def _load_buffers(prefix: str, tensors: Mapping[str, np.ndarray]) -> Weights:
+    """The inverse of :func:`_save_buffers`, back in float64 (the precision the steps run in)."""
+    start = f"{prefix}/"
+    return {
+        k[len(start) :]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith(start)
+    }
+
+
 class FedNova(FedAvg):
     """Wang et al. 2020 (normalised averaging): each site's change is divided by the optimiser
     steps it took, the per-step changes are averaged by cases, and the result is scaled back by
@@ -246,12 +259,12 @@ class FedAvgM(FedAvg):
     def state(self) -> tuple[dict[str, Any], Weights]:
         meta, tensors = super().state()
         meta.update(eta=self.eta, momentum=self.momentum)
-        tensors.update({f"v/{name}": v.astype(np.float32) for name, v in self.v.items()})
+        tensors.update(_save_buffers("v", self.v))
         return meta, tensors
 
     def load_state(self, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
         super().load_state(meta, tensors)
-        self.v = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("v/")}
+        self.v = _load_buffers("v", tensors)
 
 
 class FedOpt(FedAvg):
@@ -298,17 +311,15 @@ class FedOpt(FedAvg):
     def state(self) -> tuple[dict[str, Any], Weights]:
         meta, tensors = super().state()
         meta.update(t=self.t, eta=self.eta, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
-        for name, m in self.m.items():
-            tensors[f"m/{name}"] = m.astype(np.float32)
-        for name, v in self.v.items():
-            tensors[f"v/{name}"] = v.astype(np.float32)
+        tensors.update(_save_buffers("m", self.m))
+        tensors.update(_save_buffers("v", self.v))
         return meta, tensors
 
     def load_state(self, meta: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
         super().load_state(meta, tensors)
         self.t = int(meta.get("t", 0))
-        self.m = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("m/")}
-        self.v = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in tensors.items() if k.startswith("v/")}
+        self.m = _load_buffers("m", tensors)
+        self.v = _load_buffers("v", tensors)
 
 
 class FedAdam(FedOpt):

@@ -4,8 +4,8 @@ One JSON object per line in ``STATE/audit.jsonl``: time, kind, round, message id
 and SHA-256 of the message (its meta block and payload: the digest its envelope signs, which the
 coordinator verifies and logs in its events for each update), and the small fields that went with
 it (case counts, Dice, the model digest). Weights themselves are not copied here; the digest is
-enough to prove which update left the building, and with which case count. Each line is flushed and fsynced
-before the send is reported done, and the file is only ever opened for appending.
+enough to prove which update left the building, and with which case count. Each line is flushed
+and fsynced before the send is reported done, and the file is only ever opened for appending.
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from wire.sealing import message_digest
-
-
-def canonical_digest(payload: bytes, meta: Mapping[str, Any]) -> str:
-    """The message's signed digest (``wire.sealing.message_digest``), the one the coordinator logs."""
-    return message_digest(meta, payload)
 
 
 class AuditLog:
@@ -54,7 +49,7 @@ class AuditLog:
             "round": int(round),
             "msg_id": msg_id,
             "bytes": len(payload) if payload else len(json.dumps(meta, sort_keys=True, default=str).encode()),
-            "sha256": canonical_digest(payload, meta),
+            "sha256": message_digest(meta, payload),
             "resend": resend,
             "fields": meta,
         }

@@ -133,8 +133,6 @@ class Arms:
         """
         import torch
 
-        from edge_node.training import set_lr
-
         trainer = self._trainer(sites)
         if not trainer.num_train_cases:
             raise ValueError(f"no training cases for sites {sites}")
@@ -150,7 +148,7 @@ class Arms:
         while done < epochs:
             n = min(step, epochs - done)
             for e in range(done, done + n):  # one epoch at a time: the schedule's factor by epoch
-                set_lr(optimizer, self.train_config.lr * self.epoch_lr_scale(e))
+                self._set_epoch_lr(optimizer, e)
                 trainer.run_epochs(model, optimizer, 1, start_epoch=e)
             done += n
             if curve_every:
@@ -171,6 +169,11 @@ class Arms:
         p = self.profile
         return lr_scale(p.lr_schedule, epoch // max(1, p.local_epochs) + 1, p.rounds)
 
+    def _set_epoch_lr(self, optimizer: Any, epoch: int) -> None:
+        from edge_node.training import set_lr
+
+        set_lr(optimizer, self.train_config.lr * self.epoch_lr_scale(epoch))
+
     def evaluate_state(self, state: dict) -> dict[str, Any]:
         trainer = self._trainer(None)
         model = trainer.model()
@@ -189,7 +192,7 @@ class Arms:
         local epoch at a time, until the budget is spent (the later papers' CIIL arm)."""
         import torch
 
-        from edge_node.training import CaseTrainer, set_lr
+        from edge_node.training import CaseTrainer
 
         trainers = {s: self._trainer([s]) for s in self.sites}
         torch.manual_seed(self.profile.seed)
@@ -206,7 +209,7 @@ class Arms:
                 m = t.model()
                 m.load_state_dict(state)
                 opt = t.make_optimizer(m)
-                set_lr(opt, self.train_config.lr * self.epoch_lr_scale(spent))
+                self._set_epoch_lr(opt, spent)
                 t.run_epochs(m, opt, 1, start_epoch=spent)
                 state = m.state_dict()
                 spent += 1

@@ -65,7 +65,11 @@ def message_digest(meta: Mapping[str, Any] | None, payload: bytes | memoryview =
     """SHA-256 (hex) of a message's plaintext, the meta block and the payload: the digest its
     envelope signs and the receiver verifies (``Message.digest``). A site's audit log records it,
     so the coordinator can log what it verified without hashing the payload a second time."""
-    h = hashlib.sha256(encode_plaintext_prefix(meta))
+    return _plaintext_digest(encode_plaintext_prefix(meta), payload)
+
+
+def _plaintext_digest(prefix: bytes, payload: bytes | memoryview) -> str:
+    h = hashlib.sha256(prefix)
     h.update(payload)
     return h.hexdigest()
 
@@ -93,8 +97,7 @@ def seal_message(
     total = len(prefix) + len(memoryview(payload).cast("B"))
     if kind in SINGLE_PACKET:
         chunk_size = max(total, 1)
-    h = hashlib.sha256(prefix)
-    h.update(payload)
+    digest = _plaintext_digest(prefix, payload)
     recips = sorted(default_recipients(bundle, kind) if recipients is None else recipients)
     for r in recips:
         if bundle.roster.get(r) is None:
@@ -124,7 +127,7 @@ def seal_message(
         msg_id=msg_id,
         count=chunk_count(total, chunk_size),
         size=total,
-        digest=h.hexdigest(),
+        digest=digest,
         enc=ENC_AEAD if recips else ENC_NONE,
         recipients=tuple(recips),
         keys_digest=keys_digest,
