@@ -102,3 +102,38 @@ def test_every_arm_follows_the_federations_lr_schedule_by_epoch():
     assert scales[0] == 1.0 and scales[4] == 1.0 and scales[5] < 1.0 and scales[-1] < 0.2
     flat = SimpleNamespace(profile=with_overrides(p, lr_schedule="constant"))
     assert {Arms.epoch_lr_scale(flat, e) for e in range(20)} == {1.0}
+
+
+def test_ciil_arm_visits_the_sites_in_turn_for_the_budget_and_is_scored_on_the_shared_tests(
+    tmp_path, monkeypatch
+):
+    """Cyclic institutional incremental learning: one local epoch per visit, sites in turn, as many
+    visits as the centralized budget has epochs, each at that epoch's scheduled rate; then the
+    same test cases as every arm."""
+    from edge_node.synth import synthesize
+    from edge_node.training import CaseTrainer
+    from neurofed.experiment import PROFILES, Arms, with_overrides
+
+    profile = with_overrides(
+        PROFILES["quick"], sites=2, cases=16, rounds=2, local_epochs=2, lr_schedule="cosine"
+    )
+    data = tmp_path / "data"
+    synthesize(data, sites=profile.sites, cases=profile.cases, seed=0, shape=profile.shape)
+    visits: list[tuple[tuple[str, ...], int, int, float]] = []
+    real = CaseTrainer.run_epochs
+
+    def spy(self, model, optimizer, epochs, **kw):
+        sites = tuple(sorted({c.site for c in self.cases["train"]}))
+        visits.append((sites, kw["start_epoch"], epochs, optimizer.param_groups[0]["lr"]))
+        return real(self, model, optimizer, epochs, **kw)
+
+    monkeypatch.setattr(CaseTrainer, "run_epochs", spy)
+    arms = Arms(data, profile, device="cpu")
+    res = arms.ciil(profile.epochs)
+    assert [(v[0], v[1], v[2]) for v in visits] == [
+        ((arms.sites[e % 2],), e, 1) for e in range(profile.epochs)
+    ], "one epoch per visit, the sites in turn, the whole budget"
+    assert [v[3] for v in visits] == pytest.approx(
+        [arms.train_config.lr * arms.epoch_lr_scale(e) for e in range(4)]
+    )
+    assert res["dice"]["n"] == len(arms.select("test")) and 0.0 <= res["dice"]["mean"] <= 1.0
