@@ -54,5 +54,6 @@ case "${1:-}" in
   --flare-only) flower=0; flare=1 ;;
   *) echo "usage: $0 [--no-flare | --flare-only]" >&2; exit 2 ;;
 esac
-if [ "$flower" = 1 ]; then make_env .cache/peer-venv "flwr>=1.20,<2"; fi
+# pytest: tests/coordinator/test_aggregate.py checks FedAvg against flwr's own aggregate here
+if [ "$flower" = 1 ]; then make_env .cache/peer-venv "flwr>=1.20,<2" pytest; fi
 if [ "$flare" = 1 ]; then make_env .cache/flare-venv --framework-first "nvflare>=2.9,<2.10"; fi
