@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     announce = {e["round"]: e["t"] for e in events if e["event"] == "announce"}
     closed = {e["round"]: e["t"] for e in events if e["event"] == "round"}
     intervals: list[dict] = []  # work: evaluating and training
-    uploads: list[dict] = []  # the sites' store (encode + write + fsync) and send intervals
+    uploads: list[dict] = []  # the sites' encode, send and store (write + fsync, beside the send)
     for s in sites:
         tl = work / f"{s}-state" / "timeline.jsonl"
         if tl.is_file():
@@ -195,13 +195,17 @@ def main(argv: list[str] | None = None) -> dict:
                     for e in events
                     if e.get("round") == r and e["event"] == "update" and e.get("site") == last_site["site"]
                 ]
-                if "store" in ups and "send" in ups and arrived:
+                if "encode" in ups and "send" in ups and arrived:
                     row["last_site_s"] = {
-                        "store": round(ups["store"]["end"] - ups["store"]["start"], 3),
-                        "to_send": round(ups["send"]["start"] - ups["store"]["end"], 3),
+                        "encode": round(ups["encode"]["end"] - ups["encode"]["start"], 3),
+                        "to_send": round(ups["send"]["start"] - ups["encode"]["end"], 3),
                         "send": round(ups["send"]["end"] - ups["send"]["start"], 3),
                         "coordinator_has_it": round(arrived[0] - ups["send"]["end"], 3),
                     }
+                    if "store" in ups:  # the update file's write + fsync, while it is sent
+                        row["last_site_s"]["store_beside_send"] = round(
+                            ups["store"]["end"] - ups["store"]["start"], 3
+                        )
             ann = next((e for e in events if e["event"] == "announce" and e["round"] == r + 1), None)
             if ann is not None and "model_s" in ann:
                 row["announce_next_s"] = {k: ann[k] for k in ("encode_s", "model_s", "task_s")}

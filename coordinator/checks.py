@@ -72,3 +72,21 @@ def upcast_half(
             arr = arr.astype(np.float32)
         out[name] = arr
     return out
+
+
+def apply_delta(
+    delta: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A checked fp16-delta update made whole against the coordinator's fp32 weights: the site
+    trained from the half-precision model it was sent, and its change lands on the full-precision
+    weights, so the rounding of the broadcast never accumulates in the global model."""
+    out = {}
+    for name, arr in delta.items():
+        ref = reference[name]
+        if np.issubdtype(ref.dtype, np.floating):
+            if arr.flags.writeable and arr.base is None:  # upcast from fp16: a private copy
+                np.add(arr, ref, out=arr)
+            else:
+                arr = arr + ref
+        out[name] = arr
+    return out

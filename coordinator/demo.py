@@ -34,6 +34,7 @@ class DemoSettings:
     epochs: int
     timeout: float
     strategy: str = "fedavg"
+    fp16: bool = False  # half-precision model broadcast and update deltas
     mlflow: str | None = "embedded"  # "embedded", a URI, or None
     federation: str = "demo"
 
@@ -206,6 +207,8 @@ def run_demo(s: DemoSettings) -> int:
                     ]
                     if uri:
                         args += ["--mlflow", uri]
+                    if s.fp16:
+                        args.append("--fp16")
                     coord = spawn("coordinator", args, logs, child_env())
                     procs.append(coord)
                 live.update(_view(s, sites, run_dir, coord, note, t0))

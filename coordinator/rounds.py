@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from coordinator import payload as codec
-from coordinator.checks import check_local_steps, check_num_cases, check_update, upcast_half
+from coordinator.checks import apply_delta, check_local_steps, check_num_cases, check_update, upcast_half
 from coordinator.errors import CoordinatorError, UpdateRejected
 from coordinator.faults import fault_point
 from coordinator.registration import Registrar
@@ -64,6 +64,7 @@ from coordinator.state import Snapshot, StateStore
 from coordinator.strategies import Strategy
 from wire.api import Endpoint, Message, MessageKind
 from wire.errors import TransportError
+from wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS
 
 log = logging.getLogger(__name__)
 
@@ -422,11 +423,20 @@ class Coordinator:
                 last_receipts = now
             self._heartbeat()
             msg = self.ep.receive(timeout=max(0.01, min(0.5, deadline - now, self.cfg.receipt_interval)))
-            if msg is not None:
+            held = len(res.cases), len(res.metrics)
+            while msg is not None:
                 self._handle(msg, r, train, digest, res, closing=False)
-            # an update is folded in and dropped before the wire decodes the next one: memory
-            # stays at one update however many sites upload at once
-            msg = None
+                # an update is folded in and dropped before the wire decodes the next one: memory
+                # stays at one update however many sites upload at once
+                msg = None
+                if have() >= expected:
+                    break
+                msg = self.ep.receive(timeout=0)
+            if (len(res.cases), len(res.metrics)) != held and not have() >= expected:
+                # one receipt per catch-up, not per update: while updates queue up, a receipt after
+                # each would be ten signed broadcasts the sites wake for, on the round's critical path
+                self._send_receipts(r, list(res.cases), list(res.metrics))
+                last_receipts = self.clock()
         # close: anything still queued for this round is late
         self.closed_round = r
         while True:
@@ -571,7 +581,13 @@ class Coordinator:
         except Exception as exc:
             raise UpdateRejected("undecodable", f"payload is not a safetensors state dict ({exc})") from None
         update = upcast_half(update, self.weights)
+        encoding = msg.meta.get("encoding", "weights")
+        if encoding not in UPDATE_ENCODINGS:
+            raise UpdateRejected("bad-encoding", f"unknown update encoding {encoding!r}")
         check_update(update, self.weights)
+        if encoding == UPDATE_ENCODING_FP16_DELTA:
+            update = apply_delta(update, self.weights)
+            check_update(update, self.weights)  # finite deltas can still overflow the weights
         self.strategy.add(site, update, num_cases, check_local_steps(msg.meta.get("local_steps")))
         del update
         res.cases[site] = num_cases
@@ -592,7 +608,6 @@ class Coordinator:
             bytes=len(msg.payload),
             sha256=msg.digest,  # verified by the wire: the digest the site's audit log records
         )
-        self._send_receipts(r, list(res.cases), list(res.metrics))
 
     def _on_metrics(self, msg: Message, r: int, res: RoundResult, closing: bool) -> None:
         self._round_gate(msg, r)
@@ -617,5 +632,3 @@ class Coordinator:
             raise UpdateRejected("bad-metrics", f"dice {dice} outside [0, 1]")
         res.metrics[site] = {"dice": dice, "hd95": hd95, "num_cases": n}
         self._event("metrics", round=r, evaluated_round=r - 1, site=site, dice=dice, hd95=hd95)
-        if not res.train:
-            self._send_receipts(r, list(res.cases), list(res.metrics))

@@ -73,6 +73,11 @@ def fault_point(point: str, round: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def weight_delta(trained: Mapping[str, Any], start: Mapping[str, Any]) -> dict[str, Any]:
+    """``trained - start`` for floating tensors; other tensors (counters) travel as they are."""
+    return {k: (v - start[k] if v.is_floating_point() else v) for k, v in trained.items()}
+
+
 def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     """All or nothing (temporary file, rename). ``durable`` also fsyncs, for what a restart relies
     on (the update, the round state); the status file is only read by people and health checks,
@@ -115,7 +120,8 @@ class SiteAgent:
         self.models: dict[str, tuple[int, str, bytes]] = {}  # digest -> (round, digest, payload)
         self.receipts: dict[str, Any] | None = None
         self._fresh_receipts: dict[str, Any] | None = None
-        self._fresh_update: tuple[int, bytes] | None = None  # (round, bytes) just stored
+        self._fresh_update: tuple[int, bytes] | None = None
+        self._storing: tuple[int, threading.Thread] | None = None  # (round, bytes) just stored
         self.done = False
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
@@ -308,14 +314,24 @@ class SiteAgent:
             result = trainer.train(state_dict, epochs, prox_mu=mu, keep_optimizer=keep, lr_scale=lr_scale)
             t1 = time.time()
             self._timeline("train", r, t0, t1)
-            from wire.payload import encode_state
+            from wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
 
-            payload = encode_state(result.state_dict, fp16=bool(task.get("fp16", self.fp16)))
-            _atomic_write(path, payload)
-            self._fresh_update = (r, payload)  # sent from memory; the file is for resends
-            self._timeline("store", r, t1, time.time())
+            if bool(task.get("fp16", self.fp16)):
+                # Half precision carries the change, not the weights: a change of ~1e-3 keeps
+                # ~1e-6 of it in fp16, where the weights themselves would lose ~1e-4; the
+                # coordinator adds it to its fp32 weights (mixed-precision master weights).
+                payload = encode_state(weight_delta(result.state_dict, state_dict), fp16=True)
+                rs["encoding"] = UPDATE_ENCODING_FP16_DELTA
+            else:
+                payload = encode_state(result.state_dict)
+                rs.pop("encoding", None)
+            self._timeline("encode", r, t1, time.time())
+            # The file is for resends after a restart; it is written and fsynced while the update
+            # is on its way (sent from memory), not before: the write would sit on the round's
+            # critical path. update_stored is recorded only once the file is durable.
+            self._storing = (r, self._store_async(r, path, payload))
+            self._fresh_update = (r, payload)
             rs.update(
-                update_stored=True,
                 num_cases=int(result.num_cases),
                 loss=float(result.loss),
                 model_digest=model[1],
@@ -323,8 +339,39 @@ class SiteAgent:
                 local_steps=int(getattr(result, "steps", 0)) or None,  # 0: the trainer does not say
             )
             self._save_state()
-        if not rs.get("update_sent"):
-            self._send_update(r, rs, stop=stop)
+        try:
+            if not rs.get("update_sent"):
+                self._send_update(r, rs, stop=stop)
+        finally:
+            self._finish_store(r, rs)
+
+    def _store_async(self, r: int, path: Path, payload: bytes) -> threading.Thread:
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            t0 = time.time()
+            try:
+                _atomic_write(path, payload)
+            except BaseException as exc:  # noqa: BLE001 - handed to _finish_store
+                errors.append(exc)
+            self._timeline("store", r, t0, time.time())
+
+        t = threading.Thread(target=write, name=f"{self.site}-store-r{r}", daemon=True)
+        t.errors = errors  # type: ignore[attr-defined]
+        t.start()
+        return t
+
+    def _finish_store(self, r: int, rs: dict[str, Any]) -> None:
+        """Wait for the update file's write; only then does the round state say it is stored."""
+        storing, self._storing = self._storing, None
+        if storing is None or storing[0] != r:
+            return
+        storing[1].join()
+        errors = storing[1].errors  # type: ignore[attr-defined]
+        if errors:
+            raise errors[0]
+        rs["update_stored"] = True
+        self._save_state()
 
     def _send_update(
         self, r: int, rs: dict[str, Any], *, resend: bool = False, stop: threading.Event | None = None
@@ -338,6 +385,8 @@ class SiteAgent:
             "train_seconds": rs.get("train_seconds"),
             "local_steps": rs.get("local_steps"),
         }
+        if rs.get("encoding"):
+            meta["encoding"] = rs["encoding"]
         self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r)
         t0 = time.time()

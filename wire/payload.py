@@ -17,6 +17,10 @@ import numpy as np
 from wire.errors import ProtocolError
 
 META_KEY = "neurofed.dtypes"
+# An UPDATE whose meta says ``encoding: fp16-delta`` carries trained - start weights of its
+# floating tensors in half precision (other tensors as they are); without it, the weights.
+UPDATE_ENCODING_FP16_DELTA = "fp16-delta"
+UPDATE_ENCODINGS = ("weights", UPDATE_ENCODING_FP16_DELTA)
 
 
 def _to_numpy(name: str, value: Any) -> np.ndarray:

@@ -83,7 +83,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--patch-size", type=int, help="training patch edge in voxels (multiple of 16; default 64)"
     )
     p.add_argument("--spacing", type=_triple, help="voxel size in mm the model trains at, e.g. 3 or 1,1,1")
-    p.add_argument("--fp16", action="store_true", help="send models and updates in half precision")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="half-precision transfers: the model in fp16 and each site's change (not its weights) in fp16, "
+        "added to the coordinator's fp32 weights; half the bytes, measured Dice unchanged",
+    )
     p.add_argument(
         "--site-optimizer",
         choices=SITE_OPTIMIZER,

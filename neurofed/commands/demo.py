@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", help="working folder (default ./demo; reused data is kept)")
     p.add_argument("--mlflow", help="use this tracking URI instead of starting the embedded MLflow")
     p.add_argument("--no-mlflow", action="store_true", help="run without MLflow (no registry)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="half-precision transfers: the model in fp16, updates as fp16 changes (half the bytes)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         DemoSettings(
             out=args.out,
             strategy=args.strategy,
+            fp16=args.fp16,
             mlflow=None if args.no_mlflow else (args.mlflow or "embedded"),
             **prof,
         )

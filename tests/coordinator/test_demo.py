@@ -62,3 +62,28 @@ def test_strategy_runs_through_the_real_stack(tmp_path, strategy):
     closed = [e for e in events if e["event"] == "round"]
     assert closed[0]["aggregated"] and len(closed[0]["sites"]) == 2
     assert not [e for e in events if e["event"] == "reject"], events
+
+
+def test_fp16_changes_cross_the_real_stack(tmp_path):
+    """--fp16 through the broker: half-size updates that say they are changes, accepted and
+    aggregated, and a global model kept in fp32."""
+    from safetensors.numpy import load_file
+
+    _, out = run_demo(tmp_path, "--fp16", "--no-mlflow")
+    events = read_events(out / "coordinator-state")
+    closed = [e for e in events if e["event"] == "round"]
+    assert closed[0]["aggregated"] and len(closed[0]["sites"]) == 2
+    assert not [e for e in events if e["event"] == "reject"], events
+    glob = load_file(out / "coordinator-state" / "rounds" / "global-r0001.safetensors")
+    fp32_bytes = sum(a.nbytes for a in glob.values())
+    assert all(a.dtype.name == "float32" for a in glob.values())
+    sizes = [e["bytes"] for e in events if e["event"] == "update"]
+    assert len(sizes) == 2 and all(0.45 * fp32_bytes < b < 0.55 * fp32_bytes for b in sizes), (
+        sizes,
+        fp32_bytes,
+    )
+    import json
+
+    [audit] = list(out.glob("**/site-01-state/audit.jsonl"))
+    sent = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert [e["fields"]["encoding"] for e in sent if e["kind"] == "update"] == ["fp16-delta"]

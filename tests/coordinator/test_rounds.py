@@ -335,3 +335,57 @@ def test_cosine_lr_schedule_reaches_every_site_round_by_round(tmp_path):
     _finish(*run_in_thread(coord), stop)
     expected = [pytest.approx(lr_scale("cosine", r, 4)) for r in (1, 2, 3, 4)]
     assert all(tr.lr_scales == expected for tr in trainers.values())
+
+
+def test_fp16_sends_changes_that_land_on_the_fp32_weights(tmp_path):
+    """--fp16: the model goes out in half precision and each site sends its change in half
+    precision; the coordinator adds the weighted change to its own fp32 weights, so after two
+    rounds the global model is off by the change's rounding (~1e-6), not the weights' (~1e-3)."""
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    shifts = {"site-a": 1e-3, "site-b": 2e-3, "site-c": 4e-3}
+    cases = {"site-a": 1, "site-b": 1, "site-c": 2}
+    trainers = {s: ShiftTrainer(shift=shifts[s], num_train_cases=cases[s]) for s in SITES}
+    coord = make_coordinator(hub, tmp_path / "coord", SITES, rounds=2, fp16=True, final_eval=False)
+    agents = {s: start_agent(hub, s, trainers[s], tmp_path, stop)[0] for s in SITES}
+    t, box = run_in_thread(coord)
+    _finish(t, box, stop)
+    w0 = initial_weights()["w"]
+    expected = w0 + 2 * (1e-3 + 2e-3 + 2 * 4e-3) / 4
+    assert coord.weights["w"].dtype == np.float32
+    err = np.abs(coord.weights["w"] - expected).max()
+    assert err < 5e-6, err
+    # what sending the weights themselves in fp16 would have cost: far above that
+    half_err = np.abs(expected.astype(np.float16).astype(np.float32) - expected).max()
+    assert half_err > 20 * err, (half_err, err)
+    # half the bytes of an fp32 update on the wire, and the site says what it sent
+    upd = [e for e in agents["site-b"].audit.entries() if e["kind"] == "update"]
+    assert upd and all(e["fields"].get("encoding") == "fp16-delta" for e in upd), upd
+
+
+def test_update_encodings_are_checked(tmp_path):
+    hub = MemoryHub("testfed")
+    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=1, timeout=2.0, final_eval=False)
+    eps = {s: hub.endpoint(s) for s in SITES}
+    for ep in eps.values():
+        ep.start()
+    t, box = run_in_thread(coord)
+    task, model = _wait_task(eps["site-a"], 1)
+    w = codec.decode(model.payload)
+    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
+    half = {k: np.full_like(v, 0.5) if v.dtype == np.float32 else v for k, v in w.items()}
+    nan = dict(half, w=np.full_like(w["w"], np.nan))
+    eps["site-c"].send(MessageKind.UPDATE, 1, meta=meta | {"encoding": "zstd"}, payload=codec.encode(w))
+    eps["site-b"].send(
+        MessageKind.UPDATE, 1, meta=meta | {"encoding": "fp16-delta"}, payload=codec.encode(nan, fp16=True)
+    )
+    eps["site-a"].send(
+        MessageKind.UPDATE, 1, meta=meta | {"encoding": "fp16-delta"}, payload=codec.encode(half, fp16=True)
+    )
+    t.join(30)
+    assert not t.is_alive()
+    res = box["results"][0]
+    assert res.sites == ["site-a"]
+    assert sorted(res.rejected) == [("site-b", "non-finite"), ("site-c", "bad-encoding")]
+    np.testing.assert_allclose(coord.weights["w"], w["w"] + 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(coord.weights["n"], w["n"])  # counters are not deltas
