@@ -90,3 +90,32 @@ def apply_delta(
                 arr = arr + ref
         out[name] = arr
     return out
+
+
+def check_optimizer_state(state: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> None:
+    """continue-global: the update must carry Adam's moments for every float tensor of the
+    global model (same shapes, float32, finite; second moments not negative) and its step."""
+    from wire.payload import OPTIMIZER_STEP, optimizer_names
+
+    expected = optimizer_names(weights)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UpdateRejected(
+            "missing-optimizer-state",
+            f"continue-global needs Adam's state; {len(missing)} missing, e.g. {missing[:2]}",
+        )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UpdateRejected(
+            "unexpected-tensors", f"{len(extra)} optimiser tensors not in the model, e.g. {extra[:2]}"
+        )
+    for name, arr in state.items():
+        if arr.dtype != np.float32:
+            raise UpdateRejected("dtype-mismatch", f"{name}: {arr.dtype}, optimiser state travels as float32")
+        ref_shape = (1,) if name == OPTIMIZER_STEP else weights[name.split("/", 2)[2]].shape
+        if arr.shape != ref_shape:
+            raise UpdateRejected("shape-mismatch", f"{name}: {arr.shape} != {ref_shape}")
+        if not np.isfinite(arr).all():
+            raise UpdateRejected("non-finite", f"{name}: NaN/Inf values")
+        if ("/exp_avg_sq/" in name or name == OPTIMIZER_STEP) and (arr < 0).any():
+            raise UpdateRejected("bad-optimizer-state", f"{name}: negative values")

@@ -35,6 +35,7 @@ class DemoSettings:
     timeout: float
     strategy: str = "fedavg"
     fp16: bool = False  # half-precision model broadcast and update deltas
+    site_optimizer: str = "reset"
     mlflow: str | None = "embedded"  # "embedded", a URI, or None
     federation: str = "demo"
 
@@ -209,6 +210,8 @@ def run_demo(s: DemoSettings) -> int:
                         args += ["--mlflow", uri]
                     if s.fp16:
                         args.append("--fp16")
+                    if s.site_optimizer != "reset":
+                        args += ["--site-optimizer", s.site_optimizer]
                     coord = spawn("coordinator", args, logs, child_env())
                     procs.append(coord)
                 live.update(_view(s, sites, run_dir, coord, note, t0))

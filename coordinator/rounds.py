@@ -56,7 +56,15 @@ from typing import Any
 import numpy as np
 
 from coordinator import payload as codec
-from coordinator.checks import apply_delta, check_local_steps, check_num_cases, check_update, upcast_half
+from coordinator.aggregate import WeightedMean
+from coordinator.checks import (
+    apply_delta,
+    check_local_steps,
+    check_num_cases,
+    check_optimizer_state,
+    check_update,
+    upcast_half,
+)
 from coordinator.errors import CoordinatorError, UpdateRejected
 from coordinator.faults import fault_point
 from coordinator.registration import Registrar
@@ -64,16 +72,19 @@ from coordinator.state import Snapshot, StateStore
 from coordinator.strategies import Strategy
 from wire.api import Endpoint, Message, MessageKind
 from wire.errors import TransportError
-from wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS
+from wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
 
 log = logging.getLogger(__name__)
 
 
-SITE_OPTIMIZER = ("reset", "continue-local")
+SITE_OPTIMIZER = ("reset", "continue-local", "continue-global")
 """What a site does with its optimiser's state between rounds (OpenFL's names): ``reset`` starts
 each round with a fresh Adam (the FedAvg paper's convention); ``continue-local`` keeps the site's
 Adam moments from its previous round and applies them to the new global weights, which avoids
-Adam's large bias-corrected first steps every round."""
+Adam's large bias-corrected first steps every round; ``continue-global`` has each site send its
+Adam moments with its update, the coordinator averages them like the weights (by cases) and sends
+them with the next model, so every site starts each round from the federation's moments (what a
+pooled run's Adam would carry). It triples the bytes of models and updates."""
 
 LR_SCHEDULES = ("constant", "cosine")
 """How the sites' learning rate changes over the training rounds. ``cosine`` scales it by
@@ -129,6 +140,11 @@ class RoundConfig:
             raise CoordinatorError(
                 f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZER)}, got {self.site_optimizer!r}"
             )
+        if self.site_optimizer == "continue-global" and self.fp16:
+            raise CoordinatorError(
+                "--site-optimizer continue-global cannot run with --fp16: Adam's second moments "
+                "(~1e-10) underflow in half precision; drop one of the two"
+            )
         lr_scale(self.lr_schedule, 1, self.rounds)  # refuses an unknown schedule now, not in round 1
 
 
@@ -181,6 +197,9 @@ class Coordinator:
         self.clock = clock
         self.events_path = Path(events_path) if events_path else store.root / "events.jsonl"
         self.weights: dict[str, np.ndarray] = {}
+        # continue-global: the federation's averaged Adam state, sent with each model
+        self.site_optimizer: dict[str, np.ndarray] = {}
+        self._optimizer_mean: WeightedMean | None = None
         self.completed = 0  # last aggregated (persisted) round
         self.closed_round = 0
         self.results: list[RoundResult] = []
@@ -203,6 +222,7 @@ class Coordinator:
         if self.store.exists():
             snap = self.store.load(federation=self.ep.federation, roster_digest=self.roster_digest)
             self.weights = snap.weights
+            self.site_optimizer = snap.site_optimizer
             self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
             self.completed = self.closed_round = snap.round
             self._extra_state = dict(snap.extra or {"rounds": {}})
@@ -243,6 +263,7 @@ class Coordinator:
                 strategy_tensors=tensors,
                 roster_digest=self.roster_digest,
                 extra=extra,
+                site_optimizer=self.site_optimizer,
             )
         )
 
@@ -362,10 +383,12 @@ class Coordinator:
         res = RoundResult(round=r, train=train)
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
-        model_payload = codec.encode(self.weights, fp16=self.cfg.fp16)
+        model_payload = codec.encode({**self.weights, **self.site_optimizer}, fp16=self.cfg.fp16)
         digest = codec.digest(model_payload)
         if train:
             self.strategy.begin(r, self.weights)
+            if self.cfg.site_optimizer == "continue-global":
+                self._optimizer_mean = WeightedMean()
         deadline = self.clock() + self.cfg.round_timeout
         t_encoded = time.time()
         timing = self._announce(r, train, deadline, model_payload, digest)
@@ -455,6 +478,9 @@ class Coordinator:
             else:
                 self.weights = new
                 res.aggregated = True
+                if self._optimizer_mean is not None:
+                    self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
+            self._optimizer_mean = None
             fault_point("after-aggregate", r)
             extra = self._extra()
             extra.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
@@ -580,6 +606,13 @@ class Coordinator:
             update = codec.decode(msg.payload, copy=False)
         except Exception as exc:
             raise UpdateRejected("undecodable", f"payload is not a safetensors state dict ({exc})") from None
+        update, optimizer = split_optimizer(update)
+        if self._optimizer_mean is not None:
+            check_optimizer_state(optimizer, self.weights)
+        elif optimizer:
+            raise UpdateRejected(
+                "unexpected-tensors", "optimiser state sent, but this federation does not run continue-global"
+            )
         update = upcast_half(update, self.weights)
         encoding = msg.meta.get("encoding", "weights")
         if encoding not in UPDATE_ENCODINGS:
@@ -589,7 +622,9 @@ class Coordinator:
             update = apply_delta(update, self.weights)
             check_update(update, self.weights)  # finite deltas can still overflow the weights
         self.strategy.add(site, update, num_cases, check_local_steps(msg.meta.get("local_steps")))
-        del update
+        if self._optimizer_mean is not None:
+            self._optimizer_mean.add(optimizer, num_cases)
+        del update, optimizer
         res.cases[site] = num_cases
         res.bytes_received += len(msg.payload)
         log.info(

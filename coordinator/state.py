@@ -52,6 +52,7 @@ class Snapshot:
     roster_digest: str = ""
     registered: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    site_optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # continue-global
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,6 +133,7 @@ class StateStore:
         self.write_round_weights(snap.round, snap.weights, snap.model_config)
         tensors = {f"global/{k}": v for k, v in snap.weights.items()}
         tensors.update({f"strategy/{k}": v for k, v in snap.strategy_tensors.items()})
+        tensors.update({f"site-optimizer/{k}": v for k, v in snap.site_optimizer.items()})
         meta_json = {
             "round": snap.round,
             "federation": snap.federation,
@@ -182,6 +184,7 @@ class StateStore:
             roster_digest=meta.get("roster_digest", ""),
             registered=sorted(set(meta.get("registered", [])) | set(self.registered())),
             extra=meta.get("extra", {}),
+            site_optimizer={k[15:]: v for k, v in tensors.items() if k.startswith("site-optimizer/")},
         )
 
     # -- registration ledger (written by the registration worker) -------------------------------

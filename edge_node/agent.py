@@ -54,6 +54,8 @@ class Trainer(Protocol):
         progress: Any = None,
         keep_optimizer: bool = False,
         lr_scale: float = 1.0,
+        optimizer_state: Any = None,
+        export_optimizer: bool = False,
     ) -> Any: ...
 
     def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
@@ -223,16 +225,19 @@ class SiteAgent:
             self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
 
     # -- the work -------------------------------------------------------------------------------------
-    def _decode_model(self, payload: bytes) -> Any:
-        from wire.payload import decode_state
+    def _decode_model(self, payload: bytes) -> tuple[Any, Any]:
+        """(weights, optimiser state) of a MODEL payload; the second is empty unless the
+        federation runs continue-global."""
+        from wire.payload import decode_state, split_optimizer
 
         state = decode_state(payload)
         try:
             import torch
 
-            return {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+            state = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
         except ImportError:  # pragma: no cover - the real trainer needs torch anyway
-            return state
+            pass
+        return split_optimizer(state)
 
     def _trainer_for(self, task: Mapping[str, Any]) -> Trainer:
         if self._factory is None:
@@ -268,10 +273,10 @@ class SiteAgent:
         rs["task_digest"] = model[1]
         train = bool(task.get("train", True))
         site_cfg = dict(task.get("sites", {}).get(self.site, {}))
-        state_dict = None
+        state_dict = optimizer_state = None
         if not rs.get("metrics_sent"):
             self._set_status(state="evaluating", round=r)
-            state_dict = self._decode_model(model[2])
+            state_dict, optimizer_state = self._decode_model(model[2])
             t0 = time.time()
             ev = trainer.evaluate(state_dict, split="val")
             t1 = time.time()
@@ -305,13 +310,22 @@ class SiteAgent:
         if not (rs.get("update_stored") and path.is_file()):
             self._set_status(state="training", round=r)
             if state_dict is None:
-                state_dict = self._decode_model(model[2])
+                state_dict, optimizer_state = self._decode_model(model[2])
             epochs = int(site_cfg.get("epochs", task.get("epochs", 1)))
             mu = float(site_cfg.get("mu", 0.0))
             t0 = time.time()
-            keep = task.get("site_optimizer", "reset") == "continue-local"
-            lr_scale = float(site_cfg.get("lr_scale", 1.0))
-            result = trainer.train(state_dict, epochs, prox_mu=mu, keep_optimizer=keep, lr_scale=lr_scale)
+            treatment = task.get("site_optimizer", "reset")
+            extra: dict[str, Any] = {}
+            if treatment == "continue-global":  # start from the federation's Adam state, return ours
+                extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
+            result = trainer.train(
+                state_dict,
+                epochs,
+                prox_mu=mu,
+                keep_optimizer=treatment == "continue-local",
+                lr_scale=float(site_cfg.get("lr_scale", 1.0)),
+                **extra,
+            )
             t1 = time.time()
             self._timeline("train", r, t0, t1)
             from wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
@@ -323,7 +337,9 @@ class SiteAgent:
                 payload = encode_state(weight_delta(result.state_dict, state_dict), fp16=True)
                 rs["encoding"] = UPDATE_ENCODING_FP16_DELTA
             else:
-                payload = encode_state(result.state_dict)
+                payload = encode_state(
+                    {**result.state_dict, **(getattr(result, "optimizer_state", None) or {})}
+                )
                 rs.pop("encoding", None)
             self._timeline("encode", r, t1, time.time())
             # The file is for resends after a restart; it is written and fsynced while the update

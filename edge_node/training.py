@@ -32,6 +32,7 @@ from edge_node.evaluation import EvalResult, evaluate_model
 from edge_node.splits import load_or_create_splits, select, splits_path_for
 from models.config import ModelConfig
 from models.preprocess import IMAGE, LABEL
+from wire.payload import OPTIMIZER_PREFIX, OPTIMIZER_STEP
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,45 @@ class TrainResult:
     loss: float
     seconds: float
     steps: int = 0  # optimiser steps taken (FedNova normalises by it)
+    optimizer_state: dict[str, torch.Tensor] | None = None  # continue-global: Adam's by name
+
+
+def adam_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's moments by parameter name and its step count, in the payload's naming
+    (``wire.payload.OPTIMIZER_PREFIX``): names, not positions, so a coordinator can average them."""
+    out: dict[str, torch.Tensor] = {}
+    step = 0.0
+    for name, p in model.named_parameters():
+        st = optimizer.state.get(p) or {}
+        for m in ("exp_avg", "exp_avg_sq"):
+            v = st.get(m)
+            out[f"{OPTIMIZER_PREFIX}{m}/{name}"] = (
+                v.detach().to("cpu", torch.float32).clone()
+                if v is not None
+                else torch.zeros_like(p, device="cpu")
+            )
+        if "step" in st:
+            step = max(step, float(st["step"]))
+    out[OPTIMIZER_STEP] = torch.tensor([step], dtype=torch.float32)
+    return out
+
+
+def load_adam_tensors(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Start ``optimizer`` (a fresh Adam over ``model``) from the federation's averaged state."""
+    try:
+        step = float(torch.as_tensor(tensors[OPTIMIZER_STEP]).reshape(-1)[0])
+        for name, p in model.named_parameters():
+            moments = {
+                m: torch.as_tensor(tensors[f"{OPTIMIZER_PREFIX}{m}/{name}"]).to(p.device, p.dtype).clone()
+                for m in ("exp_avg", "exp_avg_sq")
+            }
+            if any(v.shape != p.shape for v in moments.values()):
+                raise TrainingError(f"optimiser state for {name} does not fit the model ({p.shape})")
+            optimizer.state[p] = {"step": torch.tensor(step, dtype=torch.float32), **moments}
+    except KeyError as exc:
+        raise TrainingError(f"the model's optimiser state lacks {exc}") from None
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -349,6 +389,8 @@ class LocalTrainer(CaseTrainer):
         progress: Progress | None = None,
         keep_optimizer: bool = False,
         lr_scale: float = 1.0,
+        optimizer_state: Mapping[str, torch.Tensor] | None = None,
+        export_optimizer: bool = False,
     ) -> TrainResult:
         """Start from ``state_dict`` (None: fresh weights), train ``epochs`` local epochs, return
         the new weights.
@@ -359,6 +401,9 @@ class LocalTrainer(CaseTrainer):
         first steps. They live in memory only: a restarted site starts its next round fresh.
         ``prox_mu`` > 0 adds FedProx's (mu/2)·||w - w_start||² to the loss. ``lr_scale`` multiplies
         the configured learning rate for this call (the coordinator's ``--lr-schedule``).
+        ``optimizer_state`` (continue-global: the federation's averaged Adam state, by parameter
+        name) starts Adam from it; ``export_optimizer`` returns Adam's state after training in
+        ``TrainResult.optimizer_state`` for the coordinator to average.
         """
         if not (math.isfinite(lr_scale) and 0 < lr_scale <= 10):
             raise TrainingError(f"lr_scale must be in (0, 10], got {lr_scale}")
@@ -367,6 +412,8 @@ class LocalTrainer(CaseTrainer):
         optimizer = self.make_optimizer(model)
         if keep_optimizer and self._optimizer_state is not None:
             optimizer.load_state_dict(self._optimizer_state)
+        if optimizer_state:
+            load_adam_tensors(model, optimizer, optimizer_state)
         set_lr(optimizer, self.train_config.lr * lr_scale)
         loss = self.run_epochs(
             model,
@@ -385,6 +432,7 @@ class LocalTrainer(CaseTrainer):
             loss=loss,
             seconds=time.perf_counter() - t0,
             steps=epochs * len(self._epoch_batches_count()),
+            optimizer_state=adam_tensors(model, optimizer) if export_optimizer else None,
         )
 
     def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None, split: str = "val") -> EvalResult:

@@ -21,6 +21,34 @@ META_KEY = "neurofed.dtypes"
 # floating tensors in half precision (other tensors as they are); without it, the weights.
 UPDATE_ENCODING_FP16_DELTA = "fp16-delta"
 UPDATE_ENCODINGS = ("weights", UPDATE_ENCODING_FP16_DELTA)
+# With ``--site-optimizer continue-global`` MODEL and UPDATE payloads also carry Adam's state by
+# parameter name: ``optimizer/exp_avg/<param>``, ``optimizer/exp_avg_sq/<param>`` and
+# ``optimizer/step`` (shape (1,)); the coordinator averages it like the weights (OpenFL's
+# continue_global), so every site starts a round with the federation's moments, not fresh ones.
+OPTIMIZER_PREFIX = "optimizer/"
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+OPTIMIZER_STEP = OPTIMIZER_PREFIX + "step"
+
+
+def optimizer_names(weights: Mapping[str, Any]) -> list[str]:
+    """The optimiser tensors a continue-global payload carries for these weights (float ones)."""
+    names = [
+        f"{OPTIMIZER_PREFIX}{m}/{k}" for k, v in weights.items() if _is_float(v) for m in OPTIMIZER_MOMENTS
+    ]
+    return [*names, OPTIMIZER_STEP]
+
+
+def split_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(weights, optimiser tensors) of a payload's state dict."""
+    weights = {k: v for k, v in state.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    return weights, {k: v for k, v in state.items() if k.startswith(OPTIMIZER_PREFIX)}
+
+
+def _is_float(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if isinstance(dtype, np.dtype):
+        return dtype.kind == "f"
+    return bool(getattr(value, "is_floating_point", lambda: False)())
 
 
 def _to_numpy(name: str, value: Any) -> np.ndarray:

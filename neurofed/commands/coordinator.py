@@ -9,7 +9,7 @@ NAME = "coordinator"
 # The CLI stays import-light (no numpy at parser build); tests/coordinator/test_commands.py pins
 # these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER / LR_SCHEDULES.
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean")
-SITE_OPTIMIZER = ("reset", "continue-local")
+SITE_OPTIMIZER = ("reset", "continue-local", "continue-global")
 LR_SCHEDULES = ("constant", "cosine")
 EXAMPLE = """\
 example:
@@ -93,8 +93,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--site-optimizer",
         choices=SITE_OPTIMIZER,
         default="reset",
-        help="sites' Adam state between rounds: reset (fresh each round, FedAvg's convention) or "
-        "continue-local (keep each site's moments; see docs/study for the measured effect)",
+        help="sites' Adam state between rounds: reset (fresh each round, FedAvg's convention), "
+        "continue-local (keep each site's moments) or continue-global (sites send their moments, "
+        "the coordinator averages them and sends them with the model; 3x the bytes); see docs/study "
+        "for the measured effect",
     )
     p.add_argument(
         "--lr-schedule",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from neurofed.commands.coordinator import SITE_OPTIMIZER
+
 NAME = "demo"
 EXAMPLE = """\
 example:
@@ -63,6 +65,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="half-precision transfers: the model in fp16, updates as fp16 changes (half the bytes)",
     )
+    p.add_argument(
+        "--site-optimizer",
+        choices=SITE_OPTIMIZER,
+        default="reset",
+        help="sites' Adam state between rounds (see neurofed coordinator --help; default reset)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             strategy=args.strategy,
             fp16=args.fp16,
+            site_optimizer=args.site_optimizer,
             mlflow=None if args.no_mlflow else (args.mlflow or "embedded"),
             **prof,
         )

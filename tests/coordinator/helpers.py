@@ -38,14 +38,41 @@ class ShiftTrainer:
     dice: float = 0.5
     trained: int = 0
 
-    def train(self, state_dict, epochs, *, prox_mu=0.0, progress=None, keep_optimizer=False, lr_scale=1.0):
+    def train(
+        self,
+        state_dict,
+        epochs,
+        *,
+        prox_mu=0.0,
+        progress=None,
+        keep_optimizer=False,
+        lr_scale=1.0,
+        optimizer_state=None,
+        export_optimizer=False,
+    ):
         self.trained += 1
         self.lr_scales = [*getattr(self, "lr_scales", []), lr_scale]
         self.last_mu = prox_mu
         self.last_keep_optimizer = keep_optimizer
         self.last_epochs = epochs
+        self.optimizer_states_in = [*getattr(self, "optimizer_states_in", []), optimizer_state]
         out = {k: (v + self.shift if v.is_floating_point() else v.clone()) for k, v in state_dict.items()}
-        return SimpleNamespace(state_dict=out, num_cases=self.num_train_cases, loss=0.1, seconds=0.0)
+        opt = None
+        if export_optimizer:  # 'Adam state': moments of the shift, step = 10 more than given
+            import torch
+
+            from wire.payload import OPTIMIZER_STEP, optimizer_names
+
+            step = float(optimizer_state[OPTIMIZER_STEP][0]) if optimizer_state else 0.0
+            opt = {
+                n: torch.tensor([step + 10.0])
+                if n == OPTIMIZER_STEP
+                else torch.full_like(state_dict[n.split("/", 2)[2]], self.shift)
+                for n in optimizer_names(state_dict)
+            }
+        return SimpleNamespace(
+            state_dict=out, num_cases=self.num_train_cases, loss=0.1, seconds=0.0, optimizer_state=opt
+        )
 
     def evaluate(self, state_dict, split="val"):
         return SimpleNamespace(dice=self.dice, hd95=3.0, num_cases=2, per_case={}, seconds=0.0)

@@ -87,3 +87,24 @@ def test_fp16_changes_cross_the_real_stack(tmp_path):
     [audit] = list(out.glob("**/site-01-state/audit.jsonl"))
     sent = [json.loads(x) for x in audit.read_text().splitlines()]
     assert [e["fields"]["encoding"] for e in sent if e["kind"] == "update"] == ["fp16-delta"]
+
+
+def test_continue_global_adam_state_crosses_the_real_stack(tmp_path):
+    """continue-global through the broker: updates carry Adam's moments (about 3x the bytes),
+    the coordinator averages them into its snapshot, the registered round's weights stay a model."""
+    from safetensors.numpy import load_file
+
+    _, out = run_demo(tmp_path, "--rounds", "2", "--site-optimizer", "continue-global", "--no-mlflow")
+    events = read_events(out / "coordinator-state")
+    closed = [e for e in events if e["event"] == "round" and e["train"]]
+    assert [e["aggregated"] for e in closed] == [True, True]
+    assert not [e for e in events if e["event"] == "reject"], events
+    glob = load_file(out / "coordinator-state" / "rounds" / "global-r0002.safetensors")
+    assert not [k for k in glob if k.startswith("optimizer/")]
+    model_bytes = sum(a.nbytes for a in glob.values())
+    sizes = [e["bytes"] for e in events if e["event"] == "update"]
+    assert len(sizes) == 4 and all(2.8 * model_bytes < b < 3.2 * model_bytes for b in sizes), sizes
+    snap = load_file(out / "coordinator-state" / "snapshot.safetensors")
+    steps = snap["site-optimizer/optimizer/step"]
+    assert steps.shape == (1,) and steps[0] > 0
+    assert all((v >= 0).all() for k, v in snap.items() if "/exp_avg_sq/" in k)

@@ -140,6 +140,8 @@ def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
     c.send(MessageKind.UPDATE, 1, meta={"num_cases": 0, "model_digest": digest}, payload=good)
     c.send(MessageKind.UPDATE, 1, meta={"num_cases": 2, "model_digest": "0" * 64}, payload=good)
     c.send(MessageKind.UPDATE, 1, meta=meta, payload=b"not safetensors")
+    adam = {"optimizer/step": np.ones(1, np.float32)}  # Adam state where nobody averages it
+    c.send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w | adam))
     c.send(MessageKind.UPDATE, 0, meta=meta, payload=good)  # an old round
     a.send(MessageKind.UPDATE, 1, meta=meta, payload=good)
     a.send(MessageKind.UPDATE, 1, meta=meta, payload=good)  # duplicate
@@ -157,6 +159,7 @@ def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
             "bad-num-cases",
             "stale-model",
             "undecodable",
+            "unexpected-tensors",
             "old-round",
             "duplicate",
         ]
@@ -389,3 +392,72 @@ def test_update_encodings_are_checked(tmp_path):
     assert sorted(res.rejected) == [("site-b", "non-finite"), ("site-c", "bad-encoding")]
     np.testing.assert_allclose(coord.weights["w"], w["w"] + 0.5, rtol=1e-6)
     np.testing.assert_array_equal(coord.weights["n"], w["n"])  # counters are not deltas
+
+
+def test_continue_global_averages_the_sites_adam_state_and_sends_it_with_the_model(tmp_path):
+    """continue-global: each site's Adam state rides with its update, the coordinator averages it
+    by cases like the weights, persists it beside them (not in the registered model) and sends it
+    with the next model, where every site's trainer starts from it."""
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    cases = {"site-a": 1, "site-b": 1, "site-c": 2}
+    trainers = {s: ShiftTrainer(shift=float(i + 1), num_train_cases=cases[s]) for i, s in enumerate(SITES)}
+    coord = make_coordinator(
+        hub, tmp_path / "coord", SITES, rounds=2, site_optimizer="continue-global", final_eval=False
+    )
+    for s in SITES:
+        start_agent(hub, s, trainers[s], tmp_path, stop)
+    t, box = run_in_thread(coord)
+    _finish(t, box, stop)
+    mean_shift = (1 * 1 + 2 * 1 + 3 * 2) / 4  # 2.25
+    for tr in trainers.values():
+        first, second = tr.optimizer_states_in
+        assert first is None, "round 1: a fresh Adam everywhere"
+        np.testing.assert_allclose(second["optimizer/exp_avg/w"].numpy(), mean_shift)
+        np.testing.assert_allclose(second["optimizer/step"].numpy(), [10.0])
+    snap = StateStore(tmp_path / "coord").load()
+    np.testing.assert_allclose(snap.site_optimizer["optimizer/exp_avg_sq/b"], mean_shift)
+    np.testing.assert_allclose(snap.site_optimizer["optimizer/step"], [20.0])
+    assert not [k for k in snap.weights if k.startswith("optimizer/")], "the model stays weights only"
+    from safetensors.numpy import load_file
+
+    assert set(load_file(StateStore(tmp_path / "coord").round_weights_path(2))) == set(initial_weights())
+
+
+def test_continue_global_checks_the_optimizer_state(tmp_path):
+    hub = MemoryHub("testfed")
+    coord = make_coordinator(
+        hub, tmp_path / "c", SITES, rounds=1, min_sites=1, timeout=2.0, final_eval=False,
+        site_optimizer="continue-global",
+    )  # fmt: skip
+    eps = {s: hub.endpoint(s) for s in SITES}
+    for ep in eps.values():
+        ep.start()
+    t, box = run_in_thread(coord)
+    task, model = _wait_task(eps["site-a"], 1)
+    assert task.meta["site_optimizer"] == "continue-global"
+    w = codec.decode(model.payload)
+    from wire.payload import OPTIMIZER_STEP, optimizer_names
+
+    opt = {
+        n: np.ones(1, np.float32) if n == OPTIMIZER_STEP else np.ones_like(w[n.split("/", 2)[2]])
+        for n in optimizer_names(w)
+    }
+    negative = dict(opt, **{"optimizer/exp_avg_sq/w": -np.ones_like(w["w"])})
+    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
+    eps["site-c"].send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w))  # no Adam state
+    eps["site-b"].send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w | negative))
+    eps["site-a"].send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w | opt))
+    t.join(30)
+    assert not t.is_alive()
+    res = box["results"][0]
+    assert res.sites == ["site-a"]
+    assert sorted(res.rejected) == [("site-b", "bad-optimizer-state"), ("site-c", "missing-optimizer-state")]
+    np.testing.assert_allclose(coord.site_optimizer["optimizer/exp_avg/w"], 1.0)
+
+
+def test_optimizer_state_is_refused_where_the_federation_does_not_average_it(tmp_path):
+    from coordinator.errors import CoordinatorError
+
+    with pytest.raises(CoordinatorError, match="underflow in half precision"):
+        make_coordinator(MemoryHub("f"), tmp_path / "c", SITES, site_optimizer="continue-global", fp16=True)

@@ -94,6 +94,34 @@ def test_keep_optimizer_carries_adams_moments_into_the_next_round(
     assert any(not torch.equal(w_kept[k], w_reset[k]) for k in w_kept if w_kept[k].is_floating_point())
 
 
+def test_exported_adam_state_restarts_training_exactly_where_it_stopped(
+    synth_data: Path, synth_tiny_config
+) -> None:
+    """continue-global: Adam's state exported by parameter name and loaded into a fresh trainer
+    (another process, in a federation) continues bit-exactly as keeping the optimiser does."""
+    from edge_node.errors import TrainingError
+    from wire.payload import OPTIMIZER_STEP, optimizer_names
+
+    tr = LocalTrainer(synth_data / "site-02", synth_tiny_config, TrainConfig(), device="cpu")
+    start = {k: v.clone() for k, v in tr.model().state_dict().items()}
+    first = tr.train(start, epochs=1, keep_optimizer=True, export_optimizer=True)
+    opt = first.optimizer_state
+    params = dict(tr.model().named_parameters())
+    assert sorted(opt) == sorted(optimizer_names({k: v for k, v in first.state_dict.items() if k in params}))
+    assert float(opt[OPTIMIZER_STEP][0]) == first.steps > 0
+    assert all(float(v.abs().sum()) > 0 for k, v in opt.items() if "/exp_avg_sq/" in k)
+    kept = tr.train(first.state_dict, epochs=1, keep_optimizer=True).state_dict
+    other = LocalTrainer(synth_data / "site-02", synth_tiny_config, TrainConfig(), device="cpu")
+    other.epochs_done = tr.epochs_done - 1  # the same epoch's patches
+    loaded = other.train(first.state_dict, epochs=1, optimizer_state=opt).state_dict
+    assert all(torch.equal(kept[k], loaded[k]) for k in kept)
+    other.epochs_done = tr.epochs_done - 1
+    fresh = other.train(first.state_dict, epochs=1).state_dict  # same patches, a fresh Adam
+    assert any(not torch.equal(kept[k], fresh[k]) for k in kept if kept[k].is_floating_point())
+    with pytest.raises(TrainingError, match="lacks"):
+        other.train(first.state_dict, epochs=1, optimizer_state={OPTIMIZER_STEP: opt[OPTIMIZER_STEP]})
+
+
 def test_lr_scale_sets_this_rounds_rate_also_over_a_kept_optimizer(
     synth_data: Path, synth_tiny_config
 ) -> None:
