@@ -29,14 +29,17 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
   only), ``done`` (true: the federation is over), ``deadline`` (unix time), ``epochs``, ``sites``
   ({site: its own config, e.g. ``{"epochs": 1, "mu": 0.01}``}), ``session`` (changes when the
   coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``site_optimizer`` (reset |
-  continue-local), ``model_config`` (ModelConfig dict). A site's own config may carry ``lr_scale``
+  continue-local | continue-global), ``model_config`` (ModelConfig dict). A site's own config may carry ``lr_scale``
   (the factor on its learning rate this round, from ``--lr-schedule``; absent: 1).
-- MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights.
+- MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights (fp16 with
+  ``--fp16``), plus the averaged Adam state (``optimizer/...``) under continue-global.
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
   whose evaluation it holds), ``session``.
 - UPDATE: ``num_cases`` (positive int, the FedAvg weight), ``model_digest`` (the model it was
   trained from), ``loss``, ``train_seconds``, ``local_steps`` (optimiser steps taken, FedNova's
-  tau); payload: safetensors of the full weights.
+  tau), ``encoding`` (absent or ``weights``; ``fp16-delta`` with ``--fp16``); payload:
+  safetensors of the full weights, or of the fp16 change of the float tensors; plus the site's
+  Adam state (``optimizer/...``) under continue-global.
 - METRICS: ``dice``, ``hd95``, ``num_cases`` (validation cases), ``evaluated_round`` (r-1),
   ``model_digest``.
 """
