@@ -9,7 +9,8 @@ It is separate from the aggregation maths (a ``Strategy``) and from the transpor
 2. COLLECT: accept one UPDATE per expected site (checked: round, not late, not duplicate, trained
    from this round's model, tensors equal in names/shapes/dtypes to the global model, finite), fold
    each into the strategy as it arrives and re-publish RECEIPTS (the list of sites whose update the
-   coordinator holds; also re-published every few seconds, so a site whose upload was lost to a
+   coordinator holds) once it has caught up with what is queued, not after every update; also
+   re-published every few seconds, so a site whose upload was lost to a
    broker restart notices and resends). METRICS (each site's evaluation of model r-1) are gathered
    on the way. The round closes when every expected site delivered, or at the deadline with at
    least ``min_sites``, or early with ``min_sites`` once every missing site is known offline (its
