@@ -118,7 +118,7 @@ class RoundConfig:
     expected_sites: tuple[str, ...]
     min_sites: int
     round_timeout: float = 600.0
-    local_epochs: int = 1
+    local_epochs: float = 1  # a fraction: that share of an epoch's batches per round
     fp16: bool = False
     site_optimizer: str = "reset"
     lr_schedule: str = "constant"
@@ -138,8 +138,8 @@ class RoundConfig:
             )
         if not self.round_timeout > 0:
             raise CoordinatorError(f"--round-timeout must be positive, got {self.round_timeout}")
-        if self.local_epochs < 1:
-            raise CoordinatorError(f"--local-epochs must be >= 1, got {self.local_epochs}")
+        if not (0 < self.local_epochs < math.inf):
+            raise CoordinatorError(f"--local-epochs must be a positive number, got {self.local_epochs}")
         if self.site_optimizer not in SITE_OPTIMIZER:
             raise CoordinatorError(
                 f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZER)}, got {self.site_optimizer!r}"

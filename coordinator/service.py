@@ -28,7 +28,7 @@ class CoordinatorSettings:
     min_sites: int | None = None
     round_timeout: float = 600.0
     strategy: str = "fedavg"
-    local_epochs: int = 1
+    local_epochs: float = 1
     mu: float = 0.01
     max_norm: float | None = None
     server_lr: float | None = None

@@ -311,7 +311,7 @@ class SiteAgent:
             self._set_status(state="training", round=r)
             if state_dict is None:
                 state_dict, optimizer_state = self._decode_model(model[2])
-            epochs = int(site_cfg.get("epochs", task.get("epochs", 1)))
+            epochs = float(site_cfg.get("epochs", task.get("epochs", 1)))  # 0.5: half an epoch
             mu = float(site_cfg.get("mu", 0.0))
             t0 = time.time()
             treatment = task.get("site_optimizer", "reset")

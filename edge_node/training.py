@@ -159,6 +159,9 @@ class CaseTrainer:
         self._eval_cache: dict[str, list[dict]] = {}
         self._model: torch.nn.Module | None = None
         self.epochs_done = 0  # epochs trained by this object: seeds the next epoch
+        self._batch_offset = 0  # batches of epoch ``epochs_done`` already trained (fractional rounds)
+        self._epoch_cache: tuple[int, list] | None = None  # that epoch's batches, while it lasts
+        self._step_credit = 0.0  # fractional rounds: the part of a step not yet taken
         self._optimizer_state: dict | None = None  # LocalTrainer.train(keep_optimizer=True)
 
     # ------------------------------------------------------------------ caches
@@ -280,12 +283,7 @@ class CaseTrainer:
         on_epoch_end: Callable[[int, float], None] | None = None,
     ) -> float:
         """Train ``epochs`` epochs numbered from ``start_epoch``; return the mean loss of the last."""
-        from monai.losses import DiceCELoss
-
-        if not self.cases.get("train"):
-            raise TrainingError("no training cases: check the site folder and splits.json")
-        loss_fn = DiceCELoss(sigmoid=True)
-        anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+        step_fn = self._stepper(model, optimizer, prox_mu, scaler)
         n_per_epoch = len(self._epoch_batches_count())
         total = n_per_epoch * epochs
         step = 0
@@ -295,29 +293,81 @@ class CaseTrainer:
             torch.manual_seed(self.train_config.seed * 100003 + e)
             losses = []
             for x, y in self._epoch_batches(e):
-                x, y = x.to(self.device), y.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=self.amp):
-                    loss = loss_fn(model(x), y)
-                if anchor is not None:  # FedProx: stay near the weights the round started from
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-                    loss = loss + 0.5 * prox_mu * prox
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(step_fn(x, y))
                 step += 1
                 if progress is not None:
                     progress(step, total, float(np.mean(losses)))
             last = float(np.mean(losses)) if losses else float("nan")
             self.epochs_done = e + 1
+            self._batch_offset = 0
             if on_epoch_end is not None:
                 on_epoch_end(e + 1, last)
         return last
+
+    def run_steps(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        *,
+        prox_mu: float = 0.0,
+        progress: Progress | None = None,
+        scaler: Any = None,
+    ) -> float:
+        """Train ``steps`` batches from where this trainer stopped (epoch, batch), across epoch
+        boundaries; return their mean loss. A round of a fraction of an epoch (``--local-epochs
+        0.5``) goes on through the epoch's patches where the previous round left off, so two
+        half-epoch rounds see exactly the batches of one epoch."""
+        step_fn = self._stepper(model, optimizer, prox_mu, scaler)
+        model.train()
+        losses = []
+        for _ in range(steps):
+            e, j = self.epochs_done, self._batch_offset
+            if self._epoch_cache is None or self._epoch_cache[0] != e:
+                self._epoch_cache = (e, self._epoch_batches(e))
+            batches = self._epoch_cache[1]
+            if j == 0:
+                torch.manual_seed(self.train_config.seed * 100003 + e)
+            x, y = batches[j]
+            losses.append(step_fn(x, y))
+            if progress is not None:
+                progress(len(losses), steps, float(np.mean(losses)))
+            if j + 1 >= len(batches):
+                self.epochs_done, self._batch_offset, self._epoch_cache = e + 1, 0, None
+            else:
+                self._batch_offset = j + 1
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _stepper(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, prox_mu: float, scaler: Any
+    ) -> Callable[[torch.Tensor, torch.Tensor], float]:
+        """One optimiser step on a batch (DiceCE, FedProx's term when ``prox_mu``): the loop body
+        of ``run_epochs`` and ``run_steps``."""
+        from monai.losses import DiceCELoss
+
+        if not self.cases.get("train"):
+            raise TrainingError("no training cases: check the site folder and splits.json")
+        loss_fn = DiceCELoss(sigmoid=True)
+        anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> float:
+            x, y = x.to(self.device), y.to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                loss = loss_fn(model(x), y)
+            if anchor is not None:  # FedProx: stay near the weights the round started from
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                loss = loss + 0.5 * prox_mu * prox
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            return float(loss.detach())
+
+        return step
 
     def _epoch_batches_count(self) -> range:
         items = self.train_items()
@@ -383,7 +433,7 @@ class LocalTrainer(CaseTrainer):
     def train(
         self,
         state_dict: Mapping[str, torch.Tensor] | None,
-        epochs: int,
+        epochs: float,
         *,
         prox_mu: float = 0.0,
         progress: Progress | None = None,
@@ -393,7 +443,8 @@ class LocalTrainer(CaseTrainer):
         export_optimizer: bool = False,
     ) -> TrainResult:
         """Start from ``state_dict`` (None: fresh weights), train ``epochs`` local epochs, return
-        the new weights.
+        the new weights. A fraction (``0.5``: half the epoch's batches) continues through the
+        epoch where the previous call stopped (see ``run_steps``).
 
         The optimiser is fresh each call (the federated convention) unless ``keep_optimizer``:
         then Adam's moments and step count carry over from this trainer's previous call (OpenFL's
@@ -407,6 +458,8 @@ class LocalTrainer(CaseTrainer):
         """
         if not (math.isfinite(lr_scale) and 0 < lr_scale <= 10):
             raise TrainingError(f"lr_scale must be in (0, 10], got {lr_scale}")
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise TrainingError(f"epochs must be a positive number, got {epochs}")
         t0 = time.perf_counter()
         model = self.load_state(state_dict)
         optimizer = self.make_optimizer(model)
@@ -415,15 +468,28 @@ class LocalTrainer(CaseTrainer):
         if optimizer_state:
             load_adam_tensors(model, optimizer, optimizer_state)
         set_lr(optimizer, self.train_config.lr * lr_scale)
-        loss = self.run_epochs(
-            model,
-            optimizer,
-            epochs,
-            start_epoch=self.epochs_done,
-            prox_mu=prox_mu,
-            progress=progress,
-            scaler=self.make_scaler(),
-        )
+        if not self.cases.get("train"):
+            raise TrainingError("no training cases: check the site folder and splits.json")
+        per_epoch = len(self._epoch_batches_count())
+        if float(epochs).is_integer() and self._batch_offset == 0:
+            steps = int(epochs) * per_epoch
+            loss = self.run_epochs(
+                model,
+                optimizer,
+                int(epochs),
+                start_epoch=self.epochs_done,
+                prox_mu=prox_mu,
+                progress=progress,
+                scaler=self.make_scaler(),
+            )
+        else:
+            # whole steps, the fractions carried over: two 0.5 rounds train exactly one epoch
+            credit = self._step_credit + epochs * per_epoch
+            steps = max(1, math.floor(credit + 1e-9))
+            self._step_credit = credit - steps
+            loss = self.run_steps(
+                model, optimizer, steps, prox_mu=prox_mu, progress=progress, scaler=self.make_scaler()
+            )
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self._optimizer_state = optimizer.state_dict() if keep_optimizer else None
         return TrainResult(
@@ -431,7 +497,7 @@ class LocalTrainer(CaseTrainer):
             num_cases=self.num_train_cases,
             loss=loss,
             seconds=time.perf_counter() - t0,
-            steps=epochs * len(self._epoch_batches_count()),
+            steps=steps,
             optimizer_state=adam_tensors(model, optimizer) if export_optimizer else None,
         )
 

@@ -32,7 +32,7 @@ class Profile:
     shape: tuple[int, int, int]
     model_size: str
     rounds: int
-    local_epochs: int
+    local_epochs: float  # a fraction (0.5): that share of an epoch per round
     seed: int = 0
     ciil: bool = False
     # the FL arm's aggregation: FedAvg is the study's; the kit's others can be compared on the
@@ -52,7 +52,13 @@ class Profile:
     @property
     def epochs(self) -> int:
         """Centralized budget: rounds x local epochs (the study's equal-budget rule)."""
-        return self.rounds * self.local_epochs
+        epochs = self.rounds * self.local_epochs
+        if not float(epochs).is_integer():
+            raise ValueError(
+                f"rounds x local epochs must be whole epochs for the centralized arm, got "
+                f"{self.rounds} x {self.local_epochs} = {epochs}"
+            )
+        return int(epochs)
 
 
 PROFILES: dict[str, Profile] = {
@@ -154,7 +160,7 @@ class Arms:
             if curve_every:
                 val = pooled_val.evaluate_module(model, "val")
                 curve.append(
-                    {"epoch": done, "round": done // max(1, self.profile.local_epochs), "dice": val.dice}
+                    {"epoch": done, "round": round(done / self.profile.local_epochs), "dice": val.dice}
                 )
                 if progress:
                     progress(f"epoch {done}/{epochs}: val Dice {val.dice:.3f}")
@@ -167,7 +173,7 @@ class Arms:
         from coordinator.rounds import lr_scale
 
         p = self.profile
-        return lr_scale(p.lr_schedule, epoch // max(1, p.local_epochs) + 1, p.rounds)
+        return lr_scale(p.lr_schedule, min(p.rounds, int(epoch // p.local_epochs) + 1), p.rounds)
 
     def _set_epoch_lr(self, optimizer: Any, epoch: int) -> None:
         from edge_node.training import set_lr
@@ -403,7 +409,10 @@ def run_experiment(
         results["arms"]["threshold"] = timed("threshold", a.threshold)
     if "cds" in arms:
         res, curve, _ = timed(
-            "cds", lambda: a.train(None, profile.epochs, curve_every=profile.local_epochs, progress=progress)
+            "cds",
+            lambda: a.train(
+                None, profile.epochs, curve_every=max(1, round(profile.local_epochs)), progress=progress
+            ),
         )
         results["arms"]["cds"] = res
         results["curves"]["cds"] = curve

@@ -10,6 +10,19 @@ NAME = "coordinator"
 # these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER / LR_SCHEDULES.
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean")
 SITE_OPTIMIZER = ("reset", "continue-local", "continue-global")
+
+
+def local_epochs(text: str) -> int | float:
+    """``--local-epochs``: a positive number; whole numbers stay ints (as the task carries them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of epochs, got {text}")
+    return int(value) if value.is_integer() else value
+
+
 LR_SCHEDULES = ("constant", "cosine")
 EXAMPLE = """\
 example:
@@ -58,7 +71,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "steps, for sites of very different sizes; fedavgm adds server momentum; median and trimmed-mean resist outliers)",
     )
     p.add_argument(
-        "--local-epochs", type=int, default=1, help="local epochs per round at each site (default 1)"
+        "--local-epochs",
+        type=local_epochs,
+        default=1,
+        help="local epochs per round at each site (default 1); a fraction such as 0.5 trains that share of "
+        "an epoch's batches per round, the next round going on where it stopped (fewer local steps "
+        "between averages: less drift apart on unlike sites)",
     )
     p.add_argument(
         "--mu", type=float, default=0.01, help="FedProx proximal weight, sent to the sites (default 0.01)"

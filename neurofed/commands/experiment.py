@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from neurofed.commands.coordinator import LR_SCHEDULES, SITE_OPTIMIZER, STRATEGIES
+from neurofed.commands.coordinator import LR_SCHEDULES, SITE_OPTIMIZER, STRATEGIES, local_epochs
 
 EXAMPLE = """\
 examples:
@@ -41,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--profile", choices=sorted(PROFILES), default="quick", help="sizes and budget (default quick)"
     )
     p.add_argument("--rounds", type=int, help="override the profile's rounds")
-    p.add_argument("--local-epochs", type=int, help="override the profile's local epochs")
+    p.add_argument(
+        "--local-epochs",
+        type=local_epochs,
+        help="override the profile's local epochs (a fraction such as 0.5: that share of an epoch per round)",
+    )
     p.add_argument("--model-size", choices=("default", "small", "tiny"), help="override the profile's UNet")
     p.add_argument(
         "--fl-strategy",

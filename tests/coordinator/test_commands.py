@@ -101,9 +101,20 @@ def test_cli_choices_are_the_coordinators_own():
             "experiment --out o --fl-server-momentum 0.5 --lr-schedule cosine --fl-mu 0.1",
             {"fl_server_momentum": 0.5, "lr_schedule": "cosine", "fl_mu": 0.1},
         ),
+        ("coordinator --bundle b --local-epochs 0.5", {"local_epochs": 0.5}),
+        ("coordinator --bundle b --local-epochs 2", {"local_epochs": 2}),
+        ("experiment --out o --rounds 100 --local-epochs 0.5", {"rounds": 100, "local_epochs": 0.5}),
     ],
 )
 def test_strategy_and_schedule_flags_parse(argv, expected):
     parser, _ = build_parser()
     args = parser.parse_args(argv.split())
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "half"])
+def test_local_epochs_must_be_a_positive_number(bad, capsys):
+    parser, _ = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["coordinator", "--bundle", "b", "--local-epochs", bad])
+    assert "--local-epochs" in capsys.readouterr().err

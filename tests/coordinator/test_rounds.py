@@ -461,3 +461,15 @@ def test_optimizer_state_is_refused_where_the_federation_does_not_average_it(tmp
 
     with pytest.raises(CoordinatorError, match="underflow in half precision"):
         make_coordinator(MemoryHub("f"), tmp_path / "c", SITES, site_optimizer="continue-global", fp16=True)
+
+
+def test_fractional_local_epochs_reach_every_sites_trainer(tmp_path):
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    trainers = {s: ShiftTrainer(shift=1.0, num_train_cases=1) for s in SITES}
+    coord = make_coordinator(hub, tmp_path / "coord", SITES, rounds=1, local_epochs=0.5, final_eval=False)
+    for s in SITES:
+        start_agent(hub, s, trainers[s], tmp_path, stop)
+    t, box = run_in_thread(coord)
+    _finish(t, box, stop)
+    assert {tr.last_epochs for tr in trainers.values()} == {0.5}

@@ -122,6 +122,37 @@ def test_exported_adam_state_restarts_training_exactly_where_it_stopped(
         other.train(first.state_dict, epochs=1, optimizer_state={OPTIMIZER_STEP: opt[OPTIMIZER_STEP]})
 
 
+def test_fractional_rounds_go_through_the_epoch_where_the_last_one_stopped(
+    synth_data: Path, synth_tiny_config
+) -> None:
+    """--local-epochs 0.5: two half-epoch rounds train exactly the batches of one epoch, in order
+    (bit-exact with one full epoch when Adam's state is kept), and the step count says so."""
+    from edge_node.errors import TrainingError
+
+    def trainer() -> LocalTrainer:
+        return LocalTrainer(
+            synth_data / "site-01", synth_tiny_config, TrainConfig(batch_size=1), device="cpu"
+        )
+
+    a, b = trainer(), trainer()
+    start = {k: v.clone() for k, v in a.model().state_dict().items()}
+    per_epoch = len(a._epoch_batches_count())
+    assert per_epoch >= 2
+    halves = []
+    w = start
+    for _ in range(2):
+        r = a.train(w, 0.5, keep_optimizer=True)
+        halves.append(r.steps)
+        w = r.state_dict
+    full = b.train(start, 1, keep_optimizer=True)
+    assert sum(halves) == full.steps == per_epoch and min(halves) >= 1, (halves, per_epoch)
+    assert a.epochs_done == b.epochs_done == 1
+    assert all(torch.equal(w[k], full.state_dict[k]) for k in w)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(TrainingError, match="epochs"):
+            a.train(start, bad)
+
+
 def test_lr_scale_sets_this_rounds_rate_also_over_a_kept_optimizer(
     synth_data: Path, synth_tiny_config
 ) -> None:

@@ -102,6 +102,14 @@ def test_every_arm_follows_the_federations_lr_schedule_by_epoch():
     assert scales[0] == 1.0 and scales[4] == 1.0 and scales[5] < 1.0 and scales[-1] < 0.2
     flat = SimpleNamespace(profile=with_overrides(p, lr_schedule="constant"))
     assert {Arms.epoch_lr_scale(flat, e) for e in range(20)} == {1.0}
+    # half-epoch rounds: epoch e starts in round 2e + 1; the budget must be whole epochs
+    half = with_overrides(p, rounds=8, local_epochs=0.5)
+    assert half.epochs == 4
+    assert [Arms.epoch_lr_scale(SimpleNamespace(profile=half), e) for e in range(4)] == [
+        lr_scale("cosine", 2 * e + 1, 8) for e in range(4)
+    ]
+    with pytest.raises(ValueError, match="whole epochs"):
+        _ = with_overrides(p, rounds=3, local_epochs=0.5).epochs
 
 
 def test_ciil_arm_visits_the_sites_in_turn_for_the_budget_and_is_scored_on_the_shared_tests(
