@@ -354,7 +354,8 @@ class SiteAgent:
                 train_seconds=float(t1 - t0),
                 local_steps=int(getattr(result, "steps", 0)) or None,  # 0: the trainer does not say
             )
-            self._save_state()
+            # no state save here: until the file is durable a restart retrains anyway, and an
+            # fsync now would queue behind the update file's and hold up the send
         try:
             if not rs.get("update_sent"):
                 self._send_update(r, rs, stop=stop)
