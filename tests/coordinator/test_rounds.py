@@ -118,16 +118,23 @@ def _wait_task(ep, round, timeout=10.0):
     return task, model
 
 
-def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
+def _round_one(tmp_path, **kw):
+    """A coordinator in round 1 over the hub, with raw endpoints for every site: (coordinator,
+    endpoints, thread, result box, TASK, global weights, a valid UPDATE meta)."""
     hub = MemoryHub("testfed")
-    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=2, timeout=3.0, final_eval=False)
+    coord = make_coordinator(hub, tmp_path / "c", SITES, final_eval=False, **kw)
     eps = {s: hub.endpoint(s) for s in SITES}
     for ep in eps.values():
         ep.start()
     t, box = run_in_thread(coord)
     task, model = _wait_task(eps["site-a"], 1)
+    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
+    return coord, eps, t, box, task, codec.decode(model.payload), meta
+
+
+def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
+    coord, eps, t, box, task, w, _ = _round_one(tmp_path, rounds=1, min_sites=2, timeout=3.0)
     digest = task.meta["model_digest"]
-    w = codec.decode(model.payload)
     good = codec.encode({k: v + 1 if v.dtype == np.float32 else v for k, v in w.items()})
     nan = dict(w, w=np.full_like(w["w"], np.nan))
     wrong_shape = dict(w, w=np.zeros((3, 4), dtype=np.float32))
@@ -171,16 +178,8 @@ def test_bad_updates_are_rejected_with_reasons_and_not_counted(tmp_path):
 
 
 def test_late_update_after_the_deadline_is_rejected(tmp_path):
-    hub = MemoryHub("testfed")
-    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=2, min_sites=2, timeout=1.0, final_eval=False)
-    eps = {s: hub.endpoint(s) for s in SITES}
-    for ep in eps.values():
-        ep.start()
-    t, box = run_in_thread(coord)
-    task, model = _wait_task(eps["site-a"], 1)
-    w = codec.decode(model.payload)
+    coord, eps, t, box, task, w, meta = _round_one(tmp_path, rounds=2, min_sites=2, timeout=1.0)
     good = codec.encode(w)
-    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
     eps["site-a"].send(MessageKind.UPDATE, 1, meta=meta, payload=good)
     eps["site-b"].send(MessageKind.UPDATE, 1, meta=meta, payload=good)
     task2, model2 = _wait_task(eps["site-a"], 2)  # round 1 closed at its deadline
@@ -367,15 +366,7 @@ def test_fp16_sends_changes_that_land_on_the_fp32_weights(tmp_path):
 
 
 def test_update_encodings_are_checked(tmp_path):
-    hub = MemoryHub("testfed")
-    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=1, min_sites=1, timeout=2.0, final_eval=False)
-    eps = {s: hub.endpoint(s) for s in SITES}
-    for ep in eps.values():
-        ep.start()
-    t, box = run_in_thread(coord)
-    task, model = _wait_task(eps["site-a"], 1)
-    w = codec.decode(model.payload)
-    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
+    coord, eps, t, box, task, w, meta = _round_one(tmp_path, rounds=1, min_sites=1, timeout=2.0)
     half = {k: np.full_like(v, 0.5) if v.dtype == np.float32 else v for k, v in w.items()}
     nan = dict(half, w=np.full_like(w["w"], np.nan))
     eps["site-c"].send(MessageKind.UPDATE, 1, meta=meta | {"encoding": "zstd"}, payload=codec.encode(w))
@@ -425,18 +416,10 @@ def test_continue_global_averages_the_sites_adam_state_and_sends_it_with_the_mod
 
 
 def test_continue_global_checks_the_optimizer_state(tmp_path):
-    hub = MemoryHub("testfed")
-    coord = make_coordinator(
-        hub, tmp_path / "c", SITES, rounds=1, min_sites=1, timeout=2.0, final_eval=False,
-        site_optimizer="continue-global",
-    )  # fmt: skip
-    eps = {s: hub.endpoint(s) for s in SITES}
-    for ep in eps.values():
-        ep.start()
-    t, box = run_in_thread(coord)
-    task, model = _wait_task(eps["site-a"], 1)
+    coord, eps, t, box, task, w, meta = _round_one(
+        tmp_path, rounds=1, min_sites=1, timeout=2.0, site_optimizer="continue-global"
+    )
     assert task.meta["site_optimizer"] == "continue-global"
-    w = codec.decode(model.payload)
     from wire.payload import OPTIMIZER_STEP, optimizer_names
 
     opt = {
@@ -444,7 +427,6 @@ def test_continue_global_checks_the_optimizer_state(tmp_path):
         for n in optimizer_names(w)
     }
     negative = dict(opt, **{"optimizer/exp_avg_sq/w": -np.ones_like(w["w"])})
-    meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
     eps["site-c"].send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w))  # no Adam state
     eps["site-b"].send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w | negative))
     eps["site-a"].send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w | opt))
