@@ -145,14 +145,16 @@ def spawn_site(
     *,
     verbose: bool = False,
     env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> Proc:
     """``neurofed edge`` for ``site``: its bundle ``bundles/<site>``, its data ``data/<site>``, its
-    state ``state_root/<site>-state``."""
+    state ``state_root/<site>-state`` (``extra``: more ``neurofed edge`` options, e.g. ``--seed``)."""
     args = [
         "edge",
         "--bundle", str(bundles / site),
         "--data", str(data / site),
         "--state", str(state_root / f"{site}-state"),
+        *extra,
     ]  # fmt: skip
     return spawn(site, ["-v", *args] if verbose else args, log_dir, env)
 

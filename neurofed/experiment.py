@@ -33,7 +33,10 @@ class Profile:
     model_size: str
     rounds: int
     local_epochs: float  # a fraction (0.5): that share of an epoch per round
-    seed: int = 0
+    seed: int = 0  # the data (when synthesised) and the train/val/test split
+    # initial weights, patch sampling and augmentation in every arm (None: ``seed``); another
+    # value repeats the study on the same data and split, to size its run-to-run spread
+    train_seed: int | None = None
     ciil: bool = False
     # the FL arm's aggregation: FedAvg is the study's; the kit's others can be compared on the
     # same arms (None below: the coordinator's default)
@@ -48,6 +51,10 @@ class Profile:
     fl_server_momentum: float | None = None
     # FedProx's proximal weight (None: the coordinator's default)
     fl_mu: float | None = None
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
     @property
     def epochs(self) -> int:
@@ -111,7 +118,7 @@ class Arms:
         self.sites = sorted({c.site for c in self.cases})
         self.select = lambda split, sites=None: select(self.cases, self.splits, split, sites)
         self.model_config = model_config_for(self.cases, profile.model_size)
-        self.train_config = TrainConfig(seed=profile.seed, split_seed=profile.seed)
+        self.train_config = TrainConfig(seed=profile.training_seed, split_seed=profile.seed)
 
     def _trainer(self, sites: Sequence[str] | None):
         from edge_node.training import CaseTrainer
@@ -142,7 +149,7 @@ class Arms:
         trainer = self._trainer(sites)
         if not trainer.num_train_cases:
             raise ValueError(f"no training cases for sites {sites}")
-        torch.manual_seed(self.profile.seed)
+        torch.manual_seed(self.profile.training_seed)
         model = trainer.model()
         if init_state is not None:
             model.load_state_dict(init_state)
@@ -201,7 +208,7 @@ class Arms:
         from edge_node.training import CaseTrainer
 
         trainers = {s: self._trainer([s]) for s in self.sites}
-        torch.manual_seed(self.profile.seed)
+        torch.manual_seed(self.profile.training_seed)
         model = trainers[self.sites[0]].model()
         state = model.state_dict()
         spent = 0
@@ -256,7 +263,7 @@ def run_federated_arm(
 
     out.mkdir(parents=True, exist_ok=True)
     sites = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.iterdir()))
-    torch.manual_seed(profile.seed)
+    torch.manual_seed(profile.training_seed)
     init = save_weights(out / "init.safetensors", build_unet(model_config).state_dict(), model_config)
     port = free_port()
     bundles = provision_sites(out / "bundles", "study", sites, port)
@@ -268,7 +275,9 @@ def run_federated_arm(
     procs = []
     try:
         for site in sites:
-            procs.append(spawn_site(site, bundles, data, out, logs))
+            procs.append(
+                spawn_site(site, bundles, data, out, logs, extra=["--seed", str(profile.training_seed)])
+            )
         wait_for(
             lambda: all((out / f"{x}-state" / "status.json").is_file() for x in sites),
             600,

@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--resend-after", type=float, default=10.0, help="seconds before a missing receipt triggers a resend"
     )
     p.add_argument("--batch-size", type=int, help="training batch size (default: the trainer's)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of this site's patch sampling and augmentation (default 0; the train/val/test split "
+        "does not depend on it)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if bundle.role != "site":
         raise EdgeNodeError(f"{args.bundle} is the {bundle.role}'s bundle; give this site's DIR/<site>")
     state = Path(args.state or Path(args.bundle).parent / f"{bundle.participant}-state")
-    tc = TrainConfig(batch_size=args.batch_size) if args.batch_size else TrainConfig()
+    tc = TrainConfig(seed=args.seed, **({"batch_size": args.batch_size} if args.batch_size else {}))
 
     def make_trainer(cfg: dict) -> LocalTrainer:
         return LocalTrainer(

@@ -75,6 +75,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="threshold,cds,single,fl",
         help="comma list of threshold, cds, single, fl, ciil (default: all but ciil)",
     )
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed of the initial weights, patch sampling and augmentation in every arm, FL sites "
+        "included (default: the profile's seed); the data and the split stay, so repeats with other "
+        "values size the run-to-run spread",
+    )
     p.add_argument("--mlflow", help="MLflow tracking URI to log the experiment to")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=run)
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         fl_server_lr=args.fl_server_lr,
         fl_server_momentum=args.fl_server_momentum,
         fl_mu=args.fl_mu,
+        train_seed=args.train_seed,
         lr_schedule=args.lr_schedule,
     )
     out = Path(args.out).resolve()

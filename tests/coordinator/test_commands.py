@@ -104,6 +104,8 @@ def test_cli_choices_are_the_coordinators_own():
         ("coordinator --bundle b --local-epochs 0.5", {"local_epochs": 0.5}),
         ("coordinator --bundle b --local-epochs 2", {"local_epochs": 2}),
         ("experiment --out o --rounds 100 --local-epochs 0.5", {"rounds": 100, "local_epochs": 0.5}),
+        ("experiment --out o --train-seed 2", {"train_seed": 2}),
+        ("edge --bundle b --data d --seed 4", {"seed": 4}),
     ],
 )
 def test_strategy_and_schedule_flags_parse(argv, expected):

@@ -145,3 +145,29 @@ def test_ciil_arm_visits_the_sites_in_turn_for_the_budget_and_is_scored_on_the_s
         [arms.train_config.lr * arms.epoch_lr_scale(e) for e in range(4)]
     )
     assert res["dice"]["n"] == len(arms.select("test")) and 0.0 <= res["dice"]["mean"] <= 1.0
+
+
+def test_train_seed_changes_the_training_draws_not_the_data_or_split(tmp_path, monkeypatch):
+    """--train-seed repeats the study on the same cases and split: only the initial weights and
+    the patches and augmentations differ, in every arm, the FL sites (neurofed edge --seed) too."""
+    import torch
+
+    import coordinator.local as local
+    from edge_node.synth import synthesize
+    from neurofed.experiment import PROFILES, Arms, with_overrides
+
+    p0 = with_overrides(PROFILES["quick"], sites=2, cases=16)
+    p3 = with_overrides(p0, train_seed=3)
+    data = tmp_path / "data"
+    synthesize(data, sites=p0.sites, cases=p0.cases, seed=0, shape=p0.shape)
+    a0, a3 = Arms(data, p0, "cpu"), Arms(data, p3, "cpu")
+    assert [c.case_id for c in a0.select("test")] == [c.case_id for c in a3.select("test")]
+    assert (a0.train_config.seed, a3.train_config.seed) == (0, 3)
+    assert a0.train_config.split_seed == a3.train_config.split_seed == 0
+    x0, _ = a0._trainer(None)._epoch_batches(0)[0]
+    x3, _ = a3._trainer(None)._epoch_batches(0)[0]
+    assert not torch.equal(x0, x3)
+    seen = []
+    monkeypatch.setattr(local, "spawn", lambda name, args, *a, **k: seen.append(args))
+    local.spawn_site("site-01", tmp_path, data, tmp_path, tmp_path, extra=["--seed", "3"])
+    assert seen[0][-2:] == ["--seed", "3"]
