@@ -61,14 +61,18 @@ class Trainer(Protocol):
     def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
 
 
-def fault_point(point: str, round: int) -> None:
+def fault_point(point: str, round: int, before: Callable[[], None] | None = None) -> None:
     """Test hook: ``NEUROFED_FAULT=site-mid-upload`` (optionally ``NEUROFED_FAULT_ROUND=r``) makes
-    the agent SIGKILL itself while its update is on its way out (stored, not yet acknowledged)."""
+    the agent SIGKILL itself while its update is on its way out (stored, not yet acknowledged).
+    ``before`` runs first when the hook fires: the update file is written beside the send, and the
+    hook waits for it so the scenario it stages is always the same."""
     if os.environ.get("NEUROFED_FAULT") != point:
         return
     wanted = os.environ.get("NEUROFED_FAULT_ROUND")
     if wanted and int(wanted) != round:
         return
+    if before is not None:
+        before()
     import signal
 
     log.critical("fault injection: SIGKILL at %s (round %d)", point, round)
@@ -378,6 +382,10 @@ class SiteAgent:
         t.start()
         return t
 
+    def _wait_for_store(self) -> None:
+        if self._storing is not None:
+            self._storing[1].join()
+
     def _finish_store(self, r: int, rs: dict[str, Any]) -> None:
         """Wait for the update file's write; only then does the round state say it is stored."""
         storing, self._storing = self._storing, None
@@ -405,7 +413,7 @@ class SiteAgent:
         if rs.get("encoding"):
             meta["encoding"] = rs["encoding"]
         self._set_status(state="uploading", round=r)
-        fault_point("site-mid-upload", r)
+        fault_point("site-mid-upload", r, before=self._wait_for_store)
         t0 = time.time()
         self._send(MessageKind.UPDATE, r, meta, payload, resend=resend, stop=stop)
         self._timeline("send", r, t0, time.time())
