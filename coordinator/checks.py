@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import UpdateRejected
+from wire.payload import OPTIMIZER_STEP, optimizer_names
 
 MAX_CASES = 10_000_000
 MAX_STEPS = 100_000_000
@@ -95,8 +96,6 @@ def apply_delta(
 def check_optimizer_state(state: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]) -> None:
     """continue-global: the update must carry Adam's moments for every float tensor of the
     global model (same shapes, float32, finite; second moments not negative) and its step."""
-    from wire.payload import OPTIMIZER_STEP, optimizer_names
-
     expected = optimizer_names(weights)
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -30,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,7 +128,10 @@ class SiteAgent:
         self.receipts: dict[str, Any] | None = None
         self._fresh_receipts: dict[str, Any] | None = None
         self._fresh_update: tuple[int, bytes] | None = None
-        self._storing: tuple[int, threading.Thread] | None = None  # (round, bytes) just stored
+        self._storing: tuple[int, Future[None]] | None = None
+        self._writer: ThreadPoolExecutor | None = (
+            None  # writes update files beside the send  # (round, bytes) just stored
+        )
         self.done = False
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
@@ -366,35 +370,26 @@ class SiteAgent:
         finally:
             self._finish_store(r, rs)
 
-    def _store_async(self, r: int, path: Path, payload: bytes) -> threading.Thread:
-        errors: list[BaseException] = []
-
+    def _store_async(self, r: int, path: Path, payload: bytes) -> Future[None]:
         def write() -> None:
             t0 = time.time()
-            try:
-                _atomic_write(path, payload)
-            except BaseException as exc:  # noqa: BLE001 - handed to _finish_store
-                errors.append(exc)
+            _atomic_write(path, payload)
             self._timeline("store", r, t0, time.time())
 
-        t = threading.Thread(target=write, name=f"{self.site}-store-r{r}", daemon=True)
-        t.errors = errors  # type: ignore[attr-defined]
-        t.start()
-        return t
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.site}-store")
+        return self._writer.submit(write)
 
     def _wait_for_store(self) -> None:
         if self._storing is not None:
-            self._storing[1].join()
+            wait([self._storing[1]])
 
     def _finish_store(self, r: int, rs: dict[str, Any]) -> None:
         """Wait for the update file's write; only then does the round state say it is stored."""
         storing, self._storing = self._storing, None
         if storing is None or storing[0] != r:
             return
-        storing[1].join()
-        errors = storing[1].errors  # type: ignore[attr-defined]
-        if errors:
-            raise errors[0]
+        storing[1].result()  # the write's error, if any, is raised here
         rs["update_stored"] = True
         self._save_state()
 
