@@ -155,12 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         a, b = announce[r], closed[r]
         nxt = announce.get(r + 1, b)  # aggregation + persistence + announcement of r+1 count too
+        # any round's work inside the window counts: a site may start round r+1 before the
+        # coordinator has logged its announcement (the broker's acknowledgement comes after)
         busy = _union(
-            [
-                (max(a, i["start"]), min(nxt, i["end"]))
-                for i in intervals
-                if i["round"] == r and i["end"] > a and i["start"] < nxt
-            ]
+            [(max(a, i["start"]), min(nxt, i["end"])) for i in intervals if i["end"] > a and i["start"] < nxt]
         )
         wall = nxt - a
         mine = [i for i in intervals if i["round"] == r]
@@ -208,7 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
                         )
             ann = next((e for e in events if e["event"] == "announce" and e["round"] == r + 1), None)
             if ann is not None and "model_s" in ann:
-                row["announce_next_s"] = {k: ann[k] for k in ("encode_s", "model_s", "task_s")}
+                row["announce_next_s"] = {
+                    k: ann[k] for k in ("encode_s", "model_s", "task_s", "acked_s") if k in ann
+                }
         rounds.append(row)
     train_rounds = [x for x in rounds if x["train"]]
     steady = train_rounds[1:] or train_rounds

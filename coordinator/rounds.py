@@ -303,25 +303,58 @@ class Coordinator:
     def _announce(
         self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str
     ) -> dict[str, float]:
-        """MODEL, then the TASK naming it; returns how long each took (seconds, for events.jsonl)."""
+        """MODEL, then the TASK naming it, back to back, then the broker's acknowledgement of both.
+
+        A site starts when it holds both, and they reach it in that order right behind each other;
+        waiting for the model's acknowledgement before publishing the task (about 0.1 s for a
+        4.8 MB model fanned out to ten TLS sessions on two cores) kept every site idle that long.
+        A site accepts the two in either order, so nothing depends on the broker having
+        acknowledged the model first. Returns how long each step took (seconds, for events.jsonl)."""
         base: dict[str, Any] = {"epochs": self.cfg.local_epochs, "train": train}
         if train and self.cfg.lr_schedule != "constant":
             base["lr_scale"] = lr_scale(self.cfg.lr_schedule, r, self.cfg.rounds)
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
-        t0 = time.time()
-        self._send_reliably(
-            MessageKind.MODEL,
-            r,
-            meta={"round": r, "model_digest": digest},
-            payload=model_payload,
-            retain=True,
-        )
-        t1 = time.time()
-        self._send_task(r, train, deadline, digest, per_site)
+        delay = 1.0
+        while True:  # announcements must reach the broker: retry across an outage (the wire reconnects)
+            t0 = time.time()
+            try:
+                self.ep.send(
+                    MessageKind.MODEL,
+                    r,
+                    meta={"round": r, "model_digest": digest},
+                    payload=model_payload,
+                    retain=True,
+                    timeout=60.0,
+                    wait=False,
+                )
+                t1 = time.time()
+                self._send_task(r, train, deadline, digest, per_site, wait=False)
+                t2 = time.time()
+                self.ep.flush(timeout=60.0)
+                break
+            except TransportError as exc:
+                log.warning("round %d: announcing failed (%s); retrying in %.0f s", r, exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
         fault_point("after-announce", r)
-        return {"model_s": round(t1 - t0, 4), "task_s": round(time.time() - t1, 4)}
+        return {
+            "model_s": round(t1 - t0, 4),
+            "task_s": round(t2 - t1, 4),
+            "acked_s": round(time.time() - t2, 4),
+        }
 
-    def _send_task(self, r: int, train: bool, deadline: float, digest: str, per_site: dict[str, Any]) -> None:
+    def _send_task(
+        self,
+        r: int,
+        train: bool,
+        deadline: float,
+        digest: str,
+        per_site: dict[str, Any],
+        *,
+        wait: bool = True,
+    ) -> None:
+        """The retained TASK. ``wait=False`` only hands it to the client (the caller flushes and
+        retries); otherwise it is retried until the broker acknowledged it."""
         self._task_meta = {
             "round": r,
             "model_digest": digest,
@@ -337,7 +370,10 @@ class Coordinator:
             "site_optimizer": self.cfg.site_optimizer,
             "model_config": self.model_config,
         }
-        self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
+        if wait:
+            self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
+        else:
+            self.ep.send(MessageKind.TASK, r, meta=self._task_meta, retain=True, timeout=60.0, wait=False)
 
     def _send_reliably(self, kind: MessageKind, r: int, **kw: Any) -> None:
         """Announcements must reach the broker: retry across a broker outage (the wire reconnects)."""

@@ -95,7 +95,16 @@ class Endpoint(ABC):
 
         ``wait=False`` returns once the chunks are handed to the client, without waiting for the
         broker: for messages that are repeated anyway (receipts), where a broker round trip per
-        message would hold up the caller while the broker is busy relaying updates."""
+        message would hold up the caller while the broker is busy relaying updates; and for a
+        group of messages that should travel back to back (a round's MODEL and its TASK), followed
+        by one :meth:`flush`."""
+
+    @abstractmethod
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait until the broker acknowledged every chunk sent so far, then finish what a waiting
+        ``send`` finishes after its acknowledgements (a retained MODEL's older rounds are deleted).
+        Raises ``wire.errors.TransportError`` on timeout. Endpoints that deliver synchronously
+        have nothing to wait for."""
 
     @abstractmethod
     def receive(self, timeout: float | None = None) -> Message | None:

@@ -114,6 +114,11 @@ class MemoryEndpoint(Endpoint):
         self.hub._publish(msg, retain)
         return msg_id
 
+    def flush(self, timeout: float = 120.0) -> None:
+        """Delivery is synchronous here: nothing is ever in flight."""
+        if not self._started:
+            raise TransportError(f"{self.participant}: endpoint not started")
+
     def _deliver(self, msg: Message) -> None:
         lo, hi = self._window
         if msg.kind is not MessageKind.STATUS and not lo <= msg.round <= hi:

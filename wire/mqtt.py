@@ -115,6 +115,8 @@ class MqttEndpoint(Endpoint):
         self._client: mqtt.Client | None = None
         self._retained: dict[MessageKind, set[str]] = {MessageKind.MODEL: set()}
         self._retained_lock = threading.Lock()
+        # retained MODEL topics sent without waiting: older rounds' are deleted by flush()
+        self._pending_keep: dict[MessageKind, set[str]] = {}
         self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -331,11 +333,27 @@ class MqttEndpoint(Endpoint):
             if retain:
                 topics.append(topic)
         if not wait:
+            if retain and kind is MessageKind.MODEL:
+                with self._retained_lock:
+                    self._pending_keep[kind] = set(topics)
             return sealed.msg_id
         self._wait_all_acked(deadline, f"{kind} {sealed.msg_id}")
         if retain and kind is MessageKind.MODEL:
+            with self._retained_lock:
+                self._pending_keep.pop(kind, None)
             self._clear_old_retained(kind, set(topics), deadline)
         return sealed.msg_id
+
+    def flush(self, timeout: float = 120.0) -> None:
+        if self._client is None:
+            raise TransportError(f"{self.participant}: endpoint not started")
+        deadline = time.monotonic() + timeout
+        self._wait_all_acked(deadline, "messages sent without waiting")
+        with self._retained_lock:
+            pending, self._pending_keep = self._pending_keep, {}
+        for kind, keep in pending.items():
+            # deleted only now: a site that connects meanwhile still finds a complete model
+            self._clear_old_retained(kind, keep, deadline)
 
     def _clear_old_retained(self, kind: MessageKind, keep: set[str], deadline: float) -> None:
         """An empty retained publish deletes a retained message: drop older rounds' model chunks."""

@@ -235,3 +235,44 @@ def test_send_without_waiting_still_delivers_and_later_sends_wait_for_it(coord, 
     assert not coord._unacked
     got = [receive_kind(site_a, MessageKind.RECEIPTS) for _ in range(2)]
     assert [m.meta["held"] for m in got] == [["site-a"], ["site-a", "site-b"]]
+
+
+def test_model_and_task_back_to_back_then_flush_clears_older_rounds(broker, coord, site_a):
+    """A round's MODEL and TASK go out without waiting in between (the coordinator's announce);
+    flush() waits for both acknowledgements and only then deletes the older round's retained model,
+    so a site that connects at any moment finds a complete model."""
+    coord.send(MessageKind.MODEL, 1, payload=os.urandom(2 * MiB), retain=True)
+    coord.send(MessageKind.TASK, 1, meta={"round": 1}, retain=True)
+    model2 = os.urandom(3 * MiB + 7)
+    coord.send(MessageKind.MODEL, 2, payload=model2, retain=True, wait=False)
+    coord.send(MessageKind.TASK, 2, meta={"round": 2}, retain=True, wait=False)
+    # before the flush, round 1's retained chunks are still there (deleted only after round 2's acks)
+    assert coord._pending_keep and coord._retained[MessageKind.MODEL]
+    coord.flush(timeout=30)
+    assert not coord._unacked and not coord._pending_keep
+    # the live site got round 2's model and task
+    kinds = []
+    while (m := site_a.receive(timeout=3)) is not None:
+        kinds.append((m.kind, m.round))
+    assert (MessageKind.MODEL, 2) in kinds and (MessageKind.TASK, 2) in kinds
+    # a site connecting after the flush finds round 2 only: round 1's retained model was deleted
+    late = MqttEndpoint(broker.bundle("site-b"))
+    late.start(timeout=20)
+    try:
+        got = []
+        while (m := late.receive(timeout=5)) is not None:
+            got.append(m)
+        assert sorted((m.kind, m.round) for m in got if m.kind is not MessageKind.STATUS) == [
+            (MessageKind.MODEL, 2),
+            (MessageKind.TASK, 2),
+        ]
+        assert next(m for m in got if m.kind is MessageKind.MODEL).payload == model2
+    finally:
+        late.close()
+
+
+def test_flush_times_out_with_a_clear_error_when_the_broker_is_gone(broker, coord):
+    broker.stop()
+    coord.send(MessageKind.TASK, 1, meta={"round": 1}, retain=True, wait=False)
+    with pytest.raises(TransportError, match="not acknowledged in time"):
+        coord.flush(timeout=1.5)
