@@ -90,6 +90,14 @@ def seal_chunk(aead: AESGCM, index: int, plaintext: bytes | memoryview, aad: byt
     return aead.encrypt(chunk_nonce(index), plaintext, aad)
 
 
+def seal_chunk_into(
+    aead: AESGCM, index: int, plaintext: bytes | memoryview, aad: bytes, out: memoryview
+) -> None:
+    """Encrypt chunk ``index`` straight into ``out`` (the plaintext's size plus ``TAG_LEN``), so
+    the sender builds each frame in one buffer instead of joining a head to a ciphertext copy."""
+    aead.encrypt_into(chunk_nonce(index), plaintext, aad, out)
+
+
 def open_chunk_into(
     aead: AESGCM, index: int, ciphertext: bytes | memoryview, aad: bytes, out: memoryview
 ) -> None:

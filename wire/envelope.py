@@ -94,9 +94,8 @@ def chunk_aad(header_bytes: bytes, index: int, final: bool) -> bytes:
     return header_bytes + _CHUNK.pack(index, FLAG_FINAL if final else 0)
 
 
-def encode_frame(
-    header_bytes: bytes, signature: bytes, index: int, final: bool, keys_bytes: bytes, body: bytes
-) -> bytes:
+def frame_head(header_bytes: bytes, signature: bytes, index: int, final: bool, keys_bytes: bytes) -> bytes:
+    """Everything of a frame before its body."""
     return b"".join(
         (
             MAGIC,
@@ -106,9 +105,14 @@ def encode_frame(
             _CHUNK.pack(index, FLAG_FINAL if final else 0),
             _KEYS.pack(len(keys_bytes)),
             keys_bytes,
-            body,
         )
     )
+
+
+def encode_frame(
+    header_bytes: bytes, signature: bytes, index: int, final: bool, keys_bytes: bytes, body: bytes
+) -> bytes:
+    return frame_head(header_bytes, signature, index, final, keys_bytes) + bytes(body)
 
 
 def frame_overhead(header_bytes: bytes, keys_bytes: bytes) -> int:

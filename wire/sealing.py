@@ -22,7 +22,7 @@ from wire import crypto
 from wire.api import COORDINATOR, SENDER_ROLE, MessageKind
 from wire.bundle import Bundle
 from wire.chunking import chunk_count, iter_chunks
-from wire.envelope import ENC_AEAD, ENC_NONE, Header, chunk_aad, encode_frame
+from wire.envelope import ENC_AEAD, ENC_NONE, Header, chunk_aad, frame_head
 from wire.topics import SINGLE_PACKET, topic_for
 
 _META_LEN = struct.Struct(">I")
@@ -32,7 +32,7 @@ _META_LEN = struct.Struct(">I")
 class SealedMessage:
     msg_id: str
     header: Header
-    frames: Iterator[tuple[str, bytes]]
+    frames: Iterator[tuple[str, bytes | bytearray]]
 
     @property
     def count(self) -> int:
@@ -140,10 +140,16 @@ def seal_message(
         n = header.count
         for i, piece in enumerate(iter_chunks(prefix, payload, chunk_size)):
             final = i == n - 1
-            body = (
-                crypto.seal_chunk(aead, i, piece, chunk_aad(header_bytes, i, final)) if aead else bytes(piece)
-            )
-            frame = encode_frame(header_bytes, signature, i, final, keys_bytes if i == 0 else b"", body)
+            head = frame_head(header_bytes, signature, i, final, keys_bytes if i == 0 else b"")
+            if aead is None:
+                frame: bytes | bytearray = head + bytes(piece)
+            else:
+                # one buffer per frame, the ciphertext written into its tail: no joined copy
+                frame = bytearray(len(head) + len(piece) + crypto.TAG_LEN)
+                frame[: len(head)] = head
+                crypto.seal_chunk_into(
+                    aead, i, piece, chunk_aad(header_bytes, i, final), memoryview(frame)[len(head) :]
+                )
             yield topic_for(fed, kind, me, round, msg_id, i), frame
 
     return SealedMessage(msg_id, header, frames())

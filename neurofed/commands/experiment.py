@@ -137,6 +137,11 @@ def run(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     results = run_experiment(data, out, profile, arms=arms, tracking_uri=args.mlflow, device=args.device)
     rows = {k: v["dice"]["mean"] for k, v in results["arms"].items() if isinstance(v, dict) and "dice" in v}
-    print(json.dumps({"dice": rows, "fl_over_cds": results.get("fl_over_cds")}, indent=2))
+    print(
+        json.dumps(
+            {"dice": rows, "fl_over_cds": results.get("fl_over_cds"), "fl_minus_cds": results.get("fl_minus_cds")},
+            indent=2,
+        )
+    )
     print(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
     return 0

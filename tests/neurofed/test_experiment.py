@@ -34,6 +34,12 @@ def test_experiment_runs_every_arm_on_the_same_test_cases(tmp_path):
     assert saved["fl_over_cds"] == pytest.approx(
         saved["arms"]["fl"]["dice"]["mean"] / saved["arms"]["cds"]["dice"]["mean"]
     )
+    diff = saved["fl_minus_cds"]
+    fl_cases, cds_cases = saved["arms"]["fl"]["per_case"], saved["arms"]["cds"]["per_case"]
+    assert diff["n"] == n_test
+    assert diff["mean"] == pytest.approx(
+        sum(fl_cases[k]["dice"] - cds_cases[k]["dice"] for k in fl_cases) / n_test, abs=1e-9
+    )
     # FL really ran its rounds through the coordinator: one evaluation per round's model.
     assert [p["round"] for p in saved["curves"]["fl"]][-1] == profile.rounds
     assert len(saved["curves"]["cds"]) == profile.rounds
@@ -171,3 +177,25 @@ def test_train_seed_changes_the_training_draws_not_the_data_or_split(tmp_path, m
     monkeypatch.setattr(local, "spawn", lambda name, args, *a, **k: seen.append(args))
     local.spawn_site("site-01", tmp_path, data, tmp_path, tmp_path, extra=["--seed", "3"])
     assert seen[0][-2:] == ["--seed", "3"]
+
+
+def test_paired_difference_pairs_by_case_and_says_its_standard_error():
+    """A constant gap over cases of very different difficulty: pairing sees the gap exactly (se 0)
+    where the arms' own spreads are large; cases only one arm scored are left out."""
+    from neurofed.experiment import paired_difference
+
+    base = [0.2, 0.9, 0.5, 0.7]
+    a = {"per_case": {f"c{i}": {"dice": d - 0.05} for i, d in enumerate(base)} | {"extra": {"dice": 1.0}}}
+    b = {"per_case": {f"c{i}": {"dice": d} for i, d in enumerate(base)}}
+    got = paired_difference(a, b)
+    assert got["n"] == 4
+    assert got["mean"] == pytest.approx(-0.05)
+    assert got["se"] == pytest.approx(0.0, abs=1e-12)
+    # a noisy gap: se = std(d, ddof=1) / sqrt(n), ci95 = mean +- 1.96 se
+    b2 = {"per_case": {"x": {"dice": 0.5}, "y": {"dice": 0.5}, "z": {"dice": 0.5}}}
+    a2 = {"per_case": {"x": {"dice": 0.4}, "y": {"dice": 0.6}, "z": {"dice": 0.8}}}
+    got = paired_difference(a2, b2)
+    assert got["mean"] == pytest.approx(0.1)
+    assert got["se"] == pytest.approx(0.2 / 3**0.5)
+    assert got["ci95"] == pytest.approx([0.1 - 1.96 * 0.2 / 3**0.5, 0.1 + 1.96 * 0.2 / 3**0.5])
+    assert paired_difference({"per_case": {}}, b)["n"] == 0

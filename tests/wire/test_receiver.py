@@ -42,6 +42,30 @@ def test_valid_update_round_trip_in_any_order(fed):
     assert not r.rejections
 
 
+def test_frames_encrypted_in_place_equal_head_plus_sealed_chunk(fed):
+    """The sender encrypts each chunk straight into its frame's buffer; the bytes must be exactly
+    the frame head followed by AES-GCM's output for that chunk (what the receiver opens)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from wire import crypto
+    from wire.envelope import chunk_aad
+
+    key = AESGCM.generate_key(bit_length=256)
+    piece = os.urandom(3000)
+    aad = chunk_aad(b"header", 2, True)
+    out = bytearray(len(piece) + crypto.TAG_LEN)
+    crypto.seal_chunk_into(AESGCM(key), 2, piece, aad, memoryview(out))
+    assert bytes(out) == crypto.seal_chunk(AESGCM(key), 2, piece, aad)
+    for _topic, frame in frames_of(
+        seal_message(fed.a, U, 3, {"num_cases": 7}, payload(2500), chunk_size=1000)
+    ):
+        f = decode_frame(frame)
+        assert bytes(frame) == encode_frame(
+            f.header_bytes, f.signature, f.index, f.final, f.keys_bytes, f.body
+        )
+        assert len(f.body) > crypto.TAG_LEN
+
+
 def test_model_broadcast_opens_for_every_site_and_duplicates_are_ignored(fed):
     data = payload(3000)
     fr = frames_of(seal_message(fed.coordinator, MessageKind.MODEL, 1, {}, data, chunk_size=1000))
