@@ -139,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
     rows = {k: v["dice"]["mean"] for k, v in results["arms"].items() if isinstance(v, dict) and "dice" in v}
     print(
         json.dumps(
-            {"dice": rows, "fl_over_cds": results.get("fl_over_cds"), "fl_minus_cds": results.get("fl_minus_cds")},
+            {
+                "dice": rows,
+                "fl_over_cds": results.get("fl_over_cds"),
+                "fl_minus_cds": results.get("fl_minus_cds"),
+            },
             indent=2,
         )
     )
