@@ -276,3 +276,30 @@ def test_flush_times_out_with_a_clear_error_when_the_broker_is_gone(broker, coor
     coord.send(MessageKind.TASK, 1, meta={"round": 1}, retain=True, wait=False)
     with pytest.raises(TransportError, match="not acknowledged in time"):
         coord.flush(timeout=1.5)
+
+
+def test_socket_reads_are_capped_so_a_1_mib_chunk_is_not_one_allocation_per_tls_record():
+    """paho asks the socket for the whole missing packet (up to a 1 MiB chunk); an SSL socket
+    allocates that much per read. Our client asks for at most RECV_MAX. Fails loudly if paho
+    renames the method the cap hooks into."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from wire.mqtt import RECV_MAX, _Client
+
+    assert hasattr(mqtt.Client, "_sock_recv"), "paho no longer reads through _sock_recv: move the cap"
+    asked: list[int] = []
+
+    class Sock:
+        def recv(self, n: int) -> bytes:
+            asked.append(n)
+            return b"x" * min(n, 16384)
+
+    c = _Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c._sock = Sock()
+    try:
+        assert len(c._sock_recv(1024 * 1024)) == 16384
+        assert len(c._sock_recv(100)) == 100
+    finally:
+        c._sock = None  # the stand-in has no close() for paho's __del__
+    assert asked == [RECV_MAX, 100]
