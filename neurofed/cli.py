@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from neurofed.allocator import tune_malloc
+
+    tune_malloc()  # model-sized buffers and activations off fresh mmaps (see neurofed/allocator.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

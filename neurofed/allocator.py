@@ -1,0 +1,62 @@
+"""glibc malloc settings for the federation's long-running processes.
+
+Every round a site and the coordinator allocate and free buffers of a model's size many times
+over (encoding, sealing, TLS reads, opening, decoding). glibc serves allocations of 128 KiB and
+more with a fresh ``mmap`` and returns them to the kernel when freed, or trims the heap when more
+than a few MiB lie free at its top, so each of those buffers is page-faulted in again, 4 KiB at
+a time. On the 2-core VM this kit is measured on that made encoding a 4.8 MB state dict take
+9 ms instead of 1.4 ms, and reading TLS in 1 MiB requests cost 4.5 ms of CPU per MiB instead of
+2.3. Serving allocations below ``MMAP_THRESHOLD`` from the heap and keeping up to
+``TRIM_THRESHOLD`` of freed heap removes that cost; the price is up to ``TRIM_THRESHOLD`` of
+freed memory kept per process (measured in the federation benchmark's summed RSS).
+
+``mallopt`` applies to the running process (no re-exec), only on glibc; anything else, or
+``NEUROFED_MALLOC_TUNING=0``, or glibc tunables the operator already set (``GLIBC_TUNABLES``,
+``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), leaves malloc as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 32 * 1024 * 1024  # above the small UNet's 4.8 MB and the default's 19 MB buffers
+TRIM_THRESHOLD = 64 * 1024 * 1024
+_OPERATOR_KNOBS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def tune_malloc(env: dict[str, str] | None = None) -> bool:
+    """Apply the thresholds above; True if they were applied."""
+    env = dict(os.environ) if env is None else env
+    if env.get("NEUROFED_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if any(k in env for k in _OPERATOR_KNOBS):
+        log.debug("malloc: leaving the operator's glibc settings as they are")
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
+    except (OSError, AttributeError):
+        return False
+    gnu_get_libc_version.restype = ctypes.c_char_p
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    log.debug(
+        "malloc: mmap threshold %d, trim threshold %d (glibc %s): %s",
+        MMAP_THRESHOLD,
+        TRIM_THRESHOLD,
+        gnu_get_libc_version().decode(),
+        "set" if ok else "refused",
+    )
+    return ok

@@ -1,0 +1,49 @@
+"""glibc malloc tuning of the federation processes: model-sized buffers come from the heap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, sys
+libc = ctypes.CDLL("libc.so.6")
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+if sys.argv[1] == "tuned":
+    from neurofed.allocator import tune_malloc
+    assert tune_malloc({})
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(8 * 1024 * 1024)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+def _mmapped_bytes_for_an_8_mib_buffer(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def test_model_sized_buffers_come_from_the_heap_once_tuned():
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 - glibc >= 2.33
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33: the tuning is a no-op there")
+    assert _mmapped_bytes_for_an_8_mib_buffer("plain") >= 8 * 1024 * 1024
+    assert _mmapped_bytes_for_an_8_mib_buffer("tuned") == 0
+
+
+def test_operator_settings_and_the_off_switch_are_respected():
+    from neurofed.allocator import tune_malloc
+
+    assert tune_malloc({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}) is False
+    assert tune_malloc({"MALLOC_TRIM_THRESHOLD_": "1"}) is False
+    assert tune_malloc({"NEUROFED_MALLOC_TUNING": "off"}) is False
