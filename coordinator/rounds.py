@@ -305,11 +305,12 @@ class Coordinator:
     ) -> dict[str, float]:
         """MODEL, then the TASK naming it, back to back, then the broker's acknowledgement of both.
 
-        A site starts when it holds both, and they reach it in that order right behind each other;
-        waiting for the model's acknowledgement before publishing the task (about 0.1 s for a
-        4.8 MB model fanned out to ten TLS sessions on two cores) kept every site idle that long.
-        A site accepts the two in either order, so nothing depends on the broker having
-        acknowledged the model first. Returns how long each step took (seconds, for events.jsonl)."""
+        A site starts when it holds both; waiting for the model's acknowledgement before
+        publishing the task put one more broker round trip between the model's arrival and the
+        task's (on a WAN, a round trip per round; on one machine a few ms, as a site finishes
+        opening the model only when the broker's fan-out to every site is over). A site accepts
+        the two in either order, so nothing depends on the broker having acknowledged the model
+        first. Returns how long each step took (seconds, for events.jsonl)."""
         base: dict[str, Any] = {"epochs": self.cfg.local_epochs, "train": train}
         if train and self.cfg.lr_schedule != "constant":
             base["lr_scale"] = lr_scale(self.cfg.lr_schedule, r, self.cfg.rounds)

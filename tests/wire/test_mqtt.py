@@ -26,6 +26,21 @@ def receive_kind(ep: MqttEndpoint, kind: MessageKind, timeout: float = 30.0):
     return None
 
 
+def assert_late_joiner_gets_only(broker, r: int, model: bytes) -> None:
+    """A site that was never online gets the retained TASK and MODEL of round ``r`` and nothing older."""
+    late = MqttEndpoint(broker.bundle("site-b"))
+    late.start(timeout=20)
+    try:
+        got = []
+        while (m := late.receive(timeout=5)) is not None:
+            got.append(m)
+        kinds = [(m.kind, m.round) for m in got if m.kind is not MessageKind.STATUS]
+        assert sorted(kinds) == [(MessageKind.MODEL, r), (MessageKind.TASK, r)]
+        assert next(m for m in got if m.kind is MessageKind.MODEL).payload == model
+    finally:
+        late.close()
+
+
 @pytest.fixture
 def coord(broker):
     ep = MqttEndpoint(broker.bundle("coordinator"))
@@ -65,17 +80,7 @@ def test_model_to_sites_and_restarted_site_gets_current_task_and_model(broker, c
     coord.send(MessageKind.TASK, 2, meta={"round": 2}, retain=True)
     coord.send(MessageKind.MODEL, 2, payload=model2, retain=True)
     # site-b was never online: it must get round 2's task and model only (round 1 cleared)
-    late = MqttEndpoint(broker.bundle("site-b"))
-    late.start(timeout=20)
-    try:
-        got = []
-        while (m := late.receive(timeout=5)) is not None:
-            got.append(m)
-        kinds = [(m.kind, m.round) for m in got if m.kind is not MessageKind.STATUS]
-        assert sorted(kinds) == [(MessageKind.MODEL, 2), (MessageKind.TASK, 2)]
-        assert next(m for m in got if m.kind is MessageKind.MODEL).payload == model2
-    finally:
-        late.close()
+    assert_late_joiner_gets_only(broker, 2, model2)
     # the broker keeps retained messages across a restart (persistence)
     broker.restart()
     again = MqttEndpoint(broker.bundle("site-c"))
@@ -256,19 +261,7 @@ def test_model_and_task_back_to_back_then_flush_clears_older_rounds(broker, coor
         kinds.append((m.kind, m.round))
     assert (MessageKind.MODEL, 2) in kinds and (MessageKind.TASK, 2) in kinds
     # a site connecting after the flush finds round 2 only: round 1's retained model was deleted
-    late = MqttEndpoint(broker.bundle("site-b"))
-    late.start(timeout=20)
-    try:
-        got = []
-        while (m := late.receive(timeout=5)) is not None:
-            got.append(m)
-        assert sorted((m.kind, m.round) for m in got if m.kind is not MessageKind.STATUS) == [
-            (MessageKind.MODEL, 2),
-            (MessageKind.TASK, 2),
-        ]
-        assert next(m for m in got if m.kind is MessageKind.MODEL).payload == model2
-    finally:
-        late.close()
+    assert_late_joiner_gets_only(broker, 2, model2)
 
 
 def test_flush_times_out_with_a_clear_error_when_the_broker_is_gone(broker, coord):
