@@ -315,28 +315,26 @@ class Coordinator:
         if train and self.cfg.lr_schedule != "constant":
             base["lr_scale"] = lr_scale(self.cfg.lr_schedule, r, self.cfg.rounds)
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
-        delay = 1.0
-        while True:  # announcements must reach the broker: retry across an outage (the wire reconnects)
+        t0 = t1 = t2 = 0.0
+
+        def announce() -> None:
+            nonlocal t0, t1, t2
             t0 = time.time()
-            try:
-                self.ep.send(
-                    MessageKind.MODEL,
-                    r,
-                    meta={"round": r, "model_digest": digest},
-                    payload=model_payload,
-                    retain=True,
-                    timeout=60.0,
-                    wait=False,
-                )
-                t1 = time.time()
-                self._send_task(r, train, deadline, digest, per_site, wait=False)
-                t2 = time.time()
-                self.ep.flush(timeout=60.0)
-                break
-            except TransportError as exc:
-                log.warning("round %d: announcing failed (%s); retrying in %.0f s", r, exc, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, 10.0)
+            self.ep.send(
+                MessageKind.MODEL,
+                r,
+                meta={"round": r, "model_digest": digest},
+                payload=model_payload,
+                retain=True,
+                timeout=60.0,
+                wait=False,
+            )
+            t1 = time.time()
+            self._send_task(r, train, deadline, digest, per_site, wait=False)
+            t2 = time.time()
+            self.ep.flush(timeout=60.0)
+
+        self._until_published(r, "the round's MODEL and TASK", announce)
         fault_point("after-announce", r)
         return {
             "model_s": round(t1 - t0, 4),
@@ -377,14 +375,18 @@ class Coordinator:
             self.ep.send(MessageKind.TASK, r, meta=self._task_meta, retain=True, timeout=60.0, wait=False)
 
     def _send_reliably(self, kind: MessageKind, r: int, **kw: Any) -> None:
+        self._until_published(r, str(kind), lambda: self.ep.send(kind, r, timeout=60.0, **kw))
+
+    @staticmethod
+    def _until_published(r: int, what: str, publish: Callable[[], Any]) -> None:
         """Announcements must reach the broker: retry across a broker outage (the wire reconnects)."""
         delay = 1.0
         while True:
             try:
-                self.ep.send(kind, r, timeout=60.0, **kw)
+                publish()
                 return
             except TransportError as exc:
-                log.warning("round %d: publishing %s failed (%s); retrying in %.0f s", r, kind, exc, delay)
+                log.warning("round %d: publishing %s failed (%s); retrying in %.0f s", r, what, exc, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 10.0)
 

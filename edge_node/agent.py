@@ -128,10 +128,8 @@ class SiteAgent:
         self.receipts: dict[str, Any] | None = None
         self._fresh_receipts: dict[str, Any] | None = None
         self._fresh_update: tuple[int, bytes] | None = None
-        self._storing: tuple[int, Future[None]] | None = None
-        self._writer: ThreadPoolExecutor | None = (
-            None  # writes update files beside the send  # (round, bytes) just stored
-        )
+        self._storing: tuple[int, Future[None]] | None = None  # (round, its update file's write)
+        self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
         self.done = False
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
