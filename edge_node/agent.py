@@ -234,16 +234,9 @@ class SiteAgent:
     def _decode_model(self, payload: bytes) -> tuple[Any, Any]:
         """(weights, optimiser state) of a MODEL payload; the second is empty unless the
         federation runs continue-global."""
-        from wire.payload import decode_state, split_optimizer
+        from wire.payload import decode_state_torch, split_optimizer
 
-        state = decode_state(payload)
-        try:
-            import torch
-
-            state = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
-        except ImportError:  # pragma: no cover - the real trainer needs torch anyway
-            pass
-        return split_optimizer(state)
+        return split_optimizer(decode_state_torch(payload))
 
     def _trainer_for(self, task: Mapping[str, Any]) -> Trainer:
         if self._factory is None:

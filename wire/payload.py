@@ -74,6 +74,14 @@ def encode_state(
     arrays: dict[str, np.ndarray] = {}
     cast: dict[str, str] = {}
     for name, value in state.items():
+        if fp16 and _torch_wide_float(value):
+            # torch casts with the CPU's vector instructions (F16C); numpy's cast is scalar here:
+            # 0.3 against 4.9 ms for the small UNet (DEVELOPING.md). Same rounding, same bytes.
+            cast[name] = str(value.dtype).removeprefix("torch.")
+            import torch  # already imported: ``value`` is a torch tensor
+
+            arrays[name] = value.detach().to("cpu", torch.float16).contiguous().numpy()
+            continue
         arr = np.asarray(_to_numpy(name, value), order="C")  # keeps 0-d tensors 0-d
         if fp16 and arr.dtype.kind == "f" and arr.dtype != np.float16:
             cast[name] = str(arr.dtype)
@@ -141,6 +149,37 @@ def decode_state(
 
     ``copy=False`` returns read-only views into ``data`` (see ``view_state``): what the
     coordinator uses so an update is in memory once while it is checked and folded in."""
+    arrays, cast = _parse(data, copy)
+    if restore_dtype:
+        for name, dtype in cast.items():
+            if name in arrays:
+                arrays[name] = arrays[name].astype(dtype)
+    return arrays
+
+
+def decode_state_torch(data: bytes | memoryview) -> dict[str, Any]:
+    """``decode_state`` for a process that trains: torch tensors of their own (writable, not
+    sharing ``data``), fp16-sent ones cast back by torch, whose vectorised cast is about 10x
+    numpy's here (the site's half of a half-precision round's decode). Same values, same dtypes
+    and the same ProtocolError on a bad payload."""
+    import warnings
+
+    import torch
+
+    views, cast = _parse(data, copy=False)
+    out: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        # the views are read-only; every tensor below is copied or cast before anyone can write
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, arr in views.items():
+            t = torch.from_numpy(arr)
+            target = cast.get(name)
+            out[name] = t.to(getattr(torch, target.name)) if target is not None else t.clone()
+    return out
+
+
+def _parse(data: bytes | memoryview, copy: bool) -> tuple[dict[str, np.ndarray], dict[str, np.dtype]]:
+    """(arrays as sent, tensor name -> the dtype it had before an fp16 transfer)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
@@ -149,15 +188,34 @@ def decode_state(
         meta = state_metadata(data)
     except (SafetensorError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ProtocolError("bad-payload", f"not a safetensors state dict ({exc})") from None
-    if restore_dtype and META_KEY in meta:
-        try:
-            cast = json.loads(meta[META_KEY])
-            for name, dtype in cast.items():
-                if name in arrays:
-                    arrays[name] = arrays[name].astype(np.dtype(dtype))
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError("bad-payload", f"invalid dtype metadata ({exc})") from None
-    return arrays
+    return arrays, _cast_map(meta)
+
+
+_HALF_SOURCES = ("float32", "float64")  # what an fp16 transfer may restore
+
+
+def _cast_map(meta: Mapping[str, str]) -> dict[str, np.dtype]:
+    if META_KEY not in meta:
+        return {}
+    try:
+        cast = json.loads(meta[META_KEY])
+        if not isinstance(cast, dict):
+            raise TypeError("not a JSON object")
+        out = {str(name): np.dtype(dtype) for name, dtype in cast.items()}
+        wrong = sorted(n for n, d in out.items() if d.name not in _HALF_SOURCES)
+        if wrong:
+            raise ValueError(f"{wrong[0]!r} would be cast to {out[wrong[0]]}, not a float type")
+        return out
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError("bad-payload", f"invalid dtype metadata ({exc})") from None
+
+
+def _torch_wide_float(value: Any) -> bool:
+    """A torch float32/float64 tensor (bfloat16 goes through numpy as float32, as before)."""
+    return type(value).__module__.startswith("torch") and str(getattr(value, "dtype", "")) in (
+        "torch.float32",
+        "torch.float64",
+    )
 
 
 def state_metadata(data: bytes) -> dict[str, str]:

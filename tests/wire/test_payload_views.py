@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
 from wire.errors import ProtocolError
-from wire.payload import decode_state, encode_state, view_state
+from wire.payload import META_KEY, decode_state, decode_state_torch, encode_state, view_state
 
 DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_]
 
@@ -85,3 +85,49 @@ def test_malformed_payloads_are_refused_like_the_library_does(header, body, why)
     with pytest.raises(ProtocolError) as exc:
         decode_state(data, copy=False)
     assert exc.value.reason == "bad-payload"
+
+
+def _torch_state():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    return torch, {
+        "conv.weight": torch.randn(8, 4, 3, generator=g) * 3,
+        "conv.bias": torch.randn(8, generator=g, dtype=torch.float64),
+        "tiny": torch.tensor([1e-8, -6e-5, 7e4, 65519.0, float("inf")]),  # subnormal, overflow
+        "norm.num_batches_tracked": torch.tensor(7),  # a 0-d integer counter stays as it is
+        "ready": torch.tensor([True, False]),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy's, on 7e4
+def test_fp16_encoding_of_torch_tensors_matches_numpys_bytes():
+    """The site casts with torch (vectorised) and the coordinator with numpy: one payload format,
+    so the bytes must be the same either way, rounding, overflow and subnormals included."""
+    _, state = _torch_state()
+    via_torch = encode_state(state, fp16=True)
+    via_numpy = encode_state({k: v.numpy() for k, v in state.items()}, fp16=True)
+    assert via_torch == via_numpy
+    assert encode_state(state) == encode_state({k: v.numpy() for k, v in state.items()})
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_decode_state_torch_equals_decode_state_and_owns_its_tensors(fp16):
+    torch, state = _torch_state()
+    data = memoryview(bytearray(encode_state(state, fp16=fp16))).toreadonly()
+    ref, got = decode_state(data), decode_state_torch(data)
+    assert set(got) == set(ref)
+    for k, t in got.items():
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.from_numpy(ref[k]).dtype
+        np.testing.assert_array_equal(t.numpy(), ref[k])
+        assert state[k].dtype == t.dtype  # fp16 on the wire, the sender's dtype back
+    got["conv.weight"].add_(1.0)  # a tensor of its own: the payload is untouched
+    np.testing.assert_array_equal(decode_state(data)["conv.weight"], ref["conv.weight"])
+
+
+@pytest.mark.parametrize("cast", ['{"w": "object"}', '{"w": "int64"}', '["w"]', "{"])
+def test_dtype_metadata_may_only_restore_float_types(cast):
+    data = save({"w": np.ones(2, np.float16)}, metadata={META_KEY: cast})
+    for decode in (decode_state, decode_state_torch):
+        with pytest.raises(ProtocolError) as exc:
+            decode(data)
+        assert exc.value.reason == "bad-payload" and "dtype metadata" in exc.value.detail
