@@ -91,6 +91,7 @@ class MqttEndpoint(Endpoint):
         reconnect_delay: tuple[int, int] = (1, 30),
         receive_window: int = 8,
         spool_dir: str | Path | None = None,
+        spool_in_memory: bool | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.participant = self.bundle.participant
@@ -110,6 +111,9 @@ class MqttEndpoint(Endpoint):
             incomplete_timeout=incomplete_timeout,
             max_message_bytes=max_message_bytes,
             spool_dir=spool_dir,
+            # a site receives one model a round, from the coordinator only: memory; the
+            # coordinator receives every site's update at once: disk (flat in the sites)
+            spool_in_memory=self.role == "site" if spool_in_memory is None else spool_in_memory,
             defer_open=True,
         )
         self.broker_max_packet: int | None = None

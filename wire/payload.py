@@ -153,8 +153,23 @@ def decode_state(
     if restore_dtype:
         for name, dtype in cast.items():
             if name in arrays:
-                arrays[name] = arrays[name].astype(dtype)
+                arrays[name] = _from_half(arrays[name], dtype)
     return arrays
+
+
+_HALF_TABLE: np.ndarray | None = None
+
+
+def _from_half(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr.astype(dtype)``; float16 -> float32 by looking each value's 16 bits up in a table of
+    all 65,536 (built by numpy's own cast, so equal bit for bit): about twice as fast as numpy's
+    scalar cast here, which a coordinator pays on every half-precision update it opens."""
+    global _HALF_TABLE
+    if arr.dtype != np.float16 or dtype != np.float32:
+        return arr.astype(dtype)
+    if _HALF_TABLE is None:
+        _HALF_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return np.asarray(_HALF_TABLE.take(arr.view(np.uint16)))
 
 
 def decode_state_torch(data: bytes | memoryview) -> dict[str, Any]:

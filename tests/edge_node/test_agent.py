@@ -16,13 +16,13 @@ from wire.memory import MemoryHub
 from wire.sealing import message_digest
 
 
-def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None):
+def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None, name_model=True):
     payload = codec.encode(weights)
     d = digest or hashlib.sha256(payload).hexdigest()
     coord.send(
         MessageKind.MODEL,
         r,
-        meta={"model_digest": hashlib.sha256(payload).hexdigest()},
+        meta={"model_digest": hashlib.sha256(payload).hexdigest()} if name_model else {},
         payload=payload,
         retain=True,
     )
@@ -116,6 +116,22 @@ def test_model_not_matching_the_task_is_not_trained(tmp_path):
         agent.step(timeout=0.2)
     assert trainer.trained == 0 and not _drain(coord, 0.2)
     assert agent.audit.entries() == []
+
+
+def test_a_model_whose_meta_does_not_name_it_is_hashed_by_the_site(tmp_path):
+    """The site files a MODEL under the digest in its signed meta (the wire has verified every
+    byte); one without that name is hashed, and still found by the task that names its digest."""
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    digest = _publish_round(coord, 1, initial_weights(), name_model=False)
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4)
+    agent = _agent(hub, tmp_path, trainer)
+    for _ in range(3):
+        agent.step(timeout=0.2)
+    assert list(agent.models) == [digest]
+    upd = [m for m in _drain(coord) if m.kind is MessageKind.UPDATE]
+    assert trainer.trained == 1 and len(upd) == 1 and upd[0].meta["model_digest"] == digest
 
 
 def test_evaluation_only_round_sends_metrics_only_and_done_ends(tmp_path):

@@ -72,6 +72,8 @@ def test_update_round_trip(coord, site_a, size):
 
 
 def test_model_to_sites_and_restarted_site_gets_current_task_and_model(broker, coord, site_a):
+    # a site keeps a model's chunks in memory until it opens it, the coordinator spools to disk
+    assert site_a.receiver.spool_in_memory and not coord.receiver.spool_in_memory
     coord.send(MessageKind.TASK, 1, meta={"round": 1}, retain=True)
     coord.send(MessageKind.MODEL, 1, payload=os.urandom(3 * MiB), retain=True)
     assert receive_kind(site_a, MessageKind.TASK).meta == {"round": 1}

@@ -131,3 +131,20 @@ def test_dtype_metadata_may_only_restore_float_types(cast):
         with pytest.raises(ProtocolError) as exc:
             decode(data)
         assert exc.value.reason == "bad-payload" and "dtype metadata" in exc.value.detail
+
+
+def test_every_half_precision_value_comes_back_as_numpys_cast_would():
+    """The coordinator restores fp16 tensors through a lookup table: all 65,536 bit patterns
+    (subnormals, infinities, NaN payloads) against numpy's cast, bit for bit, any shape."""
+    every = np.arange(65536, dtype=np.uint16).view(np.float16)
+    data = save(
+        {"all": every.reshape(256, 256), "scalar": np.asarray(np.float16(-2.5))},
+        metadata={META_KEY: '{"all": "float32", "scalar": "float32"}'},
+    )
+    for copy in (True, False):
+        got = decode_state(data, copy=copy)
+        assert got["all"].dtype == np.float32 and got["all"].shape == (256, 256)
+        np.testing.assert_array_equal(
+            got["all"].view(np.uint32), every.astype(np.float32).view(np.uint32).reshape(256, 256)
+        )
+        assert got["scalar"].shape == () and got["scalar"] == np.float32(-2.5)

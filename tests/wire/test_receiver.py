@@ -27,6 +27,22 @@ def frames_of(sealed):
     return list(sealed.frames)
 
 
+@pytest.fixture(autouse=True, params=["disk", "memory"])
+def spool(request, monkeypatch):
+    """Every check holds whether incomplete messages wait in a spool file (the coordinator) or in
+    memory (a site): each test runs both ways, but for those that look at the spool files."""
+    if request.param == "memory":
+        init = Receiver.__init__
+
+        def in_memory(self, *args, **kw):
+            if "spool_dir" not in kw:
+                kw.setdefault("spool_in_memory", True)
+            init(self, *args, **kw)
+
+        monkeypatch.setattr(Receiver, "__init__", in_memory)
+    return request.param
+
+
 def rejected(receiver: Receiver, reason: str) -> None:
     assert receiver.rejections[reason] >= 1, dict(receiver.rejections)
 
