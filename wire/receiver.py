@@ -157,7 +157,7 @@ class Receiver:
 
     @property
     def pending_bytes(self) -> int:
-        """Ciphertext bytes of incomplete messages (spooled to disk, not held in memory)."""
+        """Ciphertext bytes of incomplete messages (spooled to disk, or held with ``spool_in_memory``)."""
         return self._pending_bytes
 
     def close(self) -> None:
