@@ -134,6 +134,7 @@ class MqttEndpoint(Endpoint):
         self._client: mqtt.Client | None = None
         self._retained: dict[MessageKind, set[str]] = {MessageKind.MODEL: set()}
         self._retained_lock = threading.Lock()
+        self._ack_lock = threading.Lock()  # an acknowledgement is never queued once close() began
         # retained MODEL topics sent without waiting: older rounds' are deleted by flush()
         self._pending_keep: dict[MessageKind, set[str]] = {}
         self._closing = False
@@ -199,7 +200,13 @@ class MqttEndpoint(Endpoint):
                 self._send(MessageKind.STATUS, 0, {"status": "offline", "reason": "closed"}, b"", False, 5.0)
         except TransportError as exc:
             log.info("%s: offline status not acknowledged: %s", self.participant, exc)
-        self._closing = True
+        # No acknowledgement may start after this: the worker thread queuing a PUBACK while paho
+        # disconnects and its network thread stops (after loop_stop paho writes a queued packet
+        # from the caller's thread) wrote on the socket from two threads at once, and Mosquitto
+        # logged "Protocol error" for that client. Unacknowledged chunks are resent by the broker
+        # to the next connection of this session, as after any disconnect.
+        with self._ack_lock:
+            self._closing = True
         self._client.disconnect()
         self._shutdown_threads()
 
@@ -285,8 +292,10 @@ class MqttEndpoint(Endpoint):
         """PUBACK a decoded chunk. A chunk from an earlier connection is not acknowledged: its
         packet id means nothing on this one, and the broker resends it (duplicates are ignored)."""
         client = self._client
-        if qos and client is not None and generation == self._generation and self._connected.is_set():
-            client.ack(mid, qos)
+        with self._ack_lock:
+            if qos and client is not None and generation == self._generation and self._connected.is_set():
+                if not self._closing:
+                    client.ack(mid, qos)
 
     def _note_retained_model(self, topic: str, data: bytes, retained: bool) -> None:
         if retained and data:
