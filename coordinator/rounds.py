@@ -315,6 +315,19 @@ class Coordinator:
         if train and self.cfg.lr_schedule != "constant":
             base["lr_scale"] = lr_scale(self.cfg.lr_schedule, r, self.cfg.rounds)
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
+        timing = self._publish_model_and_task(r, train, deadline, model_payload, digest, per_site)
+        fault_point("after-announce", r)
+        return timing
+
+    def _publish_model_and_task(
+        self,
+        r: int,
+        train: bool,
+        deadline: float,
+        model_payload: bytes,
+        digest: str,
+        per_site: dict[str, Any],
+    ) -> dict[str, float]:
         t0 = t1 = t2 = 0.0
 
         def announce() -> None:
@@ -335,7 +348,6 @@ class Coordinator:
             self.ep.flush(timeout=60.0)
 
         self._until_published(r, "the round's MODEL and TASK", announce)
-        fault_point("after-announce", r)
         return {
             "model_s": round(t1 - t0, 4),
             "task_s": round(t2 - t1, 4),
@@ -410,6 +422,28 @@ class Coordinator:
         except TransportError as exc:
             log.warning("round %d: receipts not published (%s); will repeat", r, exc)
 
+    def _encode_model(self) -> bytes:
+        return codec.encode({**self.weights, **self.site_optimizer}, fp16=self.cfg.fp16)
+
+    def _reannounce(self, r: int, train: bool, deadline: float, digest: str) -> None:
+        """The round's MODEL and TASK once more, after the wire reconnected to the broker.
+
+        Both are retained so that a site (re)connecting mid-round finds them, but Mosquitto writes
+        retained messages to disk only every ``autosave_interval`` seconds: a broker killed in
+        between comes back without them, and a site that had not received them yet would wait
+        for a model that never comes (the deadline extension re-publishes only the TASK). Sites
+        that already hold the model get a second copy and ignore it: same round, same digest."""
+        payload = self._encode_model()
+        if codec.digest(payload) != digest:  # the global model must not change within a round
+            raise CoordinatorError(f"round {r}: the global model changed while the round was open")
+        log.warning(
+            "round %d: reconnected to the broker; publishing the round's MODEL and TASK again "
+            "(a restarted broker may have lost them)",
+            r,
+        )
+        self._publish_model_and_task(r, train, deadline, payload, digest, self._task_meta["sites"])
+        self._event("reannounce", round=r)
+
     def _announce_done(self) -> None:
         r = self.cfg.rounds + 1
         self._send_reliably(
@@ -426,7 +460,7 @@ class Coordinator:
         res = RoundResult(round=r, train=train)
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
-        model_payload = codec.encode({**self.weights, **self.site_optimizer}, fp16=self.cfg.fp16)
+        model_payload = self._encode_model()
         digest = codec.digest(model_payload)
         if train:
             self.strategy.begin(r, self.weights)
@@ -434,6 +468,8 @@ class Coordinator:
                 self._optimizer_mean = WeightedMean()
         deadline = self.clock() + self.cfg.round_timeout
         t_encoded = time.time()
+        # read before announcing: a reconnect during the announcement counts as one after it
+        connections = self.ep.connections
         timing = self._announce(r, train, deadline, model_payload, digest)
         del model_payload
         self._event(
@@ -461,6 +497,9 @@ class Coordinator:
             now = self.clock()
             if have() >= expected:
                 break
+            if self.ep.connections != connections:
+                connections = self.ep.connections
+                self._reannounce(r, train, deadline, digest)
             waiting = expected - have() - self.offline
             if not waiting and len(have()) >= self.cfg.min_sites:
                 # the rest are offline (their MQTT will said so): waiting for them helps nobody

@@ -295,8 +295,13 @@ class SiteAgent:
                 "model_digest": model[1],
             }
             self._send(MessageKind.METRICS, r, meta, stop=stop)
-            rs["metrics_sent"] = True
-            rs["dice"] = meta["dice"]
+            rs.update(
+                metrics_sent=True,
+                metrics_sent_at=time.time(),
+                metrics_session=(self.task or {}).get("session"),
+                metrics=meta,
+                dice=meta["dice"],
+            )
             self._save_state()
             self._set_status(dice=meta["dice"], evaluated_round=r - 1)
             log.info(
@@ -423,28 +428,42 @@ class SiteAgent:
         )
 
     def _check_receipts(self, stop: threading.Event | None) -> None:
-        """Resend the stored update if the coordinator's receipts lack it (lost upload, restart)."""
+        """Send again what the coordinator's receipts lack: the stored update (a lost upload, a
+        restart of the broker or the coordinator) and, in an evaluation-only round, the metrics."""
         rc = self._fresh_receipts
         if rc is None:
             return
         self._fresh_receipts = None  # act once per RECEIPTS message (the coordinator repeats them)
         r = int(rc["round"])
         rs = self._state["rounds"].get(str(r))
-        if not rs or not rs.get("update_sent") or self.site in rc.get("held", []):
+        if not rs:
             return
-        new_session = rc.get("session") not in (None, rs.get("sent_session"))
-        if new_session or time.time() - float(rs.get("sent_at", 0)) > self.resend_after:
-            if self._update_path(r).is_file():
+        session = rc.get("session")
+        if rs.get("update_sent") and self.site not in rc.get("held", []):
+            new_session = session not in (None, rs.get("sent_session"))
+            if new_session or time.time() - float(rs.get("sent_at", 0)) > self.resend_after:
+                if self._update_path(r).is_file():
+                    log.warning(
+                        "%s: receipts for round %d lack this site's update; sending it again", self.site, r
+                    )
+                    if new_session:
+                        rs["sent_session"] = session
+                    self._send_update(r, rs, resend=True, stop=stop)
+        # Metrics matter only in evaluation-only rounds, which close on them. They are sent again
+        # from the round state, not evaluated again.
+        evaluating = self.task and not self.task.get("train", True) and int(self.task["round"]) == r
+        if evaluating and rs.get("metrics_sent") and self.site not in rc.get("metrics", []):
+            new_session = session not in (None, rs.get("metrics_session"))
+            if new_session or time.time() - float(rs.get("metrics_sent_at", 0)) > self.resend_after:
+                if not rs.get("metrics"):  # a round state from before metrics were kept: evaluate
+                    rs["metrics_sent"] = False
+                    self._save_state()
+                    return
                 log.warning(
-                    "%s: receipts for round %d lack this site's update; sending it again", self.site, r
+                    "%s: receipts for round %d lack this site's evaluation; sending it again", self.site, r
                 )
-                if new_session:
-                    rs["sent_session"] = rc.get("session")
-                self._send_update(r, rs, resend=True, stop=stop)
-        # metrics lost the same way matter only in evaluation-only rounds
-        if self.task and not self.task.get("train", True) and int(self.task["round"]) == r:
-            if rs.get("metrics_sent") and self.site not in rc.get("metrics", []) and new_session:
-                rs["metrics_sent"] = False
+                self._send(MessageKind.METRICS, r, rs["metrics"], resend=True, stop=stop)
+                rs.update(metrics_sent_at=time.time(), metrics_session=session)
                 self._save_state()
 
     def step(self, timeout: float = 1.0, stop: threading.Event | None = None) -> bool:

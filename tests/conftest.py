@@ -25,3 +25,12 @@ def _torch_threads():
     except ImportError:  # pragma: no cover
         pass
     yield
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so a fixture's teardown can tell whether the
+    test failed (and, for a federation of processes, print every process's log when it did)."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

@@ -120,6 +120,15 @@ class Endpoint(ABC):
     def rejections(self) -> Mapping[str, int]:
         """Counters of rejected messages by reason (e.g. ``bad-signature``, ``replay``)."""
 
+    @property
+    def connections(self) -> int:
+        """How many times this endpoint has connected to the broker. A change tells a publisher
+        of retained messages that the broker may have restarted without them (Mosquitto saves
+        retained messages every ``autosave_interval`` seconds, so a broker killed in between
+        comes back without the newest): publish them again. Endpoints without a broker
+        connection to lose stay at 1."""
+        return 1
+
     def __enter__(self) -> Endpoint:
         self.start()
         return self

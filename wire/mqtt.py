@@ -420,6 +420,10 @@ class MqttEndpoint(Endpoint):
     def rejections(self) -> Mapping[str, int]:
         return dict(self.receiver.rejections)
 
+    @property
+    def connections(self) -> int:
+        return self._generation
+
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     """TCP_NODELAY on the broker connection: an acknowledgement or a task is a packet of a few

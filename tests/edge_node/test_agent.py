@@ -147,3 +147,41 @@ def test_evaluation_only_round_sends_metrics_only_and_done_ends(tmp_path):
     assert trainer.trained == 0
     coord.send(MessageKind.TASK, 4, meta={"round": 4, "done": True}, retain=True)
     assert agent.step(timeout=0.5) is False
+
+
+def test_evaluation_lost_in_an_evaluation_only_round_is_sent_again_without_evaluating_again(tmp_path):
+    """An evaluation-only round closes on metrics, so metrics the coordinator never got (a broker
+    restart between the site's send and the coordinator's resubscription) would hold it open
+    forever: receipts that lack them, once ``resend_after`` has passed, bring the same metrics
+    again, as receipts that lack an update bring the update."""
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    _publish_round(coord, 3, initial_weights(), train=False)
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4, dice=0.8)
+    ep = hub.endpoint("site-a")
+    ep.start()
+    agent = SiteAgent(ep, trainer, tmp_path / "site-a", resend_after=1.0)
+    agent.step(timeout=0.2)
+    first = [m for m in _drain(coord, 0.1) if m.kind is MessageKind.METRICS]
+    assert len(first) == 1
+    evaluations = trainer.evaluated
+    # fresh receipts that lack them, before resend_after: nothing yet (the send may be on its way)
+    coord.send(MessageKind.RECEIPTS, 3, meta={"round": 3, "held": [], "metrics": [], "session": "s1"})
+    agent.step(timeout=0.2)
+    assert not _drain(coord, 0.2)
+    time.sleep(1.1)
+    coord.send(MessageKind.RECEIPTS, 3, meta={"round": 3, "held": [], "metrics": [], "session": "s1"})
+    agent.step(timeout=0.2)
+    again = [m for m in _drain(coord) if m.kind is MessageKind.METRICS]
+    assert len(again) == 1 and again[0].meta == first[0].meta
+    assert trainer.evaluated == evaluations, "sent again from the round state, not evaluated again"
+    # receipts that hold them stop the resends
+    time.sleep(1.1)
+    coord.send(MessageKind.RECEIPTS, 3, meta={"round": 3, "held": [], "metrics": ["site-a"], "session": "s1"})
+    agent.step(timeout=0.2)
+    assert not _drain(coord, 0.2)
+    assert [(e["kind"], e["resend"]) for e in agent.audit.entries()] == [
+        ("metrics", False),
+        ("metrics", True),
+    ]
