@@ -7,6 +7,8 @@ NIfTI data (shared by the module), the tiny UNet on 32^3 volumes so rounds take 
   the audit log matches what the coordinator received;
 - the coordinator SIGKILLed at each injection point: restarted, it resumes; no round is lost and
   none is registered twice (checked in the real MLflow registry);
+- the coordinator SIGKILLed once the evaluation-only round is announced: its successor closes
+  that round with every site's metrics;
 - the broker SIGKILLed during the uploads and restarted: everyone reconnects, the round completes;
 - the broker restarted without its saved state (no retained task or model): the coordinator
   publishes the round again, and a site that had not got it yet takes part.
@@ -316,6 +318,34 @@ def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_
     for s in fed.sites:
         firsts = [(e["round"]) for e in fed.audit(s) if e["kind"] == "update" and not e["resend"]]
         assert firsts == [1, 2, 3]
+
+
+def test_coordinator_killed_in_the_evaluation_only_round_its_successor_gets_every_sites_metrics(fed):
+    """The sites evaluate the last model and send their metrics to a coordinator that is gone.
+    Its successor (a new session) announces the round again; sites that already evaluated send
+    the same metrics again (receipts of the new session lack them) instead of evaluating again."""
+    for s in fed.sites:
+        fed.start_site(s)
+    fed.wait_sites_ready()
+    p = fed.start_coordinator(rounds=1, min_sites=3, timeout=120, fault="after-announce", fault_round=2)
+    assert p.wait(300) == -9 and "SIGKILL at after-announce (round 2)" in p.tail(80)
+    # every site has evaluated the last model before the successor starts
+    wait_for(
+        lambda: all(("metrics", 2) in {(e["kind"], e["round"]) for e in fed.audit(s)} for s in fed.sites),
+        120,
+        "every site's round-2 metrics",
+        fed.procs,
+    )
+    last = fed.start_coordinator(rounds=1, min_sites=3, timeout=120)
+    assert last.wait(240) == 0, last.tail()
+    r2 = fed.round_closed(2)
+    assert not r2["train"] and sorted(r2["metrics"]) == fed.sites, "every site scored the last model"
+    for s in fed.sites:
+        sent = [e for e in fed.audit(s) if e["kind"] == "metrics" and e["round"] == 2]
+        assert sent and not sent[0]["resend"], s
+        # evaluated once: any second send is a resend of the same figures
+        assert all(e["resend"] for e in sent[1:]), s
+        assert len({e["fields"]["dice"] for e in sent}) == 1, s
 
 
 def test_broker_killed_during_uploads_everyone_reconnects_and_the_round_completes(fed):
