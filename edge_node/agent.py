@@ -427,6 +427,11 @@ class SiteAgent:
             " again" if resend else "",
         )
 
+    def _overdue(self, rs: Mapping[str, Any], sent_at: str) -> bool:
+        """Sent more than ``resend_after`` seconds ago and still not in the receipts: lost, not
+        merely on its way."""
+        return time.time() - float(rs.get(sent_at, 0)) > self.resend_after
+
     def _check_receipts(self, stop: threading.Event | None) -> None:
         """Send again what the coordinator's receipts lack: the stored update (a lost upload, a
         restart of the broker or the coordinator) and, in an evaluation-only round, the metrics."""
@@ -441,7 +446,7 @@ class SiteAgent:
         session = rc.get("session")
         if rs.get("update_sent") and self.site not in rc.get("held", []):
             new_session = session not in (None, rs.get("sent_session"))
-            if new_session or time.time() - float(rs.get("sent_at", 0)) > self.resend_after:
+            if new_session or self._overdue(rs, "sent_at"):
                 if self._update_path(r).is_file():
                     log.warning(
                         "%s: receipts for round %d lack this site's update; sending it again", self.site, r
@@ -453,8 +458,7 @@ class SiteAgent:
         # from the round state, not evaluated again.
         evaluating = self.task and not self.task.get("train", True) and int(self.task["round"]) == r
         if evaluating and rs.get("metrics_sent") and self.site not in rc.get("metrics", []):
-            new_session = session not in (None, rs.get("metrics_session"))
-            if new_session or time.time() - float(rs.get("metrics_sent_at", 0)) > self.resend_after:
+            if session not in (None, rs.get("metrics_session")) or self._overdue(rs, "metrics_sent_at"):
                 if not rs.get("metrics"):  # a round state from before metrics were kept: evaluate
                     rs["metrics_sent"] = False
                     self._save_state()
