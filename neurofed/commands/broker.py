@@ -10,7 +10,8 @@ example:
   neurofed broker --bundle bundles/broker
 
 Mosquitto logs to stderr and keeps retained and queued messages in bundles/broker/data/ across
-restarts. Stop it with Ctrl-C. After `neurofed provision --revoke`, restart it to load the new CRL.
+restarts. Stop it with Ctrl-C or SIGTERM (passed on to Mosquitto, which saves its data first).
+After `neurofed provision --revoke`, restart it to load the new CRL.
 """
 
 
@@ -28,7 +29,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
+    """Mosquitto as a child that gets every stop signal this process gets.
+
+    Without forwarding, SIGTERM (``docker stop``, systemd, a supervisor, a test harness) killed
+    this process and left Mosquitto running, orphaned, on the port; and in a container, where
+    this process is PID 1 and the kernel ignores signals it has no handler for, ``docker stop``
+    ended in SIGKILL after its grace period, so Mosquitto never saved its persistence file.
+    Forwarded, Mosquitto exits cleanly and saves retained and queued messages (SIGHUP reloads
+    its configuration). The process stays ``neurofed broker`` rather than exec'ing Mosquitto:
+    the image's HEALTHCHECK finds its role by that command line."""
     import signal
     import subprocess
 
@@ -36,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
     cmd, cwd = broker_command(args.bundle)
     proc = subprocess.Popen(cmd, cwd=cwd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT if os.name == "posix" else signal.SIGTERM)
-        return proc.wait(30)
+
+    def forward(signum: int, frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    return proc.wait()
