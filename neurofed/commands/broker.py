@@ -32,9 +32,10 @@ def run(args: argparse.Namespace) -> int:
     """Mosquitto as a child that gets every stop signal this process gets.
 
     Without forwarding, SIGTERM (``docker stop``, systemd, a supervisor, a test harness) killed
-    this process and left Mosquitto running, orphaned, on the port; and in a container, where
-    this process is PID 1 and the kernel ignores signals it has no handler for, ``docker stop``
-    ended in SIGKILL after its grace period, so Mosquitto never saved its persistence file.
+    this process and left Mosquitto running, orphaned, on the port. In a container Mosquitto
+    never saved its persistence file: as PID 1 (a plain ``docker run``) this process ignored
+    SIGTERM, which the kernel does for PID 1 without a handler, until Docker's SIGKILL; under an
+    init (compose's ``init: true``) it died at once and the container's end killed Mosquitto.
     Forwarded, Mosquitto exits cleanly and saves retained and queued messages (SIGHUP reloads
     its configuration). The process stays ``neurofed broker`` rather than exec'ing Mosquitto:
     the image's HEALTHCHECK finds its role by that command line."""
