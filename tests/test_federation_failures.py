@@ -143,6 +143,16 @@ class Fed:
         self.procs.append(p)
         return p
 
+    def start_sites_one_dying_mid_upload(self) -> tuple[str, str, str, Proc]:
+        """Sites a and b, and c set to SIGKILL itself mid-upload in round 1 (its update stored,
+        not acknowledged); all three ready."""
+        a, b, c = self.sites
+        self.start_site(a)
+        self.start_site(b)
+        victim = self.start_site(c, NEUROFED_FAULT="site-mid-upload", NEUROFED_FAULT_ROUND="1")
+        self.wait_sites_ready()
+        return a, b, c, victim
+
     def wait_sites_ready(self, sites=None, timeout: float = 180) -> None:
         """Edge processes take 10-30 s to import torch and MONAI here: start rounds after that."""
 
@@ -189,11 +199,7 @@ def fed(request, tmp_path, fed_data):
 
 
 def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
-    a, b, c = fed.sites
-    fed.start_site(a)
-    fed.start_site(b)
-    victim = fed.start_site(c, NEUROFED_FAULT="site-mid-upload", NEUROFED_FAULT_ROUND="1")
-    fed.wait_sites_ready()
+    a, b, c, victim = fed.start_sites_one_dying_mid_upload()
     fed.start_coordinator(rounds=2, min_sites=2, timeout=90)
     # Rounds of the tiny model take a second, a restarted site twenty: hold the other two still
     # (SIGSTOP) once their round-1 updates are in, so that round 2 is still open when it is back.
@@ -382,11 +388,7 @@ def test_broker_restarted_without_its_saved_state_gets_the_round_again_from_the_
     Staged deterministically: site c dies mid-upload in round 1 (its update stored, not sent),
     the broker is killed and its data folder removed before it restarts, and only then is c
     started again; the round closes only with c's update (min-sites 3)."""
-    a, b, c = fed.sites
-    fed.start_site(a)
-    fed.start_site(b)
-    victim = fed.start_site(c, NEUROFED_FAULT="site-mid-upload", NEUROFED_FAULT_ROUND="1")
-    fed.wait_sites_ready()
+    a, b, c, victim = fed.start_sites_one_dying_mid_upload()
     fed.start_coordinator(rounds=1, min_sites=3, timeout=300)
     assert victim.wait(120) == -9 and "SIGKILL at site-mid-upload" in victim.tail()
     wait_for(

@@ -27,14 +27,10 @@ FAST_HEALTH = {
 @pytest.fixture
 def federation(tmp_path):
     """A provisioned federation with its real broker running on the host."""
-    from tests.fixtures.broker import provision_federation
-    from wire.broker import find_mosquitto, start_broker, stop_broker
-    from wire.errors import TransportError
+    from tests.fixtures.broker import provision_federation, require_mosquitto
+    from wire.broker import start_broker, stop_broker
 
-    try:
-        find_mosquitto()
-    except TransportError as exc:
-        pytest.skip(str(exc))
+    require_mosquitto()
     port = free_port()
     root = provision_federation(tmp_path / "bundles", port=port)
     log = open(tmp_path / "broker.log", "ab")  # noqa: SIM115

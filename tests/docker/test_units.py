@@ -172,14 +172,10 @@ def test_health_cli_reports_unreachable_broker(tmp_path):
 @pytest.mark.slow
 def test_health_cli_healthy_then_unhealthy_with_a_real_broker(tmp_path):
     """The same check turns from healthy to unhealthy when the real Mosquitto goes away."""
-    from tests.fixtures.broker import provision_federation
-    from wire.broker import find_mosquitto, start_broker, stop_broker
-    from wire.errors import TransportError
+    from tests.fixtures.broker import provision_federation, require_mosquitto
+    from wire.broker import start_broker, stop_broker
 
-    try:
-        find_mosquitto()
-    except TransportError as exc:
-        pytest.skip(str(exc))
+    require_mosquitto()
     port = _closed_port()
     root = provision_federation(tmp_path / "bundles", port=port)
     cmd = [sys.executable, "-m", "neurofed.commands.health", "--role", "edge", "--bundle", str(root / "site-a"),

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from coordinator.local import free_port
-from tests.fixtures.broker import provision_federation
+from tests.fixtures.broker import provision_federation, require_mosquitto
 
 
 def _port_open(port: int) -> bool:
@@ -22,13 +22,7 @@ def _port_open(port: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_reaches_mosquitto_which_saves_its_data_and_frees_the_port(tmp_path, sig):
-    from wire.broker import find_mosquitto
-    from wire.errors import TransportError
-
-    try:
-        find_mosquitto()
-    except TransportError as exc:
-        pytest.skip(str(exc))
+    require_mosquitto()
     port = free_port()
     root = provision_federation(tmp_path / "bundles", port=port)
     db = root / "broker" / "data" / "mosquitto.db"
