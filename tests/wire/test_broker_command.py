@@ -4,20 +4,15 @@ reaches Mosquitto, which exits cleanly and saves its data, instead of outliving 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from coordinator.local import free_port
+from coordinator.local import free_port, wait_for
 from tests.fixtures.broker import provision_federation, require_mosquitto
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+from wire.broker import wait_for_port
+from wire.errors import TransportError
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -33,17 +28,17 @@ def test_a_stop_signal_reaches_mosquitto_which_saves_its_data_and_frees_the_port
         stderr=subprocess.STDOUT,
     )
     try:
+        wait_for_port("127.0.0.1", port, 30, proc)
         # "running" is logged once Mosquitto handles signals; it opens its port a moment earlier
-        deadline = time.monotonic() + 30
-        while not (_port_open(port) and " running" in (tmp_path / "broker.log").read_text()):
-            assert proc.poll() is None, (tmp_path / "broker.log").read_text()
-            assert time.monotonic() < deadline, "the broker did not start"
-            time.sleep(0.2)
+        wait_for(
+            lambda: " running" in (tmp_path / "broker.log").read_text(), 30, "Mosquitto's 'running' line"
+        )
         assert not db.exists(), "nothing saved yet (autosave is every 30 s)"
         proc.send_signal(sig)
         assert proc.wait(15) == 0, (tmp_path / "broker.log").read_text()
-        # the port is free at once: no Mosquitto left behind, and it saved on its way out
-        assert not _port_open(port), "Mosquitto outlived `neurofed broker`"
+        # the port is free at once (no Mosquitto left behind), and Mosquitto saved on its way out
+        with pytest.raises(TransportError):
+            wait_for_port("127.0.0.1", port, 1.0)
         assert db.is_file(), "Mosquitto did not save its persistence file: it was not stopped cleanly"
     finally:
         if proc.poll() is None:
