@@ -381,7 +381,9 @@ class CaseTrainer:
         return torch.amp.GradScaler("cuda") if self.amp else None
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate_module(self, model: torch.nn.Module, split: str = "test") -> EvalResult:
+    def evaluate_module(
+        self, model: torch.nn.Module, split: str = "test", *, hd95: bool = True
+    ) -> EvalResult:
         items = self.eval_items(split)
         if not items:
             return EvalResult(dice=float("nan"), hd95=float("nan"), per_case={}, num_cases=0)
@@ -392,6 +394,7 @@ class CaseTrainer:
             threshold=self.model_config.preprocessing.threshold,
             amp=self.amp,
             overlap=self.train_config.sw_overlap,
+            hd95=hd95,
         )
 
 
