@@ -105,6 +105,8 @@ def test_cli_choices_are_the_coordinators_own():
         ("coordinator --bundle b --local-epochs 2", {"local_epochs": 2}),
         ("experiment --out o --rounds 100 --local-epochs 0.5", {"rounds": 100, "local_epochs": 0.5}),
         ("experiment --out o --train-seed 2", {"train_seed": 2}),
+        ("experiment --out o", {"fl_strategy": None, "workers": None}),  # None: the profile's
+        ("experiment --out o --workers 1", {"workers": 1}),
         ("edge --bundle b --data d --seed 4", {"seed": 4}),
     ],
 )
@@ -112,6 +114,24 @@ def test_strategy_and_schedule_flags_parse(argv, expected):
     parser, _ = build_parser()
     args = parser.parse_args(argv.split())
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_the_full_profiles_fl_arm_is_fedprox_unless_a_flag_says_otherwise():
+    from neurofed.experiment import PROFILES, with_overrides
+
+    full = PROFILES["full"]
+    assert (full.fl_strategy, full.rounds, full.local_epochs, full.epochs) == ("fedprox", 200, 0.5, 100)
+    assert with_overrides(full, fl_strategy=None).fl_strategy == "fedprox"
+    assert with_overrides(full, fl_strategy="fedavg").fl_strategy == "fedavg"
+    assert PROFILES["quick"].fl_strategy == "fedavg"
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_experiment_workers_must_be_one_or_more(bad, capsys):
+    parser, _ = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiment", "--out", "o", "--workers", bad])
+    assert "--workers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "half"])

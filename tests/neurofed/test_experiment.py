@@ -199,3 +199,117 @@ def test_paired_difference_pairs_by_case_and_says_its_standard_error():
     assert got["se"] == pytest.approx(0.2 / 3**0.5)
     assert got["ci95"] == pytest.approx([0.1 - 1.96 * 0.2 / 3**0.5, 0.1 + 1.96 * 0.2 / 3**0.5])
     assert paired_difference({"per_case": {}}, b)["n"] == 0
+
+
+def test_arms_side_by_side_in_worker_processes_learn_what_they_learn_one_after_another(tmp_path):
+    """--workers 2 trains the non-federated arms in two spawned processes: each arm is seeded on
+    its own, so a single site trained there scores case for case what it scores in this process
+    (both at one torch thread), the longest arms are handed out first, and every arm reports."""
+    from edge_node.synth import synthesize
+    from neurofed.experiment import PROFILES, Arms, arm_jobs, run_arms, with_overrides
+
+    profile = with_overrides(PROFILES["quick"], sites=2, cases=16, rounds=2, local_epochs=1)
+    data = tmp_path / "data"
+    synthesize(data, sites=profile.sites, cases=profile.cases, seed=0, shape=profile.shape)
+    seq = Arms(data, with_overrides(profile, workers=1), "cpu")
+    jobs = arm_jobs(seq, ("threshold", "cds", "single"))
+    sizes = [len(seq.select("train", [j.split(":")[1]])) for j in jobs if j.startswith("single:")]
+    assert jobs[0] == "cds" and jobs[-1] == "threshold" and sizes == sorted(sizes, reverse=True)
+
+    side_by_side = run_arms(
+        Arms(data, with_overrides(profile, workers=2), "cpu"), jobs, progress=lambda s: None
+    )
+    one_by_one = run_arms(seq, ["single:site-01", "threshold"], progress=lambda s: None)
+    assert set(side_by_side) == set(jobs)
+    assert all(v["seconds"] > 0 for v in side_by_side.values())
+    for job in one_by_one:
+        a, b = side_by_side[job]["result"]["per_case"], one_by_one[job]["result"]["per_case"]
+        assert a.keys() == b.keys() and len(a) >= 2
+        # equal to float rounding (a worker on a machine with more cores gets more torch threads)
+        assert [a[k]["dice"] for k in sorted(a)] == pytest.approx(
+            [b[k]["dice"] for k in sorted(b)], abs=1e-5
+        ), job
+    assert len(side_by_side["cds"]["curve"]) == profile.epochs
+
+
+def test_a_failing_arm_in_a_worker_says_which_and_stops_the_run(tmp_path):
+    from edge_node.synth import synthesize
+    from neurofed.experiment import PROFILES, Arms, run_arms, with_overrides
+
+    profile = with_overrides(PROFILES["quick"], sites=2, cases=16, workers=2)
+    data = tmp_path / "data"
+    synthesize(data, sites=profile.sites, cases=profile.cases, seed=0, shape=profile.shape)
+    with pytest.raises(RuntimeError, match=r"arm single:site-99 failed: ValueError: no training cases"):
+        run_arms(Arms(data, profile, "cpu"), ["single:site-99", "threshold"], progress=lambda s: None)
+
+
+def test_validation_curves_can_skip_hd95_and_keep_the_same_dice():
+    """The CDS curve plots Dice only: HD95's surface search on an untrained model's scattered
+    voxels costs several forward passes, so the curve skips it; Dice is unchanged."""
+    import torch
+
+    from edge_node.evaluation import dice_hd95
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(1, 24, 24, 24)
+    truth[:, 8:16, 8:16, 8:16] = 1
+    pred = (torch.rand(1, 24, 24, 24, generator=g) > 0.7).float()
+    dice, hd = dice_hd95(pred, truth, (1.0, 1.0, 1.0))
+    dice_only, no_hd = dice_hd95(pred, truth, (1.0, 1.0, 1.0), hd95=False)
+    assert dice_only == dice and 0 < dice < 1
+    assert hd > 0 and no_hd != no_hd  # NaN: not computed
+
+
+def _children(pid: int) -> set[int]:
+    from pathlib import Path
+
+    out = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            out.add(int(status.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopping_the_experiment_stops_the_arms_worker_processes(tmp_path, how):
+    """SIGTERM unwinds like Ctrl-C (the pool is terminated on the way out); SIGKILL leaves no
+    clean-up to run, so each worker asked the kernel to end it with its parent."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from edge_node.synth import synthesize
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux /proc to find the worker processes")
+    data = tmp_path / "data"
+    synthesize(data, sites=2, cases=16, seed=0, shape=(32, 32, 32))
+    log = tmp_path / "experiment.log"
+    argv = [sys.executable, "-m", "neurofed", "experiment", "--data", str(data), "--out", str(tmp_path / "out"),
+            "--arms", "cds,single", "--rounds", "2000", "--local-epochs", "1", "--workers", "2"]  # fmt: skip
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "[cds] epoch 1/" not in log.read_text():  # both workers are up and training
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # two workers (and the spawn context's resource tracker)
+        proc.send_signal(getattr(signal, how))
+        assert proc.wait(60) == (128 + signal.SIGTERM if how == "SIGTERM" else -signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()
+                  for p in workers):  # fmt: skip
+            assert time.monotonic() < deadline, f"workers {workers} outlived the experiment ({how})"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
