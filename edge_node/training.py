@@ -130,9 +130,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:
-    """Channels-last (NDHWC) on CPU: oneDNN's 3-D convolutions, backward above all, run about
-    twice as fast on it as on PyTorch's default NCDHW, which costs a layout reorder around every
-    convolution (a small-UNet step at 64^3 on this 2-core machine: 0.47 -> 0.24 s, one thread;
+    """Channels-last (NDHWC) on CPU: oneDNN's 3-D convolution backward, most of a step in
+    PyTorch's default NCDHW, runs far faster on it (one thread, batch 2, 64^3 on this 2-core
+    machine: small UNet 0.32 -> 0.16 s a step, default UNet 0.41 -> 0.32 s; no gain at batch 1;
     ``benchmarks/train_step.py``). CUDA keeps the default layout: not measured there."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
