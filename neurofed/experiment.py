@@ -54,9 +54,9 @@ class Profile:
     # FedProx's proximal weight (None: the coordinator's default)
     fl_mu: float | None = None
     # processes for the arms trained in one process each (CDS, single sites, CIIL), run side by
-    # side before FL; None: one per CPU core, at most 2. Two one-thread processes train 25 %
-    # more per second than one two-thread process on this 2-core machine (measured); 1 runs them
-    # one after another in this process, as before.
+    # side before FL; None: one per CPU core, at most 2. Two one-thread processes train 18 %
+    # (channels-last; 25 % in NCDHW) more per second than one two-thread process on this 2-core
+    # machine (measured); 1 runs them one after another in this process.
     workers: int | None = None
 
     @property
