@@ -421,6 +421,12 @@ def run_arm(a: Arms, job: str, progress: Callable[[str], None] | None = None) ->
     raise ValueError(f"unknown arm {job!r}")
 
 
+def _run_timed(a: Arms, job: str, progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """:func:`run_arm` with its wall seconds, the same in this process and in a worker."""
+    s = time.perf_counter()
+    return run_arm(a, job, progress) | {"seconds": round(time.perf_counter() - s, 1)}
+
+
 def default_workers() -> int:
     """One process per core, at most two: the arms are many small single-thread jobs."""
     import os
@@ -455,13 +461,11 @@ def _worker_init(data: str, profile: Profile, device: str, threads: int) -> None
 def _worker_run(task: tuple[str, bool]) -> tuple[str, dict[str, Any]]:
     job, verbose = task
     assert _worker_arms is not None
-    s = time.perf_counter()
     say = (lambda m: print(f"[{job}] {m}", flush=True)) if verbose else None
     try:
-        value = run_arm(_worker_arms, job, say)
+        return job, _run_timed(_worker_arms, job, say)
     except Exception as exc:  # the traceback's objects may not travel: say what and where
         raise RuntimeError(f"arm {job} failed: {type(exc).__name__}: {exc}") from None
-    return job, value | {"seconds": round(time.perf_counter() - s, 1)}
 
 
 def run_arms(a: Arms, jobs: Sequence[str], progress: Callable[[str], None] = print) -> dict[str, dict]:
@@ -475,9 +479,8 @@ def run_arms(a: Arms, jobs: Sequence[str], progress: Callable[[str], None] = pri
     done: dict[str, dict] = {}
     if workers <= 1:
         for job in jobs:
-            s = time.perf_counter()
             progress(f"[{job}] start")
-            done[job] = run_arm(a, job, progress) | {"seconds": round(time.perf_counter() - s, 1)}
+            done[job] = _run_timed(a, job, progress)
             progress(f"[{job}] done in {done[job]['seconds']} s")
         return done
     import multiprocessing
