@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
         wall = nxt - a
         mine = [i for i in intervals if i["round"] == r]
-        got = [e["t"] for e in events if e.get("round") == r and e["event"] in ("update", "metrics")]
+        # what the round closes on: updates in a training round (the sites' scores of the model
+        # follow, beside the upload), metrics in the evaluation-only round
+        closes_on = "update" if r <= args.rounds else "metrics"
+        got = [e["t"] for e in events if e.get("round") == r and e["event"] == closes_on]
         row = {
             "round": r,
             "wall_s": round(wall, 3),
@@ -170,17 +173,21 @@ def main(argv: list[str] | None = None) -> dict:
             "overhead": round(1 - busy / wall, 4) if wall > 0 else None,
             "train": r <= args.rounds,
         }
-        if mine and got:
-            first, last = min(i["start"] for i in mine), max(i["end"] for i in mine)
-            # where the non-training time goes: before the first site starts, gaps while no site
-            # works, after the last one stops until the coordinator holds every result, closing
-            # (aggregate + persist), and announcing the next round (encode, seal, publish)
+        # the round's own work: training (the evaluation-only round: scoring)
+        work = [i for i in mine if i.get("what", "train") == ("train" if row["train"] else "evaluate")]
+        if work and got:
+            first, last = min(i["start"] for i in work), max(i["end"] for i in work)
+            # the round's stages outside its own work: announcement until the first site starts,
+            # the last site's end until the coordinator holds every result, closing (aggregate +
+            # persist), announcing the next round (encode, seal, publish). ``idle`` is the time no
+            # site works at all: less than their sum where the sites' scores of the model (sent
+            # after the update) run during them.
             row["breakdown_s"] = {
                 "start": round(first - a, 3),
-                "gaps": round((last - first) - busy, 3) if last <= nxt else None,
                 "last_result": round(max(got) - last, 3),
                 "close": round(b - max(got), 3),
                 "announce_next": round(nxt - b, 3),
+                "idle": round(wall - busy, 3),
             }
             # the last site to finish training: its store and send, and the wire's delivery after
             last_site = max(

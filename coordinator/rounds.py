@@ -209,6 +209,11 @@ class Coordinator:
         self.results: list[RoundResult] = []
         self.offline: set[str] = set()  # sites whose latest STATUS is offline (e.g. their MQTT will)
         self._extra_state: dict[str, Any] = {"rounds": {}}
+        # The last closed training round while its sites' evaluations still arrive: a site sends
+        # its update first and scores the round's model while the update travels and the round
+        # closes (see _on_metrics); they are forwarded when every site has reported, or when the
+        # next round closes.
+        self._evaluating: RoundResult | None = None
 
     # -- events for logs and the live view ------------------------------------------------------
     def _event(self, kind: str, **data: Any) -> None:
@@ -230,6 +235,11 @@ class Coordinator:
             self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
             self.completed = self.closed_round = snap.round
             self._extra_state = dict(snap.extra or {"rounds": {}})
+            pending = self._extra_state.pop("evaluating", None)
+            if pending:  # evaluations of the last closed round that had arrived before the crash
+                self._evaluating = RoundResult(
+                    round=int(pending["round"]), train=True, metrics=dict(pending["metrics"])
+                )
             log.warning("resuming after round %d from %s", snap.round, self.store.snapshot_path)
             self._event("resume", round=snap.round)
             if self.registrar is not None:
@@ -272,7 +282,10 @@ class Coordinator:
         )
 
     def _extra(self) -> dict[str, Any]:
-        return self._extra_state
+        extra = dict(self._extra_state)
+        if self._evaluating is not None:
+            extra["evaluating"] = {"round": self._evaluating.round, "metrics": self._evaluating.metrics}
+        return extra
 
     def run(self) -> list[RoundResult]:
         """Run (or resume) the federation to the end; return the rounds run in this process."""
@@ -283,9 +296,9 @@ class Coordinator:
                     self.results.append(self._round(r, train=True))
                 if self.cfg.final_eval:
                     self.results.append(self._round(self.cfg.rounds + 1, train=False))
-                extra = self._extra()
-                extra["finished"] = True
-                self._persist(self.completed, extra)
+                self._finish_evaluations()
+                self._extra_state["finished"] = True
+                self._persist(self.completed, self._extra())
             self._announce_done()
         finally:
             self.strategy.close()
@@ -406,16 +419,19 @@ class Coordinator:
         """Best effort: receipts are repeated every few seconds, so a lost one costs nothing, and
         they are not waited for: after each update a broker round trip, while the broker relays
         other sites' updates, held up opening the next one."""
+        meta: dict[str, Any] = {
+            "round": r,
+            "held": sorted(received),
+            "metrics": sorted(metrics),
+            "session": self.session,
+        }
+        if self._evaluating is not None:  # the previous round's scores still awaited
+            meta["evaluated"] = {"round": self._evaluating.round, "sites": sorted(self._evaluating.metrics)}
         try:
             self.ep.send(
                 MessageKind.RECEIPTS,
                 r,
-                meta={
-                    "round": r,
-                    "held": sorted(received),
-                    "metrics": sorted(metrics),
-                    "session": self.session,
-                },
+                meta=meta,
                 timeout=5.0,
                 wait=False,
             )
@@ -552,7 +568,11 @@ class Coordinator:
             msg = None
         res.sites = sorted(res.cases)
         self._send_receipts(r, list(res.cases), list(res.metrics))
-        self._forward_metrics(r, res)
+        self._forward_pending()
+        if train and not set(res.metrics) >= expected:
+            self._evaluating = res  # the rest of the sites' scores of model r-1 are on their way
+        else:
+            self._forward_metrics(r, res)
         if train:
             new = self.strategy.result()
             if new is None:
@@ -564,9 +584,8 @@ class Coordinator:
                     self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
             self._optimizer_mean = None
             fault_point("after-aggregate", r)
-            extra = self._extra()
-            extra.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
-            self._persist(r, extra)
+            self._extra_state.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
+            self._persist(r, self._extra())
             self.completed = r
             fault_point("after-persist", r)
             res.seconds = self.clock() - t0
@@ -597,6 +616,32 @@ class Coordinator:
             res.seconds,
         )
         return res
+
+    def _forward_pending(self) -> None:
+        """Forward the previous round's evaluations, however many arrived."""
+        pending, self._evaluating = self._evaluating, None
+        if pending is not None:
+            self._forward_metrics(pending.round, pending)
+
+    def _finish_evaluations(self) -> None:
+        """After the last training round with no evaluation-only round to follow: wait (at most
+        a round timeout, capped at a minute) for the scores of every site that trained in it."""
+        pending = self._evaluating
+        if pending is None:
+            return
+        until = self.clock() + min(self.cfg.round_timeout, 60.0)
+        after = RoundResult(round=pending.round + 1, train=False)  # no round runs: anything else is late
+        self.ep.set_round_window(pending.round, pending.round)
+        last_receipts = -math.inf
+        while not set(pending.metrics) >= set(pending.sites) and self.clock() < until:
+            if self.clock() - last_receipts >= self.cfg.receipt_interval:
+                # names what it holds, so a site whose scores were lost (a restart) sends them again
+                self._send_receipts(after.round, [], [])
+                last_receipts = self.clock()
+            msg = self.ep.receive(timeout=max(0.01, min(0.5, until - self.clock())))
+            if msg is not None:
+                self._handle(msg, after.round, False, "", after, closing=True)
+        self._forward_pending()
 
     def _forward_metrics(self, r: int, res: RoundResult) -> None:
         """Sites scored model r-1 this round: mean Dice (weighted by validation cases) to the tracker."""
@@ -650,7 +695,16 @@ class Coordinator:
             if msg.kind is MessageKind.UPDATE:
                 self._on_update(msg, r, train, digest, res, closing)
             elif msg.kind is MessageKind.METRICS:
-                self._on_metrics(msg, r, res, closing)
+                pending = self._evaluating
+                if pending is not None and msg.round == pending.round < r:
+                    # a site's score of the previous round's model, sent after its update
+                    self._on_metrics(msg, pending.round, pending, closing=False)
+                    if set(pending.metrics) >= set(self.cfg.expected_sites):
+                        self._forward_pending()
+                else:
+                    # A training round's evaluations have no deadline (the round closes on
+                    # updates); in an evaluation-only round they are the results, and can be late.
+                    self._on_metrics(msg, r, res, closing and not train)
         except UpdateRejected as exc:
             self._reject(res, msg.sender, msg.kind.value, msg.round, exc)
 

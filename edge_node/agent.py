@@ -4,14 +4,19 @@ Lifecycle per round r (wire/PROTOCOL.md), driven only by what arrives on the ``E
 
 1. TASK r (retained) and MODEL r (retained) arrive, in either order; the model's SHA-256 must
    equal the task's ``model_digest`` or the model is ignored (a stale or foreign model).
-2. EVALUATE the global model (model r-1) on the local validation split and send METRICS
-   (Dice, HD95, number of cases; sealed to the coordinator like every site message).
-3. TRAIN ``epochs`` local epochs (FedProx: ``mu`` from the task goes to the trainer's proximal
-   term), write the encoded update to the state folder (atomically), then send UPDATE with the
-   case count. An evaluation-only task (``train: false``) stops after step 2.
+2. TRAIN ``epochs`` local epochs from it (FedProx: ``mu`` from the task goes to the trainer's
+   proximal term) and send UPDATE with the case count; the encoded update is written to the
+   state folder (atomically) beside the send.
+3. EVALUATE the global model (model r-1) on the local validation split and send METRICS (Dice,
+   HD95, number of cases; sealed to the coordinator like every site message). The evaluation
+   starts when training ends and runs while a worker thread sends the update and the coordinator
+   aggregates: the round closes on updates, so scoring first would put it on the round's critical
+   path, and scoring after would leave the CPU idle while the coordinator aggregates. An
+   evaluation-only task (``train: false``) only does this step; its round closes on the METRICS.
 4. Watch RECEIPTS r: if the coordinator's list lacks this site while its update was sent (the
    upload was lost to a broker restart, or the coordinator restarted: new ``session``), send the
-   stored update again, never retrain.
+   stored update again, never retrain; likewise the METRICS of an evaluation-only round, and
+   those of the previous round while the receipts name it as still awaited (``evaluated``).
 
 Idempotent per round: ``STATE/agent.json`` records what was evaluated, stored and sent, so a
 restarted agent picks up the retained task and model and does not train a round twice. Every
@@ -133,6 +138,7 @@ class SiteAgent:
         self._fresh_update: tuple[int, bytes] | None = None
         self._storing: tuple[int, Future[None]] | None = None  # (round, its update file's write)
         self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
+        self._send_pool: ThreadPoolExecutor | None = None  # sends the update beside the scoring
         self.done = False
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
@@ -278,42 +284,13 @@ class SiteAgent:
         train = bool(task.get("train", True))
         site_cfg = dict(task.get("sites", {}).get(self.site, {}))
         state_dict = optimizer_state = None
-        if not rs.get("metrics_sent"):
-            self._set_status(state="evaluating", round=r)
-            state_dict, optimizer_state = self._decode_model(model[2])
-            t0 = time.time()
-            ev = trainer.evaluate(state_dict, split="val")
-            t1 = time.time()
-            self._timeline("evaluate", r, t0, t1)
-            meta = {
-                # No validation cases (a very small site): nothing to score, said as null.
-                "dice": float(ev.dice) if ev.num_cases and math.isfinite(float(ev.dice)) else None,
-                # HD95 is undefined when a mask is empty (an untrained model): null, as JSON has no NaN.
-                "hd95": float(ev.hd95) if ev.hd95 is not None and math.isfinite(float(ev.hd95)) else None,
-                "num_cases": int(ev.num_cases),
-                "evaluated_round": r - 1,
-                "model_digest": model[1],
-            }
-            self._send(MessageKind.METRICS, r, meta, stop=stop)
-            rs.update(
-                metrics_sent=True,
-                metrics_sent_at=time.time(),
-                metrics_session=(self.task or {}).get("session"),
-                metrics=meta,
-                dice=meta["dice"],
-            )
-            self._save_state()
-            self._set_status(dice=meta["dice"], evaluated_round=r - 1)
-            log.info(
-                "%s: round %d: model %d scores Dice %.4f on %d validation cases",
-                self.site,
-                r,
-                r - 1,
-                float("nan") if meta["dice"] is None else meta["dice"],
-                meta["num_cases"],
-            )
         if not train:
-            self._set_status(state="evaluated", round=r)
+            # evaluation only: the round closes on these scores
+            if not rs.get("metrics_sent"):
+                self._set_status(state="evaluating", round=r)
+                state_dict, _ = self._decode_model(model[2])
+                self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r), stop)
+                self._set_status(state="evaluated", round=r)
             return
         path = self._update_path(r)
         if not (rs.get("update_stored") and path.is_file()):
@@ -365,11 +342,73 @@ class SiteAgent:
             )
             # no state save here: until the file is durable a restart retrains anyway, and an
             # fsync now would queue behind the update file's and hold up the send
+        ev = None
         try:
             if not rs.get("update_sent"):
-                self._send_update(r, rs, stop=stop)
+                if state_dict is not None and not rs.get("metrics_sent"):
+                    # trained just now: score the round's model while a worker thread sends the
+                    # update and the coordinator aggregates (scoring on this thread keeps its
+                    # memory in the arena training used)
+                    self._set_status(state="evaluating", round=r)
+                    sending = self._sender().submit(self._send_update, r, rs, stop=stop, status=False)
+                    try:
+                        ev = self._evaluate(trainer, state_dict, r)
+                    finally:
+                        sending.result()  # the send's error, if any, is raised here
+                else:
+                    self._send_update(r, rs, stop=stop)
         finally:
             self._finish_store(r, rs)
+        if not rs.get("metrics_sent"):
+            if ev is None:  # restarted after the update was stored or sent: score the model now
+                self._set_status(state="evaluating", round=r)
+                if state_dict is None:
+                    state_dict, _ = self._decode_model(model[2])
+                ev = self._evaluate(trainer, state_dict, r)
+            self._report(r, rs, model[1], ev, stop)
+            self._set_status(state="sent", round=r)
+
+    def _sender(self) -> ThreadPoolExecutor:
+        if self._send_pool is None:
+            self._send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.site}-send")
+        return self._send_pool
+
+    def _evaluate(self, trainer: Trainer, state_dict: Any, r: int) -> Any:
+        """Score the global model (model r-1) on the local validation split."""
+        t0 = time.time()
+        ev = trainer.evaluate(state_dict, split="val")
+        self._timeline("evaluate", r, t0, time.time())
+        return ev
+
+    def _report(self, r: int, rs: dict[str, Any], digest: str, ev: Any, stop: threading.Event | None) -> None:
+        """Send METRICS r: this site's score of model r-1, the per-institution figure."""
+        meta = {
+            # No validation cases (a very small site): nothing to score, said as null.
+            "dice": float(ev.dice) if ev.num_cases and math.isfinite(float(ev.dice)) else None,
+            # HD95 is undefined when a mask is empty (an untrained model): null, as JSON has no NaN.
+            "hd95": float(ev.hd95) if ev.hd95 is not None and math.isfinite(float(ev.hd95)) else None,
+            "num_cases": int(ev.num_cases),
+            "evaluated_round": r - 1,
+            "model_digest": digest,
+        }
+        self._send(MessageKind.METRICS, r, meta, stop=stop)
+        rs.update(
+            metrics_sent=True,
+            metrics_sent_at=time.time(),
+            metrics_session=(self.task or {}).get("session"),
+            metrics=meta,
+            dice=meta["dice"],
+        )
+        self._save_state()
+        self._set_status(dice=meta["dice"], evaluated_round=r - 1)
+        log.info(
+            "%s: round %d: model %d scores Dice %.4f on %d validation cases",
+            self.site,
+            r,
+            r - 1,
+            float("nan") if meta["dice"] is None else meta["dice"],
+            meta["num_cases"],
+        )
 
     def _store_async(self, r: int, path: Path, payload: bytes) -> Future[None]:
         def write() -> None:
@@ -395,7 +434,13 @@ class SiteAgent:
         self._save_state()
 
     def _send_update(
-        self, r: int, rs: dict[str, Any], *, resend: bool = False, stop: threading.Event | None = None
+        self,
+        r: int,
+        rs: dict[str, Any],
+        *,
+        resend: bool = False,
+        stop: threading.Event | None = None,
+        status: bool = True,
     ) -> None:
         fresh, self._fresh_update = self._fresh_update, None
         payload = fresh[1] if fresh and fresh[0] == r else self._update_path(r).read_bytes()
@@ -408,7 +453,8 @@ class SiteAgent:
         }
         if rs.get("encoding"):
             meta["encoding"] = rs["encoding"]
-        self._set_status(state="uploading", round=r)
+        if status:  # off while scoring beside it: one writer of the status file
+            self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r, before=self._wait_for_store)
         t0 = time.time()
         self._send(MessageKind.UPDATE, r, meta, payload, resend=resend, stop=stop)
@@ -417,7 +463,8 @@ class SiteAgent:
         if not resend:
             rs["sent_session"] = (self.task or {}).get("session")
         self._save_state()
-        self._set_status(state="sent", round=r)
+        if status:
+            self._set_status(state="sent", round=r)
         log.info(
             "%s: round %d: update sent (%d cases, %d bytes)%s",
             self.site,
@@ -439,11 +486,15 @@ class SiteAgent:
         if rc is None:
             return
         self._fresh_receipts = None  # act once per RECEIPTS message (the coordinator repeats them)
+        session = rc.get("session")
+        scored = rc.get("evaluated")
+        if isinstance(scored, dict) and isinstance(scored.get("round"), int):
+            # the previous round's scores, sent after its update: still awaited by the coordinator
+            self._resend_metrics(scored["round"], scored.get("sites", []), session, stop)
         r = int(rc["round"])
         rs = self._state["rounds"].get(str(r))
         if not rs:
             return
-        session = rc.get("session")
         if rs.get("update_sent") and self.site not in rc.get("held", []):
             new_session = session not in (None, rs.get("sent_session"))
             if new_session or self._overdue(rs, "sent_at"):
@@ -454,21 +505,29 @@ class SiteAgent:
                     if new_session:
                         rs["sent_session"] = session
                     self._send_update(r, rs, resend=True, stop=stop)
-        # Metrics matter only in evaluation-only rounds, which close on them. They are sent again
-        # from the round state, not evaluated again.
+        # In an evaluation-only round the metrics are the round's results: it closes on them.
         evaluating = self.task and not self.task.get("train", True) and int(self.task["round"]) == r
-        if evaluating and rs.get("metrics_sent") and self.site not in rc.get("metrics", []):
-            if session not in (None, rs.get("metrics_session")) or self._overdue(rs, "metrics_sent_at"):
-                if not rs.get("metrics"):  # a round state from before metrics were kept: evaluate
-                    rs["metrics_sent"] = False
-                    self._save_state()
-                    return
-                log.warning(
-                    "%s: receipts for round %d lack this site's evaluation; sending it again", self.site, r
-                )
-                self._send(MessageKind.METRICS, r, rs["metrics"], resend=True, stop=stop)
-                rs.update(metrics_sent_at=time.time(), metrics_session=session)
-                self._save_state()
+        if evaluating:
+            self._resend_metrics(r, rc.get("metrics", []), session, stop)
+
+    def _resend_metrics(
+        self, r: int, held: list[str], session: str | None, stop: threading.Event | None
+    ) -> None:
+        """Send round r's METRICS again from the round state (never evaluated twice) when the
+        coordinator's receipts lack them and it restarted or they are overdue."""
+        rs = self._state["rounds"].get(str(r))
+        if not rs or not rs.get("metrics_sent") or self.site in held:
+            return
+        if session in (None, rs.get("metrics_session")) and not self._overdue(rs, "metrics_sent_at"):
+            return
+        if not rs.get("metrics"):  # a round state from before metrics were kept: evaluate
+            rs["metrics_sent"] = False
+            self._save_state()
+            return
+        log.warning("%s: receipts lack this site's evaluation for round %d; sending it again", self.site, r)
+        self._send(MessageKind.METRICS, r, rs["metrics"], resend=True, stop=stop)
+        rs.update(metrics_sent_at=time.time(), metrics_session=session)
+        self._save_state()
 
     def step(self, timeout: float = 1.0, stop: threading.Event | None = None) -> bool:
         """Take in every queued message (waiting up to ``timeout`` for the first), then do the work

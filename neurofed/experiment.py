@@ -331,9 +331,10 @@ def run_federated_arm(
     store = StateStore(out / "coordinator-state")
     state, _, _ = load_weights(store.round_weights_path(profile.rounds))
     events = read_events(out / "coordinator-state")
-    curve = [
-        {"round": int(e["round"]), "dice": float(e["dice"])} for e in events if e.get("event") == "evaluation"
-    ]
+    # by evaluated round (a round's scores may be forwarded after the next round's events;
+    # after a coordinator restart, the last forwarding wins)
+    scored = {int(e["round"]): float(e["dice"]) for e in events if e.get("event") == "evaluation"}
+    curve = [{"round": r, "dice": d} for r, d in sorted(scored.items())]
     rounds = [e for e in events if e.get("event") == "round" and e.get("train")]
     return {
         "state": state,

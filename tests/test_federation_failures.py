@@ -259,10 +259,10 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     received = {(e["site"], e["round"]): e for e in fed.events("update")}
     log_a = fed.audit(a)
     assert [(e["kind"], e["round"]) for e in log_a] == [
-        ("metrics", 1),
         ("update", 1),
-        ("metrics", 2),
+        ("metrics", 1),
         ("update", 2),
+        ("metrics", 2),
         ("metrics", 3),
     ]
     for e in log_a:
@@ -271,10 +271,14 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
             got = received[(a, e["round"])]
             assert (e["sha256"], e["bytes"]) == (got["sha256"], got["bytes"])
             assert e["fields"]["num_cases"] == got["cases"]
-    # the killed site's log: its round-1 update never left (it died first), later ones did
+    # the killed site's log: its round-1 update never left (it died first; its score of the
+    # round's model would have followed the update), later ones did
     log_c = [(e["kind"], e["round"]) for e in fed.audit(c)]
-    assert ("update", 1) not in log_c and ("metrics", 1) in log_c
-    assert ("update", 2) in log_c
+    assert ("update", 1) not in log_c and ("metrics", 1) not in log_c
+    assert ("update", 2) in log_c and ("metrics", 2) in log_c
+    # every score sent reached the coordinator, those sent after their round closed too
+    evaluated = {(e["site"], e["round"]) for e in fed.events("metrics")}
+    assert {(a, 1), (b, 1), (a, 2), (b, 2), (c, 2)} <= evaluated
 
 
 def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_round(fed, mlflow_server):  # noqa: F811

@@ -62,11 +62,14 @@ def test_full_federation_is_fedavg_and_scored_at_the_end(tmp_path):
     assert StateStore(tmp_path / "coord").registered() == [1, 2]
     evals = [(j.round, round(j.data["dice"], 4)) for j in reg.done if j.kind == "evaluation"]
     assert evals == [(1, 0.4), (2, 0.4)]  # (0.3*2 + 0.4*2 + 0.5*2) / 6: 2 val cases each
-    # audit: per round one METRICS and one UPDATE per site; the final round only METRICS
+    # audit: per round one UPDATE, then one METRICS (scored beside the upload) per site; the
+    # final round only METRICS
     log = agents["site-b"].audit.entries()
     kinds = [(e["kind"], e["round"]) for e in log]
-    assert kinds == [("metrics", 1), ("update", 1), ("metrics", 2), ("update", 2), ("metrics", 3)]
-    upd = log[1]
+    assert kinds == [("update", 1), ("metrics", 1), ("update", 2), ("metrics", 2), ("metrics", 3)]
+    # every site's score of every model reached the coordinator, those after a round closed too
+    assert all(set(res.metrics) == set(SITES) for res in results)
+    upd = log[0]
     assert upd["fields"]["num_cases"] == 3 and len(upd["sha256"]) == 64 and upd["bytes"] > 100
     # the coordinator logs the digest the wire verified, the same one the site's audit recorded
     logged = {
@@ -455,3 +458,80 @@ def test_fractional_local_epochs_reach_every_sites_trainer(tmp_path):
     t, box = run_in_thread(coord)
     _finish(t, box, stop)
     assert {tr.last_epochs for tr in trainers.values()} == {0.5}
+
+
+def _metrics(dice, evaluated):
+    return {"dice": dice, "hd95": 2.0, "num_cases": 1, "evaluated_round": evaluated}
+
+
+def _wait_receipts(ep, round, pred, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        msg = ep.receive(timeout=0.2)
+        if msg is not None and msg.kind is MessageKind.RECEIPTS and msg.round == round and pred(msg.meta):
+            return msg.meta
+    raise AssertionError(f"no RECEIPTS {round} as expected")
+
+
+def test_scores_sent_after_a_round_closed_are_kept_forwarded_and_survive_a_restart(tmp_path):
+    """Sites send their update first and their score of the round's model after: a training round
+    closes on updates, and the scores still on their way are taken during the next round,
+    persisted with the snapshot, named in the receipts, and forwarded to the tracker."""
+    import shutil
+
+    tracker = _RecordingTracker()
+    reg = Registrar(StateStore(tmp_path / "c"), {}, lambda: tracker)
+    coord, eps, t, box, task, w, meta = _round_one(tmp_path, rounds=2, min_sites=3, timeout=20, registrar=reg)
+    a, b, c = eps["site-a"], eps["site-b"], eps["site-c"]
+    a.send(MessageKind.METRICS, 1, meta=_metrics(0.2, 0))  # before its update: held at the close
+    for ep in eps.values():
+        ep.send(MessageKind.UPDATE, 1, meta=meta, payload=codec.encode(w))
+    task2, model2 = _wait_task(c, 2)  # round 1 closed on the three updates
+    # the snapshot of round 1 holds the score that had arrived, to be completed
+    snap = StateStore(tmp_path / "c").load(federation="testfed")
+    assert snap.extra["evaluating"]["round"] == 1 and list(snap.extra["evaluating"]["metrics"]) == ["site-a"]
+    saved = tmp_path / "crashed"  # the state as a coordinator killed now would leave it
+    shutil.copytree(tmp_path / "c", saved)
+    # round 2's receipts say whose round-1 scores the coordinator still lacks
+    got = _wait_receipts(c, 2, lambda m: "evaluated" in m)
+    assert got["evaluated"] == {"round": 1, "sites": ["site-a"]}
+    b.send(MessageKind.METRICS, 1, meta=_metrics(0.4, 0))  # after round 1 closed: kept
+    b.send(MessageKind.METRICS, 1, meta=_metrics(0.4, 0))  # twice: a duplicate
+    c.send(MessageKind.METRICS, 0, meta=_metrics(0.4, -1))  # two rounds back: refused
+    meta2 = {"num_cases": 1, "model_digest": task2.meta["model_digest"]}
+    for ep in eps.values():
+        ep.send(MessageKind.UPDATE, 2, meta=meta2, payload=model2.payload)
+    for i, ep in enumerate(eps.values()):  # after the last round closed: still waited for
+        ep.send(MessageKind.METRICS, 2, meta=_metrics(0.5 + 0.1 * i, 1))
+    t.join(30)
+    assert not t.is_alive() and "error" not in box, box.get("error")
+    reg.close()
+    r1, r2 = box["results"]
+    assert sorted(r1.metrics) == ["site-a", "site-b"] and sorted(r2.metrics) == list(SITES)
+    assert ("site-b", "duplicate") in r2.rejected and ("site-c", "old-round") in r2.rejected
+    evals = {e["round"]: e for e in read_events(tmp_path / "c") if e["event"] == "evaluation"}
+    assert sorted(evals) == [0, 1]
+    assert evals[0]["per_site"] == {"site-a": 0.2, "site-b": 0.4}
+    assert evals[1]["dice"] == pytest.approx(0.6)
+    assert ("evaluation", 1) in tracker.calls  # model 1's score, recorded on its version
+    assert "evaluating" not in StateStore(tmp_path / "c").load(federation="testfed").extra
+
+    # a coordinator restarted from the state saved above still waits for those scores
+    hub = MemoryHub("testfed")
+    coord2 = make_coordinator(hub, saved, SITES, rounds=2, final_eval=False, timeout=20)
+    eps2 = {s: hub.endpoint(s) for s in SITES}
+    for ep in eps2.values():
+        ep.start()
+    t2, box2 = run_in_thread(coord2)
+    task2b, model2b = _wait_task(eps2["site-c"], 2)
+    got = _wait_receipts(eps2["site-c"], 2, lambda m: "evaluated" in m)
+    assert got["evaluated"] == {"round": 1, "sites": ["site-a"]}
+    eps2["site-c"].send(MessageKind.METRICS, 1, meta=_metrics(0.3, 0))
+    meta2 = {"num_cases": 1, "model_digest": task2b.meta["model_digest"]}
+    for ep in eps2.values():
+        ep.send(MessageKind.UPDATE, 2, meta=meta2, payload=model2b.payload)
+        ep.send(MessageKind.METRICS, 2, meta=_metrics(0.5, 1))
+    t2.join(30)
+    assert not t2.is_alive() and "error" not in box2, box2.get("error")
+    evals = [e for e in read_events(saved) if e["event"] == "evaluation" and e["round"] == 0]
+    assert evals[-1]["per_site"] == {"site-a": 0.2, "site-c": 0.3}

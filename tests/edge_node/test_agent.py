@@ -4,6 +4,7 @@ resends its stored update when receipts lack it, audits every send."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import numpy as np
@@ -69,8 +70,10 @@ def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt
         agent.step(timeout=0.2)
     got = _drain(coord)
     kinds = [m.kind for m in got]
-    assert kinds == [MessageKind.METRICS, MessageKind.UPDATE]
-    upd = got[1]
+    # the update first (the round closes on it), then the score of the model it was trained from
+    assert kinds == [MessageKind.UPDATE, MessageKind.METRICS]
+    assert got[1].meta["evaluated_round"] == 0 and got[1].meta["model_digest"] == digest
+    upd = got[0]
     assert upd.meta["num_cases"] == 4 and upd.meta["model_digest"] == digest
     assert trainer.trained == 1 and trainer.last_mu == 0.05 and trainer.last_epochs == 2
     np.testing.assert_allclose(codec.decode(upd.payload)["w"], initial_weights()["w"] + 1, rtol=1e-6)
@@ -94,15 +97,15 @@ def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt
     # the audit log has every send, the resend marked, digests of what actually left
     entries = agent2.audit.entries()
     assert [(e["kind"], e["round"], e["resend"]) for e in entries] == [
-        ("metrics", 1, False),
         ("update", 1, False),
+        ("metrics", 1, False),
         ("update", 1, True),
     ]
     # the message's signed digest (meta block + payload), the one the coordinator verifies and logs
-    assert entries[1]["sha256"] == upd.digest == message_digest(upd.meta, upd.payload) == entries[2]["sha256"]
+    assert entries[0]["sha256"] == upd.digest == message_digest(upd.meta, upd.payload) == entries[2]["sha256"]
     assert upd.digest != hashlib.sha256(upd.payload).hexdigest()  # it covers the case count too
-    assert entries[1]["bytes"] == len(upd.payload)
-    assert entries[0]["fields"]["dice"] == 0.5 and entries[0]["fields"]["evaluated_round"] == 0
+    assert entries[0]["bytes"] == len(upd.payload)
+    assert entries[1]["fields"]["dice"] == 0.5 and entries[1]["fields"]["evaluated_round"] == 0
 
 
 def test_model_not_matching_the_task_is_not_trained(tmp_path):
@@ -185,3 +188,71 @@ def test_evaluation_lost_in_an_evaluation_only_round_is_sent_again_without_evalu
         ("metrics", False),
         ("metrics", True),
     ]
+
+
+def test_the_model_is_scored_while_the_update_is_sent(tmp_path):
+    """Evaluation starts when training ends, beside the upload: the update does not wait for the
+    score, and the CPU scores while the update travels and the round closes."""
+    import threading
+
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    digest = _publish_round(coord, 1, initial_weights())
+    scoring = threading.Event()
+    seen: dict[str, bool] = {}
+
+    class SlowScorer(ShiftTrainer):
+        def evaluate(self, state_dict, split="val"):
+            scoring.set()
+            time.sleep(0.5)
+            return super().evaluate(state_dict, split)
+
+    agent = _agent(hub, tmp_path, SlowScorer(shift=1.0, num_train_cases=4))
+    send = agent.ep.send
+
+    def watched_send(kind, r, **kw):
+        if kind is MessageKind.UPDATE:  # was the score under way while the update left?
+            seen["scoring_during_send"] = scoring.wait(5.0)
+        return send(kind, r, **kw)
+
+    agent.ep.send = watched_send
+    agent.step(timeout=0.2)
+    assert seen == {"scoring_during_send": True}
+    got = _drain(coord)
+    assert [m.kind for m in got] == [MessageKind.UPDATE, MessageKind.METRICS]
+    assert got[1].meta["model_digest"] == digest and got[1].meta["dice"] == 0.5
+    timeline = [json.loads(x) for x in (tmp_path / "site-a" / "timeline.jsonl").read_text().splitlines()]
+    span = {x["what"]: (x["start"], x["end"]) for x in timeline}
+    assert span["send"][0] < span["evaluate"][1] and span["evaluate"][0] < span["send"][1], "they overlap"
+
+
+def test_scores_of_the_previous_round_are_sent_again_when_a_restarted_coordinator_lacks_them(tmp_path):
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    _publish_round(coord, 1, initial_weights())
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4)
+    agent = _agent(hub, tmp_path, trainer)
+    agent.step(timeout=0.2)
+    first = [m for m in _drain(coord) if m.kind is MessageKind.METRICS]
+    assert len(first) == 1
+    # same session, scores held: nothing to do
+    coord.send(
+        MessageKind.RECEIPTS,
+        2,
+        meta={"round": 2, "held": [], "session": "s1", "evaluated": {"round": 1, "sites": ["site-a"]}},
+    )
+    agent.step(timeout=0.2)
+    assert not [m for m in _drain(coord) if m.kind is MessageKind.METRICS]
+    # a restarted coordinator (new session) whose receipts lack them: the same scores again
+    coord.send(
+        MessageKind.RECEIPTS,
+        2,
+        meta={"round": 2, "held": [], "session": "s2", "evaluated": {"round": 1, "sites": []}},
+    )
+    agent.step(timeout=0.2)
+    again = [m for m in _drain(coord) if m.kind is MessageKind.METRICS]
+    assert len(again) == 1 and again[0].round == 1 and again[0].meta == first[0].meta
+    assert trainer.evaluated == 1, "sent again from the round state, never evaluated twice"
+    assert agent.audit.entries()[-1]["resend"] is True
