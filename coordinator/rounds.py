@@ -11,8 +11,11 @@ It is separate from the aggregation maths (a ``Strategy``) and from the transpor
    each into the strategy as it arrives and re-publish RECEIPTS (the list of sites whose update the
    coordinator holds) once it has caught up with what is queued, not after every update; also
    re-published every few seconds, so a site whose upload was lost to a
-   broker restart notices and resends). METRICS (each site's evaluation of model r-1) are gathered
-   on the way. The round closes when every expected site delivered, or at the deadline with at
+   broker restart notices and resends). METRICS (each site's evaluation of model r-1, sent after
+   its update: the site scores while the update travels) are gathered on the way and during round
+   r+1, which forwards them once every site's are in or when it closes (persisted meanwhile as
+   ``extra.evaluating``; RECEIPTS r+1 name them as ``evaluated``). A training round closes on
+   updates: when every expected site delivered, or at the deadline with at
    least ``min_sites``, or early with ``min_sites`` once every missing site is known offline (its
    MQTT will published an offline STATUS); below quorum the deadline is extended and the task
    re-published.
@@ -35,7 +38,8 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 - MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights (fp16 with
   ``--fp16``), plus the averaged Adam state (``optimizer/...``) under continue-global.
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
-  whose evaluation it holds), ``session``.
+  whose evaluation it holds), ``session``; ``evaluated`` (``{"round": r-1, "sites": [...]}``)
+  while the previous round's evaluations are still awaited.
 - UPDATE: ``num_cases`` (positive int, the FedAvg weight), ``model_digest`` (the model it was
   trained from), ``loss``, ``train_seconds``, ``local_steps`` (optimiser steps taken, FedNova's
   tau), ``encoding`` (absent or ``weights``; ``fp16-delta`` with ``--fp16``); payload:

@@ -491,7 +491,8 @@ def test_scores_sent_after_a_round_closed_are_kept_forwarded_and_survive_a_resta
     snap = StateStore(tmp_path / "c").load(federation="testfed")
     assert snap.extra["evaluating"]["round"] == 1 and list(snap.extra["evaluating"]["metrics"]) == ["site-a"]
     saved = tmp_path / "crashed"  # the state as a coordinator killed now would leave it
-    shutil.copytree(tmp_path / "c", saved)
+    # (not the registration worker's temporary files, which come and go meanwhile)
+    shutil.copytree(tmp_path / "c", saved, ignore=shutil.ignore_patterns("*.tmp"))
     # round 2's receipts say whose round-1 scores the coordinator still lacks
     got = _wait_receipts(c, 2, lambda m: "evaluated" in m)
     assert got["evaluated"] == {"round": 1, "sites": ["site-a"]}
