@@ -342,6 +342,7 @@ class SiteAgent:
             )
             # no state save here: until the file is durable a restart retrains anyway, and an
             # fsync now would queue behind the update file's and hold up the send
+            del result, payload  # the encoded update is all that travels on: not beside scoring
         ev = None
         try:
             if not rs.get("update_sent"):

@@ -46,4 +46,44 @@ def test_operator_settings_and_the_off_switch_are_respected():
 
     assert tune_malloc({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}) is False
     assert tune_malloc({"MALLOC_TRIM_THRESHOLD_": "1"}) is False
+    assert tune_malloc({"MALLOC_ARENA_MAX": "4"}) is False
     assert tune_malloc({"NEUROFED_MALLOC_TUNING": "off"}) is False
+
+
+ARENAS = """
+import ctypes, sys, threading
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "tuned":
+    from neurofed.allocator import tune_malloc
+    assert tune_malloc({})
+go = threading.Barrier(4)
+def work():
+    go.wait()  # all four allocate at once, as a site's helper threads do
+    libc.malloc(64 * 1024)
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+fp = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info(0, fp)
+libc.fclose(fp)
+"""
+
+
+def test_helper_threads_share_one_arena_once_tuned(tmp_path):
+    """The per-arena price of the thresholds is paid once for all of a process's helper threads
+    (the update's sender, paho's reader, the file writer), not once per thread."""
+    if not hasattr(__import__("ctypes").CDLL("libc.so.6"), "malloc_info"):
+        pytest.skip("not glibc: the tuning is a no-op there")
+
+    def arenas(mode: str) -> int:
+        out = tmp_path / f"{mode}.xml"
+        subprocess.run([sys.executable, "-c", ARENAS, mode, str(out)], check=True)
+        return out.read_text().count("<heap nr=")
+
+    assert arenas("plain") > 2
+    assert arenas("tuned") == 2
