@@ -482,7 +482,8 @@ class SiteAgent:
 
     def _check_receipts(self, stop: threading.Event | None) -> None:
         """Send again what the coordinator's receipts lack: the stored update (a lost upload, a
-        restart of the broker or the coordinator) and, in an evaluation-only round, the metrics."""
+        restart of the broker or the coordinator), in an evaluation-only round the metrics, and
+        the previous round's metrics while the receipts name them as awaited (``evaluated``)."""
         rc = self._fresh_receipts
         if rc is None:
             return
