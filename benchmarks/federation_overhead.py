@@ -164,8 +164,6 @@ def main(argv: list[str] | None = None) -> dict:
         mine = [i for i in intervals if i["round"] == r]
         # what the round closes on: updates in a training round (the sites' scores of the model
         # follow, beside the upload), metrics in the evaluation-only round
-        closes_on = "update" if r <= args.rounds else "metrics"
-        got = [e["t"] for e in events if e.get("round") == r and e["event"] == closes_on]
         row = {
             "round": r,
             "wall_s": round(wall, 3),
@@ -173,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
             "overhead": round(1 - busy / wall, 4) if wall > 0 else None,
             "train": r <= args.rounds,
         }
+        closes_on = "update" if row["train"] else "metrics"
+        got = [e["t"] for e in events if e.get("round") == r and e["event"] == closes_on]
         # the round's own work: training (the evaluation-only round: scoring)
         work = [i for i in mine if i.get("what", "train") == ("train" if row["train"] else "evaluate")]
         if work and got:

@@ -287,9 +287,7 @@ class SiteAgent:
         if not train:
             # evaluation only: the round closes on these scores
             if not rs.get("metrics_sent"):
-                self._set_status(state="evaluating", round=r)
-                state_dict, _ = self._decode_model(model[2])
-                self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r), stop)
+                self._report(r, rs, model[1], self._score_now(trainer, model, None, r), stop)
                 self._set_status(state="evaluated", round=r)
             return
         path = self._update_path(r)
@@ -362,10 +360,7 @@ class SiteAgent:
             self._finish_store(r, rs)
         if not rs.get("metrics_sent"):
             if ev is None:  # restarted after the update was stored or sent: score the model now
-                self._set_status(state="evaluating", round=r)
-                if state_dict is None:
-                    state_dict, _ = self._decode_model(model[2])
-                ev = self._evaluate(trainer, state_dict, r)
+                ev = self._score_now(trainer, model, state_dict, r)
             self._report(r, rs, model[1], ev, stop)
             self._set_status(state="sent", round=r)
 
@@ -373,6 +368,13 @@ class SiteAgent:
         if self._send_pool is None:
             self._send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.site}-send")
         return self._send_pool
+
+    def _score_now(self, trainer: Trainer, model: tuple[int, str, bytes], state_dict: Any, r: int) -> Any:
+        """Score the round's model on this thread, with nothing beside it (decoded if need be)."""
+        self._set_status(state="evaluating", round=r)
+        if state_dict is None:
+            state_dict, _ = self._decode_model(model[2])
+        return self._evaluate(trainer, state_dict, r)
 
     def _evaluate(self, trainer: Trainer, state_dict: Any, r: int) -> Any:
         """Score the global model (model r-1) on the local validation split."""
