@@ -256,3 +256,29 @@ def test_scores_of_the_previous_round_are_sent_again_when_a_restarted_coordinato
     assert len(again) == 1 and again[0].round == 1 and again[0].meta == first[0].meta
     assert trainer.evaluated == 1, "sent again from the round state, never evaluated twice"
     assert agent.audit.entries()[-1]["resend"] is True
+
+
+def test_receipts_that_arrive_during_a_long_scoring_replace_the_stale_ones_taken_before(tmp_path):
+    """A RECEIPTS taken in with the task predates this site's update; acting on it after a scoring
+    longer than the resend delay read the update as overdue and sent it again. What arrived during
+    the work is taken in first: the coordinator's newer receipts hold the update."""
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+
+    class SlowScorer(ShiftTrainer):
+        def evaluate(self, state_dict, split="val"):
+            time.sleep(0.8)  # longer than resend_after (0.5 s)
+            # meanwhile the update arrived and the coordinator's receipts say so
+            coord.send(MessageKind.RECEIPTS, 1, meta={"round": 1, "held": ["site-a"], "session": "s1"})
+            return super().evaluate(state_dict, split)
+
+    agent = _agent(hub, tmp_path, SlowScorer(shift=1.0, num_train_cases=4))
+    _publish_round(coord, 1, initial_weights())
+    # published before this site's update arrived: it lacks it (taken in with the task)
+    coord.send(MessageKind.RECEIPTS, 1, meta={"round": 1, "held": [], "session": "s1"})
+    agent.step(timeout=0.2)
+    kinds = [m.kind for m in _drain(coord)]
+    assert kinds.count(MessageKind.UPDATE) == 1, f"sent again on stale receipts: {kinds}"
+    assert [e["resend"] for e in agent.audit.entries() if e["kind"] == "update"] == [False]
+    assert agent.receipts is not None and agent.receipts["held"] == ["site-a"]
