@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import platform
@@ -74,3 +75,76 @@ def union_seconds(intervals: Iterable[tuple[float, float]]) -> float:
         total += b - max(a, end)
         end = b
     return total
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def gaps(window: tuple[float, float], intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts of ``window`` that no interval covers (when no site works)."""
+    a, b = window
+    out, at = [], a
+    for s, e in sorted(intervals):
+        if e <= at or s >= b:
+            continue
+        if s > at:
+            out.append((at, min(s, b)))
+        at = max(at, e)
+        if at >= b:
+            break
+    if at < b:
+        out.append((at, b))
+    return out
+
+
+class CpuTrace:
+    """Cumulative CPU seconds per group of processes over time, sampled from /proc, so a window's
+    CPU use (which process worked while no site did) can be read back after the run."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._times: list[float] = []
+        self._last: dict[int, float] = {}
+        self._total: dict[str, float] = {}
+
+    def sample(self, t: float, groups: dict[int, str]) -> None:
+        for pid, group in groups.items():
+            cpu = proc_cpu_s(pid)
+            if cpu is None:
+                continue
+            self._total[group] = self._total.get(group, 0.0) + cpu - self._last.get(pid, cpu)
+            self._last[pid] = cpu
+        self.samples.append((t, dict(self._total)))
+        self._times.append(t)
+
+    def at(self, t: float) -> dict[str, float]:
+        """Cumulative CPU per group at time t (linear between samples)."""
+        if not self.samples:
+            return {}
+        i = bisect.bisect_left(self._times, t)
+        if i == 0:
+            return dict(self.samples[0][1])
+        if i >= len(self.samples):
+            return dict(self.samples[-1][1])
+        (t0, c0), (t1, c1) = self.samples[i - 1], self.samples[i]
+        f = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+        return {g: c0.get(g, 0.0) + f * (c1.get(g, 0.0) - c0.get(g, 0.0)) for g in c1}
+
+    def used(self, windows: Iterable[tuple[float, float]]) -> dict[str, float]:
+        """CPU seconds per group summed over the windows."""
+        out: dict[str, float] = {}
+        for a, b in windows:
+            ca, cb = self.at(a), self.at(b)
+            for g in cb:
+                out[g] = out.get(g, 0.0) + cb[g] - ca.get(g, 0.0)
+        return out

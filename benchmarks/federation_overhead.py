@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import emit
+from benchmarks.common import CpuTrace, emit, gaps
 from benchmarks.common import proc_status_kb as _rss_kb
 from benchmarks.common import union_seconds as _union
 
@@ -92,8 +92,23 @@ def main(argv: list[str] | None = None) -> dict:
             peak["sum_rss_kb"] = max(peak["sum_rss_kb"], total)
             time.sleep(0.25)
 
+    # CPU per group of processes, to say what ran while no site worked (the wire, the coordinator)
+    cpu = CpuTrace()
+
+    def sample_cpu() -> None:
+        while not stop.is_set():
+            groups = {
+                p.popen.pid: "coordinator" if p.name == "coordinator" else "sites" for p in procs if p.alive()
+            }
+            if broker.proc:
+                groups[broker.proc.pid] = "broker"
+            cpu.sample(time.time(), groups)
+            time.sleep(0.05)
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    cpu_sampler = threading.Thread(target=sample_cpu, daemon=True)
+    cpu_sampler.start()
     try:
         for s in sites:
             procs.append(spawn_site(s, work / "bundles", work / "data", work, logs))
@@ -135,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         stop.set()
         sampler.join(2)
+        cpu_sampler.join(2)
         for p in procs:
             p.stop(10)
         broker.stop()
@@ -157,10 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
         nxt = announce.get(r + 1, b)  # aggregation + persistence + announcement of r+1 count too
         # any round's work inside the window counts: a site may start round r+1 before the
         # coordinator has logged its announcement (the broker's acknowledgement comes after)
-        busy = _union(
-            [(max(a, i["start"]), min(nxt, i["end"])) for i in intervals if i["end"] > a and i["start"] < nxt]
-        )
+        inside = [
+            (max(a, i["start"]), min(nxt, i["end"])) for i in intervals if i["end"] > a and i["start"] < nxt
+        ]
+        busy = _union(inside)
         wall = nxt - a
+        idle_windows = gaps((a, nxt), inside)
         mine = [i for i in intervals if i["round"] == r]
         # what the round closes on: updates in a training round (the sites' scores of the model
         # follow, beside the upload), metrics in the evaluation-only round
@@ -189,6 +207,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "announce_next": round(nxt - b, 3),
                 "idle": round(wall - busy, 3),
             }
+            # What ran while no site worked, in CPU seconds, and how many of the machine's cores
+            # that kept busy: near all of them says the idle time is work (moving and opening
+            # updates and the next model), not waiting.
+            used = cpu.used(idle_windows)
+            idle_s = wall - busy
+            row["idle_cpu_s"] = {g: round(v, 3) for g, v in sorted(used.items())}
+            row["idle_cpu_cores"] = round(sum(used.values()) / idle_s, 2) if idle_s > 0.05 else None
+            # from the close until the first site trains the next round: no site can work, the
+            # next model is on its way (encode, seal, publish, the broker's fan-out, opening)
+            nxt_train = [
+                i["start"] for i in intervals if i["round"] == r + 1 and i.get("what", "train") == "train"
+            ]
+            if nxt_train:
+                row["breakdown_s"]["next_model_s"] = round(min(nxt_train) - b, 3)
             # the last site to finish training: its store and send, and the wire's delivery after
             last_site = max(
                 (i for i in mine if i.get("what") == "train"), key=lambda i: i["end"], default=None
@@ -245,6 +277,12 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_steady_mean": round(sum(x["overhead"] for x in steady) / len(steady), 4)
         if steady
         else None,
+        # what the idle time is made of in steady rounds: the next model's way to the sites, and
+        # how many of the machine's cores were busy while no site worked
+        "next_model_s_steady_median": _median(
+            [x["breakdown_s"].get("next_model_s") for x in steady if "breakdown_s" in x]
+        ),
+        "idle_cpu_cores_steady_median": _median([x.get("idle_cpu_cores") for x in steady]),
         "peak_sum_rss_gb": round(peak["sum_rss_kb"] / 1024**2, 3),
         "sum_of_process_hwm_gb": round(sum(hwm.values()) / 1024**2, 3),
         "processes": len(hwm),
@@ -252,6 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
     # the peers' task keeps the plain name; other models get their own file
     name = "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}"
     return emit(name + ("_fp16" if args.fp16 else ""), result)
+
+
+def _median(values: list) -> float | None:
+    import statistics
+
+    v = [x for x in values if x is not None]
+    return round(statistics.median(v), 3) if v else None
 
 
 if __name__ == "__main__":
