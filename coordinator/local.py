@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import CoordinatorError
+from neurofed.children import ending_with_parent
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -131,6 +132,7 @@ def spawn(name: str, args: Sequence[str], log_dir: Path, env: dict[str, str] | N
         stderr=subprocess.STDOUT,
         env=env or child_env(),
         start_new_session=True,
+        preexec_fn=ending_with_parent(),  # no orphans when the launcher is SIGKILLed
     )
     fh.close()
     return Proc(name, popen, log)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from neurofed.children import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -438,23 +440,13 @@ def default_workers() -> int:
 _worker_arms: Arms | None = None
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends this process SIGTERM when the experiment dies, however it dies
-    (a pool's own clean-up needs the parent alive to run): no worker trains on for nobody."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-
-
 def _worker_init(data: str, profile: Profile, device: str, threads: int) -> None:
     import torch
 
     global _worker_arms
-    _die_with_parent()
+    # the kernel sends each worker SIGTERM when the experiment dies, however it dies (a pool's
+    # own clean-up needs the parent alive to run): no worker trains on for nobody
+    die_with_parent()
     torch.set_num_threads(threads)
     _worker_arms = Arms(Path(data), profile, device)
 

@@ -73,10 +73,21 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.
     raise TransportError(f"mosquitto did not listen on {host}:{port} within {timeout:.0f} s")
 
 
+def popen_broker(bundle: Path | str, **popen_kw) -> subprocess.Popen:
+    """Mosquitto from ``bundle`` as a child that ends when this process dies, however it dies
+    (``neurofed.children``). Not as root: Mosquitto started as root reads its files, then
+    changes to its own user, and that change clears the kernel's parent-death signal; run as
+    root, ``neurofed broker`` (which forwards signals and ends with its own parent) is the way to
+    have both."""
+    from neurofed.children import ending_with_parent
+
+    cmd, cwd = broker_command(bundle)
+    return subprocess.Popen(cmd, cwd=cwd, preexec_fn=ending_with_parent(), **popen_kw)
+
+
 def start_broker(bundle: Path | str, port: int, stderr=None, timeout: float = 10.0) -> subprocess.Popen:
     """Start Mosquitto in the background (tests, demo) and wait until it listens on ``port``."""
-    cmd, cwd = broker_command(bundle)
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
+    proc = popen_broker(bundle, stdout=subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL)
     try:
         wait_for_port("127.0.0.1", port, timeout, proc)
     except TransportError:

@@ -40,12 +40,11 @@ def run(args: argparse.Namespace) -> int:
     its configuration). The process stays ``neurofed broker`` rather than exec'ing Mosquitto:
     the image's HEALTHCHECK finds its role by that command line."""
     import signal
-    import subprocess
 
-    from wire.broker import broker_command
+    from wire.broker import popen_broker
 
-    cmd, cwd = broker_command(args.bundle)
-    proc = subprocess.Popen(cmd, cwd=cwd)
+    # forwarding needs this process alive: SIGKILLed, the kernel still stops Mosquitto
+    proc = popen_broker(args.bundle)
 
     def forward(signum: int, frame: object) -> None:
         if proc.poll() is None:
