@@ -8,7 +8,8 @@ overhead(round) = 1 - |union of the sites' train and evaluate intervals| / round
 the round runs from the coordinator's announcement to its close (aggregation, persistence and the
 next announcement follow; registration is off the critical path). Peak memory is the peak of the
 summed RSS of every process (coordinator, sites, broker), sampled every 0.25 s, and the sum of the
-processes' own high-water marks (VmHWM).
+processes' own high-water marks (VmHWM). CPU seconds per process group (coordinator, broker,
+sites) are sampled every 0.05 s, so each round says what ran while no site worked.
 
     .venv/bin/python -m benchmarks.federation_overhead [--sites 10] [--cases-per-site 4]
         [--shape 64] [--model small] [--rounds 3]
