@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-fast bench bench-peers lint clean
+.PHONY: setup peer-env demo test test-fast bench bench-peers lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,7 +11,12 @@ setup:
 demo: setup
 	$(VENV)/bin/neurofed demo
 
-test: setup
+# Flower's and NVIDIA FLARE's own environments (.cache/, never the kit's .venv; 1.5 min the first
+# time): the tests that check FedAvg against Flower's reference and run the peer benchmark use them.
+peer-env:
+	@bash scripts/peer_env.sh
+
+test: setup peer-env
 	$(PYTEST) tests
 
 test-fast: setup
@@ -21,8 +26,7 @@ bench: setup
 	$(PY) -m benchmarks.run_all
 
 # Flower / NVIDIA FLARE side by side: a separate environment, never the kit's own .venv.
-bench-peers: setup
-	bash scripts/peer_env.sh
+bench-peers: setup peer-env
 	$(PY) -m benchmarks.peer_compare
 
 lint: setup

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,19 +64,52 @@ def test_weighted_mean_rejects_bad_weight_and_mismatched_names():
     assert WeightedMean().result() is None
 
 
-def test_agrees_with_flower_reference():
-    flwr_aggregate = pytest.importorskip(
-        "flwr.server.strategy.aggregate", reason="flwr is not installed (kept out of .venv on purpose)"
+def _flower_aggregate(arrays: list[list[np.ndarray]], cases: list[int], tmp: Path) -> list[np.ndarray]:
+    """Flower's own ``aggregate``: in this process when flwr imports here, otherwise in the peer
+    benchmark's environment (``scripts/peer_env.sh``; flwr is kept out of .venv on purpose),
+    arrays passing through .npy files both ways."""
+    try:
+        from flwr.server.strategy.aggregate import aggregate
+    except ImportError:
+        pass
+    else:
+        return aggregate(list(zip(arrays, cases, strict=True)))
+    from benchmarks.peers.flower_run import VENV
+
+    python = VENV / "bin" / "python"
+    if not python.is_file():
+        pytest.skip(f"flwr is in neither .venv (on purpose) nor {VENV}: run scripts/peer_env.sh")
+    for i, site in enumerate(arrays):
+        for j, a in enumerate(site):
+            np.save(tmp / f"in-{i}-{j}.npy", a)
+    script = (
+        "import sys, numpy as np\n"
+        "from pathlib import Path\n"
+        "from flwr.server.strategy.aggregate import aggregate\n"
+        "tmp, cases, n = Path(sys.argv[1]), [int(c) for c in sys.argv[2].split(',')], int(sys.argv[3])\n"
+        "res = [([np.load(tmp / f'in-{i}-{j}.npy') for j in range(n)], c) for i, c in enumerate(cases)]\n"
+        "for j, a in enumerate(aggregate(res)):\n"
+        "    np.save(tmp / f'out-{j}.npy', a)\n"
     )
+    n = len(arrays[0])
+    subprocess.run(
+        [str(python), "-c", script, str(tmp), ",".join(map(str, cases)), str(n)], check=True, timeout=300
+    )
+    return [np.load(tmp / f"out-{j}.npy") for j in range(n)]
+
+
+def test_agrees_with_flower_reference(tmp_path):
     models = _models(6, seed=2)
     cases = [4, 4, 8, 1, 2, 30]
     ours = weighted_mean(zip(models, cases, strict=True))
     names = list(models[0])
-    theirs = flwr_aggregate.aggregate(
-        [([m[n] for n in names], c) for m, c in zip(models, cases, strict=True)]
-    )
+    theirs = _flower_aggregate([[m[n] for n in names] for m in models], cases, tmp_path)
+    assert len(theirs) == len(names)
     for name, arr in zip(names, theirs, strict=True):
         np.testing.assert_allclose(ours[name], arr, rtol=1e-5, atol=1e-6)
+    # and the check can fail: Flower's mean is not the unweighted one these cases would give
+    plain = weighted_mean(zip(models, [1] * len(models), strict=True))
+    assert any(not np.allclose(plain[n], a, rtol=1e-5, atol=1e-6) for n, a in zip(names, theirs, strict=True))
 
 
 def test_median_and_trimmed_mean_resist_one_huge_site():
