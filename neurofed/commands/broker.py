@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     from wire.broker import popen_broker
 
-    # forwarding needs this process alive: SIGKILLed, the kernel still stops Mosquitto
+    # forwarding needs this process alive; SIGKILLed, the kernel stops Mosquitto, except when
+    # Mosquitto started as root (it changes user, which clears that: see popen_broker)
     proc = popen_broker(args.bundle)
 
     def forward(signum: int, frame: object) -> None:
