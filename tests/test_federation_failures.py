@@ -418,3 +418,22 @@ def test_broker_restarted_without_its_saved_state_gets_the_round_again_from_the_
     assert sorted(r2["metrics"]) == [a, b, c] and not r2["train"]
     # c trained round 1 once: its stored update went out, it did not train again
     assert [e["round"] for e in fed.audit(c) if e["kind"] == "update"] == [1]
+
+
+def test_a_site_stopped_with_sigterm_says_goodbye_to_the_broker(fed):
+    """docker stop, systemd and launchers stop a site with SIGTERM: it leaves the broker with a
+    DISCONNECT (Mosquitto: "disconnected."), not a cut TLS stream ("Protocol error")."""
+    site = fed.sites[0]
+    p = fed.start_site(site)
+    fed.wait_sites_ready([site])
+    log = fed.logs / "mosquitto.log"
+    wait_for(lambda: f"-{site} (p5" in log.read_text(errors="replace"), 60, "the site's connection", [p])
+    p.popen.send_signal(signal.SIGTERM)
+    assert p.popen.wait(30) == 128 + signal.SIGTERM
+    time.sleep(0.5)  # the broker logs the end of the connection
+    ends = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if f"-{site} " in line and ("disconnected" in line or "closed its connection" in line)
+    ]
+    assert ends and all(line.endswith(" disconnected.") for line in ends), ends

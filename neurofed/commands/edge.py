@@ -82,10 +82,15 @@ def run(args: argparse.Namespace) -> int:
             data, ModelConfig.from_dict(cfg) if cfg else ModelConfig(), tc, device=args.device
         )
 
+    from neurofed.stopping import exit_on_sigterm, leaving
+
+    # docker stop / a launcher's SIGTERM: leave the broker properly (offline status, DISCONNECT)
+    exit_on_sigterm()
     endpoint = MqttEndpoint(bundle)
     endpoint.start()
     try:
         SiteAgent(endpoint, make_trainer, state, resend_after=args.resend_after).run()
     finally:
+        leaving()  # a SIGTERM now (the federation is over, the launcher tears down) waits for this
         endpoint.close()
     return 0

@@ -104,13 +104,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import json
     import shutil
-    import signal
-    import sys
     from pathlib import Path
+
+    from neurofed.stopping import exit_on_sigterm
 
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C: the FL arm's broker and
     # site processes and the arms' worker processes are stopped on the way out, not orphaned
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
 
     from neurofed.experiment import PROFILES, run_experiment, with_overrides
 

@@ -1,0 +1,30 @@
+"""SIGTERM as a request to stop, not a kill.
+
+``docker stop``, systemd, a launcher's teardown, ``timeout`` and the kernel's parent-death signal
+(``neurofed.children``) all send SIGTERM. Python's default is to die on the spot: no ``finally``,
+no goodbye to the broker. A site that vanished that way left Mosquitto a TLS connection cut
+mid-stream, which it logs as "Protocol error" (seen for sites the benchmarks stopped while they
+were already saying goodbye). Here SIGTERM unwinds like Ctrl-C, and once the process is on its way
+out a second one does not cut the goodbye short.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+def exit_on_sigterm() -> None:
+    """From now on SIGTERM raises ``SystemExit(143)`` in the main thread (``finally`` blocks run),
+    once: the handler ignores further SIGTERMs while the process unwinds."""
+
+    def stop(signum: int, frame: object) -> None:
+        leaving()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def leaving() -> None:
+    """Already on the way out: ignore SIGTERM so the clean-up finishes (its own timeouts bound
+    it; a launcher that cannot wait sends SIGKILL)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
