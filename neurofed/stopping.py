@@ -2,10 +2,10 @@
 
 ``docker stop``, systemd, a launcher's teardown, ``timeout`` and the kernel's parent-death signal
 (``neurofed.children``) all send SIGTERM. Python's default is to die on the spot: no ``finally``,
-no goodbye to the broker. A site that vanished that way left Mosquitto a TLS connection cut
-mid-stream, which it logs as "Protocol error" (seen for sites the benchmarks stopped while they
-were already saying goodbye). Here SIGTERM unwinds like Ctrl-C, and once the process is on its way
-out a second one does not cut the goodbye short.
+no goodbye to the broker (no offline status, no DISCONNECT: Mosquitto logs that the client "closed
+its connection" and publishes its will). Here SIGTERM unwinds like Ctrl-C, and once the process is
+on its way out a second one does not cut the goodbye short (launchers send SIGTERM to sites that
+are already leaving after the federation's end).
 """
 
 from __future__ import annotations
