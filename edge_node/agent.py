@@ -536,10 +536,7 @@ class SiteAgent:
     def step(self, timeout: float = 1.0, stop: threading.Event | None = None) -> bool:
         """Take in every queued message (waiting up to ``timeout`` for the first), then do the work
         they call for. Returns False once the federation is done."""
-        msg = self.ep.receive(timeout=timeout)
-        while msg is not None:
-            self._accept(msg)
-            msg = self.ep.receive(timeout=0)
+        self._take_in(timeout)
         if self.done:
             self._set_status(state="done")
             return False
@@ -548,12 +545,16 @@ class SiteAgent:
         self._work(stop)
         # Receipts that came in while this site trained and scored are fresher than those taken
         # in before: acting on a stale one after a long scoring read a held update as overdue.
-        msg = self.ep.receive(timeout=0)
+        self._take_in(0)
+        self._check_receipts(stop)
+        return not self.done
+
+    def _take_in(self, timeout: float) -> None:
+        """Accept every queued message, waiting up to ``timeout`` for the first."""
+        msg = self.ep.receive(timeout=timeout)
         while msg is not None:
             self._accept(msg)
             msg = self.ep.receive(timeout=0)
-        self._check_receipts(stop)
-        return not self.done
 
     def run(self, stop: threading.Event | None = None, *, max_idle: float | None = None) -> None:
         """Serve rounds until the coordinator announces the end (or ``stop`` is set, or nothing

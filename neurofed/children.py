@@ -29,18 +29,19 @@ def _prctl() -> Callable[..., int] | None:
     return ctypes.CDLL(None, use_errno=True).prctl
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (first thing in a
-    pool worker)."""
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-
-
 def ending_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGTERM when this process dies."""
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGTERM when this process dies.
+    None where the kernel has no such signal."""
     prctl = _prctl()
     if prctl is None:
         return None
     sig = int(signal.SIGTERM)
     return lambda: prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def die_with_parent() -> None:
+    """The same from inside the child: SIGTERM when its parent dies (first thing in a pool
+    worker)."""
+    ask = ending_with_parent()
+    if ask is not None:
+        ask()

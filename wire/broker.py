@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from neurofed.children import ending_with_parent
 from wire.bundle import check_broker_bundle
 from wire.errors import TransportError
 
@@ -79,8 +80,6 @@ def popen_broker(bundle: Path | str, **popen_kw) -> subprocess.Popen:
     changes to its own user, and that change clears the kernel's parent-death signal; run as
     root, ``neurofed broker`` (which forwards signals and ends with its own parent) is the way to
     have both."""
-    from neurofed.children import ending_with_parent
-
     cmd, cwd = broker_command(bundle)
     return subprocess.Popen(cmd, cwd=cwd, preexec_fn=ending_with_parent(), **popen_kw)
 

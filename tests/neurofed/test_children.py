@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.peers.measure import tree
+from coordinator.local import free_port
 from tests.fixtures.broker import provision_federation, require_mosquitto
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def _alive(pid: int) -> bool:
@@ -56,11 +45,7 @@ def _kill_launcher_and_watch(launcher: str, port: int) -> list[int]:
             assert proc.poll() is None, "the launcher died before the broker listened"
             assert time.time() < end, "the broker never listened"
             time.sleep(0.1)
-        family, todo = [], [proc.pid]
-        while todo:
-            kids = _children(todo.pop())
-            family += kids
-            todo += kids
+        family = sorted(tree([proc.pid]) - {proc.pid})
         assert family, "the launcher has children"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -76,7 +61,7 @@ def _kill_launcher_and_watch(launcher: str, port: int) -> list[int]:
 @pytest.fixture
 def bundle(tmp_path):
     require_mosquitto()
-    port = _free_port()
+    port = free_port()
     return provision_federation(tmp_path / "bundles", port=port), port
 
 
