@@ -430,10 +430,13 @@ def test_a_site_stopped_with_sigterm_says_goodbye_to_the_broker(fed):
     wait_for(lambda: f"-{site} (p5" in log.read_text(errors="replace"), 60, "the site's connection", [p])
     p.popen.send_signal(signal.SIGTERM)
     assert p.popen.wait(30) == 128 + signal.SIGTERM
-    time.sleep(0.5)  # the broker logs the end of the connection
-    ends = [
-        line
-        for line in log.read_text(errors="replace").splitlines()
-        if f"-{site} " in line and ("disconnected" in line or "closed its connection" in line)
-    ]
-    assert ends and all(line.endswith(" disconnected.") for line in ends), ends
+
+    def ends() -> list[str]:  # how the broker logged the end of the site's connection
+        return [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if f"-{site} " in line and ("disconnected" in line or "closed its connection" in line)
+        ]
+
+    wait_for(ends, 10, "the broker's log of the site leaving")
+    assert all(line.endswith(" disconnected.") for line in ends()), ends()
