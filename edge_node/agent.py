@@ -18,6 +18,10 @@ Lifecycle per round r (wire/PROTOCOL.md), driven only by what arrives on the ``E
    stored update again, never retrain; likewise the METRICS of an evaluation-only round, and
    those of the previous round while the receipts name it as still awaited (``evaluated``).
 
+The federation ends with a TASK ``done: true``. It ends the agent only once the agent has taken
+a task of that run: the TASK is retained, so a site started after a federation finished (or
+before the next one's coordinator) finds that end first, and waits for the next task instead.
+
 Idempotent per round: ``STATE/agent.json`` records what was evaluated, stored and sent, so a
 restarted agent picks up the retained task and model and does not train a round twice. Every
 send is recorded in the audit log (``edge_node.audit``). The agent's current state is mirrored to
@@ -140,6 +144,7 @@ class SiteAgent:
         self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
         self._send_pool: ThreadPoolExecutor | None = None  # sends the update beside the scoring
         self.done = False
+        self._ignored_end: str | None = None  # msg id of an earlier federation run's end (see _accept)
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
 
@@ -172,6 +177,7 @@ class SiteAgent:
                 del self._state["rounds"][key]
 
     def _set_status(self, **kw: Any) -> None:
+        self._status.pop("note", None)  # a note belongs to the state it was given with
         self._status.update(kw, t=time.time())
         try:
             _atomic_write(self.state_dir / "status.json", json.dumps(self._status).encode(), durable=False)
@@ -219,6 +225,9 @@ class SiteAgent:
     # -- message intake -----------------------------------------------------------------------------
     def _accept(self, msg: Message) -> None:
         if msg.kind is MessageKind.TASK:
+            if msg.meta.get("done") and (self.task is None or self.task.get("done")):
+                self._earlier_end(msg)
+                return
             newer = self.task is None or msg.round >= self.task["round"]
             restarted = self.task is not None and msg.meta.get("session") != self.task.get("session")
             if newer or restarted or msg.meta.get("done"):
@@ -240,6 +249,21 @@ class SiteAgent:
                 del self.models[next(iter(self.models))]
         elif msg.kind is MessageKind.RECEIPTS:
             self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
+
+    def _earlier_end(self, msg: Message) -> None:
+        """A federation's end that this process took no part in: the broker keeps the last TASK
+        (retained), so a site started after a federation finished (or before the next one's
+        coordinator) finds that federation's ``done`` first. Ending on it made such a site exit at
+        once; it waits for the coordinator's next task instead."""
+        if self._ignored_end != msg.msg_id:
+            self._ignored_end = msg.msg_id
+            log.warning(
+                "%s: the broker holds the end of a federation run that finished before this site "
+                "joined (round %d); waiting for the coordinator to announce a new one",
+                self.site,
+                msg.round,
+            )
+            self._set_status(state="waiting", round=None, note="the last federation run has ended")
 
     # -- the work -------------------------------------------------------------------------------------
     def _decode_model(self, payload: bytes) -> tuple[Any, Any]:

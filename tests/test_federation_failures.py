@@ -440,3 +440,37 @@ def test_a_site_stopped_with_sigterm_says_goodbye_to_the_broker(fed):
 
     wait_for(ends, 10, "the broker's log of the site leaving")
     assert all(line.endswith(" disconnected.") for line in ends()), ends()
+
+
+def test_sites_started_between_two_federations_wait_for_the_next_one(fed):
+    """The broker keeps a finished federation's last TASK (``done``, retained). Sites started
+    before the next federation's coordinator find it first: they wait and take part in the next
+    run instead of exiting at once (they exited with status 0 before)."""
+    first = [fed.start_site(s) for s in fed.sites]
+    fed.wait_sites_ready()
+    fed.start_coordinator(rounds=1, min_sites=3, timeout=120)
+    assert fed.coord.wait(240) == 0, fed.coord.tail()
+    for p in first:  # they took part: the end ends them
+        assert p.wait(60) == 0, p.tail()
+    # the next federation: a new coordinator state, the sites started before its coordinator
+    fed.state = fed.tmp / "coordinator-state-2"
+    again = [fed.start_site(s) for s in fed.sites]
+
+    def noted() -> bool:
+        for p in again:
+            assert p.alive(), f"{p.name} exited on the old federation's end:\n{p.tail()}"
+        for s in fed.sites:
+            f = fed.tmp / f"{s}-state" / "status.json"
+            if not (f.is_file() and "note" in json.loads(f.read_text())):
+                return False
+        return True
+
+    wait_for(noted, 120, "the sites to find the finished federation's end", fed.procs)
+    time.sleep(1.0)
+    noted()
+    fed.start_coordinator(rounds=1, min_sites=3, timeout=120)
+    assert fed.coord.wait(240) == 0, fed.coord.tail()
+    for p in again:
+        assert p.wait(60) == 0, p.tail()
+        assert "finished before this site joined" in p.log.read_text(errors="replace")
+    assert fed.round_closed(1)["sites"] == fed.sites, "the waiting sites trained the new run's round"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from coordinator import payload as codec
-from coordinator.local import read_events
+from coordinator.local import read_events, wait_for
 from coordinator.registration import Registrar
 from coordinator.state import StateStore
 from tests.coordinator.helpers import (
@@ -211,11 +211,15 @@ def test_restart_resumes_from_the_last_persisted_round(tmp_path):
     assert snap.round == 1
     np.testing.assert_allclose(snap.weights["w"], initial_weights()["w"] + 2.0, rtol=1e-6)
     # a new coordinator process for 2 rounds picks up at round 2 from the snapshot's weights
+    # New agents (the first ones left at "done") start first and find that retained "done": they
+    # wait for the next task instead of leaving (they took no part in the run that ended).
+    agents = [
+        start_agent(hub, s, tr, tmp_path / "again", stop)[0]
+        for s, tr in zip(SITES[:2], trainers, strict=True)
+    ]
+    wait_for(lambda: all("note" in a._status for a in agents), 10, "the agents to see the old end")
     coord2 = make_coordinator(hub, state, SITES[:2], rounds=2, final_eval=False)
     t, box = run_in_thread(coord2)
-    time.sleep(0.5)  # its round-2 task replaces the retained "done" before the sites come back
-    for s, tr in zip(SITES[:2], trainers, strict=True):  # the first agents left at "done"
-        start_agent(hub, s, tr, tmp_path / "again", stop)
     results = _finish(t, box, stop)
     assert [r.round for r in results] == [2]
     np.testing.assert_allclose(coord2.weights["w"], initial_weights()["w"] + 4.0, rtol=1e-6)

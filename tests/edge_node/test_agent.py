@@ -152,6 +152,28 @@ def test_evaluation_only_round_sends_metrics_only_and_done_ends(tmp_path):
     assert agent.step(timeout=0.5) is False
 
 
+def test_a_federation_end_the_site_took_no_part_in_does_not_end_it(tmp_path):
+    """The broker keeps the last TASK: a site started after a federation ended (or before the
+    next one's coordinator) finds that ``done`` first. It waits for the next run instead of
+    exiting, and that run's own end ends it."""
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    coord.send(MessageKind.TASK, 4, meta={"round": 4, "done": True, "session": "old"}, retain=True)
+    trainer = ShiftTrainer(shift=1.0, num_train_cases=4)
+    agent = _agent(hub, tmp_path, trainer)
+    assert agent.step(timeout=0.5) is True
+    status = json.loads((tmp_path / "site-a" / "status.json").read_text())
+    assert status["state"] == "waiting" and "ended" in status["note"]
+    _publish_round(coord, 1, initial_weights(), session="new")
+    assert agent.step(timeout=0.5) is True
+    assert trainer.trained == 1
+    assert MessageKind.UPDATE in [m.kind for m in _drain(coord)]
+    assert "note" not in json.loads((tmp_path / "site-a" / "status.json").read_text())
+    coord.send(MessageKind.TASK, 2, meta={"round": 2, "done": True, "session": "new"}, retain=True)
+    assert agent.step(timeout=0.5) is False
+
+
 def test_evaluation_lost_in_an_evaluation_only_round_is_sent_again_without_evaluating_again(tmp_path):
     """An evaluation-only round closes on metrics, so metrics the coordinator never got (a broker
     restart between the site's send and the coordinator's resubscription) would hold it open
