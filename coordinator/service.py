@@ -86,6 +86,19 @@ def list_of(v: Any) -> Any:
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+# How long a stopping coordinator waits for registrations in flight (the rest are re-queued from the
+# ledger on restart), and how long a finishing one waits for the registry to catch up.
+STOP_GRACE_S = 5.0
+REGISTRY_GRACE_S = 120.0
+
+
+def _shut(registrar: Registrar, endpoint: Any, grace: float) -> None:
+    try:
+        registrar.close(timeout=grace)
+    finally:
+        endpoint.close()  # DISCONNECT: the broker logs a goodbye, not a cut connection
+
+
 def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     from models.config import ModelConfig
     from wire.bundle import load_bundle
@@ -162,6 +175,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
 
     endpoint = MqttEndpoint(bundle, host=s.broker_host, port=s.broker_port)
     endpoint.start()
+    coord: Coordinator | None = None
     try:
         coord = Coordinator(
             endpoint,
@@ -174,9 +188,21 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             roster_digest=roster_digest(s.bundle),
         )
         results = coord.run()
-    finally:
-        registrar.close()
-        endpoint.close()
+    except BaseException as exc:
+        # Stopped (docker stop's SIGTERM, Ctrl-C): the state on disk is whole up to the last
+        # persisted round and a restart re-queues what the registry ledger lacks, so minutes of
+        # waiting for MLflow would only get the process SIGKILLed (docker waits 10 s).
+        stopped = isinstance(exc, (SystemExit, KeyboardInterrupt))
+        if stopped:
+            log.warning(
+                "stopping: the state in %s holds every round up to %d; start the coordinator again "
+                "with the same --state to go on",
+                state_dir,
+                coord.completed if coord is not None else 0,
+            )
+        _shut(registrar, endpoint, STOP_GRACE_S if stopped else REGISTRY_GRACE_S)
+        raise
+    _shut(registrar, endpoint, REGISTRY_GRACE_S)
     if registrar.failed:
         log.warning("%d registry jobs failed; see the log above", len(registrar.failed))
     return results

@@ -474,3 +474,33 @@ def test_sites_started_between_two_federations_wait_for_the_next_one(fed):
         assert p.wait(60) == 0, p.tail()
         assert "finished before this site joined" in p.log.read_text(errors="replace")
     assert fed.round_closed(1)["sites"] == fed.sites, "the waiting sites trained the new run's round"
+
+
+def test_a_coordinator_stopped_with_sigterm_keeps_its_rounds_and_says_goodbye(fed):
+    """docker stop sends SIGTERM and SIGKILLs 10 s later: the coordinator stops within that (it
+    does not wait for MLflow), leaves the broker with a DISCONNECT, and a restart with the same
+    state goes on from the last persisted round without repeating it."""
+    for s in fed.sites:
+        fed.start_site(s)
+    fed.wait_sites_ready()
+    p = fed.start_coordinator(rounds=2, min_sites=3, timeout=120)
+    fed.wait_round(1)
+    p.popen.send_signal(signal.SIGTERM)
+    assert p.popen.wait(10) == 128 + signal.SIGTERM, p.tail()
+    assert "stopping: the state in" in p.tail()
+    log = fed.logs / "mosquitto.log"
+
+    def ends() -> list[str]:
+        return [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if "-coordinator " in line and ("disconnected" in line or "closed its connection" in line)
+        ]
+
+    wait_for(ends, 10, "the broker's log of the coordinator leaving")
+    assert all(line.endswith(" disconnected.") for line in ends()), ends()
+    again = fed.start_coordinator(rounds=2, min_sites=3, timeout=120)
+    assert again.wait(240) == 0, again.tail()
+    assert [e["round"] for e in fed.events("resume")] and fed.events("resume")[0]["round"] >= 1
+    closed = [e["round"] for e in fed.events("round")]
+    assert sorted(closed) == [1, 2, 3], "every round closed once (3: the evaluation-only round)"

@@ -144,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from coordinator.service import CoordinatorSettings, run_coordinator
+    from neurofed.stopping import exit_on_sigterm
 
+    # docker stop / a launcher's SIGTERM: stop like Ctrl-C (the state is kept, the broker gets a
+    # DISCONNECT) within docker's 10-s grace, instead of dying without a goodbye
+    exit_on_sigterm()
     results = run_coordinator(
         CoordinatorSettings(
             bundle=Path(args.bundle),
