@@ -30,8 +30,10 @@ example:
       --strategy fedavg --local-epochs 1 --mlflow http://127.0.0.1:5000
 
 Restarting the same command resumes from --state (default: BUNDLE/../coordinator-state) at the
-last persisted round; no round is lost or registered twice. The federation ends with an
-evaluation-only round, so every site scores the last model too.
+last persisted round; no round is lost or registered twice. SIGTERM (docker stop; exit 143)
+or Ctrl-C stops it within seconds with that state kept. The federation ends with an
+evaluation-only round, so every site scores the last model too. A new federation needs a new
+--state; its sites may start before or after its coordinator.
 """
 
 

@@ -14,6 +14,9 @@ example:
 The agent reconnects by itself, picks up the current task and model after a restart without the
 coordinator resending them, never trains a round twice, and resends its update when the
 coordinator's receipts lack it. Everything it sent is listed in STATE/audit.jsonl.
+It exits (0) when the federation it took part in ends; started after a federation ended (the
+broker keeps that end), it waits for the next one's coordinator. SIGTERM (docker stop) exits 143
+after telling the broker it is offline.
 """
 
 
