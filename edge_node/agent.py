@@ -259,9 +259,8 @@ class SiteAgent:
             self._ignored_end = msg.msg_id
             log.warning(
                 "%s: the broker holds the end of a federation run that finished before this site "
-                "joined (round %d); waiting for the coordinator to announce a new one",
+                "joined; waiting for the coordinator to announce a new one",
                 self.site,
-                msg.round,
             )
             self._set_status(state="waiting", round=None, note="the last federation run has ended")
 
