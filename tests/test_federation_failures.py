@@ -485,8 +485,10 @@ def test_a_coordinator_stopped_with_sigterm_keeps_its_rounds_and_says_goodbye(fe
     fed.wait_sites_ready()
     p = fed.start_coordinator(rounds=2, min_sites=3, timeout=120)
     fed.wait_round(1)
+    t0 = time.monotonic()
     p.popen.send_signal(signal.SIGTERM)
     assert p.popen.wait(10) == 128 + signal.SIGTERM, p.tail()
+    print(f"the coordinator stopped {time.monotonic() - t0:.2f} s after SIGTERM")
     assert "stopping: the state in" in p.tail()
     log = fed.logs / "mosquitto.log"
 
