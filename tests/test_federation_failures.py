@@ -36,6 +36,7 @@ from coordinator.local import (
     wait_for,
 )
 from coordinator.state import StateStore
+from tests.fixtures.broker import connection_ends
 from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
@@ -432,11 +433,7 @@ def test_a_site_stopped_with_sigterm_says_goodbye_to_the_broker(fed):
     assert p.popen.wait(30) == 128 + signal.SIGTERM
 
     def ends() -> list[str]:  # how the broker logged the end of the site's connection
-        return [
-            line
-            for line in log.read_text(errors="replace").splitlines()
-            if f"-{site} " in line and ("disconnected" in line or "closed its connection" in line)
-        ]
+        return connection_ends(log.read_text(errors="replace"), site)
 
     wait_for(ends, 10, "the broker's log of the site leaving")
     assert all(line.endswith(" disconnected.") for line in ends()), ends()
@@ -493,11 +490,7 @@ def test_a_coordinator_stopped_with_sigterm_keeps_its_rounds_and_says_goodbye(fe
     log = fed.logs / "mosquitto.log"
 
     def ends() -> list[str]:
-        return [
-            line
-            for line in log.read_text(errors="replace").splitlines()
-            if "-coordinator " in line and ("disconnected" in line or "closed its connection" in line)
-        ]
+        return connection_ends(log.read_text(errors="replace"), "coordinator")
 
     wait_for(ends, 10, "the broker's log of the coordinator leaving")
     assert all(line.endswith(" disconnected.") for line in ends()), ends()

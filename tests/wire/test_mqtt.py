@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.fixtures.broker import connection_ends
 from wire.api import MessageKind
 from wire.errors import TransportError
 from wire.mqtt import MqttEndpoint
@@ -329,11 +330,7 @@ def test_closing_while_messages_stream_in_says_goodbye_cleanly(broker, coord):
             sender.join(10)
 
     def ends() -> list[str]:
-        return [
-            line
-            for line in broker.log_text().splitlines()
-            if "-site-a " in line and ("disconnected" in line or "closed its connection" in line)
-        ]
+        return connection_ends(broker.log_text(), "site-a")
 
     deadline = time.monotonic() + 10
     while len(ends()) < 5 and time.monotonic() < deadline:
