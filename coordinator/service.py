@@ -92,13 +92,6 @@ STOP_GRACE_S = 5.0
 REGISTRY_GRACE_S = 120.0
 
 
-def _shut(registrar: Registrar, endpoint: Any, grace: float) -> None:
-    try:
-        registrar.close(timeout=grace)
-    finally:
-        endpoint.close()  # DISCONNECT: the broker logs a goodbye, not a cut connection
-
-
 def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     from models.config import ModelConfig
     from wire.bundle import load_bundle
@@ -176,6 +169,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     endpoint = MqttEndpoint(bundle, host=s.broker_host, port=s.broker_port)
     endpoint.start()
     coord: Coordinator | None = None
+    grace = REGISTRY_GRACE_S
     try:
         coord = Coordinator(
             endpoint,
@@ -188,21 +182,23 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             roster_digest=roster_digest(s.bundle),
         )
         results = coord.run()
-    except BaseException as exc:
+    except (SystemExit, KeyboardInterrupt):
         # Stopped (docker stop's SIGTERM, Ctrl-C): the state on disk is whole up to the last
         # persisted round and a restart re-queues what the registry ledger lacks, so minutes of
         # waiting for MLflow would only get the process SIGKILLed (docker waits 10 s).
-        stopped = isinstance(exc, (SystemExit, KeyboardInterrupt))
-        if stopped:
-            log.warning(
-                "stopping: the state in %s holds every round up to %d; start the coordinator again "
-                "with the same --state to go on",
-                state_dir,
-                coord.completed if coord is not None else 0,
-            )
-        _shut(registrar, endpoint, STOP_GRACE_S if stopped else REGISTRY_GRACE_S)
+        grace = STOP_GRACE_S
+        log.warning(
+            "stopping: the state in %s holds every round up to %d; start the coordinator again "
+            "with the same --state to go on",
+            state_dir,
+            coord.completed if coord is not None else 0,
+        )
         raise
-    _shut(registrar, endpoint, REGISTRY_GRACE_S)
+    finally:
+        try:
+            registrar.close(timeout=grace)
+        finally:
+            endpoint.close()  # DISCONNECT: the broker logs a goodbye, not a cut connection
     if registrar.failed:
         log.warning("%d registry jobs failed; see the log above", len(registrar.failed))
     return results

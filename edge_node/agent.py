@@ -144,7 +144,6 @@ class SiteAgent:
         self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
         self._send_pool: ThreadPoolExecutor | None = None  # sends the update beside the scoring
         self.done = False
-        self._ignored_end: str | None = None  # msg id of an earlier federation run's end (see _accept)
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
 
@@ -254,15 +253,14 @@ class SiteAgent:
         """A federation's end that this process took no part in: the broker keeps the last TASK
         (retained), so a site started after a federation finished (or before the next one's
         coordinator) finds that federation's ``done`` first. Ending on it made such a site exit at
-        once; it waits for the coordinator's next task instead."""
-        if self._ignored_end != msg.msg_id:
-            self._ignored_end = msg.msg_id
-            log.warning(
-                "%s: the broker holds the end of a federation run that finished before this site "
-                "joined; waiting for the coordinator to announce a new one",
-                self.site,
-            )
-            self._set_status(state="waiting", round=None, note="the last federation run has ended")
+        once; it waits for the coordinator's next task instead. (The wire delivers each message
+        once: the broker's retained copies after a reconnect are dropped as replays.)"""
+        log.warning(
+            "%s: the broker holds the end of a federation run that finished before this site "
+            "joined; waiting for the coordinator to announce a new one",
+            self.site,
+        )
+        self._set_status(state="waiting", round=None, note="the last federation run has ended")
 
     # -- the work -------------------------------------------------------------------------------------
     def _decode_model(self, payload: bytes) -> tuple[Any, Any]:
