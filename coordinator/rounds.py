@@ -660,7 +660,16 @@ class Coordinator:
         dice = sum(per_site[s] * weights[s] for s in per_site) / total if total else float("nan")
         hd = [float(m["hd95"]) for m in res.metrics.values() if np.isfinite(m.get("hd95", float("nan")))]
         self._event("evaluation", round=evaluated, dice=dice, per_site=per_site)
-        if evaluated >= 1:
+        if evaluated >= 1 and not per_site:
+            # the registry takes only a finite Dice; a job it must refuse would be retried, fail,
+            # and be queued again after every restart
+            log.warning(
+                "round %d: no site reported a Dice of model %d (no validation cases at any site?); "
+                "its registry version gets no validated Dice and champion stays where it is",
+                r,
+                evaluated,
+            )
+        if evaluated >= 1 and per_site:
             # kept in the snapshot too, so a crash before the worker got to it loses nothing
             self._extra_state.setdefault("evaluations", {})[str(evaluated)] = {
                 "dice": dice,
@@ -672,7 +681,7 @@ class Coordinator:
         if hd:
             metrics["hd95_mean"] = float(np.mean(hd))
         self.registrar.log_round(evaluated, metrics)
-        if evaluated >= 1:
+        if evaluated >= 1 and per_site:
             self.registrar.record_evaluation(evaluated, dice, per_site)
 
     # -- message handling -----------------------------------------------------------------------------

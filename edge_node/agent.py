@@ -144,6 +144,7 @@ class SiteAgent:
         self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
         self._send_pool: ThreadPoolExecutor | None = None  # sends the update beside the scoring
         self.done = False
+        self._said_no_val = False  # the warning that this site has no validation cases, once
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
 
@@ -402,6 +403,14 @@ class SiteAgent:
         t0 = time.time()
         ev = trainer.evaluate(state_dict, split="val")
         self._timeline("evaluate", r, t0, time.time())
+        if not ev.num_cases and not self._said_no_val:
+            self._said_no_val = True
+            log.warning(
+                "%s: no validation cases in this site's split: it reports no Dice or HD95 of the "
+                "global model (the split keeps about 10 %% of a site's cases for validation; a site "
+                "with fewer than 4 cases has none)",
+                self.site,
+            )
         return ev
 
     def _report(self, r: int, rs: dict[str, Any], digest: str, ev: Any, stop: threading.Event | None) -> None:

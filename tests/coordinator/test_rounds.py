@@ -261,6 +261,27 @@ class _RecordingTracker:
         self.calls.append(("close", None))
 
 
+def test_no_validation_case_at_any_site_queues_no_evaluation_the_registry_must_refuse(tmp_path, caplog):
+    """Sites of fewer than four cases keep none for validation and report no Dice. The registry
+    takes only a finite one: the evaluation job failed three times a round (and was queued again
+    after every restart); now it is not queued, and the site and the coordinator say why."""
+    caplog.set_level("WARNING")
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    state = tmp_path / "c"
+    tracker = _RecordingTracker()
+    reg = Registrar(StateStore(state), {}, lambda: tracker)
+    coord = make_coordinator(hub, state, SITES[:2], rounds=1, registrar=reg)
+    for s in SITES[:2]:
+        start_agent(hub, s, ShiftTrainer(shift=1.0, num_train_cases=1, val_cases=0), tmp_path, stop)
+    _finish(*run_in_thread(coord), stop)
+    reg.close()
+    assert ("register", 1) in tracker.calls
+    assert [c for c in tracker.calls if c[0] == "evaluation"] == [] and not reg.failed
+    assert "no site reported a Dice of model 1" in caplog.text
+    assert "no validation cases in this site's split" in caplog.text
+
+
 def test_resume_hands_over_registrations_and_evaluations_a_crash_lost(tmp_path):
     hub = MemoryHub("testfed")
     stop = threading.Event()
