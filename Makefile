@@ -1,7 +1,9 @@
 # Every target sets itself up first (idempotent), so a fresh clone needs only `make demo` / `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST := $(PY) -m pytest
+# pytest's own script, not `python -m pytest`: -m would put the repository root on sys.path, and
+# the suite runs without it so that a bare `import wire` fails instead of loading a second copy.
+PYTEST := $(VENV)/bin/pytest
 
 .PHONY: setup peer-env demo test test-fast bench bench-peers lint clean
 
@@ -32,6 +34,7 @@ bench-peers: setup peer-env
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/lint_imports.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -36,9 +36,9 @@ def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
     import numpy as np
     from safetensors.numpy import load_file
 
-    from wire.api import MessageKind
-    from wire.mqtt import MqttEndpoint
-    from wire.payload import encode_state
+    from neurofed.wire.api import MessageKind
+    from neurofed.wire.mqtt import MqttEndpoint
+    from neurofed.wire.payload import encode_state
 
     base = load_file(str(init))
     errors: list[str] = []
@@ -94,7 +94,7 @@ def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
 
 
 def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeout: float) -> dict:
-    from coordinator.local import Broker, child_env, free_port, provision_sites, read_events, spawn
+    from neurofed.launch.local import Broker, child_env, free_port, provision_sites, read_events, spawn
 
     sites = [f"site-{i:03d}" for i in range(1, n + 1)]
     port = free_port()
@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from coordinator.init_weights import initial_weights
-    from coordinator.state import StateStore
-    from models.config import preset
+    from neurofed.coordinator.init_weights import initial_weights
+    from neurofed.coordinator.state import StateStore
+    from neurofed.models.config import preset
 
     work = Path(args.out or tempfile.mkdtemp(prefix="nf-coordmem-"))
     cfg = preset(args.model).to_dict()

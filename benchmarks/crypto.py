@@ -38,12 +38,12 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=20.0)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    from wire import crypto
-    from wire.api import MessageKind
-    from wire.bundle import load_bundle
-    from wire.provision import provision
-    from wire.receiver import Receiver
-    from wire.sealing import seal_message
+    from neurofed.wire import crypto
+    from neurofed.wire.api import MessageKind
+    from neurofed.wire.bundle import load_bundle
+    from neurofed.wire.provision import provision
+    from neurofed.wire.receiver import Receiver
+    from neurofed.wire.sealing import seal_message
 
     n = int(args.mb * 1024 * 1024)
     data = os.urandom(n)

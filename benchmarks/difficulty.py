@@ -42,11 +42,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from edge_node.centralized import _json_safe, model_config_for, resolve_cases, train_arm
-    from edge_node.evaluation import flair_threshold_baseline
-    from edge_node.splits import select
-    from edge_node.synth import synthesize
-    from edge_node.training import TrainConfig
+    from neurofed.edge_node.centralized import _json_safe, model_config_for, resolve_cases, train_arm
+    from neurofed.edge_node.evaluation import flair_threshold_baseline
+    from neurofed.edge_node.splits import select
+    from neurofed.edge_node.synth import synthesize
+    from neurofed.edge_node.training import TrainConfig
 
     t0 = time.perf_counter()
     work = Path(args.out or tempfile.mkdtemp(prefix="nf-difficulty-"))

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from coordinator.init_weights import initial_weights
-    from coordinator.local import (
+    from neurofed.coordinator.init_weights import initial_weights
+    from neurofed.launch.local import (
         Broker,
         child_env,
         free_port,
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         spawn_site,
         wait_for,
     )
-    from coordinator.state import StateStore
-    from models.config import preset
+    from neurofed.coordinator.state import StateStore
+    from neurofed.models.config import preset
 
     work = Path(args.out or tempfile.mkdtemp(prefix="nf-overhead-"))
     shape = (args.shape,) * 3

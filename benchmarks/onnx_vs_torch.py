@@ -43,8 +43,8 @@ def interleaved(args: argparse.Namespace) -> None:
     import onnxruntime as ort
     import torch
 
-    from models.checkpoint import load_model
-    from models.onnx_session import create_session
+    from neurofed.models.checkpoint import load_model
+    from neurofed.models.onnx_session import create_session
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.weights)
@@ -90,13 +90,13 @@ def worker(args: argparse.Namespace) -> None:
     volume = torch.from_numpy(np.load(args.volume))[None, None]
     rss_start = _rss_mb()
     if args.engine == "torch":
-        from models.checkpoint import load_model
+        from neurofed.models.checkpoint import load_model
 
         model, _ = load_model(args.weights)
         model.eval()
         predictor = model
     elif args.engine == "ort":
-        from models.onnx_session import create_session
+        from neurofed.models.onnx_session import create_session
 
         predictor = create_session(args.model, threads=args.threads, device="cpu")
     else:  # a default session, as a plain export would be run
@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime
     import torch
 
-    from models.checkpoint import save_weights
-    from models.config import preset
-    from models.export import synthetic_scan
-    from models.unet import build_unet, count_parameters
+    from neurofed.models.checkpoint import save_weights
+    from neurofed.models.config import preset
+    from neurofed.models.export import synthetic_scan
+    from neurofed.models.unet import build_unet, count_parameters
 
     load_start = os.getloadavg()[0]
     torch.set_num_threads(1)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_unet(config)
     engines = ["torch", "ort"] + (["ort-plain"] if args.plain else [])
     with tempfile.TemporaryDirectory() as tmp:
-        from models.export import export_onnx
+        from neurofed.models.export import export_onnx
 
         weights = save_weights(Path(tmp) / "w.safetensors", model.state_dict(), config)
         t0 = time.perf_counter()

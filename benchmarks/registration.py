@@ -26,7 +26,7 @@ from benchmarks.common import emit
 def train_step_seconds(cfg, side: int = 64, reps: int = 3) -> float:
     import torch
 
-    from models.unet import build_unet
+    from neurofed.models.unet import build_unet
 
     model = build_unet(cfg)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from mlflow_server.server import MlflowServer
-    from mlflow_server.tracking import FederationTracker
-    from models.checkpoint import save_weights
-    from models.config import preset
-    from models.unet import build_unet, count_parameters
+    from neurofed.mlflow_server.server import MlflowServer
+    from neurofed.mlflow_server.tracking import FederationTracker
+    from neurofed.models.checkpoint import save_weights
+    from neurofed.models.config import preset
+    from neurofed.models.unet import build_unet, count_parameters
     from tests.fixtures.mlflow import free_port
 
     results: dict[str, dict[str, float]] = {}

@@ -32,8 +32,8 @@ def one_size(size: int, steps: int, threads: int, model_size: str, layout: str, 
     torch.set_num_threads(threads)
     from monai.losses import DiceCELoss
 
-    from models.config import preset
-    from models.unet import build_unet, count_parameters
+    from neurofed.models.config import preset
+    from neurofed.models.unet import build_unet, count_parameters
 
     cfg = preset(model_size)
     torch.manual_seed(0)

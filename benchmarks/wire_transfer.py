@@ -24,16 +24,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     from tests.fixtures.broker import BrokerInfo, provision_federation
-    from wire.api import MessageKind
-    from wire.chunking import packet_size
-    from wire.mqtt import MqttEndpoint
-    from wire.sealing import seal_message
+    from neurofed.wire.api import MessageKind
+    from neurofed.wire.chunking import packet_size
+    from neurofed.wire.mqtt import MqttEndpoint
+    from neurofed.wire.sealing import seal_message
 
     pub, sub = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = provision_federation(Path(tmp) / "bundles")
-        from wire.bundle import load_bundle
+        from neurofed.wire.bundle import load_bundle
 
         port = load_bundle(root / "coordinator").broker_port
         # the tools send one message of the full size: lift the packet limit to MQTT's maximum

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.errors import UpdateRejected
-from wire.payload import OPTIMIZER_STEP, optimizer_names
+from neurofed.coordinator.errors import UpdateRejected
+from neurofed.wire.payload import OPTIMIZER_STEP, optimizer_names
 
 MAX_CASES = 10_000_000
 MAX_STEPS = 100_000_000

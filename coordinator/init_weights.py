@@ -1,7 +1,7 @@
 """Write a fresh, seeded UNet's weights for round 0, in a child process.
 
 The coordinator itself never imports torch or MONAI (its memory stays near the model's size): it
-runs ``python -m coordinator.init_weights CONFIG_JSON OUT SEED`` once, on a fresh federation, and
+runs ``python -m neurofed.coordinator.init_weights CONFIG_JSON OUT SEED`` once, on a fresh federation, and
 reads the safetensors file back as numpy arrays.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.errors import CoordinatorError
+from neurofed.coordinator.errors import CoordinatorError
 
 
 def initial_weights(
@@ -34,7 +34,7 @@ def initial_weights(
             [
                 sys.executable,
                 "-m",
-                "coordinator.init_weights",
+                "neurofed.coordinator.init_weights",
                 json.dumps(dict(model_config)),
                 str(out),
                 str(seed),
@@ -52,9 +52,9 @@ def initial_weights(
 def _main(argv: list[str]) -> int:
     import torch
 
-    from models.checkpoint import save_weights
-    from models.config import ModelConfig
-    from models.unet import build_unet
+    from neurofed.models.checkpoint import save_weights
+    from neurofed.models.config import ModelConfig
+    from neurofed.models.unet import build_unet
 
     torch.set_num_threads(1)
     cfg = ModelConfig.from_dict(json.loads(argv[0]))

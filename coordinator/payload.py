@@ -14,7 +14,7 @@ import numpy as np
 
 
 def encode(weights: Mapping[str, Any], *, fp16: bool = False) -> bytes:
-    from wire.payload import encode_state
+    from neurofed.wire.payload import encode_state
 
     return encode_state(dict(weights), fp16=fp16)
 
@@ -22,7 +22,7 @@ def encode(weights: Mapping[str, Any], *, fp16: bool = False) -> bytes:
 def decode(payload: bytes | memoryview, copy: bool = True) -> dict[str, np.ndarray]:
     """``copy=False``: read-only views into ``payload`` (an update checked and folded in, never
     kept, need not exist twice in memory)."""
-    from wire.payload import decode_state
+    from neurofed.wire.payload import decode_state
 
     return decode_state(payload, copy=copy)
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.faults import fault_point
-from coordinator.state import StateStore
+from neurofed.coordinator.faults import fault_point
+from neurofed.coordinator.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Registrar:
                 return
             version = None
             if tracker is not None:
-                from models.config import ModelConfig
+                from neurofed.models.config import ModelConfig
 
                 version = tracker.register_round(
                     job.round,

@@ -63,9 +63,9 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import payload as codec
-from coordinator.aggregate import WeightedMean
-from coordinator.checks import (
+from neurofed.coordinator import payload as codec
+from neurofed.coordinator.aggregate import WeightedMean
+from neurofed.coordinator.checks import (
     apply_delta,
     check_local_steps,
     check_num_cases,
@@ -73,14 +73,14 @@ from coordinator.checks import (
     check_update,
     upcast_half,
 )
-from coordinator.errors import CoordinatorError, UpdateRejected
-from coordinator.faults import fault_point
-from coordinator.registration import Registrar
-from coordinator.state import Snapshot, StateStore
-from coordinator.strategies import Strategy
-from wire.api import Endpoint, Message, MessageKind
-from wire.errors import TransportError
-from wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
+from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
+from neurofed.coordinator.faults import fault_point
+from neurofed.coordinator.registration import Registrar
+from neurofed.coordinator.state import Snapshot, StateStore
+from neurofed.coordinator.strategies import Strategy
+from neurofed.wire.api import Endpoint, Message, MessageKind
+from neurofed.wire.errors import TransportError
+from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
 
 log = logging.getLogger(__name__)
 

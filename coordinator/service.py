@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.errors import CoordinatorError
-from coordinator.registration import Registrar
-from coordinator.rounds import Coordinator, RoundConfig, RoundResult
-from coordinator.state import StateStore
-from coordinator.strategies import make_strategy
+from neurofed.coordinator.errors import CoordinatorError
+from neurofed.coordinator.registration import Registrar
+from neurofed.coordinator.rounds import Coordinator, RoundConfig, RoundResult
+from neurofed.coordinator.state import StateStore
+from neurofed.coordinator.strategies import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ REGISTRY_GRACE_S = 120.0
 
 
 def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
-    from models.config import ModelConfig
-    from wire.bundle import load_bundle
-    from wire.mqtt import MqttEndpoint
+    from neurofed.models.config import ModelConfig
+    from neurofed.wire.bundle import load_bundle
+    from neurofed.wire.mqtt import MqttEndpoint
 
     bundle = load_bundle(s.bundle)
     if bundle.role != "coordinator":
@@ -152,7 +152,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     if s.mlflow_uri:
 
         def factory() -> Any:
-            from mlflow_server.tracking import FederationTracker
+            from neurofed.mlflow_server.tracking import FederationTracker
 
             return FederationTracker(s.mlflow_uri, bundle.federation, params)
 
@@ -161,7 +161,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     def init() -> dict:
         if s.init_weights is not None:
             return load_start_weights(Path(s.init_weights), model_config)
-        from coordinator.init_weights import initial_weights
+        from neurofed.coordinator.init_weights import initial_weights
 
         log.info("building the initial UNet (seed %d) in a child process", s.seed)
         return initial_weights(model_config, seed=s.seed)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.errors import StateError
+from neurofed.coordinator.errors import StateError
 
 SNAPSHOT = "snapshot.safetensors"
 LEDGER = "registered.json"

@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from coordinator.aggregate import WeightedMean, Weights, clip_update, coordinate_median, trimmed_mean
-from coordinator.errors import CoordinatorError, UpdateRejected
+from neurofed.coordinator.aggregate import WeightedMean, Weights, clip_update, coordinate_median, trimmed_mean
+from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
 
 log = logging.getLogger(__name__)
 

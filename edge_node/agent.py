@@ -44,9 +44,9 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_node.audit import AuditLog
-from wire.api import Endpoint, Message, MessageKind
-from wire.errors import TransportError
+from neurofed.edge_node.audit import AuditLog
+from neurofed.wire.api import Endpoint, Message, MessageKind
+from neurofed.wire.errors import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class SiteAgent:
     def _decode_model(self, payload: bytes) -> tuple[Any, Any]:
         """(weights, optimiser state) of a MODEL payload; the second is empty unless the
         federation runs continue-global."""
-        from wire.payload import decode_state_torch, split_optimizer
+        from neurofed.wire.payload import decode_state_torch, split_optimizer
 
         return split_optimizer(decode_state_torch(payload))
 
@@ -334,7 +334,7 @@ class SiteAgent:
             )
             t1 = time.time()
             self._timeline("train", r, t0, t1)
-            from wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
+            from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
 
             if bool(task.get("fp16", self.fp16)):
                 # Half precision carries the change, not the weights: a change of ~1e-3 keeps

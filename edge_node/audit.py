@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from wire.sealing import message_digest
+from neurofed.wire.sealing import message_digest
 
 
 class AuditLog:

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from edge_node.data import Case, discover_cases, native_spacing
-from edge_node.errors import TrainingError
-from edge_node.splits import load_or_create_splits, select, splits_path_for
-from edge_node.training import CaseTrainer, TrainConfig
-from models.config import ModelConfig, preset
+from neurofed.edge_node.data import Case, discover_cases, native_spacing
+from neurofed.edge_node.errors import TrainingError
+from neurofed.edge_node.splits import load_or_create_splits, select, splits_path_for
+from neurofed.edge_node.training import CaseTrainer, TrainConfig
+from neurofed.models.config import ModelConfig, preset
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def model_config_for(
     """A model preset whose preprocessing matches the data: native spacing, a patch that fits."""
     import nibabel as nib
 
-    from models.unet import required_multiple
+    from neurofed.models.unet import required_multiple
 
     spacing = native_spacing(cases)
     cfg = preset(size, modalities=tuple(modalities), spacing=spacing)
@@ -174,7 +174,7 @@ def train_arm(
 ) -> dict[str, Any]:
     """Train the pooled arm (``sites`` None) or a subset, checkpoint every epoch, then write
     ``model.safetensors`` and ``metrics.json`` (Dice/HD95 per case, per site, overall on test)."""
-    from models.checkpoint import save_weights
+    from neurofed.models.checkpoint import save_weights
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.data import MODALITIES, Case, discover_cases, inspect_case
-from edge_node.errors import LayoutError
+from neurofed.edge_node.data import MODALITIES, Case, discover_cases, inspect_case
+from neurofed.edge_node.errors import LayoutError
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_node.errors import CaseError, LayoutError
+from neurofed.edge_node.errors import CaseError, LayoutError
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 # Channel order of the Medical Segmentation Decathlon Task01_BrainTumour 4-D images.

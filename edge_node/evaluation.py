@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_node.data import Case, load_case
-from models.config import Preprocessing
-from models.preprocess import IMAGE, LABEL
+from neurofed.edge_node.data import Case, load_case
+from neurofed.models.config import Preprocessing
+from neurofed.models.preprocess import IMAGE, LABEL
 
 
 @dataclass
@@ -183,7 +183,7 @@ class BaselineResult:
 
 
 def _flair_items(cases: Sequence[Case], pre: Preprocessing) -> list[tuple[Case, torch.Tensor, torch.Tensor]]:
-    from edge_node.transforms import eval_transforms, to_monai
+    from neurofed.edge_node.transforms import eval_transforms, to_monai
 
     flair_pre = Preprocessing(**{**pre.to_dict(), "modalities": ("flair",)})
     tf = eval_transforms(flair_pre)
@@ -218,7 +218,7 @@ def flair_threshold_baseline(
     """Choose the z-scored FLAIR threshold with the best mean training Dice; score it on test cases
     with the same Dice/HD95 as the network. Brain voxels only (background is 0)."""
     if pre is None:  # the data's own grid: resampling 6 mm synthetic data to 1 mm helps nobody
-        from edge_node.data import native_spacing
+        from neurofed.edge_node.data import native_spacing
 
         pre = Preprocessing(spacing=native_spacing(train_cases))
     grid = thresholds if thresholds is not None else np.round(np.arange(-1.0, 6.0001, 0.05), 3)

@@ -30,7 +30,7 @@ from typing import Any
 
 import tomllib
 
-from edge_node.errors import EdgeNodeError
+from neurofed.edge_node.errors import EdgeNodeError
 
 DEFAULT_IMAGE = "neurofed:latest"
 IMAGE_UID = 10001  # the Dockerfile's non-root user

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_node.data import SITES_CSV, Case, group_by_site
-from edge_node.errors import SplitError
+from neurofed.edge_node.data import SITES_CSV, Case, group_by_site
+from neurofed.edge_node.errors import SplitError
 
 SPLITS_JSON = "splits.json"
 SPLIT_NAMES = ("train", "val", "test")

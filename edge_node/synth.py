@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from edge_node.data import SITES_CSV
+from neurofed.edge_node.data import SITES_CSV
 
 DEFAULT_SHAPE: tuple[int, int, int] = (64, 64, 64)
 FIELD_OF_VIEW_MM = 192.0  # the grid covers 192 mm: 3 mm voxels at 64^3, 6 mm at 32^3

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_node.data import Case, discover_cases, load_case
-from edge_node.errors import TrainingError
-from edge_node.evaluation import EvalResult, evaluate_model
-from edge_node.splits import load_or_create_splits, select, splits_path_for
-from models.config import ModelConfig
-from models.preprocess import IMAGE, LABEL
-from wire.payload import OPTIMIZER_PREFIX, OPTIMIZER_STEP
+from neurofed.edge_node.data import Case, discover_cases, load_case
+from neurofed.edge_node.errors import TrainingError
+from neurofed.edge_node.evaluation import EvalResult, evaluate_model
+from neurofed.edge_node.splits import load_or_create_splits, select, splits_path_for
+from neurofed.models.config import ModelConfig
+from neurofed.models.preprocess import IMAGE, LABEL
+from neurofed.wire.payload import OPTIMIZER_PREFIX, OPTIMIZER_STEP
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class CaseTrainer:
         self.memory_format = memory_format_for(self.device)
         pre = model_config.preprocessing
         self.patch_size = tuple(self.train_config.patch_size or pre.patch_size)
-        from models.unet import check_spatial_size
+        from neurofed.models.unet import check_spatial_size
 
         check_spatial_size(self.patch_size, model_config, where="patch size")
         self._train_cache: list[dict] | None = None
@@ -179,7 +179,7 @@ class CaseTrainer:
         return len(self.cases.get("train", []))
 
     def _load(self, case: Case) -> dict:
-        from edge_node.transforms import to_monai
+        from neurofed.edge_node.transforms import to_monai
 
         loaded = load_case(case, self.model_config.modalities, with_label=True)
         d = to_monai(loaded)
@@ -188,7 +188,7 @@ class CaseTrainer:
 
     def train_items(self) -> list[dict]:
         if self._train_cache is None:
-            from edge_node.transforms import deterministic_transforms
+            from neurofed.edge_node.transforms import deterministic_transforms
 
             tf = deterministic_transforms(self.model_config.preprocessing, self.patch_size)
             items = []
@@ -204,7 +204,7 @@ class CaseTrainer:
 
     def eval_items(self, split: str) -> list[dict]:
         if split not in self._eval_cache:
-            from edge_node.transforms import eval_transforms
+            from neurofed.edge_node.transforms import eval_transforms
 
             tf = eval_transforms(self.model_config.preprocessing)
             items = []
@@ -231,7 +231,7 @@ class CaseTrainer:
     # ------------------------------------------------------------------ model
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            from models.unet import build_unet
+            from neurofed.models.unet import build_unet
 
             self._model = build_unet(self.model_config).to(self.device, memory_format=self.memory_format)
         return self._model
@@ -255,7 +255,7 @@ class CaseTrainer:
     # ------------------------------------------------------------------ training
     def _epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """All batches of epoch ``epoch``, drawn from an RNG seeded by (seed, epoch)."""
-        from edge_node.transforms import random_transforms
+        from neurofed.edge_node.transforms import random_transforms
 
         items = self.train_items()
         tc = self.train_config

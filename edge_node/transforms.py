@@ -23,9 +23,9 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from edge_node.data import LoadedCase
-from models.config import Preprocessing
-from models.preprocess import IMAGE, LABEL, preprocess_transforms
+from neurofed.edge_node.data import LoadedCase
+from neurofed.models.config import Preprocessing
+from neurofed.models.preprocess import IMAGE, LABEL, preprocess_transforms
 
 
 def to_monai(loaded: LoadedCase) -> dict:

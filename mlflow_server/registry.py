@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow_server.errors import ModelFetchError, ModelIntegrityError, RegistryError
+from neurofed.mlflow_server.errors import ModelFetchError, ModelIntegrityError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def onnx_signature(config: Any) -> Any:
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from models.export import INPUT_NAME, OUTPUT_NAME
+    from neurofed.models.export import INPUT_NAME, OUTPUT_NAME
 
     f32 = np.dtype("float32")
     return ModelSignature(
@@ -96,7 +96,7 @@ def input_example(config: Any) -> Any:
     """The smallest volume the UNet accepts (one stride product per side): a few KB in the registry."""
     import numpy as np
 
-    from models.unet import required_multiple
+    from neurofed.models.unet import required_multiple
 
     side = required_multiple(config)
     return np.zeros((1, config.in_channels, side, side, side), dtype=np.float32)
@@ -141,8 +141,8 @@ def build_model_dir(
     import mlflow.onnx
     import onnx
 
-    from models.checkpoint import file_sha256, load_weights
-    from models.export import export_onnx
+    from neurofed.models.checkpoint import file_sha256, load_weights
+    from neurofed.models.export import export_onnx
 
     state, file_config, _ = load_weights(weights_path)
     if file_config.digest() != config.digest():
@@ -632,7 +632,7 @@ def fetch_model(
     file or an MLflow model folder) passes through unchecked (``sha256_expected`` None).
 
     ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``."""
-    from models.checkpoint import file_sha256
+    from neurofed.models.checkpoint import file_sha256
 
     text = str(uri_or_path)
     if not text.startswith("models:/"):

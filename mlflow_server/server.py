@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
-from mlflow_server.errors import BackendUnreachableError, PortInUseError, ServerStartError
+from neurofed.mlflow_server.errors import BackendUnreachableError, PortInUseError, ServerStartError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow_server import registry
-from mlflow_server.errors import RegistryError
+from neurofed.mlflow_server import registry
+from neurofed.mlflow_server.errors import RegistryError
 
 log = logging.getLogger(__name__)
 

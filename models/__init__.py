@@ -11,13 +11,13 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "ModelConfig": "models.config",
-    "Preprocessing": "models.config",
-    "ModelError": "models.errors",
-    "SpatialSizeError": "models.errors",
-    "build_unet": "models.unet",
-    "check_spatial_size": "models.unet",
-    "required_multiple": "models.unet",
+    "ModelConfig": "neurofed.models.config",
+    "Preprocessing": "neurofed.models.config",
+    "ModelError": "neurofed.models.errors",
+    "SpatialSizeError": "neurofed.models.errors",
+    "build_unet": "neurofed.models.unet",
+    "check_spatial_size": "neurofed.models.unet",
+    "required_multiple": "neurofed.models.unet",
 }
 
 __all__ = sorted(_LAZY)
@@ -26,4 +26,4 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'models' has no attribute {name!r}")
+    raise AttributeError(f"module 'neurofed.models' has no attribute {name!r}")

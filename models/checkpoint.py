@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.config import ModelConfig
-from models.errors import CheckpointError
+from neurofed.models.config import ModelConfig
+from neurofed.models.errors import CheckpointError
 
 CONFIG_KEY = "neurofed.model_config"
 FORMAT_KEY = "neurofed.format"
@@ -112,7 +112,7 @@ def load_model(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, ModelConfig]:
     """Build the UNet described in the file and load its weights (strict)."""
-    from models.unet import build_unet
+    from neurofed.models.unet import build_unet
 
     tensors, config, _ = load_weights(path)
     model = build_unet(config)

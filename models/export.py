@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.config import ModelConfig
-from models.errors import ModelError
-from models.unet import build_unet, check_spatial_size, required_multiple
+from neurofed.models.config import ModelConfig
+from neurofed.models.errors import ModelError
+from neurofed.models.unet import build_unet, check_spatial_size, required_multiple
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -351,7 +351,7 @@ def check_parity(
 
     Raises ``ParityError`` with the per-size figures when ``raise_on_failure`` and a check fails.
     """
-    from models.onnx_session import create_session
+    from neurofed.models.onnx_session import create_session
 
     if isinstance(weights, torch.nn.Module):
         model = weights

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.errors import ModelError
+from neurofed.models.config import ModelConfig
+from neurofed.models.errors import ModelError
 
 # ------------------------------------------------------------------------------------------ errors
 
@@ -277,59 +277,6 @@ def load_case(case: CaseInput) -> LoadedCase:
     return LoadedCase(case, np.stack(arrays), ref, ref_affine)  # type: ignore[arg-type]
 
 
-# --------------------------------------------------------------------------------------- model
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    onnx_path: Path
-    source: str
-    sha256: str | None = None
-
-
-def resolve_model(
-    model: str, workdir: str | os.PathLike[str], *, tracking_uri: str | None = None
-) -> ResolvedModel:
-    """A local ``.onnx`` (or neurofed ``.safetensors``, exported on the fly), or an MLflow
-    ``models:/<name>@<alias>`` URI fetched and sha256-checked by ``mlflow_server.registry``
-    (``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``)."""
-    workdir = Path(workdir)
-    if model.startswith(("models:/", "runs:/")):
-        try:
-            from mlflow_server.registry import fetch_model
-        except ImportError as exc:
-            raise ModelUriError(
-                f"{model}: cannot resolve registry URIs here (mlflow_server.registry unavailable: {exc}); "
-                "pass a local .onnx file instead"
-            ) from None
-        from neurofed.errors import NeurofedError
-
-        try:
-            fetched = fetch_model(model, workdir, tracking_uri=tracking_uri)
-        except NeurofedError:
-            raise
-        except Exception as exc:  # mlflow's own exceptions: unknown name/alias, server unreachable
-            raise ModelUriError(
-                f"{model}: does not resolve ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}); "
-                "check the model name and alias and MLFLOW_TRACKING_URI / --tracking-uri"
-            ) from None
-        return ResolvedModel(Path(fetched.onnx_path), model, getattr(fetched, "sha256_expected", None))
-    path = Path(model)
-    if not path.is_file():
-        raise ModelUriError(
-            f"{path}: no such model file; give an .onnx file from `neurofed export`, a .safetensors "
-            "checkpoint, or models:/<name>@<alias>"
-        )
-    if path.name.endswith(".safetensors"):
-        from models.checkpoint import load_weights
-        from models.export import export_onnx
-
-        state, config, _ = load_weights(path)
-        onnx_path = export_onnx(state, config, workdir / (stem(path) + ".onnx"))
-        return ResolvedModel(onnx_path, str(path))
-    return ResolvedModel(path, str(path))
-
-
 # ----------------------------------------------------------------------------------- inference
 
 
@@ -371,8 +318,8 @@ class Segmenter:
     """One loaded model, ready for many cases: the session and the preprocessing are built once."""
 
     def __init__(self, session, config: ModelConfig, settings: InferenceSettings | None = None) -> None:
-        from models.preprocess import preprocess_transforms
-        from models.unet import check_spatial_size
+        from neurofed.models.preprocess import preprocess_transforms
+        from neurofed.models.unet import check_spatial_size
 
         self.session = session
         self.config = config
@@ -416,7 +363,7 @@ class Segmenter:
             return torch.sigmoid(logits[0])
 
     def segment(self, loaded: LoadedCase, progress: bool = False):
-        from models.postprocess import invert_to_input, segment
+        from neurofed.models.postprocess import invert_to_input, segment
 
         image = self.preprocess(loaded)
         prob = self.probabilities(image, progress=progress)
@@ -429,7 +376,7 @@ class Segmenter:
         return segment(on_input, loaded.affine, self.config.preprocessing.threshold)
 
     def run_case(self, case: CaseInput, out: Path, *, single: bool, progress: bool = False) -> CaseResult:
-        from models.postprocess import write_like
+        from neurofed.models.postprocess import write_like
 
         t0 = time.perf_counter()
         loaded = load_case(case)
@@ -477,8 +424,8 @@ def run_inference(
     With ``on_error``, a case whose files turn out unusable (corrupt, 2-D, absurd spacing...) is
     handed to it and the batch goes on; without, the first such case raises.
     """
-    from models.export import read_onnx_config
-    from models.onnx_session import create_session
+    from neurofed.models.export import read_onnx_config
+    from neurofed.models.onnx_session import create_session
 
     config = read_onnx_config(onnx_path)
     cases = discover_cases(inputs, config.modalities)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from models.errors import ModelError
+from neurofed.models.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def create_session(
     for a file that is not a neurofed ONNX model and ``ProviderError`` for a missing provider."""
     import onnxruntime as ort
 
-    from models.export import read_onnx_config
+    from neurofed.models.export import read_onnx_config
 
     path = Path(onnx_path)
     config = read_onnx_config(path)  # clear error for missing/corrupt/foreign files

@@ -18,7 +18,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from models.config import Preprocessing
+from neurofed.models.config import Preprocessing
 
 IMAGE = "image"
 LABEL = "label"

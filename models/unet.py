@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import UNet
 
-from models.config import ModelConfig
-from models.errors import SpatialSizeError
+from neurofed.models.config import ModelConfig
+from neurofed.models.errors import SpatialSizeError
 
 
 def build_unet(config: ModelConfig) -> torch.nn.Module:

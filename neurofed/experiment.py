@@ -112,7 +112,7 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
 
 def summarise(per_case: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation of Dice and HD95 over cases, overall and per site."""
-    from edge_node.evaluation import summarise_by_site
+    from neurofed.edge_node.evaluation import summarise_by_site
 
     return {
         "dice": _mean_std([c["dice"] for c in per_case.values()]),
@@ -126,9 +126,9 @@ class Arms:
     """The non-federated arms, sharing one case list, one splits.json and one model config."""
 
     def __init__(self, data: Path, profile: Profile, device: str = "auto") -> None:
-        from edge_node.centralized import model_config_for, resolve_cases
-        from edge_node.splits import select
-        from edge_node.training import TrainConfig
+        from neurofed.edge_node.centralized import model_config_for, resolve_cases
+        from neurofed.edge_node.splits import select
+        from neurofed.edge_node.training import TrainConfig
 
         self.data = data
         self.profile = profile
@@ -140,7 +140,7 @@ class Arms:
         self.train_config = TrainConfig(seed=profile.training_seed, split_seed=profile.seed)
 
     def _trainer(self, sites: Sequence[str] | None):
-        from edge_node.training import CaseTrainer
+        from neurofed.edge_node.training import CaseTrainer
 
         by_split = {
             "train": self.select("train", sites),
@@ -196,13 +196,13 @@ class Arms:
     def epoch_lr_scale(self, epoch: int) -> float:
         """The learning-rate factor of 0-based ``epoch``: that of the federated round it falls in
         (epochs 0..E-1 are round 1 with E local epochs), so every arm follows one schedule."""
-        from coordinator.rounds import lr_scale
+        from neurofed.coordinator.rounds import lr_scale
 
         p = self.profile
         return lr_scale(p.lr_schedule, min(p.rounds, int(epoch // p.local_epochs) + 1), p.rounds)
 
     def _set_epoch_lr(self, optimizer: Any, epoch: int) -> None:
-        from edge_node.training import set_lr
+        from neurofed.edge_node.training import set_lr
 
         set_lr(optimizer, self.train_config.lr * self.epoch_lr_scale(epoch))
 
@@ -214,7 +214,7 @@ class Arms:
         return summarise(test.per_case) | {"per_case": test.per_case}
 
     def threshold(self) -> dict[str, Any]:
-        from edge_node.evaluation import flair_threshold_baseline
+        from neurofed.edge_node.evaluation import flair_threshold_baseline
 
         res = flair_threshold_baseline(self.select("train"), self.select("test"))
         return summarise(res.test.per_case) | {"threshold": res.threshold, "per_case": res.test.per_case}
@@ -224,7 +224,7 @@ class Arms:
         local epoch at a time, until the budget is spent (the later papers' CIIL arm)."""
         import torch
 
-        from edge_node.training import CaseTrainer
+        from neurofed.edge_node.training import CaseTrainer
 
         trainers = {s: self._trainer([s]) for s in self.sites}
         torch.manual_seed(self.profile.training_seed)
@@ -266,7 +266,7 @@ def run_federated_arm(
     """
     import torch
 
-    from coordinator.local import (
+    from neurofed.launch.local import (
         Broker,
         child_env,
         free_port,
@@ -276,9 +276,9 @@ def run_federated_arm(
         spawn_site,
         wait_for,
     )
-    from coordinator.state import StateStore
-    from models.checkpoint import load_weights, save_weights
-    from models.unet import build_unet
+    from neurofed.coordinator.state import StateStore
+    from neurofed.models.checkpoint import load_weights, save_weights
+    from neurofed.models.unet import build_unet
 
     out.mkdir(parents=True, exist_ok=True)
     sites = sorted(p.name for p in data.iterdir() if p.is_dir() and any(p.iterdir()))

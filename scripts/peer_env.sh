@@ -10,10 +10,10 @@
 # torch==2.13.0 goes in first (the CPU wheel on the local disk, so nothing pulls a CUDA build),
 # then the framework and MONAI and the few packages the kit's trainer imports (for FLARE the
 # framework first, alone, so that the kit's packages have to fit around nvflare's pins, not the
-# other way round). The kit itself is not installed: the peer apps put the repository root on
-# PYTHONPATH and use edge_node.training unchanged, so every framework runs the very same training
-# code; each environment is checked by importing it that way. Idempotent: a stamp records what
-# was installed.
+# other way round). The kit itself is installed editable with --no-deps (no mlflow, paho or
+# onnxruntime there): every framework runs the very same neurofed.edge_node.training code, and
+# each environment is checked by importing it from outside the repository. Idempotent: a stamp
+# records what was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,7 +25,7 @@ make_env() {  # make_env DIR [--framework-first] PACKAGE...
   local first=0
   if [ "${1:-}" = "--framework-first" ]; then first=1; shift; fi
   local want
-  want=$(echo "$TORCH ${COMMON[*]} $*" | sha256sum | cut -c1-16)
+  want=$(echo "$TORCH ${COMMON[*]} $* kit:$(sha256sum pyproject.toml | cut -c1-16)" | sha256sum | cut -c1-16)
   if [ -f "$dir/.peer-installed" ] && [ "$(cat "$dir/.peer-installed")" = "$want" ]; then
     echo "peer_env: $dir is ready"
     return 0
@@ -39,7 +39,8 @@ make_env() {  # make_env DIR [--framework-first] PACKAGE...
   else
     "$dir/bin/pip" install -q "${COMMON[@]}" "$@"
   fi
-  PYTHONPATH="$PWD" "$dir/bin/python" -c "import torch, edge_node.training, models.config" \
+  "$dir/bin/pip" install -q --no-deps -e . 2>/dev/null
+  (cd / && "$dir/bin/python" -c "import torch, neurofed.edge_node.training, neurofed.models.config") \
     || { echo "peer_env: $dir cannot import the kit's trainer" >&2; return 1; }
   echo "$want" > "$dir/.peer-installed"
   echo "peer_env: $dir ready ($*)"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import (
+from neurofed.launch.local import (
     Broker,
     Proc,
     child_env,
@@ -35,7 +35,7 @@ from coordinator.local import (
     spawn,
     wait_for,
 )
-from coordinator.state import StateStore
+from neurofed.coordinator.state import StateStore
 from tests.fixtures.broker import connection_ends
 from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F401 - fixtures
 
@@ -51,9 +51,9 @@ def fed_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed-data")
     summary = make_data(root, sites=3, cases=12, shape=SHAPE)
     # one initial model for every test (building it in each coordinator costs 10-30 s here)
-    from coordinator.init_weights import initial_weights
-    from coordinator.state import StateStore
-    from models.config import ModelConfig
+    from neurofed.coordinator.init_weights import initial_weights
+    from neurofed.coordinator.state import StateStore
+    from neurofed.models.config import ModelConfig
 
     cfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
     StateStore(root / "init").write_round_weights(0, initial_weights(cfg), cfg)
@@ -221,9 +221,9 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     fed.start_site(c)  # same state folder: it picks up the retained task and model
 
     # meanwhile its round-1 update, sent now, is late, and one for round 0 is for an old round
-    from coordinator import payload as codec
-    from wire.api import MessageKind
-    from wire.mqtt import MqttEndpoint
+    from neurofed.coordinator import payload as codec
+    from neurofed.wire.api import MessageKind
+    from neurofed.wire.mqtt import MqttEndpoint
 
     ep = MqttEndpoint(fed.bundles / c, client_id=f"nf-{fed.federation}-{c}-replay")
     ep.start()
@@ -285,7 +285,7 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
 def test_coordinator_killed_at_each_point_resumes_without_losing_or_repeating_a_round(fed, mlflow_server):  # noqa: F811
     import mlflow
 
-    from mlflow_server.registry import model_name
+    from neurofed.mlflow_server.registry import model_name
 
     for s in fed.sites:
         fed.start_site(s)

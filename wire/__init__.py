@@ -2,8 +2,8 @@
 provisioning and the MQTT 5 transport. Knows nothing of torch training or MLflow.
 See wire/PROTOCOL.md for the topics, message kinds and state machine."""
 
-from wire.api import COORDINATOR, Endpoint, Message, MessageKind
-from wire.errors import ProtocolError, ProvisioningError, TransportError, WireError
+from neurofed.wire.api import COORDINATOR, Endpoint, Message, MessageKind
+from neurofed.wire.errors import ProtocolError, ProvisioningError, TransportError, WireError
 
 __all__ = [
     "COORDINATOR",

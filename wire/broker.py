@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from neurofed.children import ending_with_parent
-from wire.bundle import check_broker_bundle
-from wire.errors import TransportError
+from neurofed.wire.bundle import check_broker_bundle
+from neurofed.wire.errors import TransportError
 
 INSTALL_HINT = (
     "Mosquitto is not installed: `sudo apt-get install mosquitto mosquitto-clients` (Debian/Ubuntu), "

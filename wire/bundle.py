@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from wire.errors import ProvisioningError
-from wire.roster import Roster, load_verified_roster
+from neurofed.wire.errors import ProvisioningError
+from neurofed.wire.roster import Roster, load_verified_roster
 
 PARTICIPANT_FILES = (
     "bundle.toml",

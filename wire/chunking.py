@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from wire.errors import TransportError
+from neurofed.wire.errors import TransportError
 
 DEFAULT_CHUNK = 1024 * 1024
 MQTT_MAX_PACKET = 268_435_455

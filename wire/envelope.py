@@ -22,9 +22,9 @@ import re
 import struct
 from dataclasses import dataclass
 
-from wire.api import MessageKind
-from wire.crypto import SIG_LEN
-from wire.errors import ProtocolError
+from neurofed.wire.api import MessageKind
+from neurofed.wire.crypto import SIG_LEN
+from neurofed.wire.errors import ProtocolError
 
 MAGIC = b"NFW\x01"
 VERSION = 1

@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
-from wire.errors import TransportError
-from wire.sealing import message_digest
+from neurofed.wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
+from neurofed.wire.errors import TransportError
+from neurofed.wire.sealing import message_digest
 
 
 class MemoryHub:

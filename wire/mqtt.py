@@ -39,13 +39,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
-from wire.bundle import Bundle, load_bundle
-from wire.chunking import DEFAULT_CHUNK, check_packet, plan_chunk_size
-from wire.errors import TransportError
-from wire.receiver import Receiver
-from wire.sealing import seal_message
-from wire.topics import parse_topic, prefix, subscriptions, topic_for
+from neurofed.wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
+from neurofed.wire.bundle import Bundle, load_bundle
+from neurofed.wire.chunking import DEFAULT_CHUNK, check_packet, plan_chunk_size
+from neurofed.wire.errors import TransportError
+from neurofed.wire.receiver import Receiver
+from neurofed.wire.sealing import seal_message
+from neurofed.wire.topics import parse_topic, prefix, subscriptions, topic_for
 
 # The most one socket read asks for. paho reads a packet with recv(bytes still missing), up to a
 # whole 1 MiB chunk per call, and an SSL socket allocates a buffer of the size asked for on every

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from wire.errors import ProtocolError
+from neurofed.wire.errors import ProtocolError
 
 META_KEY = "neurofed.dtypes"
 # An UPDATE whose meta says ``encoding: fp16-delta`` carries trained - start weights of its

@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from wire.api import COORDINATOR
-from wire.errors import ProvisioningError
-from wire.roster import Participant, Roster, sign_roster
+from neurofed.wire.api import COORDINATOR
+from neurofed.wire.errors import ProvisioningError
+from neurofed.wire.roster import Participant, Roster, sign_roster
 
 BROKER = "broker"
 RESERVED = {COORDINATOR, BROKER}

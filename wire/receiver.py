@@ -45,13 +45,13 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wire import crypto
-from wire.api import SENDER_ROLE, Message, MessageKind
-from wire.bundle import Bundle
-from wire.envelope import ENC_AEAD, Frame, Header, decode_frame
-from wire.envelope import chunk_aad as _chunk_aad
-from wire.errors import ProtocolError
-from wire.topics import parse_topic
+from neurofed.wire import crypto
+from neurofed.wire.api import SENDER_ROLE, Message, MessageKind
+from neurofed.wire.bundle import Bundle
+from neurofed.wire.envelope import ENC_AEAD, Frame, Header, decode_frame
+from neurofed.wire.envelope import chunk_aad as _chunk_aad
+from neurofed.wire.errors import ProtocolError
+from neurofed.wire.topics import parse_topic
 
 log = logging.getLogger(__name__)
 _META_LEN = struct.Struct(">I")

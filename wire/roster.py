@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from wire.errors import ProvisioningError
+from neurofed.wire.errors import ProvisioningError
 
 ROSTER_FORMAT = "neurofed-roster/1"
 ROLES = ("coordinator", "site")

@@ -18,12 +18,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wire import crypto
-from wire.api import COORDINATOR, SENDER_ROLE, MessageKind
-from wire.bundle import Bundle
-from wire.chunking import chunk_count, iter_chunks
-from wire.envelope import ENC_AEAD, ENC_NONE, Header, chunk_aad, frame_head
-from wire.topics import SINGLE_PACKET, topic_for
+from neurofed.wire import crypto
+from neurofed.wire.api import COORDINATOR, SENDER_ROLE, MessageKind
+from neurofed.wire.bundle import Bundle
+from neurofed.wire.chunking import chunk_count, iter_chunks
+from neurofed.wire.envelope import ENC_AEAD, ENC_NONE, Header, chunk_aad, frame_head
+from neurofed.wire.topics import SINGLE_PACKET, topic_for
 
 _META_LEN = struct.Struct(">I")
 

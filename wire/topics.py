@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wire.api import COORDINATOR, MessageKind
-from wire.errors import ProtocolError
+from neurofed.wire.api import COORDINATOR, MessageKind
+from neurofed.wire.errors import ProtocolError
 
 SINGLE_PACKET = {MessageKind.TASK, MessageKind.STATUS}
 _PER_SITE = {MessageKind.UPDATE, MessageKind.METRICS}

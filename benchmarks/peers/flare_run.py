@@ -58,7 +58,7 @@ def _env() -> dict[str, str]:
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(REPO),  # the kit's LocalTrainer and benchmarks.peers.measure
+        PYTHONPATH=str(REPO),  # benchmarks.peers.measure (the kit itself is installed there)
         PATH=f"{VENV / 'bin'}:{env.get('PATH', '')}",
     )
     return env

@@ -59,7 +59,7 @@ def _env(flwr_home: Path) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(REPO),  # the kit's LocalTrainer and benchmarks.peers.measure
+        PYTHONPATH=str(REPO),  # benchmarks.peers.measure (the kit itself is installed there)
         PATH=f"{VENV / 'bin'}:{env.get('PATH', '')}",
         FLWR_TELEMETRY_ENABLED="0",
     )

@@ -38,7 +38,7 @@ def write_task(
     where a peer app records its clients' timelines, its round marks and the round-1 check files."""
     from safetensors import safe_open
 
-    from models.config import ModelConfig, preset
+    from neurofed.models.config import ModelConfig, preset
 
     with safe_open(str(init), "np") as fh:
         meta = fh.metadata() or {}

@@ -47,7 +47,7 @@ def run(
 
 
 def measure(work: Path, rounds: int) -> dict[str, Any]:
-    from coordinator.local import read_events
+    from neurofed.launch.local import read_events
 
     events = read_events(work / "coordinator-state")
     announce = {e["round"]: e["t"] for e in events if e["event"] == "announce"}

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     the image's HEALTHCHECK finds its role by that command line."""
     import signal
 
-    from wire.broker import popen_broker
+    from neurofed.wire.broker import popen_broker
 
     # forwarding needs this process alive; SIGKILLed, the kernel stops Mosquitto, except when
     # Mosquitto started as root (it changes user, which clears that: see popen_broker)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
-    from edge_node.checks import check_folder
+    from neurofed.edge_node.checks import check_folder
 
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
     with Progress(transient=True) as bar:

@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def model_config_from(args: argparse.Namespace) -> dict:
-    from models.config import preset
+    from neurofed.models.config import preset
 
     pre: dict = {}
     if getattr(args, "patch_size", None):
@@ -145,7 +145,7 @@ def model_config_from(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from coordinator.service import CoordinatorSettings, run_coordinator
+    from neurofed.coordinator.service import CoordinatorSettings, run_coordinator
     from neurofed.stopping import exit_on_sigterm
 
     # docker stop / a launcher's SIGTERM: stop like Ctrl-C (the state is kept, the broker gets a

@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.demo import DemoSettings, run_demo
+    from neurofed.launch.demo import DemoSettings, run_demo
 
     prof = dict(PROFILES[args.profile])
     if args.sites:

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from edge_node.errors import EdgeNodeError
+    from neurofed.edge_node.errors import EdgeNodeError
 
     data = Path(args.data)
     if not data.is_dir():
@@ -64,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    from edge_node.lean import skip_unused_imports
+    from neurofed.edge_node.lean import skip_unused_imports
 
     skip_unused_imports()  # before MONAI loads: about 130 MB less per site process
-    from edge_node.agent import SiteAgent
-    from edge_node.training import LocalTrainer, TrainConfig, set_torch_threads
-    from models.config import ModelConfig
-    from wire.bundle import load_bundle
-    from wire.mqtt import MqttEndpoint
+    from neurofed.edge_node.agent import SiteAgent
+    from neurofed.edge_node.training import LocalTrainer, TrainConfig, set_torch_threads
+    from neurofed.models.config import ModelConfig
+    from neurofed.wire.bundle import load_bundle
+    from neurofed.wire.mqtt import MqttEndpoint
 
     set_torch_threads()
     bundle = load_bundle(args.bundle)

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         if args.site_map:
             # Real BraTS: every case folder under DATA, sites from the CSV. Work on a view with
             # one folder per site (symlinks), so each edge process sees only its own site.
-            from edge_node.data import discover_cases
+            from neurofed.edge_node.data import discover_cases
 
             view = out / "data-view"
             cases = discover_cases(data, sites_csv=args.site_map)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             shutil.copy(args.site_map, view / "sites.csv")
             data = view
     else:
-        from edge_node.synth import synthesize
+        from neurofed.edge_node.synth import synthesize
 
         data = out / "data"
         if not (data / "sites.csv").is_file():

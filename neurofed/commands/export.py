@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from models.checkpoint import load_weights
-    from models.export import check_parity, export_onnx
+    from neurofed.models.checkpoint import load_weights
+    from neurofed.models.export import check_parity, export_onnx
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="neurofed-export-") as tmp:
@@ -95,10 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fetch_weights(uri: str, dst: Path, tracking_uri: str | None) -> Path:
-    from models.inference import ModelUriError
+    from neurofed.models.inference import ModelUriError
 
     try:
-        from mlflow_server.registry import fetch_model
+        from neurofed.mlflow_server.registry import fetch_model
     except ImportError as exc:
         raise ModelUriError(f"{uri}: registry URIs need mlflow_server.registry ({exc})") from None
     from neurofed.errors import NeurofedError

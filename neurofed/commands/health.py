@@ -214,8 +214,8 @@ def check_role(
 ) -> list[str]:
     """Run the role's checks; return what was checked, or raise HealthError on the first failure."""
     if role in ("edge", "coordinator"):
-        from wire.bundle import load_bundle
-        from wire.errors import WireError
+        from neurofed.wire.bundle import load_bundle
+        from neurofed.wire.errors import WireError
 
         try:
             b = load_bundle(bundle)

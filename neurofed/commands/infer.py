@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
     import warnings
 
-    from models.errors import ModelError
+    from neurofed.models.errors import ModelError
 
     if args.sw_batch < 1:
         raise ModelError(f"--sw-batch must be 1 or more, got {args.sw_batch}")
@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from models.export import read_onnx_config
-    from models.inference import InferenceSettings, discover_cases, resolve_model, run_inference
-    from models.onnx_session import create_session
+    from neurofed.models.export import read_onnx_config
+    from neurofed.mlflow_server.resolve import resolve_model
+    from neurofed.models.inference import InferenceSettings, discover_cases, run_inference
+    from neurofed.models.onnx_session import create_session
 
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))
     warnings.filterwarnings("ignore", module="monai")

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from mlflow_server.server import MlflowServer
+    from neurofed.mlflow_server.server import MlflowServer
 
     server = MlflowServer(
         host=args.host,

@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wire import provision as pv
-    from wire.errors import ProvisioningError
+    from neurofed.wire import provision as pv
+    from neurofed.wire.errors import ProvisioningError
 
     out = Path(args.out)
     if args.add_site and args.revoke:

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _name(args: argparse.Namespace) -> str:
-    from edge_node.launcher import LauncherError, default_name, site_identity
+    from neurofed.edge_node.launcher import LauncherError, default_name, site_identity
 
     if args.name:
         return args.name
@@ -71,7 +71,7 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_node.launcher import LauncherError, SiteLauncher, SiteSpec
+    from neurofed.edge_node.launcher import LauncherError, SiteLauncher, SiteSpec
 
     launcher = SiteLauncher()
     if args.action == "up":

@@ -45,10 +45,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from edge_node.synth import synthesize
+    from neurofed.edge_node.synth import synthesize
 
     if args.sites < 1 or args.cases < args.sites:
-        from edge_node.errors import EdgeNodeError
+        from neurofed.edge_node.errors import EdgeNodeError
 
         raise EdgeNodeError(f"need --cases >= --sites >= 1 (got {args.cases} cases for {args.sites} sites)")
     with Progress() as bar:

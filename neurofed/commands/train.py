@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_node.centralized import train_arm
-    from edge_node.training import TrainConfig, set_torch_threads
+    from neurofed.edge_node.centralized import train_arm
+    from neurofed.edge_node.training import TrainConfig, set_torch_threads
 
     set_torch_threads()
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from coordinator.rounds import Coordinator, RoundConfig
-from coordinator.state import StateStore
-from coordinator.strategies import make_strategy
-from edge_node.agent import SiteAgent
-from wire.api import COORDINATOR
-from wire.memory import MemoryHub
+from neurofed.coordinator.rounds import Coordinator, RoundConfig
+from neurofed.coordinator.state import StateStore
+from neurofed.coordinator.strategies import make_strategy
+from neurofed.edge_node.agent import SiteAgent
+from neurofed.wire.api import COORDINATOR
+from neurofed.wire.memory import MemoryHub
 
 MODEL_CONFIG = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
 
@@ -63,7 +63,7 @@ class ShiftTrainer:
         if export_optimizer:  # 'Adam state': moments of the shift, step = 10 more than given
             import torch
 
-            from wire.payload import OPTIMIZER_STEP, optimizer_names
+            from neurofed.wire.payload import OPTIMIZER_STEP, optimizer_names
 
             step = float(optimizer_state[OPTIMIZER_STEP][0]) if optimizer_state else 0.0
             opt = {

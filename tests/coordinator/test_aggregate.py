@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.aggregate import (
+from neurofed.coordinator.aggregate import (
     WeightedMean,
     clip_update,
     coordinate_median,

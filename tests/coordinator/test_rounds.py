@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from coordinator import payload as codec
-from coordinator.local import read_events, wait_for
-from coordinator.registration import Registrar
-from coordinator.state import StateStore
+from neurofed.coordinator import payload as codec
+from neurofed.launch.local import read_events, wait_for
+from neurofed.coordinator.registration import Registrar
+from neurofed.coordinator.state import StateStore
 from tests.coordinator.helpers import (
     ShiftTrainer,
     initial_weights,
@@ -19,8 +19,8 @@ from tests.coordinator.helpers import (
     run_in_thread,
     start_agent,
 )
-from wire.api import MessageKind
-from wire.memory import MemoryHub
+from neurofed.wire.api import MessageKind
+from neurofed.wire.memory import MemoryHub
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -227,8 +227,8 @@ def test_restart_resumes_from_the_last_persisted_round(tmp_path):
 
 
 def test_snapshot_refuses_another_federation(tmp_path):
-    from coordinator.errors import StateError
-    from coordinator.state import Snapshot
+    from neurofed.coordinator.errors import StateError
+    from neurofed.coordinator.state import Snapshot
 
     store = StateStore(tmp_path)
     store.save(Snapshot(round=1, federation="a", weights=initial_weights(), model_config={}))
@@ -341,15 +341,15 @@ def test_site_optimizer_choice_reaches_every_sites_trainer(tmp_path, choice):
 
 
 def test_unknown_site_optimizer_is_refused_with_the_choices(tmp_path):
-    from coordinator.errors import CoordinatorError
+    from neurofed.coordinator.errors import CoordinatorError
 
     with pytest.raises(CoordinatorError, match="reset, continue-local"):
         make_coordinator(MemoryHub("x"), tmp_path, SITES, site_optimizer="global")
 
 
 def test_cosine_lr_schedule_reaches_every_site_round_by_round(tmp_path):
-    from coordinator.errors import CoordinatorError
-    from coordinator.rounds import lr_scale
+    from neurofed.coordinator.errors import CoordinatorError
+    from neurofed.coordinator.rounds import lr_scale
 
     assert lr_scale("constant", 3, 4) == 1.0
     assert [round(lr_scale("cosine", r, 4), 4) for r in (1, 2, 3, 4)] == [1.0, 0.8536, 0.5, 0.1464]
@@ -448,7 +448,7 @@ def test_continue_global_checks_the_optimizer_state(tmp_path):
         tmp_path, rounds=1, min_sites=1, timeout=2.0, site_optimizer="continue-global"
     )
     assert task.meta["site_optimizer"] == "continue-global"
-    from wire.payload import OPTIMIZER_STEP, optimizer_names
+    from neurofed.wire.payload import OPTIMIZER_STEP, optimizer_names
 
     opt = {
         n: np.ones(1, np.float32) if n == OPTIMIZER_STEP else np.ones_like(w[n.split("/", 2)[2]])
@@ -467,7 +467,7 @@ def test_continue_global_checks_the_optimizer_state(tmp_path):
 
 
 def test_optimizer_state_is_refused_where_the_federation_does_not_average_it(tmp_path):
-    from coordinator.errors import CoordinatorError
+    from neurofed.coordinator.errors import CoordinatorError
 
     with pytest.raises(CoordinatorError, match="underflow in half precision"):
         make_coordinator(MemoryHub("f"), tmp_path / "c", SITES, site_optimizer="continue-global", fp16=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.errors import CoordinatorError
-from coordinator.state import Snapshot, StateStore
-from coordinator.strategies import STRATEGIES, FedAdam, FedAvgM, FedYogi, make_strategy
+from neurofed.coordinator.errors import CoordinatorError
+from neurofed.coordinator.state import Snapshot, StateStore
+from neurofed.coordinator.strategies import STRATEGIES, FedAdam, FedAvgM, FedYogi, make_strategy
 
 
 def _model(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -174,8 +174,8 @@ def test_fednova_is_the_normalised_average_and_fedavg_when_steps_agree():
 
 
 def test_fednova_rejects_an_update_without_local_steps():
-    from coordinator.checks import check_local_steps
-    from coordinator.errors import UpdateRejected
+    from neurofed.coordinator.checks import check_local_steps
+    from neurofed.coordinator.errors import UpdateRejected
 
     s = make_strategy("fednova")
     s.begin(1, _model(0))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import free_port
+from neurofed.procs import free_port
 from tests.docker.conftest import _apt_install
 
 # The first test also waits for the session's image build (minutes when the layer cache is cold).
@@ -44,9 +44,9 @@ def events(state: Path) -> list[dict]:
 
 
 def test_edge_container_completes_a_round_with_host_broker_and_coordinator(docker_engine, image, tmp_path):
-    from edge_node.launcher import SiteLauncher, SiteSpec
-    from wire.broker import find_mosquitto
-    from wire.errors import TransportError
+    from neurofed.edge_node.launcher import SiteLauncher, SiteSpec
+    from neurofed.wire.broker import find_mosquitto
+    from neurofed.wire.errors import TransportError
 
     try:
         find_mosquitto()
@@ -61,8 +61,8 @@ def test_edge_container_completes_a_round_with_host_broker_and_coordinator(docke
     res = neurofed("synth", "--out", str(data), "--sites", "1", "--cases", "6", "--shape", *[str(SHAPE)] * 3)
     assert res.returncode == 0, res.stderr
     # The container sees only its own site folder, read-only: the split must be in it already.
-    from edge_node.data import discover_cases
-    from edge_node.splits import load_or_create_splits
+    from neurofed.edge_node.data import discover_cases
+    from neurofed.edge_node.splits import load_or_create_splits
 
     load_or_create_splits(data / "site-01" / "splits.json", discover_cases(data), seed=0)
     for p in [data, *data.rglob("*")]:

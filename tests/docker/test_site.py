@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from coordinator.local import free_port
+from neurofed.procs import free_port
 
 # The first test also waits for the session's image build (minutes when the layer cache is cold).
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -28,7 +28,7 @@ FAST_HEALTH = {
 def federation(tmp_path):
     """A provisioned federation with its real broker running on the host."""
     from tests.fixtures.broker import provision_federation, require_mosquitto
-    from wire.broker import start_broker, stop_broker
+    from neurofed.wire.broker import start_broker, stop_broker
 
     require_mosquitto()
     port = free_port()
@@ -150,7 +150,7 @@ def test_site_up_status_logs_down(docker_engine, image, federation, site_name):
 def test_healthcheck_turns_unhealthy_when_the_broker_is_unreachable(
     docker_engine, image, federation, site_name
 ):
-    from edge_node.launcher import SiteLauncher, SiteSpec
+    from neurofed.edge_node.launcher import SiteLauncher, SiteSpec
 
     launcher = SiteLauncher(docker_engine)
     spec = SiteSpec(

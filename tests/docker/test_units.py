@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_node.launcher import (
+from neurofed.edge_node.launcher import (
     IMAGE_UID,
     EngineUnavailable,
     LauncherError,
@@ -173,7 +173,7 @@ def test_health_cli_reports_unreachable_broker(tmp_path):
 def test_health_cli_healthy_then_unhealthy_with_a_real_broker(tmp_path):
     """The same check turns from healthy to unhealthy when the real Mosquitto goes away."""
     from tests.fixtures.broker import provision_federation, require_mosquitto
-    from wire.broker import start_broker, stop_broker
+    from neurofed.wire.broker import start_broker, stop_broker
 
     require_mosquitto()
     port = _closed_port()

@@ -9,12 +9,12 @@ import time
 
 import numpy as np
 
-from coordinator import payload as codec
-from edge_node.agent import SiteAgent
+from neurofed.coordinator import payload as codec
+from neurofed.edge_node.agent import SiteAgent
 from tests.coordinator.helpers import ShiftTrainer, initial_weights
-from wire.api import COORDINATOR, MessageKind
-from wire.memory import MemoryHub
-from wire.sealing import message_digest
+from neurofed.wire.api import COORDINATOR, MessageKind
+from neurofed.wire.memory import MemoryHub
+from neurofed.wire.sealing import message_digest
 
 
 def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None, name_model=True):

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from edge_node.data import Case, discover_cases, load_case, load_datalist
-from edge_node.errors import CaseError, LayoutError
+from neurofed.edge_node.data import Case, discover_cases, load_case, load_datalist
+from neurofed.edge_node.errors import CaseError, LayoutError
 
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])
 SHAPE = (16, 16, 12)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from edge_node.lean import UNUSED_BY_SITES
+from neurofed.edge_node.lean import UNUSED_BY_SITES
 
 PROBE = """
 import sys
-from edge_node.lean import skip_unused_imports
+from neurofed.edge_node.lean import skip_unused_imports
 print(sorted(skip_unused_imports()) if sys.argv[1] == "lean" else [])
 import torch, monai
 from monai.networks.nets import UNet
 from monai.losses import DiceCELoss
 from monai.metrics import HausdorffDistanceMetric
-import edge_node.transforms  # the site's own pipeline imports with them gone
+import neurofed.edge_node.transforms  # the site's own pipeline imports with them gone
 net = UNet(3, 4, 1, (4, 8), (2,))
 x = torch.randn(1, 4, 16, 16, 16)
 y = (x[:, :1] > 0).float()
@@ -52,7 +52,7 @@ def test_site_process_skips_unused_monai_integrations_and_still_trains():
 def test_already_imported_modules_are_left_alone():
     import json  # noqa: F401 - imported, so it must stay usable
 
-    from edge_node.lean import skip_unused_imports
+    from neurofed.edge_node.lean import skip_unused_imports
 
     assert skip_unused_imports(("json",)) == []
     assert sys.modules["json"] is not None

@@ -7,8 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from edge_node.data import discover_cases, load_case
-from edge_node.synth import site_case_counts, synthesize
+from neurofed.edge_node.data import discover_cases, load_case
+from neurofed.edge_node.synth import site_case_counts, synthesize
 
 
 def test_case_counts_unequal_and_complete() -> None:

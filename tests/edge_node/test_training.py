@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from edge_node.centralized import load_checkpoint, save_checkpoint, train_arm
-from edge_node.data import discover_cases
-from edge_node.evaluation import EvalResult, dice_hd95, flair_threshold_baseline
-from edge_node.splits import load_or_create_splits, select
-from edge_node.training import LocalTrainer, TrainConfig, TrainResult
-from models.checkpoint import load_weights
+from neurofed.edge_node.centralized import load_checkpoint, save_checkpoint, train_arm
+from neurofed.edge_node.data import discover_cases
+from neurofed.edge_node.evaluation import EvalResult, dice_hd95, flair_threshold_baseline
+from neurofed.edge_node.splits import load_or_create_splits, select
+from neurofed.edge_node.training import LocalTrainer, TrainConfig, TrainResult
+from neurofed.models.checkpoint import load_weights
 from neurofed.cli import main
 
 
@@ -76,8 +76,8 @@ def test_cpu_training_runs_channels_last_with_the_default_layouts_gradients(
     leaves the trainer is in the default layout, so an update's bytes do not depend on it."""
     from monai.losses import DiceCELoss
 
-    from edge_node.training import memory_format_for
-    from models.unet import build_unet
+    from neurofed.edge_node.training import memory_format_for
+    from neurofed.models.unet import build_unet
 
     assert memory_format_for(torch.device("cpu")) == torch.channels_last_3d
     assert memory_format_for(torch.device("cuda")) == torch.contiguous_format
@@ -137,8 +137,8 @@ def test_exported_adam_state_restarts_training_exactly_where_it_stopped(
 ) -> None:
     """continue-global: Adam's state exported by parameter name and loaded into a fresh trainer
     (another process, in a federation) continues bit-exactly as keeping the optimiser does."""
-    from edge_node.errors import TrainingError
-    from wire.payload import OPTIMIZER_STEP, optimizer_names
+    from neurofed.edge_node.errors import TrainingError
+    from neurofed.wire.payload import OPTIMIZER_STEP, optimizer_names
 
     tr = LocalTrainer(synth_data / "site-02", synth_tiny_config, TrainConfig(), device="cpu")
     start = {k: v.clone() for k, v in tr.model().state_dict().items()}
@@ -165,7 +165,7 @@ def test_fractional_rounds_go_through_the_epoch_where_the_last_one_stopped(
 ) -> None:
     """--local-epochs 0.5: two half-epoch rounds train exactly the batches of one epoch, in order
     (bit-exact with one full epoch when Adam's state is kept), and the step count says so."""
-    from edge_node.errors import TrainingError
+    from neurofed.edge_node.errors import TrainingError
 
     def trainer() -> LocalTrainer:
         return LocalTrainer(
@@ -196,7 +196,7 @@ def test_lr_scale_sets_this_rounds_rate_also_over_a_kept_optimizer(
 ) -> None:
     """--lr-schedule: the round's factor is the rate Adam runs at, including after continue-local
     loads the previous round's state (which carries that round's rate); a bad factor is refused."""
-    from edge_node.errors import TrainingError
+    from neurofed.edge_node.errors import TrainingError
 
     tr = LocalTrainer(synth_data / "site-02", synth_tiny_config, TrainConfig(lr=1e-3), device="cpu")
     start = {k: v.clone() for k, v in tr.model().state_dict().items()}
@@ -216,7 +216,7 @@ def test_lr_scale_sets_this_rounds_rate_also_over_a_kept_optimizer(
 
 
 def test_checkpoint_round_trip_bit_exact(tmp_path: Path, synth_tiny_config) -> None:
-    from models.unet import build_unet
+    from neurofed.models.unet import build_unet
 
     torch.manual_seed(0)
     model = build_unet(synth_tiny_config)

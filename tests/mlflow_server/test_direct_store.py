@@ -14,11 +14,11 @@ from pathlib import Path
 import mlflow
 import torch
 
-from mlflow_server.registry import CHAMPION, fetch_model
-from mlflow_server.tracking import FederationTracker
-from models.checkpoint import file_sha256, save_weights
-from models.config import ModelConfig
-from models.unet import build_unet
+from neurofed.mlflow_server.registry import CHAMPION, fetch_model
+from neurofed.mlflow_server.tracking import FederationTracker
+from neurofed.models.checkpoint import file_sha256, save_weights
+from neurofed.models.config import ModelConfig
+from neurofed.models.unet import build_unet
 
 
 def test_register_evaluate_and_fetch_with_a_direct_sqlite_store(tmp_path: Path, monkeypatch) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlflow_server.registry import CHAMPION, fetch_model
-from mlflow_server.server import MlflowServer
-from mlflow_server.tracking import FederationTracker
-from models.checkpoint import save_weights
-from models.config import ModelConfig
-from models.unet import build_unet
+from neurofed.mlflow_server.registry import CHAMPION, fetch_model
+from neurofed.mlflow_server.server import MlflowServer
+from neurofed.mlflow_server.tracking import FederationTracker
+from neurofed.models.checkpoint import save_weights
+from neurofed.models.config import ModelConfig
+from neurofed.models.unet import build_unet
 from tests.fixtures.mlflow import free_port
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlflow_server.tracking import FederationTracker
-from models.checkpoint import save_weights
-from models.config import ModelConfig
-from models.unet import build_unet
+from neurofed.mlflow_server.tracking import FederationTracker
+from neurofed.models.checkpoint import save_weights
+from neurofed.models.config import ModelConfig
+from neurofed.models.unet import build_unet
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"

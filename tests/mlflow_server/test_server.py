@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_server.errors import BackendUnreachableError, PortInUseError
-from mlflow_server.server import (
+from neurofed.mlflow_server.errors import BackendUnreachableError, PortInUseError
+from neurofed.mlflow_server.server import (
     MlflowServer,
     check_artifacts_destination,
     check_backend,

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_server import registry
-from mlflow_server.errors import ModelFetchError, ModelIntegrityError, RegistryError
-from mlflow_server.registry import CHAMPION, LATEST_ALIAS, fetch_model
-from mlflow_server.tracking import FederationTracker, case_weighted_dice
-from models.checkpoint import file_sha256, save_weights
-from models.config import ModelConfig
-from models.unet import build_unet
+from neurofed.mlflow_server import registry
+from neurofed.mlflow_server.errors import ModelFetchError, ModelIntegrityError, RegistryError
+from neurofed.mlflow_server.registry import CHAMPION, LATEST_ALIAS, fetch_model
+from neurofed.mlflow_server.tracking import FederationTracker, case_weighted_dice
+from neurofed.models.checkpoint import file_sha256, save_weights
+from neurofed.models.config import ModelConfig
+from neurofed.models.unet import build_unet
 
 pytestmark = pytest.mark.slow  # every test here talks to a real server
 
@@ -181,7 +181,7 @@ def test_champion_same_mask_via_pyfunc_and_onnxruntime(fed: Fed, tmp_path: Path)
     (logits_ort,) = sess.run(["logits"], {"image": scan})
 
     model = build_unet(fed.cfg)
-    from models.checkpoint import load_weights
+    from neurofed.models.checkpoint import load_weights
 
     model.load_state_dict(load_weights(fed.weights[2])[0])
     with torch.no_grad():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig
+from neurofed.models.config import ModelConfig
 
 
 def threshold_onnx(path: Path, config: ModelConfig, *, channel: int = 0, level: float = 1.5) -> Path:
@@ -21,7 +21,7 @@ def threshold_onnx(path: Path, config: ModelConfig, *, channel: int = 0, level: 
     import onnx
     from onnx import TensorProto, helper
 
-    from models.export import CONFIG_KEY
+    from neurofed.models.export import CONFIG_KEY
 
     c = config.in_channels
     nodes = [
@@ -110,7 +110,7 @@ def tiny_config() -> ModelConfig:
 
 @pytest.fixture
 def tiny_model(tiny_config):
-    from models.unet import build_unet
+    from neurofed.models.unet import build_unet
 
     torch.manual_seed(0)
     return build_unet(tiny_config).eval()
@@ -118,6 +118,6 @@ def tiny_model(tiny_config):
 
 @pytest.fixture
 def tiny_onnx(tmp_path, tiny_model, tiny_config) -> Path:
-    from models.export import export_onnx
+    from neurofed.models.export import export_onnx
 
     return export_onnx(tiny_model.state_dict(), tiny_config, tmp_path / "tiny.onnx")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import ModelConfig
-from models.export import (
+from neurofed.models.config import ModelConfig
+from neurofed.models.export import (
     ExportError,
     OnnxModelError,
     ParityError,
@@ -16,7 +16,7 @@ from models.export import (
     read_onnx_config,
     read_onnx_metadata,
 )
-from models.unet import build_unet
+from neurofed.models.unet import build_unet
 
 SIZES = [(32, 32, 32), (32, 48, 64), (16, 16, 16)]
 
@@ -60,7 +60,7 @@ def test_parity_catches_a_model_that_differs(tiny_config, tiny_onnx):
 
 
 def test_ort_session_io_binding_equals_plain_run(tiny_onnx):
-    from models.onnx_session import create_session
+    from neurofed.models.onnx_session import create_session
 
     x = np.random.default_rng(0).standard_normal((3, 1, 32, 16, 48)).astype(np.float32)
     bound = create_session(tiny_onnx, threads=1, device="cpu")
@@ -111,7 +111,7 @@ def test_foreign_or_corrupt_onnx_files_are_refused(tmp_path):
 
 
 def test_export_cli_writes_a_checked_model(tmp_path, tiny_model, tiny_config, capsys):
-    from models.checkpoint import save_weights
+    from neurofed.models.checkpoint import save_weights
     from neurofed.cli import main
 
     weights = save_weights(
@@ -158,7 +158,7 @@ def test_prelu_rewrite_is_exact(tmp_path, tiny_model, tiny_config):
     bit-identical output to the unrewritten export."""
     import onnx
 
-    from models.onnx_session import create_session
+    from neurofed.models.onnx_session import create_session
 
     fast = export_onnx(tiny_model.state_dict(), tiny_config, tmp_path / "fast.onnx")
     plain = export_onnx(tiny_model.state_dict(), tiny_config, tmp_path / "plain.onnx", optimise=False)

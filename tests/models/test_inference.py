@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
-from models.inference import (
+from neurofed.models.config import ModelConfig
+from neurofed.models.inference import (
     ImageShapeError,
     InferenceInputError,
     InferenceSettings,
@@ -22,10 +22,10 @@ from models.inference import (
     discover_cases,
     load_case,
     modality_of,
-    resolve_model,
     run_inference,
 )
-from models.onnx_session import create_session, cuda_available
+from neurofed.mlflow_server.resolve import resolve_model
+from neurofed.models.onnx_session import create_session, cuda_available
 from tests.models.conftest import blob_scan, lps_affine, save_nifti, threshold_onnx, world_grid
 
 FOUR = ("t1", "t1ce", "t2", "flair")
@@ -241,7 +241,7 @@ def test_batch_mode_over_a_folder_of_cases(tmp_path, capsys):
 
 
 def test_infer_cli_single_file_with_a_unet_and_a_weights_file(tmp_path, tiny_model, tiny_config, capsys):
-    from models.checkpoint import save_weights
+    from neurofed.models.checkpoint import save_weights
     from neurofed.cli import main
 
     weights = save_weights(tmp_path / "w.safetensors", tiny_model.state_dict(), tiny_config)
@@ -374,7 +374,7 @@ def test_cuda_provider_runs_the_same_model(tmp_path, tiny_model, tiny_config, ti
 
 
 def test_cuda_request_without_cuda_is_a_clear_error(tiny_onnx):
-    from models.onnx_session import ProviderError
+    from neurofed.models.onnx_session import ProviderError
 
     if cuda_available():
         pytest.skip("CUDA is available here; the error path cannot be triggered")

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def registered(mlflow_server, tmp_path, tiny_model, tiny_config):  # noqa: F811
-    from mlflow_server.tracking import FederationTracker
-    from models.checkpoint import save_weights
+    from neurofed.mlflow_server.tracking import FederationTracker
+    from neurofed.models.checkpoint import save_weights
 
     weights = save_weights(tmp_path / "round1.safetensors", tiny_model.state_dict(), tiny_config)
     tracker = FederationTracker(mlflow_server, "cinfer", {"rounds": 1})
@@ -26,7 +26,7 @@ def registered(mlflow_server, tmp_path, tiny_model, tiny_config):  # noqa: F811
 
 
 def test_infer_and_export_from_a_registered_model(registered, tmp_path, tiny_model, tiny_config, capsys):
-    from models.export import check_parity, read_onnx_config
+    from neurofed.models.export import check_parity, read_onnx_config
     from neurofed.cli import main
 
     uri_server, uri = registered

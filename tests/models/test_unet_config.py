@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from models import ModelConfig, SpatialSizeError, build_unet, check_spatial_size
-from models.checkpoint import CheckpointError, load_model, load_weights, save_weights, state_dict_sha256
-from models.config import preset
-from models.unet import count_parameters
+from neurofed.models import ModelConfig, SpatialSizeError, build_unet, check_spatial_size
+from neurofed.models.checkpoint import CheckpointError, load_model, load_weights, save_weights, state_dict_sha256
+from neurofed.models.config import preset
+from neurofed.models.unet import count_parameters
 
 
 def test_default_unet_matches_the_study_size():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.peers.measure import tree
-from coordinator.local import free_port
+from neurofed.procs import free_port
 from tests.fixtures.broker import provision_federation, require_mosquitto
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -73,7 +73,7 @@ def bundle(tmp_path):
 def test_a_broker_started_by_a_killed_launcher_stops(bundle):
     root, port = bundle
     launcher = (
-        "import time\nfrom wire.broker import start_broker\n"
+        "import time\nfrom neurofed.wire.broker import start_broker\n"
         f"start_broker({str(root / 'broker')!r}, {port})\ntime.sleep(120)\n"
     )
     family = _kill_launcher_and_watch(launcher, port)
@@ -85,11 +85,11 @@ def test_a_broker_started_by_a_killed_launcher_stops(bundle):
 
 
 def test_neurofed_processes_spawned_by_a_killed_launcher_stop_and_take_theirs_along(bundle, tmp_path):
-    # coordinator.local.spawn (the demo's, the experiment's and the benchmarks' way to start
+    # neurofed.procs.spawn (the demo's, the experiment's and the benchmarks' way to start
     # neurofed processes) running `neurofed broker`, which runs Mosquitto: two generations
     root, port = bundle
     launcher = (
-        "import time\nfrom pathlib import Path\nfrom coordinator.local import spawn\n"
+        "import time\nfrom pathlib import Path\nfrom neurofed.procs import spawn\n"
         f"spawn('broker', ['broker', '--bundle', {str(root / 'broker')!r}], Path({str(tmp_path / 'logs')!r}))\n"
         "time.sleep(120)\n"
     )

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_experiment_runs_every_arm_on_the_same_test_cases(tmp_path):
-    from edge_node.synth import synthesize
+    from neurofed.edge_node.synth import synthesize
     from neurofed.experiment import PROFILES, run_experiment, with_overrides
 
     profile = with_overrides(PROFILES["quick"], sites=2, cases=16, rounds=2, local_epochs=1)
@@ -54,7 +54,7 @@ def test_real_brats_folders_run_with_a_site_mapping_csv(tmp_path):
     import csv
     import shutil
 
-    from edge_node.synth import synthesize
+    from neurofed.edge_node.synth import synthesize
     from neurofed.cli import main
 
     synth = tmp_path / "synth"
@@ -98,7 +98,7 @@ def test_every_arm_follows_the_federations_lr_schedule_by_epoch():
     it falls in, the same factor the coordinator sends the sites that round."""
     from types import SimpleNamespace
 
-    from coordinator.rounds import lr_scale
+    from neurofed.coordinator.rounds import lr_scale
     from neurofed.experiment import PROFILES, Arms, with_overrides
 
     p = with_overrides(PROFILES["quick"], rounds=4, local_epochs=5, lr_schedule="cosine")
@@ -124,8 +124,8 @@ def test_ciil_arm_visits_the_sites_in_turn_for_the_budget_and_is_scored_on_the_s
     """Cyclic institutional incremental learning: one local epoch per visit, sites in turn, as many
     visits as the centralized budget has epochs, each at that epoch's scheduled rate; then the
     same test cases as every arm."""
-    from edge_node.synth import synthesize
-    from edge_node.training import CaseTrainer
+    from neurofed.edge_node.synth import synthesize
+    from neurofed.edge_node.training import CaseTrainer
     from neurofed.experiment import PROFILES, Arms, with_overrides
 
     profile = with_overrides(
@@ -158,8 +158,8 @@ def test_train_seed_changes_the_training_draws_not_the_data_or_split(tmp_path, m
     the patches and augmentations differ, in every arm, the FL sites (neurofed edge --seed) too."""
     import torch
 
-    import coordinator.local as local
-    from edge_node.synth import synthesize
+    import neurofed.launch.local as local
+    from neurofed.edge_node.synth import synthesize
     from neurofed.experiment import PROFILES, Arms, with_overrides
 
     p0 = with_overrides(PROFILES["quick"], sites=2, cases=16)
@@ -205,7 +205,7 @@ def test_arms_side_by_side_in_worker_processes_learn_what_they_learn_one_after_a
     """--workers 2 trains the non-federated arms in two spawned processes: each arm is seeded on
     its own, so a single site trained there scores case for case what it scores in this process
     (both at one torch thread), the longest arms are handed out first, and every arm reports."""
-    from edge_node.synth import synthesize
+    from neurofed.edge_node.synth import synthesize
     from neurofed.experiment import PROFILES, Arms, arm_jobs, run_arms, with_overrides
 
     profile = with_overrides(PROFILES["quick"], sites=2, cases=16, rounds=2, local_epochs=1)
@@ -233,7 +233,7 @@ def test_arms_side_by_side_in_worker_processes_learn_what_they_learn_one_after_a
 
 
 def test_a_failing_arm_in_a_worker_says_which_and_stops_the_run(tmp_path):
-    from edge_node.synth import synthesize
+    from neurofed.edge_node.synth import synthesize
     from neurofed.experiment import PROFILES, Arms, run_arms, with_overrides
 
     profile = with_overrides(PROFILES["quick"], sites=2, cases=16, workers=2)
@@ -248,7 +248,7 @@ def test_validation_curves_can_skip_hd95_and_keep_the_same_dice():
     voxels costs several forward passes, so the curve skips it; Dice is unchanged."""
     import torch
 
-    from edge_node.evaluation import dice_hd95
+    from neurofed.edge_node.evaluation import dice_hd95
 
     g = torch.Generator().manual_seed(0)
     truth = torch.zeros(1, 24, 24, 24)
@@ -284,7 +284,7 @@ def test_stopping_the_experiment_stops_the_arms_worker_processes(tmp_path, how):
     import time
     from pathlib import Path
 
-    from edge_node.synth import synthesize
+    from neurofed.edge_node.synth import synthesize
 
     if not Path("/proc/self/status").is_file():
         pytest.skip("needs Linux /proc to find the worker processes")

@@ -12,8 +12,8 @@ import pytest
 def fed(tmp_path_factory):
     """Bundles of three federations: testfed (the real one), otherfed (same site names, other CA),
     and a rogue 'testfed' provisioned by someone else (site-x, unknown to the real roster)."""
-    from wire.bundle import load_bundle
-    from wire.provision import provision
+    from neurofed.wire.bundle import load_bundle
+    from neurofed.wire.provision import provision
 
     root = tmp_path_factory.mktemp("wirefed")
     provision(root / "testfed", "testfed", ["site-a", "site-b", "site-c"], "localhost", 18999)

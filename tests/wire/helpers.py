@@ -10,12 +10,12 @@ from dataclasses import replace
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from wire import crypto
-from wire.api import MessageKind
-from wire.bundle import Bundle
-from wire.envelope import ENC_AEAD, Header, chunk_aad, encode_frame
-from wire.sealing import encode_plaintext_prefix, new_msg_id
-from wire.topics import topic_for
+from neurofed.wire import crypto
+from neurofed.wire.api import MessageKind
+from neurofed.wire.bundle import Bundle
+from neurofed.wire.envelope import ENC_AEAD, Header, chunk_aad, encode_frame
+from neurofed.wire.sealing import encode_plaintext_prefix, new_msg_id
+from neurofed.wire.topics import topic_for
 
 
 def forge(

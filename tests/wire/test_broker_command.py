@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from coordinator.local import free_port, wait_for
+from neurofed.procs import free_port, wait_for
 from tests.fixtures.broker import provision_federation, require_mosquitto
-from wire.broker import wait_for_port
-from wire.errors import TransportError
+from neurofed.wire.broker import wait_for_port
+from neurofed.wire.errors import TransportError
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

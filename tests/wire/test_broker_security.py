@@ -14,9 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from wire.api import MessageKind
-from wire.mqtt import MqttEndpoint
-from wire.payload import encode_state
+from neurofed.wire.api import MessageKind
+from neurofed.wire.mqtt import MqttEndpoint
+from neurofed.wire.payload import encode_state
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def test_no_plaintext_crosses_the_broker(broker):
         "layer.bias": np.arange(512.0),
     }
     payload = encode_state(state)
-    from wire.sealing import encode_plaintext_prefix
+    from neurofed.wire.sealing import encode_plaintext_prefix
 
     n_chunks = -(-(len(payload) + len(encode_plaintext_prefix({"num_cases": 12345}))) // (16 * 1024))
     raw = Sub(broker, "nf/testfed/update/#", n_chunks, 15, bundle_dir=broker.bundle("coordinator"))
@@ -166,7 +166,7 @@ def test_no_plaintext_crosses_the_broker(broker):
 
 @needs_clients
 def test_revoked_site_is_refused(broker):
-    from wire.provision import revoke
+    from neurofed.wire.provision import revoke
 
     old = broker.root.parent / "site-c-old"
     shutil.copytree(broker.bundle("site-c"), old)
@@ -180,7 +180,7 @@ def test_revoked_site_is_refused(broker):
 
 @needs_clients
 def test_expired_certificate_is_refused(broker, tmp_path):
-    from wire.provision import issue_certificate
+    from neurofed.wire.provision import issue_certificate
 
     ca_dir = broker.root / ".ca"
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)

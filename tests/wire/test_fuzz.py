@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wire.api import MessageKind
-from wire.envelope import decode_frame, encode_frame
-from wire.errors import ProtocolError
-from wire.receiver import Receiver
-from wire.sealing import seal_message
+from neurofed.wire.api import MessageKind
+from neurofed.wire.envelope import decode_frame, encode_frame
+from neurofed.wire.errors import ProtocolError
+from neurofed.wire.receiver import Receiver
+from neurofed.wire.sealing import seal_message
 
 SETTINGS = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from tests.fixtures.broker import connection_ends
-from wire.api import MessageKind
-from wire.errors import TransportError
-from wire.mqtt import MqttEndpoint
-from wire.sealing import message_digest
+from neurofed.wire.api import MessageKind
+from neurofed.wire.errors import TransportError
+from neurofed.wire.mqtt import MqttEndpoint
+from neurofed.wire.sealing import message_digest
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024
@@ -281,7 +281,7 @@ def test_socket_reads_are_capped_so_a_1_mib_chunk_is_not_one_allocation_per_tls_
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from wire.mqtt import RECV_MAX, _Client
+    from neurofed.wire.mqtt import RECV_MAX, _Client
 
     assert hasattr(mqtt.Client, "_sock_recv"), "paho no longer reads through _sock_recv: move the cap"
     asked: list[int] = []

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load, save
 
-from wire.errors import ProtocolError
-from wire.payload import META_KEY, decode_state, decode_state_torch, encode_state, view_state
+from neurofed.wire.errors import ProtocolError
+from neurofed.wire.payload import META_KEY, decode_state, decode_state_torch, encode_state, view_state
 
 DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_]
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from neurofed.cli import main
-from wire.bundle import load_bundle
-from wire.errors import ProtocolError, ProvisioningError
-from wire.payload import decode_state, encode_state
-from wire.provision import add_site, provision, revoke
+from neurofed.wire.bundle import load_bundle
+from neurofed.wire.errors import ProtocolError, ProvisioningError
+from neurofed.wire.payload import decode_state, encode_state
+from neurofed.wire.provision import add_site, provision, revoke
 
 
 @pytest.fixture

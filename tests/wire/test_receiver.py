@@ -10,11 +10,11 @@ import os
 import pytest
 
 from tests.wire.helpers import feed_all, flip, forge
-from wire.api import MessageKind
-from wire.envelope import decode_frame, encode_frame
-from wire.errors import ProtocolError
-from wire.receiver import Receiver
-from wire.sealing import seal_message
+from neurofed.wire.api import MessageKind
+from neurofed.wire.envelope import decode_frame, encode_frame
+from neurofed.wire.errors import ProtocolError
+from neurofed.wire.receiver import Receiver
+from neurofed.wire.sealing import seal_message
 
 U = MessageKind.UPDATE
 
@@ -63,8 +63,8 @@ def test_frames_encrypted_in_place_equal_head_plus_sealed_chunk(fed):
     the frame head followed by AES-GCM's output for that chunk (what the receiver opens)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from wire import crypto
-    from wire.envelope import chunk_aad
+    from neurofed.wire import crypto
+    from neurofed.wire.envelope import chunk_aad
 
     key = AESGCM.generate_key(bit_length=256)
     piece = os.urandom(3000)

@@ -24,8 +24,8 @@ def _trainer(context: Context):
     site = str(context.node_config["site"])
     key = (task["data"], site)
     if key not in _TRAINER:
-        from edge_node.training import LocalTrainer, TrainConfig
-        from models.config import ModelConfig
+        from neurofed.edge_node.training import LocalTrainer, TrainConfig
+        from neurofed.models.config import ModelConfig
 
         _TRAINER[key] = LocalTrainer(
             Path(task["data"]) / site,

@@ -40,8 +40,8 @@ def main() -> None:
     from safetensors.numpy import save_file
 
     from benchmarks.peers.measure import record_interval
-    from edge_node.training import LocalTrainer, TrainConfig
-    from models.config import ModelConfig
+    from neurofed.edge_node.training import LocalTrainer, TrainConfig
+    from neurofed.models.config import ModelConfig
 
     torch.set_num_threads(1)
     flare.init()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import read_events
+from neurofed.launch.local import read_events
 
 pytestmark = pytest.mark.slow
 

@@ -1,12 +1,12 @@
-"""A whole federation on one machine, as real processes: synthetic data, provisioning, a private
-Mosquitto, the coordinator and N edge agents, each a separate ``neurofed`` process with one
-torch thread. Used by ``neurofed demo``, the failure tests and the overhead benchmark, so all
-three exercise exactly the commands a deployment runs.
+"""Ports and child processes for launching the kit's own commands on one machine.
+
+The bottom layer every room, the launcher, the benchmarks and the tests may import: a free TCP
+port outside the ephemeral range, one-thread child environments, and ``neurofed`` child processes
+that end with their launcher.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.errors import CoordinatorError
 from neurofed.children import ending_with_parent
+from neurofed.errors import NeurofedError
+
+
+class LaunchTimeout(NeurofedError):
+    """A launched process did not reach the state it was waited for in time."""
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -67,24 +71,6 @@ def child_env(**extra: str) -> dict[str, str]:
         env.pop(k, None)
     env.update(extra)
     return env
-
-
-def make_data(out: Path, sites: int, cases: int, shape: Sequence[int], seed: int = 0) -> dict[str, Any]:
-    """Synthetic institutions plus the shared splits.json (written once, before any site reads it)."""
-    from edge_node.data import discover_cases
-    from edge_node.splits import load_or_create_splits, splits_path_for
-    from edge_node.synth import synthesize
-
-    summary = synthesize(out, sites=sites, cases=cases, seed=seed, shape=tuple(shape))
-    load_or_create_splits(splits_path_for(out), discover_cases(out), seed=seed)
-    return summary.to_dict()
-
-
-def provision_sites(root: Path, federation: str, sites: Sequence[str], port: int) -> Path:
-    from wire.provision import provision
-
-    provision(root, federation, list(sites), "localhost", port, days=30)
-    return root
 
 
 @dataclass
@@ -138,70 +124,6 @@ def spawn(name: str, args: Sequence[str], log_dir: Path, env: dict[str, str] | N
     return Proc(name, popen, log)
 
 
-def spawn_site(
-    site: str,
-    bundles: Path,
-    data: Path,
-    state_root: Path,
-    log_dir: Path,
-    *,
-    verbose: bool = False,
-    env: dict[str, str] | None = None,
-    extra: Sequence[str] = (),
-) -> Proc:
-    """``neurofed edge`` for ``site``: its bundle ``bundles/<site>``, its data ``data/<site>``, its
-    state ``state_root/<site>-state`` (``extra``: more ``neurofed edge`` options, e.g. ``--seed``)."""
-    args = [
-        "edge",
-        "--bundle", str(bundles / site),
-        "--data", str(data / site),
-        "--state", str(state_root / f"{site}-state"),
-        *extra,
-    ]  # fmt: skip
-    return spawn(site, ["-v", *args] if verbose else args, log_dir, env)
-
-
-class Broker:
-    """A private Mosquitto from a provisioned bundle (``root/broker``), restartable."""
-
-    def __init__(self, root: Path, port: int, log: Path) -> None:
-        self.root, self.port, self.log = root, port, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        from wire.broker import start_broker
-
-        fh = open(self.log, "ab")  # noqa: SIM115
-        self.proc = start_broker(self.root / "broker", self.port, stderr=fh)
-        fh.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        from wire.broker import stop_broker
-
-        if self.proc is not None:
-            stop_broker(self.proc)
-            self.proc = None
-
-
-def read_events(state_dir: Path) -> list[dict[str, Any]]:
-    path = Path(state_dir) / "events.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written
-    return out
-
-
 def wait_for(predicate, timeout: float, what: str, procs: Sequence[Proc] = (), poll: float = 0.3) -> Any:
     """Poll ``predicate`` until truthy; raise with the processes' log tails on timeout."""
     end = time.time() + timeout
@@ -213,4 +135,4 @@ def wait_for(predicate, timeout: float, what: str, procs: Sequence[Proc] = (), p
     tails = "\n".join(
         f"--- {p.name} ({'alive' if p.alive() else p.popen.returncode}) ---\n{p.tail()}" for p in procs
     )
-    raise CoordinatorError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+    raise LaunchTimeout(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")

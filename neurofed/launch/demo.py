@@ -1,5 +1,5 @@
 """The one-command demo's runner: every part a deployment has, as local processes, with a live
-rich view. Thin over ``coordinator.local`` (the same helpers the failure tests use)."""
+rich view. Thin over ``neurofed.launch.local`` (the same helpers the failure tests use)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.local import (
+from neurofed.launch.local import (
     Broker,
     Proc,
     child_env,
@@ -52,8 +52,8 @@ class _Mlflow:
 
     def start(self) -> None:
         try:
-            from mlflow_server.errors import PortInUseError
-            from mlflow_server.server import MlflowServer
+            from neurofed.mlflow_server.errors import PortInUseError
+            from neurofed.mlflow_server.server import MlflowServer
 
             for attempt in range(3):  # a port can still be taken between picking and binding
                 srv = MlflowServer(port=free_port(), state_dir=self.root, startup_timeout=180)
@@ -266,7 +266,7 @@ def _fetch_onnx(uri: str, federation: str, dst: Path) -> Path | None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        from mlflow_server.registry import fetch_model, model_name
+        from neurofed.mlflow_server.registry import fetch_model, model_name
 
         for alias in ("champion", "latest"):
             try:
