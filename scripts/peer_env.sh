@@ -39,8 +39,8 @@ make_env() {  # make_env DIR [--framework-first] PACKAGE...
   else
     "$dir/bin/pip" install -q "${COMMON[@]}" "$@"
   fi
-  "$dir/bin/pip" install -q --no-deps -e . 2>/dev/null
-  (cd / && "$dir/bin/python" -c "import torch, neurofed.edge_node.training, neurofed.models.config") \
+  "$dir/bin/pip" install -q --no-deps -e . 2>&1 | grep -v "is ignored" >&2 || true
+  (abs=$(cd "$dir" && pwd) && cd / && "$abs/bin/python" -c "import torch, neurofed.edge_node.training, neurofed.models.config") \
     || { echo "peer_env: $dir cannot import the kit's trainer" >&2; return 1; }
   echo "$want" > "$dir/.peer-installed"
   echo "peer_env: $dir ready ($*)"

@@ -253,8 +253,20 @@ def run_demo(s: DemoSettings) -> int:
         if onnx:
             console.print(f"ONNX of the champion: {onnx}")
             console.print(f"  try: neurofed infer SCAN.nii.gz --model {onnx} -o mask.nii.gz")
-        store = mlf.server.backend_store_uri if mlf.server is not None else mlf.uri
-        console.print(f"look at it: mlflow ui --backend-store-uri {store}")
+        model = f"models:/{s.federation}-unet@champion"
+        if mlf.server is not None:
+            # The registry's files (ONNX, plots) live in the server's proxied artifact store:
+            # serve the same folder with them, not the bare SQLite file.
+            console.print(
+                f"look at the registry with its models and plots: neurofed mlflow-server --state {mlf.root}"
+                "  (then open http://127.0.0.1:5000; add --port N if 5000 is taken)"
+            )
+            console.print(
+                f"  and load the champion from it: neurofed infer SCAN.nii.gz --model {model} "
+                "--tracking-uri http://127.0.0.1:5000 -o mask.nii.gz"
+            )
+        else:
+            console.print(f"look at it: mlflow ui --backend-store-uri {mlf.uri}")
         mlf.stop()
     elif s.mlflow:
         console.print(f"MLflow: {s.mlflow}")

@@ -41,9 +41,9 @@ def test_demo_runs_a_federation_registers_it_and_points_at_the_onnx(tmp_path):
     assert (out / "coordinator-state" / "rounds" / "global-r0001.safetensors").is_file()
     # what the user is told at the end: Dice by round, the MLflow UI, the champion's ONNX file
     assert re.search(r"mean Dice by round: r0 [0-9.]+, r1 [0-9.]+", text), text[-3000:]
-    assert "mlflow ui" in text
     m = re.search(r"ONNX of the champion: (\S+)", text)
     assert m and Path(m.group(1)).is_file() and Path(m.group(1)).stat().st_size > 10_000, text[-3000:]
+    _the_printed_registry_command_serves_the_champion_with_its_onnx(text, tmp_path)
     # each site's audit log holds what it sent, never a scan
     import json
 
@@ -51,6 +51,43 @@ def test_demo_runs_a_federation_registers_it_and_points_at_the_onnx(tmp_path):
         [audit] = list(out.glob(f"**/{site}-state/audit.jsonl"))
         kinds = {json.loads(line)["kind"] for line in audit.read_text().splitlines()}
         assert {"update", "metrics"} <= kinds, kinds
+
+
+def _the_printed_registry_command_serves_the_champion_with_its_onnx(text: str, tmp_path: Path) -> None:
+    """Follow the demo's last words: the command it prints serves the registry with its artifacts,
+    so ``models:/demo-unet@champion`` downloads with its ONNX file (a bare ``mlflow ui`` on the
+    SQLite file would list the version but serve none of its files)."""
+    from neurofed.mlflow_server.resolve import resolve_model
+    from neurofed.procs import free_port, wait_for
+
+    m = re.search(r"neurofed mlflow-server --state (\S+)", text)
+    assert m, text[-3000:]
+    m_infer = re.search(r"--model (models:/\S+@champion)", text)
+    assert m_infer, text[-3000:]
+    port = free_port()
+    log = open(tmp_path / "registry.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "neurofed", "mlflow-server", "--state", m.group(1), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        import urllib.request
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 180, "the demo's registry to answer")
+        resolved = resolve_model(m_infer.group(1), tmp_path / "fetched", tracking_uri=f"http://127.0.0.1:{port}")
+        assert resolved.onnx_path.is_file() and resolved.onnx_path.stat().st_size > 10_000
+        assert resolved.sha256  # the registered digest came with it and was checked
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
 
 
 @pytest.mark.parametrize("strategy", ["trimmed-mean", "fednova"])
