@@ -256,6 +256,7 @@ def run_federated_arm(
     tracking_uri: str | None,
     timeout: float = 3600.0,
     coordinator_args: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """FL through the real stack: provisioning, a private Mosquitto (mTLS + ACL), one ``neurofed
     edge`` process per site and ``neurofed coordinator``, exactly as a deployment runs them.
@@ -323,7 +324,7 @@ def run_federated_arm(
         args += list(coordinator_args)  # e.g. --fp16 (benchmarks/fp16_updates.py)
         coord = spawn("coordinator", args, logs, child_env())
         procs.append(coord)
-        code = coord.wait(timeout)
+        code = watch_federation(coord, out / "coordinator-state", profile.rounds, timeout, progress)
         if code != 0:
             raise RuntimeError(f"coordinator exited with {code}; see {logs}\n{coord.tail()}")
     finally:
@@ -345,6 +346,53 @@ def run_federated_arm(
         "round_seconds": [e.get("seconds") for e in rounds],
         "update_bytes": [int(e["bytes"]) for e in events if e.get("event") == "update"],
     }
+
+
+def round_line(events: Sequence[Mapping[str, Any]], index: int, rounds: int, elapsed: float) -> str:
+    """One progress line for the ``index``-th closed round (0-based): its sites, the latest
+    validation Dice known by then, and the time left at the pace so far."""
+    closed = [e for e in events if e.get("event") == "round"]
+    last = closed[index]
+    r = int(last["round"])
+    upto = events.index(last)
+    scored = [e for e in events[:upto] if e.get("event") == "evaluation"]
+    dice = f", val Dice {float(scored[-1]['dice']):.3f} (model r{scored[-1]['round']})" if scored else ""
+    if not last.get("train"):
+        n = len(last.get("metrics") or {})
+        return f"final evaluation of round {r - 1}'s model: {n} sites{dice}"
+    left = elapsed / r * max(0, rounds + 1 - r)  # the evaluation-only round closes the federation
+    return (
+        f"round {r}/{rounds}: {len(last.get('sites', []))} sites{dice}, "
+        f"{elapsed / r:.1f} s/round, about {left / 60:.1f} min left"
+    )
+
+
+def watch_federation(
+    coord: Any, state: Path, rounds: int, timeout: float, progress: Callable[[str], None] | None
+) -> int:
+    """Wait for the coordinator to exit, saying each closed round as it happens."""
+    from neurofed.launch.local import read_events
+
+    t0 = time.perf_counter()
+    end = t0 + timeout
+    said = 0
+
+    def say_new() -> None:
+        nonlocal said
+        events = read_events(state)
+        closed = sum(1 for e in events if e.get("event") == "round")
+        for i in range(said, closed):
+            progress(round_line(events, i, rounds, time.perf_counter() - t0))
+        said = closed
+
+    while coord.alive() and time.perf_counter() < end:
+        time.sleep(1.0)
+        if progress is not None:
+            say_new()
+    code = coord.wait(max(1.0, end - time.perf_counter()))
+    if progress is not None:
+        say_new()
+    return code
 
 
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
@@ -553,7 +601,15 @@ def run_experiment(
         results["arms"]["ciil"] = done["ciil"]["result"]
     if "fl" in arms:
         fl = timed(
-            "fl", lambda: run_federated_arm(data, out / "federation", profile, a.model_config, tracking_uri)
+            "fl",
+            lambda: run_federated_arm(
+                data,
+                out / "federation",
+                profile,
+                a.model_config,
+                tracking_uri,
+                progress=lambda m: progress(f"[fl] {m}"),
+            ),
         )
         results["arms"]["fl"] = a.evaluate_state(fl["state"])
         results["curves"]["fl"] = fl.get("curve", [])

@@ -19,9 +19,13 @@ def test_experiment_runs_every_arm_on_the_same_test_cases(tmp_path):
     data = tmp_path / "data"
     synthesize(data, sites=profile.sites, cases=profile.cases, seed=0, shape=profile.shape)
     out = tmp_path / "results"
-    res = run_experiment(
-        data, out, profile, arms=("threshold", "cds", "single", "fl"), progress=lambda s: None
-    )
+    said: list[str] = []
+    res = run_experiment(data, out, profile, arms=("threshold", "cds", "single", "fl"), progress=said.append)
+    # the federated arm says its rounds as they close, not only its start and end
+    fl_rounds = [m for m in said if m.startswith("[fl] round ")]
+    assert [m.split(":")[0] for m in fl_rounds] == ["[fl] round 1/2", "[fl] round 2/2"], said
+    assert fl_rounds[0].startswith("[fl] round 1/2: 2 sites") and "min left" in fl_rounds[0]
+    assert any(m.startswith("[fl] final evaluation of round 2's model: 2 sites") for m in said), said
 
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["arms"]) >= {"threshold", "cds", "single_site", "best_single_site", "fl"}
@@ -177,6 +181,21 @@ def test_train_seed_changes_the_training_draws_not_the_data_or_split(tmp_path, m
     monkeypatch.setattr(local, "spawn", lambda name, args, *a, **k: seen.append(args))
     local.spawn_site("site-01", tmp_path, data, tmp_path, tmp_path, extra=["--seed", "3"])
     assert seen[0][-2:] == ["--seed", "3"]
+
+
+def test_round_line_says_round_sites_dice_and_time_left():
+    from neurofed.experiment import round_line
+
+    events = [
+        {"event": "round", "round": 1, "train": True, "sites": ["a", "b", "c"]},
+        {"event": "evaluation", "round": 0, "dice": 0.1234},
+        {"event": "round", "round": 2, "train": True, "sites": ["a", "b"]},
+        {"event": "round", "round": 3, "train": False, "metrics": {"a": {}, "b": {}}},
+    ]
+    assert round_line(events, 0, 10, 5.0) == "round 1/10: 3 sites, 5.0 s/round, about 0.8 min left"
+    line = round_line(events, 1, 10, 20.0)
+    assert line == "round 2/10: 2 sites, val Dice 0.123 (model r0), 10.0 s/round, about 1.5 min left"
+    assert round_line(events, 2, 2, 30.0).startswith("final evaluation of round 2's model: 2 sites")
 
 
 def test_paired_difference_pairs_by_case_and_says_its_standard_error():
