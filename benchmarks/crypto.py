@@ -1,6 +1,6 @@
 """Crypto cost of the wire against its lower bound.
 
-Seal+sign (``wire.sealing.seal_message``, all frames built) and verify+open (``wire.receiver``)
+Seal+sign (``neurofed.wire.sealing.seal_message``, all frames built) and verify+open (``neurofed.wire.receiver``)
 of one update, against bare AES-256-GCM plus one SHA-256 pass over the same bytes (both from
 ``cryptography``/hashlib): the ratio is the figure (goal <= 1.3). Also the one-shot HPKE call
 against X25519+HKDF+AES-GCM composed by hand, on the bulk and as a 32-byte key wrap, which is why

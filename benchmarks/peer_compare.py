@@ -1,6 +1,6 @@
 """neurofed side by side with Flower (and NVIDIA FLARE): the same FedAvg task, measured in one run.
 
-Task (issue 8): N sites x C synthetic 64^3 cases (``edge_node.synth``, identical for everyone),
+Task (issue 8): N sites x C synthetic 64^3 cases (``neurofed.edge_node.synth``, identical for everyone),
 UNet channels (8, 16, 32, 64, 128) (``ModelConfig.small()``), 1 local epoch, R rounds, FedAvg,
 every client training with the kit's own ``LocalTrainer`` from the same initial weights, one torch
 thread per process (OMP_NUM_THREADS=1) everywhere. Each framework runs in its own recommended

@@ -3,7 +3,7 @@ at 64^3, 96^3 and 128^3 on this machine, with voxels/s and peak memory, as JSON.
 
 Each size runs in its own process so that its peak resident memory is its own. Torch uses
 ``--threads`` threads (default 1: processes share the CPU here). Each size is measured in the
-trainer's CPU layout (channels-last, ``edge_node.training.memory_format_for``) and in PyTorch's
+trainer's CPU layout (channels-last, ``neurofed.edge_node.training.memory_format_for``) and in PyTorch's
 default NCDHW layout, one process after the other, and the ratio is reported: the reason the
 trainer uses channels-last, measured in one run. The gain depends on the batch: none at batch 1
 here, about 1.9x at the trainer's batch of 2 (``--batch 2 --model-size small``).

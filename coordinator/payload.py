@@ -1,6 +1,6 @@
 """Weights <-> bytes for MODEL and UPDATE messages: the wire's safetensors codec (never pickle).
 
-A seam over ``wire.payload`` so the coordinator and the edge agent share one codec, plus the
+A seam over ``neurofed.wire.payload`` so the coordinator and the edge agent share one codec, plus the
 digest that ties a task to its model.
 """
 

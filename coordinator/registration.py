@@ -1,7 +1,7 @@
 """Registration off the round's critical path: one background worker thread owns the tracker.
 
 The round loop only enqueues jobs (``register``, ``log``, ``evaluation``) and moves on; the worker
-runs them in order against ``mlflow_server.tracking.FederationTracker`` (registration, ONNX export
+runs them in order against ``neurofed.mlflow_server.tracking.FederationTracker`` (registration, ONNX export
 and alias moves take seconds), and after each successful registration writes the round to the
 state folder's ledger, so a restarted coordinator re-queues only the rounds not yet registered.
 ``FederationTracker.register_round`` is itself idempotent by round tag: a crash between

@@ -1,7 +1,7 @@
 """The round state machine: announce, collect, close, aggregate, persist, register, repeat.
 
 It is separate from the aggregation maths (a ``Strategy``) and from the transport (any
-``wire.api.Endpoint``: the real MQTT one or the in-memory hub). Per round r (wire/PROTOCOL.md):
+``neurofed.wire.api.Endpoint``: the real MQTT one or the in-memory hub). Per round r (wire/PROTOCOL.md):
 
 1. ANNOUNCE: publish MODEL r (retained, the global model after round r-1), TASK r (retained:
    round, model digest, hyper-parameters incl. local epochs and mu, deadline, train flag) and an

@@ -10,7 +10,7 @@ any instant leaves either the previous round's snapshot or this one, never a mix
   the roster digest, the model config and the rounds already registered.
 
 Beside it, ``STATE/rounds/global-rNNNN.safetensors`` is each round's model as a normal neurofed
-weights file (config in the metadata, readable by ``models.checkpoint.load_weights``) for the
+weights file (config in the metadata, readable by ``neurofed.models.checkpoint.load_weights``) for the
 registry, and ``STATE/registered.json`` is the registration ledger, written by the background
 registration worker after each successful registration.
 """

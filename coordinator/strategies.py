@@ -1,6 +1,6 @@
-"""Aggregation strategies: one small interface, thin classes over ``coordinator.aggregate``.
+"""Aggregation strategies: one small interface, thin classes over ``neurofed.coordinator.aggregate``.
 
-The round loop (``coordinator.rounds``) lives once, outside the strategies, and drives them:
+The round loop (``neurofed.coordinator.rounds``) lives once, outside the strategies, and drives them:
 
     cfg = strategy.configure(round, site, base)   # a fresh dict per site (never shared)
     strategy.begin(round, global_weights)

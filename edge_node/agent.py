@@ -24,7 +24,7 @@ before the next one's coordinator) finds that end first, and waits for the next 
 
 Idempotent per round: ``STATE/agent.json`` records what was evaluated, stored and sent, so a
 restarted agent picks up the retained task and model and does not train a round twice. Every
-send is recorded in the audit log (``edge_node.audit``). The agent's current state is mirrored to
+send is recorded in the audit log (``neurofed.edge_node.audit``). The agent's current state is mirrored to
 ``STATE/status.json`` (for the demo's live view) and its train/evaluate intervals to
 ``STATE/timeline.jsonl`` (for the overhead benchmark).
 """
@@ -54,7 +54,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class Trainer(Protocol):
-    """What the agent needs from ``edge_node.training.LocalTrainer``."""
+    """What the agent needs from ``neurofed.edge_node.training.LocalTrainer``."""
 
     num_train_cases: int
 

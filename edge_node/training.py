@@ -80,7 +80,7 @@ class TrainResult:
 
 def adam_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Adam's moments by parameter name and its step count, in the payload's naming
-    (``wire.payload.OPTIMIZER_PREFIX``): names, not positions, so a coordinator can average them."""
+    (``neurofed.wire.payload.OPTIMIZER_PREFIX``): names, not positions, so a coordinator can average them."""
     out: dict[str, torch.Tensor] = {}
     step = 0.0
     for name, p in model.named_parameters():

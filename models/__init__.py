@@ -1,7 +1,7 @@
 """The 3D-UNet (MONAI), its safetensors checkpoints, ONNX export and onnxruntime inference.
 
 Knows nothing of MQTT, MLflow or sites: everything here works on one machine and one model.
-The names below are imported lazily: the coordinator reads ``models.config`` without paying for
+The names below are imported lazily: the coordinator reads ``neurofed.models.config`` without paying for
 torch and MONAI (about 0.5 GB resident) in a process that never builds a network.
 """
 

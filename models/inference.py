@@ -4,12 +4,12 @@ Steps, each driven by the model's own metadata so nothing is guessed:
 1. find the modalities the model needs (a FLAIR file, a case folder in BraTS 2018-21 or 2023
    naming, or a folder of such case folders) and check every file (NIfTI, 3-D, sane spacing,
    finite values, co-registered);
-2. the training preprocessing (``models.preprocess.preprocess_transforms``: orientation, spacing,
+2. the training preprocessing (``neurofed.models.preprocess.preprocess_transforms``: orientation, spacing,
    z-score over brain voxels);
 3. sliding-window inference with the model's patch size through MONAI's inferer, each window run
-   by onnxruntime (``models.onnx_session``);
+   by onnxruntime (``neurofed.models.onnx_session``);
 4. sigmoid, then the inverse of the spatial steps, threshold, and the mask written with the input's
-   shape, affine and header (``models.postprocess``), with the tumour volume in millilitres.
+   shape, affine and header (``neurofed.models.postprocess``), with the tumour volume in millilitres.
 
 Input requirements (as BraTS provides them): skull-stripped, the modalities co-registered to one
 grid. Raw DICOM must first be converted (e.g. dcm2niix), co-registered and skull-stripped.

@@ -10,7 +10,7 @@ Settings, and why (measured on 2 shared CPU cores, default UNet, 96^3 windows):
   goes (Conv 62-72 %, ConvTranspose 16-20 % of kernel time).
 - sequential execution and one inter-op thread: the graph is a chain, so parallel execution
   only adds scheduling; all threads go to intra-op (inside each convolution).
-- the export itself (``models.export.optimise_for_inference``) turns MONAI's single-slope PRelu
+- the export itself (``neurofed.models.export.optimise_for_inference``) turns MONAI's single-slope PRelu
   into LeakyRelu: onnxruntime's generic PRelu kernel was 14-15 % of the time, LeakyRelu is 1-4 %.
 - I/O binding with a caller-owned output array: the window's logits are written straight into a
   numpy array that torch then wraps without a copy.

@@ -1,8 +1,8 @@
 """The contract between the federation (edge node, coordinator) and the wire.
 
 The federation speaks in ``Message`` objects through an ``Endpoint``; it never sees topics,
-chunks, keys or paho. Two endpoints implement it: ``wire.mqtt.MqttEndpoint`` (the real,
-encrypted and signed MQTT 5 transport) and ``wire.memory.MemoryHub`` (in-process, for unit tests of
+chunks, keys or paho. Two endpoints implement it: ``neurofed.wire.mqtt.MqttEndpoint`` (the real,
+encrypted and signed MQTT 5 transport) and ``neurofed.wire.memory.MemoryHub`` (in-process, for unit tests of
 round logic; every behaviour that crosses the wire is also tested on the real broker).
 
 Routing is fixed by kind and role (see wire/PROTOCOL.md):
@@ -71,7 +71,7 @@ class Endpoint(ABC):
 
     @abstractmethod
     def start(self, timeout: float = 30.0) -> None:
-        """Connect (and subscribe); raise ``wire.errors.TransportError`` if that fails in time."""
+        """Connect (and subscribe); raise ``neurofed.wire.errors.TransportError`` if that fails in time."""
 
     @abstractmethod
     def close(self) -> None:
@@ -90,7 +90,7 @@ class Endpoint(ABC):
         wait: bool = True,
     ) -> str:
         """Seal, sign, chunk and publish; return the message id once the broker acknowledged every
-        chunk (QoS 1). Raises ``wire.errors.TransportError`` on timeout or a payload the broker
+        chunk (QoS 1). Raises ``neurofed.wire.errors.TransportError`` on timeout or a payload the broker
         cannot take, ``ValueError`` if this participant may not send ``kind``.
 
         ``wait=False`` returns once the chunks are handed to the client, without waiting for the
@@ -103,7 +103,7 @@ class Endpoint(ABC):
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until the broker acknowledged every chunk sent so far, then finish what a waiting
         ``send`` finishes after its acknowledgements (a retained MODEL's older rounds are deleted).
-        Raises ``wire.errors.TransportError`` on timeout. Endpoints that deliver synchronously
+        Raises ``neurofed.wire.errors.TransportError`` on timeout. Endpoints that deliver synchronously
         have nothing to wait for."""
 
     @abstractmethod

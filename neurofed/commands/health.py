@@ -5,7 +5,7 @@ exists": an edge node or coordinator that cannot reach its broker, a broker whos
 down, an MLflow server whose /health does not answer, or an agent whose heartbeat file has gone
 stale all report unhealthy. The role, bundle and state folder default to what the container's own
 command line says (``/proc/1/cmdline``: ``neurofed edge --bundle /bundle ...``), so the image needs one
-HEALTHCHECK for every role. Standard library only (plus ``wire.bundle`` for participant bundles):
+HEALTHCHECK for every role. Standard library only (plus ``neurofed.wire.bundle`` for participant bundles):
 it runs every 30 s and must start fast.
 """
 

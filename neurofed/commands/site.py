@@ -1,6 +1,6 @@
 """``neurofed site``: run this hospital's edge node as a Docker container (up, status, logs, down).
 
-Thin over ``edge_node.launcher`` (the Docker SDK): one command instead of a long ``docker run`` line,
+Thin over ``neurofed.edge_node.launcher`` (the Docker SDK): one command instead of a long ``docker run`` line,
 with the scans mounted read-only, the bundle handed to the non-root container user, state on a
 named volume, restart policy ``unless-stopped`` and, with ``--gpus``, a GPU device request.
 """

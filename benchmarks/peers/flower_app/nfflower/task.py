@@ -2,7 +2,7 @@
 
 ``benchmarks.peer_compare`` writes ``task.json`` (data folder, model config, initial weights, where
 to record timelines and the round-1 check files) and passes its path as the run config key
-``task-file``. The clients train with the kit's own ``edge_node.training.LocalTrainer``, so Flower
+``task-file``. The clients train with the kit's own ``neurofed.edge_node.training.LocalTrainer``, so Flower
 runs exactly the training neurofed runs.
 """
 

@@ -1,5 +1,5 @@
 """FLARE client script (Client API, run in-process by ``ClientAPIExecutor``): one site, training and
-scoring with the kit's own ``edge_node.training.LocalTrainer``.
+scoring with the kit's own ``neurofed.edge_node.training.LocalTrainer``.
 
 Per round, as a neurofed site does: score the received global model on the site's validation
 cases, train one local epoch from it, send the new weights back with the number of training
