@@ -24,6 +24,7 @@ import platform
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import CpuTrace, emit, gaps
@@ -31,7 +32,7 @@ from benchmarks.common import proc_status_kb as _rss_kb
 from benchmarks.common import union_seconds as _union
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=10)
     ap.add_argument("--cases-per-site", type=int, default=4)
@@ -43,23 +44,39 @@ def main(argv: list[str] | None = None) -> dict:
         "--fp16", action="store_true", help="send models and updates in half precision (coordinator --fp16)"
     )
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
 
+@dataclass
+class FederationRun:
+    """What one federation of real processes left behind for the figures."""
+
+    work: Path
+    sites: list[str]
+    summary: dict
+    cfg: dict
+    rc: int
+    setup_s: float
+    cpu: CpuTrace
+    peak_sum_rss_kb: int
+    hwm: dict[int, int]
+
+
+def run_federation(args: argparse.Namespace) -> FederationRun:
+    """Data, provisioning, a private broker, N edge processes and the coordinator, sampled for
+    memory (every 0.25 s) and CPU per process group (every 0.05 s) until the coordinator exits."""
     from neurofed.coordinator.init_weights import initial_weights
+    from neurofed.coordinator.state import StateStore
     from neurofed.launch.local import (
         Broker,
         child_env,
         free_port,
         make_data,
         provision_sites,
-        read_events,
         spawn,
         spawn_site,
         wait_for,
     )
-    from neurofed.coordinator.state import StateStore
     from neurofed.models.config import preset
 
     work = Path(args.out or tempfile.mkdtemp(prefix="nf-overhead-"))
@@ -116,36 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         wait_for(
             lambda: all((work / f"{s}-state" / "status.json").is_file() for s in sites), 600, "sites", procs
         )
-        coord = spawn(
-            "coordinator",
-            [
-                "-v",
-                "coordinator",
-                "--bundle",
-                str(work / "bundles" / "coordinator"),
-                "--rounds",
-                str(args.rounds),
-                "--round-timeout",
-                "1800",
-                "--strategy",
-                "fedavg",
-                "--local-epochs",
-                str(args.epochs),
-                "--model-size",
-                args.model,
-                "--patch-size",
-                str(args.shape),
-                "--spacing",
-                str(summary["spacing"][0]),
-                "--init-weights",
-                str(init),
-                "--state",
-                str(work / "coordinator-state"),
-            ]
-            + (["--fp16"] if args.fp16 else []),
-            logs,
-            child_env(),
-        )
+        coord = spawn("coordinator", coordinator_args(args, work, summary, init), logs, child_env())
         procs.append(coord)
         rc = coord.wait(3600)
     finally:
@@ -155,18 +143,44 @@ def main(argv: list[str] | None = None) -> dict:
         for p in procs:
             p.stop(10)
         broker.stop()
+    return FederationRun(work, sites, summary, cfg, rc, setup_s, cpu, peak["sum_rss_kb"], hwm)
 
-    events = read_events(work / "coordinator-state")
-    announce = {e["round"]: e["t"] for e in events if e["event"] == "announce"}
-    closed = {e["round"]: e["t"] for e in events if e["event"] == "round"}
-    intervals: list[dict] = []  # work: evaluating and training
-    uploads: list[dict] = []  # the sites' encode, send and store (write + fsync, beside the send)
+
+def coordinator_args(args: argparse.Namespace, work: Path, summary: dict, init: Path) -> list[str]:
+    return [
+        "-v", "coordinator",
+        "--bundle", str(work / "bundles" / "coordinator"),
+        "--rounds", str(args.rounds),
+        "--round-timeout", "1800",
+        "--strategy", "fedavg",
+        "--local-epochs", str(args.epochs),
+        "--model-size", args.model,
+        "--patch-size", str(args.shape),
+        "--spacing", str(summary["spacing"][0]),
+        "--init-weights", str(init),
+        "--state", str(work / "coordinator-state"),
+    ] + (["--fp16"] if args.fp16 else [])  # fmt: skip
+
+
+def read_timelines(work: Path, sites: list[str]) -> tuple[list[dict], list[dict]]:
+    """The sites' work intervals (training and scoring) and their upload steps (encode, send,
+    store beside the send)."""
+    intervals: list[dict] = []
+    uploads: list[dict] = []
     for s in sites:
         tl = work / f"{s}-state" / "timeline.jsonl"
         if tl.is_file():
             for rec in map(json.loads, tl.read_text().splitlines()):
                 (intervals if rec.get("what", "train") in ("train", "evaluate") else uploads).append(rec)
-    rounds = []
+    return intervals, uploads
+
+
+def round_rows(run: FederationRun, events: list[dict], rounds: int) -> list[dict]:
+    """One row per round: wall and busy time, the overhead, and where the idle time went."""
+    announce = {e["round"]: e["t"] for e in events if e["event"] == "announce"}
+    closed = {e["round"]: e["t"] for e in events if e["event"] == "round"}
+    intervals, uploads = read_timelines(run.work, run.sites)
+    rows = []
     for r in sorted(closed):
         if r not in announce:
             continue
@@ -179,77 +193,103 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         busy = _union(inside)
         wall = nxt - a
-        idle_windows = gaps((a, nxt), inside)
-        mine = [i for i in intervals if i["round"] == r]
-        # what the round closes on: updates in a training round (the sites' scores of the model
-        # follow, beside the upload), metrics in the evaluation-only round
         row = {
             "round": r,
             "wall_s": round(wall, 3),
             "busy_s": round(busy, 3),
             "overhead": round(1 - busy / wall, 4) if wall > 0 else None,
-            "train": r <= args.rounds,
+            "train": r <= rounds,
         }
-        closes_on = "update" if row["train"] else "metrics"
-        got = [e["t"] for e in events if e.get("round") == r and e["event"] == closes_on]
-        # the round's own work: training (the evaluation-only round: scoring)
-        work = [i for i in mine if i.get("what", "train") == ("train" if row["train"] else "evaluate")]
-        if work and got:
-            first, last = min(i["start"] for i in work), max(i["end"] for i in work)
-            # the round's stages outside its own work: announcement until the first site starts,
-            # the last site's end until the coordinator holds every result, closing (aggregate +
-            # persist), announcing the next round (encode, seal, publish). ``idle`` is the time no
-            # site works at all: less than their sum where the sites' scores of the model (sent
-            # after the update) run during them.
-            row["breakdown_s"] = {
-                "start": round(first - a, 3),
-                "last_result": round(max(got) - last, 3),
-                "close": round(b - max(got), 3),
-                "announce_next": round(nxt - b, 3),
-                "idle": round(wall - busy, 3),
-            }
-            # What ran while no site worked, in CPU seconds, and how many of the machine's cores
-            # that kept busy: near all of them says the idle time is work (moving and opening
-            # updates and the next model), not waiting.
-            used = cpu.used(idle_windows)
-            idle_s = wall - busy
-            row["idle_cpu_s"] = {g: round(v, 3) for g, v in sorted(used.items())}
-            row["idle_cpu_cores"] = round(sum(used.values()) / idle_s, 2) if idle_s > 0.05 else None
-            # from the close until the first site trains the next round: no site can work, the
-            # next model is on its way (encode, seal, publish, the broker's fan-out, opening)
-            nxt_train = [
-                i["start"] for i in intervals if i["round"] == r + 1 and i.get("what", "train") == "train"
-            ]
-            if nxt_train:
-                row["breakdown_s"]["next_model_s"] = round(min(nxt_train) - b, 3)
-            # the last site to finish training: its store and send, and the wire's delivery after
-            last_site = max(
-                (i for i in mine if i.get("what") == "train"), key=lambda i: i["end"], default=None
-            )
-            if last_site is not None:
-                ups = {u["what"]: u for u in uploads if u["round"] == r and u["site"] == last_site["site"]}
-                arrived = [
-                    e["t"]
-                    for e in events
-                    if e.get("round") == r and e["event"] == "update" and e.get("site") == last_site["site"]
-                ]
-                if "encode" in ups and "send" in ups and arrived:
-                    row["last_site_s"] = {
-                        "encode": round(ups["encode"]["end"] - ups["encode"]["start"], 3),
-                        "to_send": round(ups["send"]["start"] - ups["encode"]["end"], 3),
-                        "send": round(ups["send"]["end"] - ups["send"]["start"], 3),
-                        "coordinator_has_it": round(arrived[0] - ups["send"]["end"], 3),
-                    }
-                    if "store" in ups:  # the update file's write + fsync, while it is sent
-                        row["last_site_s"]["store_beside_send"] = round(
-                            ups["store"]["end"] - ups["store"]["start"], 3
-                        )
-            ann = next((e for e in events if e["event"] == "announce" and e["round"] == r + 1), None)
-            if ann is not None and "model_s" in ann:
-                row["announce_next_s"] = {
-                    k: ann[k] for k in ("encode_s", "model_s", "task_s", "acked_s") if k in ann
-                }
-        rounds.append(row)
+        _add_breakdown(row, events, intervals, uploads, run.cpu, (a, b, nxt), gaps((a, nxt), inside))
+        rows.append(row)
+    return rows
+
+
+def _add_breakdown(
+    row: dict,
+    events: list[dict],
+    intervals: list[dict],
+    uploads: list[dict],
+    cpu: CpuTrace,
+    window: tuple[float, float, float],
+    idle_windows: list,
+) -> None:
+    """The round's stages outside its own work, the CPU that ran while no site worked, and the
+    last site's way to the coordinator."""
+    r = row["round"]
+    a, b, nxt = window
+    wall, busy = row["wall_s"], row["busy_s"]
+    mine = [i for i in intervals if i["round"] == r]
+    # what the round closes on: updates in a training round (the sites' scores of the model
+    # follow, beside the upload), metrics in the evaluation-only round
+    closes_on = "update" if row["train"] else "metrics"
+    got = [e["t"] for e in events if e.get("round") == r and e["event"] == closes_on]
+    # the round's own work: training (the evaluation-only round: scoring)
+    own = [i for i in mine if i.get("what", "train") == ("train" if row["train"] else "evaluate")]
+    if not (own and got):
+        return
+    first, last = min(i["start"] for i in own), max(i["end"] for i in own)
+    # the round's stages outside its own work: announcement until the first site starts,
+    # the last site's end until the coordinator holds every result, closing (aggregate +
+    # persist), announcing the next round (encode, seal, publish). ``idle`` is the time no
+    # site works at all: less than their sum where the sites' scores of the model (sent
+    # after the update) run during them.
+    row["breakdown_s"] = {
+        "start": round(first - a, 3),
+        "last_result": round(max(got) - last, 3),
+        "close": round(b - max(got), 3),
+        "announce_next": round(nxt - b, 3),
+        "idle": round(wall - busy, 3),
+    }
+    # What ran while no site worked, in CPU seconds, and how many of the machine's cores
+    # that kept busy: near all of them says the idle time is work (moving and opening
+    # updates and the next model), not waiting.
+    used = cpu.used(idle_windows)
+    idle_s = wall - busy
+    row["idle_cpu_s"] = {g: round(v, 3) for g, v in sorted(used.items())}
+    row["idle_cpu_cores"] = round(sum(used.values()) / idle_s, 2) if idle_s > 0.05 else None
+    # from the close until the first site trains the next round: no site can work, the
+    # next model is on its way (encode, seal, publish, the broker's fan-out, opening)
+    nxt_train = [i["start"] for i in intervals if i["round"] == r + 1 and i.get("what", "train") == "train"]
+    if nxt_train:
+        row["breakdown_s"]["next_model_s"] = round(min(nxt_train) - b, 3)
+    last_site = max((i for i in mine if i.get("what") == "train"), key=lambda i: i["end"], default=None)
+    if last_site is not None:
+        _add_last_site(row, events, uploads, last_site)
+    ann = next((e for e in events if e["event"] == "announce" and e["round"] == r + 1), None)
+    if ann is not None and "model_s" in ann:
+        row["announce_next_s"] = {k: ann[k] for k in ("encode_s", "model_s", "task_s", "acked_s") if k in ann}
+
+
+def _add_last_site(row: dict, events: list[dict], uploads: list[dict], last_site: dict) -> None:
+    """The last site to finish training: its encode, store and send, and the wire's delivery."""
+    r = row["round"]
+    ups = {u["what"]: u for u in uploads if u["round"] == r and u["site"] == last_site["site"]}
+    arrived = [
+        e["t"]
+        for e in events
+        if e.get("round") == r and e["event"] == "update" and e.get("site") == last_site["site"]
+    ]
+    if "encode" in ups and "send" in ups and arrived:
+        row["last_site_s"] = {
+            "encode": round(ups["encode"]["end"] - ups["encode"]["start"], 3),
+            "to_send": round(ups["send"]["start"] - ups["encode"]["end"], 3),
+            "send": round(ups["send"]["end"] - ups["send"]["start"], 3),
+            "coordinator_has_it": round(arrived[0] - ups["send"]["end"], 3),
+        }
+        if "store" in ups:  # the update file's write + fsync, while it is sent
+            row["last_site_s"]["store_beside_send"] = round(ups["store"]["end"] - ups["store"]["start"], 3)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from neurofed.launch.local import read_events
+
+    run = run_federation(args)
+    events = read_events(run.work / "coordinator-state")
+    rounds = round_rows(run, events, args.rounds)
     train_rounds = [x for x in rounds if x["train"]]
     steady = train_rounds[1:] or train_rounds
     result = {
@@ -261,18 +301,18 @@ def main(argv: list[str] | None = None) -> dict:
             "platform": platform.platform(),
         },
         "config": {
-            "sites": len(sites),
-            "cases": summary["sites"],
-            "shape": list(shape),
+            "sites": len(run.sites),
+            "cases": run.summary["sites"],
+            "shape": [args.shape] * 3,
             "model": args.model,
-            "channels": cfg["channels"],
+            "channels": run.cfg["channels"],
             "rounds": args.rounds,
             "local_epochs": args.epochs,
             "strategy": "fedavg",
             "fp16": args.fp16,
         },
-        "coordinator_exit": rc,
-        "setup_s": round(setup_s, 1),
+        "coordinator_exit": run.rc,
+        "setup_s": round(run.setup_s, 1),
         "rounds": rounds,
         "overhead_round1": train_rounds[0]["overhead"] if train_rounds else None,
         "overhead_steady_mean": round(sum(x["overhead"] for x in steady) / len(steady), 4)
@@ -284,9 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
             [x["breakdown_s"].get("next_model_s") for x in steady if "breakdown_s" in x]
         ),
         "idle_cpu_cores_steady_median": _median([x.get("idle_cpu_cores") for x in steady]),
-        "peak_sum_rss_gb": round(peak["sum_rss_kb"] / 1024**2, 3),
-        "sum_of_process_hwm_gb": round(sum(hwm.values()) / 1024**2, 3),
-        "processes": len(hwm),
+        "peak_sum_rss_gb": round(run.peak_sum_rss_kb / 1024**2, 3),
+        "sum_of_process_hwm_gb": round(sum(run.hwm.values()) / 1024**2, 3),
+        "processes": len(run.hwm),
     }
     # the peers' task keeps the plain name; other models get their own file
     name = "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}"

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args(argv)
 
-    from neurofed.launch.local import make_data
     from neurofed.experiment import Arms, Profile, run_federated_arm
+    from neurofed.launch.local import make_data
     from neurofed.wire.payload import encode_state
 
     work = Path(args.out or tempfile.mkdtemp(prefix="nf-fp16-"))

@@ -23,11 +23,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="20,100", help="payload sizes in MiB")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    from tests.fixtures.broker import BrokerInfo, provision_federation
     from neurofed.wire.api import MessageKind
     from neurofed.wire.chunking import packet_size
     from neurofed.wire.mqtt import MqttEndpoint
     from neurofed.wire.sealing import seal_message
+    from tests.fixtures.broker import BrokerInfo, provision_federation
 
     pub, sub = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
     results: dict[str, dict] = {}

@@ -475,9 +475,23 @@ class Coordinator:
         self._event("done", round=r)
 
     def _round(self, r: int, *, train: bool) -> RoundResult:
+        """One round: announce, collect until every expected site answered (or quorum at the
+        deadline), take in what arrived late, then aggregate, persist and register."""
         t0 = self.clock()
-        t0_wall = time.time()
         res = RoundResult(round=r, train=train)
+        digest, deadline, connections = self._open_round(r, train)
+        self._collect(r, train, digest, res, deadline, connections)
+        self._drain_late(r, train, digest, res)
+        if train:
+            self._close_training(r, res, t0)
+        res.seconds = self.clock() - t0
+        self._log_closed(r, res)
+        return res
+
+    def _open_round(self, r: int, train: bool) -> tuple[str, float, int]:
+        """Encode and announce round ``r``'s model and task; returns its digest, the deadline and
+        the connection count read before announcing."""
+        t0_wall = time.time()
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
         model_payload = self._encode_model()
@@ -507,6 +521,13 @@ class Coordinator:
             self.cfg.round_timeout,
         )
         self._send_receipts(r, [], [])
+        return digest, deadline, connections
+
+    def _collect(
+        self, r: int, train: bool, digest: str, res: RoundResult, deadline: float, connections: int
+    ) -> None:
+        """Take in updates (or scores) until every expected site answered, or the offline rest
+        leave a quorum, or the deadline passes with one (it is extended otherwise)."""
         expected = set(self.cfg.expected_sites)
         last_receipts = self.clock()
 
@@ -530,19 +551,7 @@ class Coordinator:
             if now >= deadline:
                 if len(have()) >= self.cfg.min_sites:
                     break
-                res.extensions += 1
-                if res.extensions > self.cfg.max_extensions:
-                    raise CoordinatorError(f"round {r}: quorum of {self.cfg.min_sites} never reached")
-                deadline = now + self.cfg.round_timeout
-                log.warning(
-                    "round %d: deadline passed with %d of %d required sites; extending by %.0f s",
-                    r,
-                    len(have()),
-                    self.cfg.min_sites,
-                    self.cfg.round_timeout,
-                )
-                self._send_task(r, train, deadline, digest, self._task_meta["sites"])
-                self._event("extend", round=r, deadline=deadline, have=sorted(have()))
+                deadline = self._extend(r, train, digest, res, sorted(have()), now)
             if now - last_receipts >= self.cfg.receipt_interval:
                 self._send_receipts(r, list(res.cases), list(res.metrics))
                 last_receipts = now
@@ -562,7 +571,28 @@ class Coordinator:
                 # each would be ten signed broadcasts the sites wake for, on the round's critical path
                 self._send_receipts(r, list(res.cases), list(res.metrics))
                 last_receipts = self.clock()
-        # close: anything still queued for this round is late
+
+    def _extend(
+        self, r: int, train: bool, digest: str, res: RoundResult, have: list[str], now: float
+    ) -> float:
+        """The deadline passed without a quorum: extend it (at most ``max_extensions`` times)."""
+        res.extensions += 1
+        if res.extensions > self.cfg.max_extensions:
+            raise CoordinatorError(f"round {r}: quorum of {self.cfg.min_sites} never reached")
+        deadline = now + self.cfg.round_timeout
+        log.warning(
+            "round %d: deadline passed with %d of %d required sites; extending by %.0f s",
+            r,
+            len(have),
+            self.cfg.min_sites,
+            self.cfg.round_timeout,
+        )
+        self._send_task(r, train, deadline, digest, self._task_meta["sites"])
+        self._event("extend", round=r, deadline=deadline, have=have)
+        return deadline
+
+    def _drain_late(self, r: int, train: bool, digest: str, res: RoundResult) -> None:
+        """Close the round: anything still queued for it is late; then receipts and scores."""
         self.closed_round = r
         while True:
             msg = self.ep.receive(timeout=0)
@@ -573,40 +603,43 @@ class Coordinator:
         res.sites = sorted(res.cases)
         self._send_receipts(r, list(res.cases), list(res.metrics))
         self._forward_pending()
-        if train and not set(res.metrics) >= expected:
+        if train and not set(res.metrics) >= set(self.cfg.expected_sites):
             self._evaluating = res  # the rest of the sites' scores of model r-1 are on their way
         else:
             self._forward_metrics(r, res)
-        if train:
-            new = self.strategy.result()
-            if new is None:
-                log.warning("round %d: no usable update; keeping the previous global model", r)
-            else:
-                self.weights = new
-                res.aggregated = True
-                if self._optimizer_mean is not None:
-                    self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
-            self._optimizer_mean = None
-            fault_point("after-aggregate", r)
-            self._extra_state.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
-            self._persist(r, self._extra())
-            self.completed = r
-            fault_point("after-persist", r)
-            res.seconds = self.clock() - t0
-            if self.registrar is not None:
-                self.registrar.log_round(
-                    r,
-                    {
-                        "sites": float(len(res.sites)),
-                        "cases": float(res.num_cases),
-                        "rejected": float(len(res.rejected)),
-                        "round_seconds": res.seconds,
-                        "bytes_received": float(res.bytes_received),
-                    },
-                )
-                if res.aggregated:
-                    self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
+
+    def _close_training(self, r: int, res: RoundResult, t0: float) -> None:
+        """Aggregate, persist (before anything announces the next round), then register."""
+        new = self.strategy.result()
+        if new is None:
+            log.warning("round %d: no usable update; keeping the previous global model", r)
+        else:
+            self.weights = new
+            res.aggregated = True
+            if self._optimizer_mean is not None:
+                self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
+        self._optimizer_mean = None
+        fault_point("after-aggregate", r)
+        self._extra_state.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
+        self._persist(r, self._extra())
+        self.completed = r
+        fault_point("after-persist", r)
         res.seconds = self.clock() - t0
+        if self.registrar is not None:
+            self.registrar.log_round(
+                r,
+                {
+                    "sites": float(len(res.sites)),
+                    "cases": float(res.num_cases),
+                    "rejected": float(len(res.rejected)),
+                    "round_seconds": res.seconds,
+                    "bytes_received": float(res.bytes_received),
+                },
+            )
+            if res.aggregated:
+                self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
+
+    def _log_closed(self, r: int, res: RoundResult) -> None:
         self._event(
             "round", **{k: v for k, v in asdict(res).items() if k != "rejected"}, rejected=res.rejected
         )
@@ -619,7 +652,6 @@ class Coordinator:
             len(res.rejected),
             res.seconds,
         )
-        return res
 
     def _forward_pending(self) -> None:
         """Forward the previous round's evaluations, however many arrived."""

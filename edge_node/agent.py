@@ -284,10 +284,38 @@ class SiteAgent:
         return self.trainer
 
     def _work(self, stop: threading.Event | None) -> None:
+        """Do what the current task asks, as far as it can go now: train, store and send the
+        update while scoring the round's model beside the send, or only score it."""
+        ready = self._ready_task()
+        if ready is None:
+            return
+        task, model, r, rs = ready
+        trainer = self._trainer_for(task)
+        rs["task_digest"] = model[1]
+        if not bool(task.get("train", True)):
+            # evaluation only: the round closes on these scores
+            if not rs.get("metrics_sent"):
+                self._report(r, rs, model[1], self._score_now(trainer, model, None, r), stop)
+                self._set_status(state="evaluated", round=r)
+            return
+        state_dict = None
+        path = self._update_path(r)
+        if not (rs.get("update_stored") and path.is_file()):
+            state_dict = self._train_and_store(task, model, r, rs, trainer, path)
+        ev = self._send_scoring_beside(trainer, state_dict, r, rs, stop)
+        if not rs.get("metrics_sent"):
+            if ev is None:  # restarted after the update was stored or sent: score the model now
+                ev = self._score_now(trainer, model, state_dict, r)
+            self._report(r, rs, model[1], ev, stop)
+            self._set_status(state="sent", round=r)
+
+    def _ready_task(self) -> tuple[dict[str, Any], tuple[int, str, bytes], int, dict[str, Any]] | None:
+        """The current task with its model, round and round state, when the model for it is here
+        (``None`` otherwise, with the status saying what the site waits for)."""
         task = self.task
         model = self.models.get(str((task or {}).get("model_digest")))
         if task is None or task.get("done"):
-            return
+            return None
         r = int(task["round"])
         rs = self._round_state(r)
         if rs.get("task_digest") not in (None, task.get("model_digest")):
@@ -300,69 +328,74 @@ class SiteAgent:
         if model is None or model[0] != r or model[1] != task.get("model_digest"):
             if not rs.get("update_sent"):
                 self._set_status(state="waiting-for-model", round=r)
-            return
-        trainer = self._trainer_for(task)
-        rs["task_digest"] = model[1]
-        train = bool(task.get("train", True))
-        site_cfg = dict(task.get("sites", {}).get(self.site, {}))
-        state_dict = optimizer_state = None
-        if not train:
-            # evaluation only: the round closes on these scores
-            if not rs.get("metrics_sent"):
-                self._report(r, rs, model[1], self._score_now(trainer, model, None, r), stop)
-                self._set_status(state="evaluated", round=r)
-            return
-        path = self._update_path(r)
-        if not (rs.get("update_stored") and path.is_file()):
-            self._set_status(state="training", round=r)
-            if state_dict is None:
-                state_dict, optimizer_state = self._decode_model(model[2])
-            epochs = float(site_cfg.get("epochs", task.get("epochs", 1)))  # 0.5: half an epoch
-            mu = float(site_cfg.get("mu", 0.0))
-            t0 = time.time()
-            treatment = task.get("site_optimizer", "reset")
-            extra: dict[str, Any] = {}
-            if treatment == "continue-global":  # start from the federation's Adam state, return ours
-                extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
-            result = trainer.train(
-                state_dict,
-                epochs,
-                prox_mu=mu,
-                keep_optimizer=treatment == "continue-local",
-                lr_scale=float(site_cfg.get("lr_scale", 1.0)),
-                **extra,
-            )
-            t1 = time.time()
-            self._timeline("train", r, t0, t1)
-            from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
+            return None
+        return task, model, r, rs
 
-            if bool(task.get("fp16", self.fp16)):
-                # Half precision carries the change, not the weights: a change of ~1e-3 keeps
-                # ~1e-6 of it in fp16, where the weights themselves would lose ~1e-4; the
-                # coordinator adds it to its fp32 weights (mixed-precision master weights).
-                payload = encode_state(weight_delta(result.state_dict, state_dict), fp16=True)
-                rs["encoding"] = UPDATE_ENCODING_FP16_DELTA
-            else:
-                payload = encode_state(
-                    {**result.state_dict, **(getattr(result, "optimizer_state", None) or {})}
-                )
-                rs.pop("encoding", None)
-            self._timeline("encode", r, t1, time.time())
-            # The file is for resends after a restart; it is written and fsynced while the update
-            # is on its way (sent from memory), not before: the write would sit on the round's
-            # critical path. update_stored is recorded only once the file is durable.
-            self._storing = (r, self._store_async(r, path, payload))
-            self._fresh_update = (r, payload)
-            rs.update(
-                num_cases=int(result.num_cases),
-                loss=float(result.loss),
-                model_digest=model[1],
-                train_seconds=float(t1 - t0),
-                local_steps=int(getattr(result, "steps", 0)) or None,  # 0: the trainer does not say
-            )
-            # no state save here: until the file is durable a restart retrains anyway, and an
-            # fsync now would queue behind the update file's and hold up the send
-            del result, payload  # the encoded update is all that travels on: not beside scoring
+    def _train_and_store(
+        self,
+        task: dict[str, Any],
+        model: tuple[int, str, bytes],
+        r: int,
+        rs: dict[str, Any],
+        trainer: Trainer,
+        path: Path,
+    ) -> Any:
+        """Train from the round's model, encode the update and start storing it (for resends
+        after a restart) while it is sent from memory. Returns the round's model weights."""
+        self._set_status(state="training", round=r)
+        site_cfg = dict(task.get("sites", {}).get(self.site, {}))
+        state_dict, optimizer_state = self._decode_model(model[2])
+        epochs = float(site_cfg.get("epochs", task.get("epochs", 1)))  # 0.5: half an epoch
+        mu = float(site_cfg.get("mu", 0.0))
+        t0 = time.time()
+        treatment = task.get("site_optimizer", "reset")
+        extra: dict[str, Any] = {}
+        if treatment == "continue-global":  # start from the federation's Adam state, return ours
+            extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
+        result = trainer.train(
+            state_dict,
+            epochs,
+            prox_mu=mu,
+            keep_optimizer=treatment == "continue-local",
+            lr_scale=float(site_cfg.get("lr_scale", 1.0)),
+            **extra,
+        )
+        t1 = time.time()
+        self._timeline("train", r, t0, t1)
+        from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
+
+        if bool(task.get("fp16", self.fp16)):
+            # Half precision carries the change, not the weights: a change of ~1e-3 keeps
+            # ~1e-6 of it in fp16, where the weights themselves would lose ~1e-4; the
+            # coordinator adds it to its fp32 weights (mixed-precision master weights).
+            payload = encode_state(weight_delta(result.state_dict, state_dict), fp16=True)
+            rs["encoding"] = UPDATE_ENCODING_FP16_DELTA
+        else:
+            payload = encode_state({**result.state_dict, **(getattr(result, "optimizer_state", None) or {})})
+            rs.pop("encoding", None)
+        self._timeline("encode", r, t1, time.time())
+        # The file is for resends after a restart; it is written and fsynced while the update
+        # is on its way (sent from memory), not before: the write would sit on the round's
+        # critical path. update_stored is recorded only once the file is durable.
+        self._storing = (r, self._store_async(r, path, payload))
+        self._fresh_update = (r, payload)
+        rs.update(
+            num_cases=int(result.num_cases),
+            loss=float(result.loss),
+            model_digest=model[1],
+            train_seconds=float(t1 - t0),
+            local_steps=int(getattr(result, "steps", 0)) or None,  # 0: the trainer does not say
+        )
+        # no state save here: until the file is durable a restart retrains anyway, and an
+        # fsync now would queue behind the update file's and hold up the send
+        del result, payload  # the encoded update is all that travels on: not beside scoring
+        return state_dict
+
+    def _send_scoring_beside(
+        self, trainer: Trainer, state_dict: Any, r: int, rs: dict[str, Any], stop: threading.Event | None
+    ) -> Any:
+        """Send the update if it has not gone yet; when the site has just trained, score the
+        round's model on this thread meanwhile. Returns that score, or ``None``."""
         ev = None
         try:
             if not rs.get("update_sent"):
@@ -380,11 +413,7 @@ class SiteAgent:
                     self._send_update(r, rs, stop=stop)
         finally:
             self._finish_store(r, rs)
-        if not rs.get("metrics_sent"):
-            if ev is None:  # restarted after the update was stored or sent: score the model now
-                ev = self._score_now(trainer, model, state_dict, r)
-            self._report(r, rs, model[1], ev, stop)
-            self._set_status(state="sent", round=r)
+        return ev
 
     def _sender(self) -> ThreadPoolExecutor:
         if self._send_pool is None:

@@ -360,7 +360,7 @@ def _as_3d(data: np.ndarray, path: Path, case: Case, problems: list[str]) -> np.
     return data
 
 
-def inspect_case(
+def inspect_case(  # noqa: C901, PLR0915 - one flat list of checks, each a few lines
     case: Case,
     modalities: Sequence[str] = ("flair",),
     *,

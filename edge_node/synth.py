@@ -147,7 +147,7 @@ class _Grid:
         return np.sqrt(((self.x - cx) / ax) ** 2 + ((self.y - cy) / ay) ** 2 + ((self.z - cz) / az) ** 2)
 
 
-def generate_case(
+def generate_case(  # noqa: PLR0915 - one anatomy, drawn step by step
     grid: _Grid, sig: SiteSignature, rng: np.random.Generator
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One synthetic subject seen by one site's scanner: ({modality: float32}, BraTS label uint8)."""

@@ -1,5 +1,9 @@
 """One registered model version per aggregated round, with the aliases a clinic deploys from.
 
+The registry room is split by job: ``names`` (model name, aliases, tags), ``packaging`` (the
+model folder), this module (registration, evaluation, aliases), ``retention`` and ``fetching``;
+the names of all of them are importable from here.
+
 Every round's global model becomes a version of ``<federation>-unet`` in MLflow's ONNX flavor
 (signature with -1 batch and spatial dims, a small input example, CPU execution provider unless
 CUDA is asked for, explicit pip requirements) plus its safetensors weights in the same artifact
@@ -29,11 +33,8 @@ Why these choices:
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,145 +43,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neurofed.mlflow_server.errors import ModelFetchError, ModelIntegrityError, RegistryError
+from neurofed.mlflow_server.errors import RegistryError
+from neurofed.mlflow_server.fetching import FetchedModel, fetch_model, read_round_config  # noqa: F401
+from neurofed.mlflow_server.names import (  # noqa: F401 - the registry's names, importable from here
+    CHAMPION,
+    LATEST_ALIAS,
+    MODEL_SUFFIX,
+    ONNX_FILE,
+    TAG_ARTIFACTS,
+    TAG_CASES,
+    TAG_CONFIG,
+    TAG_FED_RUN,
+    TAG_NUM_SITES,
+    TAG_ONNX_SHA,
+    TAG_ROUND,
+    TAG_SITES,
+    TAG_VAL_DICE,
+    TAG_WAS_CHAMPION,
+    TAG_WEIGHTS_SHA,
+    WEIGHTS_DIR,
+    WEIGHTS_FILE,
+    _now,
+    model_name,
+)
+from neurofed.mlflow_server.packaging import (  # noqa: F401
+    build_model_dir,
+    execution_providers,
+    input_example,
+    onnx_signature,
+    pip_requirements,
+)
+from neurofed.mlflow_server.retention import apply_retention  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-MODEL_SUFFIX = "-unet"
-CHAMPION = "champion"
-LATEST_ALIAS = "latest-round"  # "latest" is reserved by MLflow 3
-ONNX_FILE = "model.onnx"
-WEIGHTS_DIR = "weights"
-WEIGHTS_FILE = "model.safetensors"
-
-TAG_ROUND = "round"
-TAG_FED_RUN = "federation_run_id"
-TAG_SITES = "sites"
-TAG_NUM_SITES = "num_sites"
-TAG_CASES = "cases"
-TAG_CONFIG = "config_digest"
-TAG_WEIGHTS_SHA = "weights_sha256"
-TAG_ONNX_SHA = "onnx_sha256"
-TAG_VAL_DICE = "val_dice"
-TAG_WAS_CHAMPION = "was_champion"
-TAG_ARTIFACTS = "artifacts"
-
-
-def model_name(federation: str) -> str:
-    return f"{federation}{MODEL_SUFFIX}"
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------- building the model folder
-def onnx_signature(config: Any) -> Any:
-    """Input ``image`` (N, C, X, Y, Z) float32 and output ``logits`` (N, out, X, Y, Z), with -1 for
-    batch and spatial dims: the sliding window feeds any multiple of the UNet's stride product.
-    Written by hand, because a signature inferred from an example fixes its spatial size."""
-    import numpy as np
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from neurofed.models.export import INPUT_NAME, OUTPUT_NAME
-
-    f32 = np.dtype("float32")
-    return ModelSignature(
-        inputs=Schema([TensorSpec(f32, (-1, config.in_channels, -1, -1, -1), INPUT_NAME)]),
-        outputs=Schema([TensorSpec(f32, (-1, config.out_channels, -1, -1, -1), OUTPUT_NAME)]),
-    )
-
-
-def input_example(config: Any) -> Any:
-    """The smallest volume the UNet accepts (one stride product per side): a few KB in the registry."""
-    import numpy as np
-
-    from neurofed.models.unet import required_multiple
-
-    side = required_multiple(config)
-    return np.zeros((1, config.in_channels, side, side, side), dtype=np.float32)
-
-
-def pip_requirements() -> list[str]:
-    """Pinned to what ran here; explicit, because inferring them costs about 2 s per version."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    reqs = []
-    for dist in ("mlflow", "onnx", "onnxruntime", "numpy"):
-        try:
-            reqs.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            if dist == "onnxruntime":
-                try:
-                    reqs.append(f"onnxruntime-gpu=={version('onnxruntime-gpu')}")
-                except PackageNotFoundError:
-                    reqs.append("onnxruntime")
-            else:
-                reqs.append(dist)
-    return reqs
-
-
-def execution_providers(cuda: bool = False) -> list[str]:
-    """What the pyfunc loader will ask onnxruntime for: CPU only, or CUDA first when asked
-    (MLflow's default puts CUDA first and warns on every CPU load)."""
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-
-
-def build_model_dir(
-    weights_path: Path,
-    config: Any,
-    out_dir: Path,
-    *,
-    mlflow_model: Any = None,
-    metadata: Mapping[str, str] | None = None,
-    cuda: bool = False,
-) -> tuple[str, str]:
-    """Export ``weights_path`` to ONNX and save it as an MLflow ONNX-flavor folder at ``out_dir``
-    with the weights beside it. Returns ``(onnx_sha256, weights_sha256)``."""
-    import mlflow.onnx
-    import onnx
-
-    from neurofed.models.checkpoint import file_sha256, load_weights
-    from neurofed.models.export import export_onnx
-
-    state, file_config, _ = load_weights(weights_path)
-    if file_config.digest() != config.digest():
-        raise RegistryError(
-            f"{weights_path}: weights carry model config {file_config.digest()} but the round was "
-            f"registered with {config.digest()}; pass the config the weights were trained with"
-        )
-    with tempfile.TemporaryDirectory(prefix="nf-export-") as tmp:
-        exported = export_onnx(state, config, Path(tmp) / ONNX_FILE, metadata=dict(metadata or {}))
-        proto = onnx.load(str(exported))  # a fresh object: save_model may mutate what it is given
-        n_init = len(proto.graph.initializer)
-        mlflow.onnx.save_model(
-            proto,
-            str(out_dir),
-            mlflow_model=mlflow_model,
-            signature=onnx_signature(config),
-            input_example=input_example(config),
-            pip_requirements=pip_requirements(),
-            onnx_execution_providers=execution_providers(cuda),
-            metadata=dict(metadata or {}),
-            save_as_external_data=False,
-        )
-    onnx_path = out_dir / ONNX_FILE
-    # The trap: a version registered without weights only warns. Reload and count.
-    reloaded = onnx.load(str(onnx_path))
-    if (
-        n_init == 0
-        or len(reloaded.graph.initializer) != n_init
-        or any(init.data_location == onnx.TensorProto.EXTERNAL for init in reloaded.graph.initializer)
-    ):
-        raise RegistryError(
-            f"{onnx_path}: saved ONNX model lost its weights ({len(reloaded.graph.initializer)} of "
-            f"{n_init} initializers inline); not registering it"
-        )
-    wdir = out_dir / WEIGHTS_DIR
-    wdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights_path, wdir / WEIGHTS_FILE)
-    return file_sha256(onnx_path), file_sha256(wdir / WEIGHTS_FILE)
 
 
 # --------------------------------------------------------------------------- descriptions
@@ -531,179 +426,3 @@ def record_evaluation(
         previous_champion=None if champion is None else str(champion.version),
         previous_dice=prev_dice,
     )
-
-
-# --------------------------------------------------------------------------- retention
-def apply_retention(
-    client: Any, federation: str, keep_last: int, tracking_uri: str | None = None
-) -> list[str]:
-    """Delete the artifacts (ONNX + weights) of versions older than the newest ``keep_last``,
-    except every version that ever was champion or holds an alias. Returns the pruned versions.
-
-    The version records stay, tagged ``artifacts=deleted``: their tags and descriptions are the
-    federation's promotion history (Dice per round, who beat whom), a few hundred bytes each,
-    while the artifacts are the megabytes. ``fetch_model`` refuses a pruned version clearly.
-    """
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    if keep_last < 1:
-        raise RegistryError(f"retention: keep_last must be at least 1, got {keep_last}")
-    name = model_name(federation)
-    versions = sorted(
-        client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version), reverse=True
-    )
-    pruned: list[str] = []
-    for mv in versions[keep_last:]:
-        if mv.aliases or mv.tags.get(TAG_WAS_CHAMPION) == "true" or mv.tags.get(TAG_ARTIFACTS) == "deleted":
-            continue
-        location = client.get_model_version_download_uri(name, mv.version)
-        try:
-            get_artifact_repository(location, tracking_uri=tracking_uri).delete_artifacts()
-        except Exception as exc:  # keep going: retention must never break a round
-            log.warning(
-                "retention: could not delete artifacts of %s v%s at %s: %s", name, mv.version, location, exc
-            )
-            continue
-        client.set_model_version_tag(name, mv.version, TAG_ARTIFACTS, "deleted")
-        client.set_model_version_tag(
-            name,
-            mv.version,
-            "artifacts_deleted",
-            f"{_now()} (retention: last {keep_last} versions + champions)",
-        )
-        pruned.append(str(mv.version))
-    if pruned:
-        log.info("retention: deleted artifacts of %s versions %s", name, ", ".join(pruned))
-    return pruned
-
-
-# --------------------------------------------------------------------------- fetch
-@dataclass(frozen=True)
-class FetchedModel:
-    """A model on local disk: the ONNX file, its weights if registered with them, and the sha256
-    the registry recorded for the ONNX file (None for a plain path)."""
-
-    onnx_path: Path
-    weights_path: Path | None
-    sha256_expected: str | None
-    uri: str = ""
-    version: str | None = None
-
-
-def _resolve_version(client: Any, uri: str) -> tuple[str, Any]:
-    from mlflow.exceptions import MlflowException
-
-    rest = uri[len("models:/") :].strip("/")
-    try:
-        if "/" in rest:
-            name, ref = rest.split("/", 1)
-            if ref.isdigit():
-                return name, client.get_model_version(name, ref)
-            if ref.lower() != "latest":
-                raise ModelFetchError(
-                    f"{uri}: stages are not used here; use models:/{name}@{CHAMPION}, "
-                    f"models:/{name}@{LATEST_ALIAS} or models:/{name}/<version>"
-                )
-            alias = "latest"
-        elif "@" in rest:
-            name, alias = rest.rsplit("@", 1)
-        else:
-            raise ModelFetchError(
-                f"{uri}: not a registered model URI; use models:/<name>@<alias> or models:/<name>/<version>"
-            )
-        if alias.lower() == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ModelFetchError(f"{uri}: registered model {name!r} has no versions")
-            return name, max(versions, key=lambda v: int(v.version))
-        return name, client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        raise ModelFetchError(
-            f"{uri}: cannot resolve it in the registry ({exc.message.splitlines()[0]}); check the model "
-            "name and alias in the MLflow UI"
-        ) from None
-
-
-def fetch_model(
-    uri_or_path: str | os.PathLike[str], dst_dir: str | os.PathLike[str], *, tracking_uri: str | None = None
-) -> FetchedModel:
-    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, download its folder into
-    ``dst_dir`` and check the ONNX file against the registered sha256. A plain path (an ``.onnx``
-    file or an MLflow model folder) passes through unchecked (``sha256_expected`` None).
-
-    ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``."""
-    from neurofed.models.checkpoint import file_sha256
-
-    text = str(uri_or_path)
-    if not text.startswith("models:/"):
-        path = Path(text)
-        if path.is_dir() and (path / ONNX_FILE).is_file():
-            weights = path / WEIGHTS_DIR / WEIGHTS_FILE
-            return FetchedModel(path / ONNX_FILE, weights if weights.is_file() else None, None, text)
-        if path.is_file():
-            return FetchedModel(path, None, None, text)
-        raise ModelFetchError(
-            f"{text}: no such ONNX file or model folder; give a path or a models:/<name>@<alias> URI"
-        )
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        raise ModelFetchError(
-            f"{text}: a models:/ URI needs the MLflow server: set MLFLOW_TRACKING_URI or --tracking-uri"
-        )
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name, mv = _resolve_version(client, text)
-    if mv.tags.get(TAG_ARTIFACTS) == "deleted":
-        raise ModelFetchError(
-            f"{text}: the artifacts of {name} v{mv.version} were deleted by the retention policy "
-            f"({mv.tags.get('artifacts_deleted', '')}); use models:/{name}@{CHAMPION} or a newer version"
-        )
-    expected = mv.tags.get(TAG_ONNX_SHA)
-    if not expected:
-        raise ModelFetchError(
-            f"{text}: {name} v{mv.version} has no {TAG_ONNX_SHA} tag, so its file cannot be checked; "
-            "it was not registered by neurofed"
-        )
-    dst = Path(dst_dir)
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        location = client.get_model_version_download_uri(name, mv.version)
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=location, dst_path=str(dst), tracking_uri=tracking_uri
-            )
-        )
-    except MlflowException as exc:
-        raise ModelFetchError(
-            f"{text}: download of {name} v{mv.version} failed ({exc.message.splitlines()[0]})"
-        ) from None
-    onnx_path = local / ONNX_FILE
-    if not onnx_path.is_file():
-        raise ModelFetchError(
-            f"{text}: {name} v{mv.version} has no {ONNX_FILE} in its artifacts ({location})"
-        )
-    actual = file_sha256(onnx_path)
-    if actual != expected:
-        raise ModelIntegrityError(
-            f"{text}: {onnx_path} has sha256 {actual} but {name} v{mv.version} was registered with {expected}; "
-            "the artifact store copy was altered or corrupted. Do not use it; re-register the round or "
-            "fetch another version"
-        )
-    weights = local / WEIGHTS_DIR / WEIGHTS_FILE
-    if (
-        weights.is_file()
-        and mv.tags.get(TAG_WEIGHTS_SHA)
-        and file_sha256(weights) != mv.tags[TAG_WEIGHTS_SHA]
-    ):
-        raise ModelIntegrityError(
-            f"{text}: {weights} does not match the registered weights sha256 of {name} v{mv.version}"
-        )
-    return FetchedModel(onnx_path, weights if weights.is_file() else None, expected, text, str(mv.version))
-
-
-def read_round_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a round config JSON written by the tracker (helper for tools and tests)."""
-    return json.loads(Path(path).read_text())

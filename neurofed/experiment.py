@@ -267,6 +267,7 @@ def run_federated_arm(
     """
     import torch
 
+    from neurofed.coordinator.state import StateStore
     from neurofed.launch.local import (
         Broker,
         child_env,
@@ -277,7 +278,6 @@ def run_federated_arm(
         spawn_site,
         wait_for,
     )
-    from neurofed.coordinator.state import StateStore
     from neurofed.models.checkpoint import load_weights, save_weights
     from neurofed.models.unet import build_unet
 

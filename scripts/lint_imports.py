@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,10 @@ def run(view_root: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(view_root), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run(
         [exe, "--no-cache", str(REPO / "pyproject.toml"), *args],
-        cwd=view_root, env=env, capture_output=True, text=True,
+        cwd=view_root,
+        env=env,
+        capture_output=True,
+        text=True,
     )
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from neurofed.coordinator.state import StateStore
 from neurofed.launch.local import (
     Broker,
     Proc,
@@ -35,7 +36,6 @@ from neurofed.launch.local import (
     spawn,
     wait_for,
 )
-from neurofed.coordinator.state import StateStore
 from tests.fixtures.broker import connection_ends
 from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F401 - fixtures
 

@@ -26,7 +26,10 @@ def _lint_module():
 
 def test_the_repository_keeps_every_import_contract():
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "lint_imports.py")], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "scripts" / "lint_imports.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 broken" in done.stdout

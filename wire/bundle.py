@@ -64,7 +64,7 @@ def _missing(path: Path, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if not (path / n).is_file()]
 
 
-def load_bundle(path: Path | str) -> Bundle:
+def load_bundle(path: Path | str) -> Bundle:  # noqa: C901 - one check per file of the bundle
     """Load and validate ``path`` (a participant's bundle folder); raise ProvisioningError saying
     what is missing or wrong and what to do."""
     path = Path(path)

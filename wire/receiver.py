@@ -247,7 +247,7 @@ class Receiver:
                 "topic-mismatch", f"header ({h.kind} r{h.round} {h.msg_id}#{f.index}) disagrees"
             )
 
-    def _decode(self, topic: str, data: bytes, retained: bool) -> Message | None:
+    def _decode(self, topic: str, data: bytes, retained: bool) -> Message | None:  # noqa: C901, PLR0915 - the frame's checks in protocol order
         if len(data) > self.max_frame_bytes:
             raise ProtocolError("over-size-limit", f"envelope of {len(data)} bytes")
         f = decode_frame(data)

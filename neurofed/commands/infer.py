@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from neurofed.models.export import read_onnx_config
     from neurofed.mlflow_server.resolve import resolve_model
+    from neurofed.models.export import read_onnx_config
     from neurofed.models.inference import InferenceSettings, discover_cases, run_inference
     from neurofed.models.onnx_session import create_session
 

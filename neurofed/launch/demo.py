@@ -125,30 +125,16 @@ def _view(settings: DemoSettings, sites: list[str], out: Path, coord: Proc | Non
 
 
 def run_demo(s: DemoSettings) -> int:
+    """Data, provisioning, broker, MLflow, N site agents and the coordinator, with a live view;
+    then the federated model's scores, where its files are and what to try next."""
     from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
 
     console = Console()
     t0 = time.time()
     out = Path(s.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    shape = (s.shape,) * 3
-    marker = data / "demo.json"
-    want = {"sites": s.sites, "cases": s.cases, "shape": list(shape)}
-    if marker.is_file() and json.loads(marker.read_text()).get("want") == want:
-        summary = json.loads(marker.read_text())["summary"]
-        console.print(f"[dim]reusing synthetic data in {data}[/]")
-    else:
-        with console.status(
-            f"writing {s.cases} synthetic cases for {s.sites} institutions ({s.shape}^3) ..."
-        ):
-            import shutil
-
-            shutil.rmtree(data, ignore_errors=True)
-            summary = make_data(data, s.sites, s.cases, shape)
-            marker.write_text(json.dumps({"want": want, "summary": summary}))
+    summary = _prepare_data(s, data, console)
     sites = sorted(summary["sites"])
     run_dir = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     port = free_port()
@@ -165,68 +151,111 @@ def run_demo(s: DemoSettings) -> int:
         mlflow_thread = threading.Thread(target=mlf.start, daemon=True)
         mlflow_thread.start()
 
-    procs: list[Proc] = []
-    for site in sites:
-        procs.append(spawn_site(site, run_dir / "bundles", data, run_dir, logs, verbose=True))
-    spacing = summary["spacing"][0]
+    procs: list[Proc] = [
+        spawn_site(site, run_dir / "bundles", data, run_dir, logs, verbose=True) for site in sites
+    ]
     coord: Proc | None = None
-    code = 1
     try:
-        with Live(console=console, refresh_per_second=2) as live:
-            note = "starting MLflow and the site agents"
-            while coord is None:
-                ready = all((run_dir / f"{x}-state" / "status.json").is_file() for x in sites)
-                mlflow_ready = mlflow_thread is None or not mlflow_thread.is_alive()
-                dead = [p.name for p in procs if not p.alive()]
-                if dead:
-                    raise SystemExit(f"edge process(es) {', '.join(dead)} exited; see {logs}")
-                if ready and mlflow_ready:
-                    uri = mlf.uri if mlf is not None else s.mlflow
-                    args = [
-                        "-v",
-                        "coordinator",
-                        "--bundle",
-                        str(run_dir / "bundles" / "coordinator"),
-                        "--rounds",
-                        str(s.rounds),
-                        "--min-sites",
-                        str(len(sites)),
-                        "--round-timeout",
-                        str(s.timeout),
-                        "--strategy",
-                        s.strategy,
-                        "--local-epochs",
-                        str(s.epochs),
-                        "--model-size",
-                        s.model,
-                        "--patch-size",
-                        str(s.shape),
-                        "--spacing",
-                        str(spacing),
-                        "--state",
-                        str(run_dir / "coordinator-state"),
-                    ]
-                    if uri:
-                        args += ["--mlflow", uri]
-                    if s.fp16:
-                        args.append("--fp16")
-                    if s.site_optimizer != "reset":
-                        args += ["--site-optimizer", s.site_optimizer]
-                    coord = spawn("coordinator", args, logs, child_env())
-                    procs.append(coord)
-                live.update(_view(s, sites, run_dir, coord, note, t0))
-                time.sleep(0.5)
-            while coord.alive():
-                live.update(_view(s, sites, run_dir, coord, "", t0))
-                time.sleep(0.5)
-            live.update(_view(s, sites, run_dir, coord, "", t0))
+        coord = _run_live(s, console, sites, run_dir, procs, mlf, mlflow_thread, summary["spacing"][0], t0)
         code = coord.popen.returncode
     finally:
         for p in procs:
             if p is not coord:
                 p.stop(timeout=10)
         broker.stop()
+    _print_results(s, console, run_dir, code, t0, mlf)
+    return int(code or 0)
 
+
+def _prepare_data(s: DemoSettings, data: Path, console: Any) -> dict[str, Any]:
+    """Synthetic institutions, reused when a previous demo wrote the same ones."""
+    shape = (s.shape,) * 3
+    marker = data / "demo.json"
+    want = {"sites": s.sites, "cases": s.cases, "shape": list(shape)}
+    if marker.is_file() and json.loads(marker.read_text()).get("want") == want:
+        console.print(f"[dim]reusing synthetic data in {data}[/]")
+        return json.loads(marker.read_text())["summary"]
+    with console.status(f"writing {s.cases} synthetic cases for {s.sites} institutions ({s.shape}^3) ..."):
+        import shutil
+
+        shutil.rmtree(data, ignore_errors=True)
+        summary = make_data(data, s.sites, s.cases, shape)
+        marker.write_text(json.dumps({"want": want, "summary": summary}))
+    return summary
+
+
+def _coordinator_args(
+    s: DemoSettings, run_dir: Path, sites: list[str], spacing: float, uri: str | None
+) -> list[str]:
+    args = [
+        "-v", "coordinator",
+        "--bundle", str(run_dir / "bundles" / "coordinator"),
+        "--rounds", str(s.rounds),
+        "--min-sites", str(len(sites)),
+        "--round-timeout", str(s.timeout),
+        "--strategy", s.strategy,
+        "--local-epochs", str(s.epochs),
+        "--model-size", s.model,
+        "--patch-size", str(s.shape),
+        "--spacing", str(spacing),
+        "--state", str(run_dir / "coordinator-state"),
+    ]  # fmt: skip
+    if uri:
+        args += ["--mlflow", uri]
+    if s.fp16:
+        args.append("--fp16")
+    if s.site_optimizer != "reset":
+        args += ["--site-optimizer", s.site_optimizer]
+    return args
+
+
+def _run_live(
+    s: DemoSettings,
+    console: Any,
+    sites: list[str],
+    run_dir: Path,
+    procs: list[Proc],
+    mlf: _Mlflow | None,
+    mlflow_thread: threading.Thread | None,
+    spacing: float,
+    t0: float,
+) -> Proc:
+    """Start the coordinator once every site agent and MLflow are up; show the live table until
+    the coordinator exits."""
+    from rich.live import Live
+
+    coord: Proc | None = None
+    logs = run_dir / "logs"
+    with Live(console=console, refresh_per_second=2) as live:
+        note = "starting MLflow and the site agents"
+        while coord is None:
+            ready = all((run_dir / f"{x}-state" / "status.json").is_file() for x in sites)
+            mlflow_ready = mlflow_thread is None or not mlflow_thread.is_alive()
+            dead = [p.name for p in procs if not p.alive()]
+            if dead:
+                raise SystemExit(f"edge process(es) {', '.join(dead)} exited; see {logs}")
+            if ready and mlflow_ready:
+                uri = mlf.uri if mlf is not None else s.mlflow
+                coord = spawn(
+                    "coordinator", _coordinator_args(s, run_dir, sites, spacing, uri), logs, child_env()
+                )
+                procs.append(coord)
+            live.update(_view(s, sites, run_dir, coord, note, t0))
+            time.sleep(0.5)
+        while coord.alive():
+            live.update(_view(s, sites, run_dir, coord, "", t0))
+            time.sleep(0.5)
+        live.update(_view(s, sites, run_dir, coord, "", t0))
+    return coord
+
+
+def _print_results(
+    s: DemoSettings, console: Any, run_dir: Path, code: int | None, t0: float, mlf: _Mlflow | None
+) -> None:
+    """The federated model's scores per site, the Dice by round, and where everything is."""
+    from rich.table import Table
+
+    logs = run_dir / "logs"
     events = read_events(run_dir / "coordinator-state")
     final = [e for e in events if e["event"] == "round" and not e.get("train")]
     table = Table(title=f"Federated model (round {s.rounds}) scored at each site, validation split")
@@ -243,34 +272,37 @@ def run_demo(s: DemoSettings) -> int:
     console.print(f"finished in {time.time() - t0:.0f} s (exit {code}); logs in {logs}")
     console.print(f"model weights per round: {run_dir / 'coordinator-state' / 'rounds'}")
     if mlf is not None and mlf.uri:
-        how = (
-            "embedded MLflow server"
-            if mlf.kind == "server"
-            else f"local SQLite store (server failed: {mlf.error})"
-        )
-        console.print(f"MLflow: {how} at {mlf.uri}")
-        onnx = _fetch_onnx(mlf.uri, s.federation, run_dir / "model")
-        if onnx:
-            console.print(f"ONNX of the champion: {onnx}")
-            console.print(f"  try: neurofed infer SCAN.nii.gz --model {onnx} -o mask.nii.gz")
-        model = f"models:/{s.federation}-unet@champion"
-        if mlf.server is not None:
-            # The registry's files (ONNX, plots) live in the server's proxied artifact store:
-            # serve the same folder with them, not the bare SQLite file.
-            console.print(
-                f"look at the registry with its models and plots: neurofed mlflow-server --state {mlf.root}"
-                "  (then open http://127.0.0.1:5000; add --port N if 5000 is taken)"
-            )
-            console.print(
-                f"  and load the champion from it: neurofed infer SCAN.nii.gz --model {model} "
-                "--tracking-uri http://127.0.0.1:5000 -o mask.nii.gz"
-            )
-        else:
-            console.print(f"look at it: mlflow ui --backend-store-uri {mlf.uri}")
-        mlf.stop()
+        _print_registry(s, console, run_dir, mlf)
     elif s.mlflow:
         console.print(f"MLflow: {s.mlflow}")
-    return int(code or 0)
+
+
+def _print_registry(s: DemoSettings, console: Any, run_dir: Path, mlf: _Mlflow) -> None:
+    how = (
+        "embedded MLflow server"
+        if mlf.kind == "server"
+        else f"local SQLite store (server failed: {mlf.error})"
+    )
+    console.print(f"MLflow: {how} at {mlf.uri}")
+    onnx = _fetch_onnx(mlf.uri, s.federation, run_dir / "model")
+    if onnx:
+        console.print(f"ONNX of the champion: {onnx}")
+        console.print(f"  try: neurofed infer SCAN.nii.gz --model {onnx} -o mask.nii.gz")
+    model = f"models:/{s.federation}-unet@champion"
+    if mlf.server is not None:
+        # The registry's files (ONNX, plots) live in the server's proxied artifact store:
+        # serve the same folder with them, not the bare SQLite file.
+        console.print(
+            f"look at the registry with its models and plots: neurofed mlflow-server --state {mlf.root}"
+            "  (then open http://127.0.0.1:5000; add --port N if 5000 is taken)"
+        )
+        console.print(
+            f"  and load the champion from it: neurofed infer SCAN.nii.gz --model {model} "
+            "--tracking-uri http://127.0.0.1:5000 -o mask.nii.gz"
+        )
+    else:
+        console.print(f"look at it: mlflow ui --backend-store-uri {mlf.uri}")
+    mlf.stop()
 
 
 def _fetch_onnx(uri: str, federation: str, dst: Path) -> Path | None:

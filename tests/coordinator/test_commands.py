@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from neurofed.cli import build_parser
 from neurofed.coordinator.errors import CoordinatorError
 from neurofed.coordinator.faults import fault_point
 from neurofed.coordinator.service import load_start_weights
 from neurofed.coordinator.state import StateStore
-from neurofed.cli import build_parser
 
 
 @pytest.mark.parametrize("name", ["coordinator", "edge", "demo"])
@@ -73,9 +73,9 @@ def test_fault_points_are_named_and_inert_without_the_variable(monkeypatch):
 
 def test_cli_choices_are_the_coordinators_own():
     """The CLI keeps literal tuples so building the parser imports no numpy; they must not drift."""
+    from neurofed.commands import coordinator as cli
     from neurofed.coordinator.rounds import LR_SCHEDULES, SITE_OPTIMIZER
     from neurofed.coordinator.strategies import STRATEGIES
-    from neurofed.commands import coordinator as cli
 
     assert tuple(cli.STRATEGIES) == tuple(STRATEGIES)
     assert tuple(cli.SITE_OPTIMIZER) == SITE_OPTIMIZER

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from neurofed.coordinator import payload as codec
-from neurofed.launch.local import read_events, wait_for
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.state import StateStore
+from neurofed.launch.local import read_events, wait_for
+from neurofed.wire.api import MessageKind
+from neurofed.wire.memory import MemoryHub
 from tests.coordinator.helpers import (
     ShiftTrainer,
     initial_weights,
@@ -19,8 +21,6 @@ from tests.coordinator.helpers import (
     run_in_thread,
     start_agent,
 )
-from neurofed.wire.api import MessageKind
-from neurofed.wire.memory import MemoryHub
 
 SITES = ("site-a", "site-b", "site-c")
 

@@ -27,8 +27,8 @@ FAST_HEALTH = {
 @pytest.fixture
 def federation(tmp_path):
     """A provisioned federation with its real broker running on the host."""
-    from tests.fixtures.broker import provision_federation, require_mosquitto
     from neurofed.wire.broker import start_broker, stop_broker
+    from tests.fixtures.broker import provision_federation, require_mosquitto
 
     require_mosquitto()
     port = free_port()

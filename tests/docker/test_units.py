@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from neurofed.commands import health
 from neurofed.edge_node.launcher import (
     IMAGE_UID,
     EngineUnavailable,
@@ -25,7 +26,6 @@ from neurofed.edge_node.launcher import (
     device_requests,
     site_identity,
 )
-from neurofed.commands import health
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,8 +172,8 @@ def test_health_cli_reports_unreachable_broker(tmp_path):
 @pytest.mark.slow
 def test_health_cli_healthy_then_unhealthy_with_a_real_broker(tmp_path):
     """The same check turns from healthy to unhealthy when the real Mosquitto goes away."""
-    from tests.fixtures.broker import provision_federation, require_mosquitto
     from neurofed.wire.broker import start_broker, stop_broker
+    from tests.fixtures.broker import provision_federation, require_mosquitto
 
     require_mosquitto()
     port = _closed_port()

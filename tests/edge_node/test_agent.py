@@ -11,10 +11,10 @@ import numpy as np
 
 from neurofed.coordinator import payload as codec
 from neurofed.edge_node.agent import SiteAgent
-from tests.coordinator.helpers import ShiftTrainer, initial_weights
 from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.memory import MemoryHub
 from neurofed.wire.sealing import message_digest
+from tests.coordinator.helpers import ShiftTrainer, initial_weights
 
 
 def _publish_round(coord, r, weights, *, train=True, session="s1", digest=None, name_model=True):

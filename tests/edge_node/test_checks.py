@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neurofed.edge_node.checks import check_folder
 from neurofed.cli import main
+from neurofed.edge_node.checks import check_folder
 from tests.edge_node.test_data import SHAPE, _save, brats2021_case
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from neurofed.cli import main
 from neurofed.edge_node.centralized import load_checkpoint, save_checkpoint, train_arm
 from neurofed.edge_node.data import discover_cases
 from neurofed.edge_node.evaluation import EvalResult, dice_hd95, flair_threshold_baseline
 from neurofed.edge_node.splits import load_or_create_splits, select
 from neurofed.edge_node.training import LocalTrainer, TrainConfig, TrainResult
 from neurofed.models.checkpoint import load_weights
-from neurofed.cli import main
 
 
 def test_dice_definition() -> None:

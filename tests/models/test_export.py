@@ -111,8 +111,8 @@ def test_foreign_or_corrupt_onnx_files_are_refused(tmp_path):
 
 
 def test_export_cli_writes_a_checked_model(tmp_path, tiny_model, tiny_config, capsys):
-    from neurofed.models.checkpoint import save_weights
     from neurofed.cli import main
+    from neurofed.models.checkpoint import save_weights
 
     weights = save_weights(
         tmp_path / "w.safetensors", tiny_model.state_dict(), tiny_config, {"neurofed.round": "3"}

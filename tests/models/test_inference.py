@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from neurofed.mlflow_server.resolve import resolve_model
 from neurofed.models.config import ModelConfig
 from neurofed.models.inference import (
     ImageShapeError,
@@ -24,7 +25,6 @@ from neurofed.models.inference import (
     modality_of,
     run_inference,
 )
-from neurofed.mlflow_server.resolve import resolve_model
 from neurofed.models.onnx_session import create_session, cuda_available
 from tests.models.conftest import blob_scan, lps_affine, save_nifti, threshold_onnx, world_grid
 
@@ -241,8 +241,8 @@ def test_batch_mode_over_a_folder_of_cases(tmp_path, capsys):
 
 
 def test_infer_cli_single_file_with_a_unet_and_a_weights_file(tmp_path, tiny_model, tiny_config, capsys):
-    from neurofed.models.checkpoint import save_weights
     from neurofed.cli import main
+    from neurofed.models.checkpoint import save_weights
 
     weights = save_weights(tmp_path / "w.safetensors", tiny_model.state_dict(), tiny_config)
     affine = np.diag([-0.9, 0.9, 1.3, 1.0])

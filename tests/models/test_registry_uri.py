@@ -26,8 +26,8 @@ def registered(mlflow_server, tmp_path, tiny_model, tiny_config):  # noqa: F811
 
 
 def test_infer_and_export_from_a_registered_model(registered, tmp_path, tiny_model, tiny_config, capsys):
-    from neurofed.models.export import check_parity, read_onnx_config
     from neurofed.cli import main
+    from neurofed.models.export import check_parity, read_onnx_config
 
     uri_server, uri = registered
     affine = np.diag([1.0, 1.0, 1.5, 1.0])

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from neurofed.models import ModelConfig, SpatialSizeError, build_unet, check_spatial_size
-from neurofed.models.checkpoint import CheckpointError, load_model, load_weights, save_weights, state_dict_sha256
+from neurofed.models.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_weights,
+    save_weights,
+    state_dict_sha256,
+)
 from neurofed.models.config import preset
 from neurofed.models.unet import count_parameters
 

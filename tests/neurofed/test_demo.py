@@ -68,7 +68,8 @@ def _the_printed_registry_command_serves_the_champion_with_its_onnx(text: str, t
     log = open(tmp_path / "registry.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "neurofed", "mlflow-server", "--state", m.group(1), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         import urllib.request
@@ -81,7 +82,9 @@ def _the_printed_registry_command_serves_the_champion_with_its_onnx(text: str, t
                 return False
 
         wait_for(healthy, 180, "the demo's registry to answer")
-        resolved = resolve_model(m_infer.group(1), tmp_path / "fetched", tracking_uri=f"http://127.0.0.1:{port}")
+        resolved = resolve_model(
+            m_infer.group(1), tmp_path / "fetched", tracking_uri=f"http://127.0.0.1:{port}"
+        )
         assert resolved.onnx_path.is_file() and resolved.onnx_path.stat().st_size > 10_000
         assert resolved.sha256  # the registered digest came with it and was checked
     finally:

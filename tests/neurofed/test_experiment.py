@@ -58,8 +58,8 @@ def test_real_brats_folders_run_with_a_site_mapping_csv(tmp_path):
     import csv
     import shutil
 
-    from neurofed.edge_node.synth import synthesize
     from neurofed.cli import main
+    from neurofed.edge_node.synth import synthesize
 
     synth = tmp_path / "synth"
     synthesize(synth, sites=2, cases=10, seed=1, shape=(32, 32, 32))

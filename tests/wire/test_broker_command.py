@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from neurofed.procs import free_port, wait_for
-from tests.fixtures.broker import provision_federation, require_mosquitto
 from neurofed.wire.broker import wait_for_port
 from neurofed.wire.errors import TransportError
+from tests.fixtures.broker import provision_federation, require_mosquitto
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from tests.fixtures.broker import connection_ends
 from neurofed.wire.api import MessageKind
 from neurofed.wire.errors import TransportError
 from neurofed.wire.mqtt import MqttEndpoint
 from neurofed.wire.sealing import message_digest
+from tests.fixtures.broker import connection_ends
 
 pytestmark = pytest.mark.slow
 MiB = 1024 * 1024

@@ -9,12 +9,12 @@ import os
 
 import pytest
 
-from tests.wire.helpers import feed_all, flip, forge
 from neurofed.wire.api import MessageKind
 from neurofed.wire.envelope import decode_frame, encode_frame
 from neurofed.wire.errors import ProtocolError
 from neurofed.wire.receiver import Receiver
 from neurofed.wire.sealing import seal_message
+from tests.wire.helpers import feed_all, flip, forge
 
 U = MessageKind.UPDATE
 
