@@ -66,8 +66,11 @@ class Registrar:
     def log_round(self, round: int, metrics: Mapping[str, float]) -> None:
         self._queue.put(Job("log", round, {"metrics": dict(metrics)}))
 
-    def record_evaluation(self, round: int, dice: float, per_site: Mapping[str, float]) -> None:
-        self._queue.put(Job("evaluation", round, {"dice": float(dice), "per_site": dict(per_site)}))
+    def record_evaluation(
+        self, round: int, dice: float, per_site: Mapping[str, float], *, splits_digest: str | None = None
+    ) -> None:
+        data = {"dice": float(dice), "per_site": dict(per_site), "splits_digest": splits_digest}
+        self._queue.put(Job("evaluation", round, data))
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -138,7 +141,9 @@ class Registrar:
             if job.round in self.store.evaluated():
                 return
             if tracker is not None:
-                tracker.record_evaluation(job.round, job.data["dice"], job.data["per_site"])
+                splits = job.data.get("splits_digest")
+                extra = {"splits_digest": splits} if splits else {}
+                tracker.record_evaluation(job.round, job.data["dice"], job.data["per_site"], **extra)
                 self.store.mark_evaluated(job.round)
         else:  # pragma: no cover
             raise ValueError(job.kind)

@@ -83,6 +83,7 @@ from neurofed.wire.errors import TransportError
 from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
 
 log = logging.getLogger(__name__)
+WIRE_EVENTS_PER_SENDER = 20  # events.jsonl lines per sender, reason and round; the rest are counted
 
 
 SITE_OPTIMIZER = ("reset", "continue-local", "continue-global")
@@ -165,7 +166,7 @@ class RoundResult:
     sites: list[str] = field(default_factory=list)
     cases: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (sender, reason), wire ones too
     aggregated: bool = False
     seconds: float = 0.0
     extensions: int = 0
@@ -174,6 +175,26 @@ class RoundResult:
     @property
     def num_cases(self) -> int:
         return sum(self.cases.values())
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, reason in self.rejected:
+            out[reason] = out.get(reason, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def splits_digest(metrics: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """One digest of the validation cases every reporting site scored on (each site reports its
+    own); None when a site did not say. Two runs' Dice compare only under the same digest."""
+    import hashlib
+
+    parts = []
+    for site in sorted(metrics):
+        d = metrics[site].get("splits_digest")
+        if not isinstance(d, str):
+            return None
+        parts.append(f"{site}={d}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest() if parts else None
 
 
 class Coordinator:
@@ -202,6 +223,9 @@ class Coordinator:
         self.registrar = registrar
         self.roster_digest = roster_digest
         self.session = uuid.uuid4().hex[:12]
+        # the federation run this state belongs to: bound into every message both ways
+        self.run_id = store.run_id()
+        endpoint.set_run(self.run_id)
         self.clock = clock
         self.events_path = Path(events_path) if events_path else store.root / "events.jsonl"
         self.weights: dict[str, np.ndarray] = {}
@@ -218,6 +242,7 @@ class Coordinator:
         # closes (see _on_metrics); they are forwarded when every site has reported, or when the
         # next round closes.
         self._evaluating: RoundResult | None = None
+        self._wire_events: dict[tuple[int, str, str], int] = {}
 
     # -- events for logs and the live view ------------------------------------------------------
     def _event(self, kind: str, **data: Any) -> None:
@@ -267,7 +292,7 @@ class Coordinator:
         return False
 
     def _tags(self, r: int) -> dict[str, str]:
-        return {"strategy": self.strategy.name, "session": self.session, "round": str(r)}
+        return {"strategy": self.strategy.name, "session": self.session, "round": str(r), "run": self.run_id}
 
     def _persist(self, round: int, extra: dict[str, Any]) -> None:
         meta, tensors = self.strategy.state()
@@ -392,6 +417,7 @@ class Coordinator:
             "epochs": self.cfg.local_epochs,
             "sites": per_site,
             "session": self.session,
+            "run": self.run_id,
             "strategy": self.strategy.name,
             "min_sites": self.cfg.min_sites,
             "fp16": self.cfg.fp16,
@@ -469,7 +495,14 @@ class Coordinator:
         self._send_reliably(
             MessageKind.TASK,
             r,
-            meta={"round": r, "done": True, "train": False, "session": self.session, "deadline": 0},
+            meta={
+                "round": r,
+                "done": True,
+                "train": False,
+                "session": self.session,
+                "run": self.run_id,
+                "deadline": 0,
+            },
             retain=True,
         )
         self._event("done", round=r)
@@ -556,6 +589,7 @@ class Coordinator:
                 self._send_receipts(r, list(res.cases), list(res.metrics))
                 last_receipts = now
             self._heartbeat()
+            self._take_wire_rejections(res)
             msg = self.ep.receive(timeout=max(0.01, min(0.5, deadline - now, self.cfg.receipt_interval)))
             held = len(res.cases), len(res.metrics)
             while msg is not None:
@@ -600,6 +634,7 @@ class Coordinator:
                 break
             self._handle(msg, r, train, digest, res, closing=True)
             msg = None
+        self._take_wire_rejections(res)
         res.sites = sorted(res.cases)
         self._send_receipts(r, list(res.cases), list(res.metrics))
         self._forward_pending()
@@ -632,6 +667,7 @@ class Coordinator:
                     "sites": float(len(res.sites)),
                     "cases": float(res.num_cases),
                     "rejected": float(len(res.rejected)),
+                    **{f"rejected/{k}": float(v) for k, v in res.rejected_by_reason().items()},
                     "round_seconds": res.seconds,
                     "bytes_received": float(res.bytes_received),
                 },
@@ -641,8 +677,12 @@ class Coordinator:
 
     def _log_closed(self, r: int, res: RoundResult) -> None:
         self._event(
-            "round", **{k: v for k, v in asdict(res).items() if k != "rejected"}, rejected=res.rejected
+            "round",
+            **{k: v for k, v in asdict(res).items() if k != "rejected"},
+            rejected=res.rejected,
+            rejected_by_reason=res.rejected_by_reason(),
         )
+        self._summarise_wire_events(r)
         log.info(
             "round %d closed: %d updates (%d cases), %d evaluations, %d rejected, %.1f s",
             r,
@@ -714,9 +754,43 @@ class Coordinator:
             metrics["hd95_mean"] = float(np.mean(hd))
         self.registrar.log_round(evaluated, metrics)
         if evaluated >= 1 and per_site:
-            self.registrar.record_evaluation(evaluated, dice, per_site)
+            self.registrar.record_evaluation(
+                evaluated, dice, per_site, splits_digest=splits_digest(res.metrics)
+            )
 
     # -- message handling -----------------------------------------------------------------------------
+    def _take_wire_rejections(self, res: RoundResult) -> None:
+        """The wire's rejections (forged, tampered, replayed, other-run ... messages) into this
+        round's count and events.jsonl: every one counted, the first ``WIRE_EVENTS_PER_SENDER``
+        per sender and reason written as an event each, the rest as one summary at the close."""
+        for rec in self.ep.drain_rejected():
+            sender, reason = str(rec.get("sender", "?")), str(rec.get("reason", "?"))
+            res.rejected.append((sender, reason))
+            key = (res.round, sender, reason)
+            seen = self._wire_events.get(key, 0)
+            self._wire_events[key] = seen + 1
+            if seen < WIRE_EVENTS_PER_SENDER:
+                self._event(
+                    "reject",
+                    round=res.round,
+                    wire=True,
+                    site=sender,  # as the header claims it
+                    authenticated=bool(rec.get("authenticated")),
+                    msg_kind=rec.get("kind"),
+                    msg_round=rec.get("round"),
+                    reason=reason,
+                    detail=rec.get("detail", ""),
+                )
+
+    def _summarise_wire_events(self, r: int) -> None:
+        for (rnd, sender, reason), n in sorted(self._wire_events.items()):
+            if rnd == r and n > WIRE_EVENTS_PER_SENDER:
+                self._event(
+                    "reject-burst", round=r, site=sender, reason=reason, count=n,
+                    logged=WIRE_EVENTS_PER_SENDER,
+                )  # fmt: skip
+        self._wire_events = {k: v for k, v in self._wire_events.items() if k[0] != r}
+
     def _reject(self, res: RoundResult, site: str, kind: str, msg_round: int, exc: UpdateRejected) -> None:
         res.rejected.append((site, exc.reason))
         log.warning("round %d: rejected %s from %s (round %d): %s", res.round, kind, site, msg_round, exc)
@@ -847,4 +921,6 @@ class Coordinator:
         if not (0.0 <= dice <= 1.0 or (np.isnan(dice) and n == 0)):
             raise UpdateRejected("bad-metrics", f"dice {dice} outside [0, 1]")
         res.metrics[site] = {"dice": dice, "hd95": hd95, "num_cases": n}
+        if isinstance(m.get("splits_digest"), str) and len(m["splits_digest"]) == 64:
+            res.metrics[site]["splits_digest"] = m["splits_digest"]
         self._event("metrics", round=r, evaluated_round=r - 1, site=site, dice=dice, hd95=hd95)

@@ -154,7 +154,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         def factory() -> Any:
             from neurofed.mlflow_server.tracking import FederationTracker
 
-            return FederationTracker(s.mlflow_uri, bundle.federation, params)
+            return FederationTracker(s.mlflow_uri, bundle.federation, params, fed_run=store.run_id())
 
     registrar = Registrar(store, model_config, factory)
 
@@ -166,7 +166,10 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         log.info("building the initial UNet (seed %d) in a child process", s.seed)
         return initial_weights(model_config, seed=s.seed)
 
-    endpoint = MqttEndpoint(bundle, host=s.broker_host, port=s.broker_port)
+    # the state's federation run and the replay window are in place before the first message
+    endpoint = MqttEndpoint(
+        bundle, host=s.broker_host, port=s.broker_port, run=store.run_id(), seen_path=store.seen_path
+    )
     endpoint.start()
     coord: Coordinator | None = None
     grace = REGISTRY_GRACE_S

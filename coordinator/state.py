@@ -118,6 +118,38 @@ class StateStore:
     def exists(self) -> bool:
         return self.snapshot_path.is_file()
 
+    @property
+    def run_path(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def seen_path(self) -> Path:
+        """Ids of the messages taken in this run (the replay window across restarts)."""
+        return self.root / "seen-messages.log"
+
+    def run_id(self) -> str:
+        """This state's federation run id, created with the state (its start time and 64 random
+        bits) and kept on resume: every message of the run is bound to it, so nothing captured
+        in another run (another ``--state``) is taken in this one."""
+        from neurofed.wire.envelope import RUN_RE, new_run_id
+
+        try:
+            run = json.loads(self.run_path.read_text()).get("run", "")
+            if RUN_RE.match(run):
+                return run
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise StateError(
+                f"{self.run_path}: unreadable ({exc}); it names this state's federation run"
+            ) from None
+        run = new_run_id()
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            self.run_path, {"run": run, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        )
+        return run
+
     def write_round_weights(
         self, round: int, weights: Mapping[str, np.ndarray], model_config: Mapping[str, Any]
     ) -> Path:

@@ -147,6 +147,17 @@ class SiteAgent:
         self._said_no_val = False  # the warning that this site has no validation cases, once
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
+        if self._state.get("run"):  # the run this site last took part in (before a restart)
+            endpoint.set_run(self._state["run"])
+
+    @staticmethod
+    def saved_run(state_dir: str | os.PathLike[str]) -> str:
+        """The federation run a site's state folder last took part in ("" for none), for the
+        endpoint to be built with before it connects (its will and receiver need it)."""
+        try:
+            return str(json.loads((Path(state_dir) / "agent.json").read_text()).get("run", ""))
+        except (OSError, ValueError):
+            return ""
 
     # -- persistent per-round record ------------------------------------------------------------
     @property
@@ -226,14 +237,24 @@ class SiteAgent:
     def _accept(self, msg: Message) -> None:
         if msg.kind is MessageKind.TASK:
             if msg.meta.get("done") and (self.task is None or self.task.get("done")):
+                if msg.run and msg.run == self._state.get("run") and self._state.get("took_task"):
+                    # the end of the run this site served (it restarted after taking part)
+                    self.task = dict(msg.meta, round=msg.round)
+                    self.done = True
+                    return
                 self._earlier_end(msg)
                 return
+            if msg.run != self._state.get("run", ""):
+                self._follow_run(msg.run)
             newer = self.task is None or msg.round >= self.task["round"]
             restarted = self.task is not None and msg.meta.get("session") != self.task.get("session")
             if newer or restarted or msg.meta.get("done"):
                 self.task = dict(msg.meta, round=msg.round)
                 if msg.meta.get("done"):
                     self.done = True
+                elif not self._state.get("took_task"):
+                    self._state["took_task"] = True  # this site takes part in the run
+                    self._save_state()
         elif msg.kind is MessageKind.MODEL:
             # The wire has checked every byte of this message against the coordinator's signed
             # SHA-256, and the digest in its signed meta is the coordinator's name for the payload:
@@ -249,6 +270,20 @@ class SiteAgent:
                 del self.models[next(iter(self.models))]
         elif msg.kind is MessageKind.RECEIPTS:
             self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
+
+    def _follow_run(self, run: str) -> None:
+        """A signed TASK of a run that started later than this site's (the wire lets no other
+        through): the coordinator started a new federation run (a new state). Take part in it;
+        the previous run's round records and update files are of no use to it."""
+        log.warning("%s: the coordinator started federation run %s; following it", self.site, run)
+        for key in list(self._state["rounds"]):
+            self._update_path(int(key)).unlink(missing_ok=True)
+        self._state.update(run=run, rounds={}, took_task=False)
+        self.task = None
+        self.receipts = self._fresh_receipts = None
+        self.done = False
+        self.ep.set_run(run)
+        self._save_state()
 
     def _earlier_end(self, msg: Message) -> None:
         """A federation's end that this process took no part in: the broker keeps the last TASK
@@ -453,6 +488,9 @@ class SiteAgent:
             "evaluated_round": r - 1,
             "model_digest": digest,
         }
+        splits = getattr(self.trainer, "splits_digest", None)
+        if isinstance(splits, str):
+            meta["splits_digest"] = splits  # which validation cases: no patient data
         self._send(MessageKind.METRICS, r, meta, stop=stop)
         rs.update(
             metrics_sent=True,

@@ -441,6 +441,12 @@ class LocalTrainer(CaseTrainer):
         super().__init__(by_split, model_config, tc, device)
         self.site_dir = site_dir
         self.sites = site_ids
+        # which validation cases this site scores on: the registry compares two runs' Dice only
+        # when they were scored on the same cases
+        import hashlib
+
+        val_ids = "\n".join(sorted(f"{c.site}/{c.case_id}" for c in by_split["val"]))
+        self.splits_digest = hashlib.sha256(val_ids.encode()).hexdigest()
 
     def train(
         self,

@@ -13,7 +13,9 @@ WEIGHTS_DIR = "weights"
 WEIGHTS_FILE = "model.safetensors"
 
 TAG_ROUND = "round"
-TAG_FED_RUN = "federation_run_id"
+TAG_FED_RUN = "federation_run_id"  # the MLflow parent run
+TAG_RUN = "run"  # the federation run (one coordinator state): versions are unique by (run, round)
+TAG_SPLITS = "splits_digest"  # the validation cases the Dice was measured on
 TAG_SITES = "sites"
 TAG_NUM_SITES = "num_sites"
 TAG_CASES = "cases"

@@ -57,7 +57,9 @@ from neurofed.mlflow_server.names import (  # noqa: F401 - the registry's names,
     TAG_NUM_SITES,
     TAG_ONNX_SHA,
     TAG_ROUND,
+    TAG_RUN,
     TAG_SITES,
+    TAG_SPLITS,
     TAG_VAL_DICE,
     TAG_WAS_CHAMPION,
     TAG_WEIGHTS_SHA,
@@ -152,8 +154,11 @@ def describe_version(
 
 
 # --------------------------------------------------------------------------- lookups
-def find_round_version(client: Any, name: str, round: int, fed_run_id: str | None = None) -> Any | None:
-    """The version registered for ``round`` (of this federation run, when given), or None."""
+def find_round_version(
+    client: Any, name: str, round: int, fed_run_id: str | None = None, run: str | None = None
+) -> Any | None:
+    """The version registered for ``round`` of federation run ``run`` (versions tagged with a run
+    match on it; older, untagged ones on the MLflow parent run ``fed_run_id``), or None."""
     from mlflow.exceptions import MlflowException
 
     query = f"name = '{name}' and tags.{TAG_ROUND} = '{int(round)}'"
@@ -163,7 +168,14 @@ def find_round_version(client: Any, name: str, round: int, fed_run_id: str | Non
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
             return None
         raise
-    if fed_run_id is not None:
+    if run:
+        found = [
+            v
+            for v in found
+            if v.tags.get(TAG_RUN) == run
+            or (TAG_RUN not in v.tags and fed_run_id is not None and v.tags.get(TAG_FED_RUN) == fed_run_id)
+        ]
+    elif fed_run_id is not None:
         found = [v for v in found if v.tags.get(TAG_FED_RUN) in (None, fed_run_id)]
     return min(found, key=lambda v: int(v.version)) if found else None
 
@@ -222,7 +234,7 @@ def register_round(
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise RegistryError(f"round {round}: weights file {weights_path} does not exist")
-    existing = find_round_version(client, name, round, run_id)
+    existing = find_round_version(client, name, round, run_id, (tags or {}).get(TAG_RUN))
     if existing is not None:
         log.info(
             "round %d already registered as %s v%s; not registering again", round, name, existing.version
@@ -295,7 +307,7 @@ def register_round(
         champion=champion,
     )
     # A second look right before creating: another registrar may have won the race meanwhile.
-    existing = find_round_version(client, name, round, run_id)
+    existing = find_round_version(client, name, round, run_id, (tags or {}).get(TAG_RUN))
     if existing is not None:
         return existing
     with _registry_sees_client_store(client):
@@ -336,6 +348,24 @@ def _registry_sees_client_store(client: Any) -> Iterator[None]:
                 os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def _incomparable_champion(champion: Any, mv: Any, splits_digest: str | None) -> str:
+    """Why the champion, from another federation run, cannot be compared with ``mv`` ("" when it
+    can: same run, or the same validation cases on both sides)."""
+    if champion is None or champion.version == mv.version:
+        return ""
+    theirs, ours = champion.tags.get(TAG_RUN), mv.tags.get(TAG_RUN)
+    if theirs == ours:
+        return ""
+    their_splits = champion.tags.get(TAG_SPLITS)
+    if splits_digest and their_splits == splits_digest:
+        return ""
+    return (
+        f"champion v{champion.version} is from another federation run ({theirs or 'unknown'}) and was "
+        f"validated on {'other' if their_splits and splits_digest else 'unknown'} cases, so the two "
+        "Dice do not compare (move the alias by hand if this version should serve)"
+    )
+
+
 def _move_latest(client: Any, name: str) -> None:
     versions = client.search_model_versions(f"name = '{name}'")
     if versions:
@@ -364,15 +394,19 @@ def record_evaluation(
     dice: float,
     per_site: Mapping[str, float],
     run_id: str | None = None,
+    run: str | None = None,
+    splits_digest: str | None = None,
 ) -> Evaluation:
     """Tag round ``round``'s version with its validated Dice; move ``champion`` to it only if it
-    beats the current champion's Dice (ties keep the older champion)."""
+    beats the current champion's Dice (ties keep the older champion). A champion of another
+    federation run is displaced only by a higher Dice measured on the same validation cases
+    (``splits_digest``): Dice on other cases does not compare."""
     import math
 
     name = model_name(federation)
     if not math.isfinite(float(dice)):
         raise RegistryError(f"round {round}: validated Dice {dice!r} is not a finite number")
-    mv = find_round_version(client, name, round, run_id)
+    mv = find_round_version(client, name, round, run_id, run)
     if mv is None:
         raise RegistryError(
             f"round {round}: no registered version of {name} to record the evaluation on; register the "
@@ -382,13 +416,18 @@ def record_evaluation(
         client.set_model_version_tag(name, mv.version, f"{TAG_VAL_DICE}/{site}", f"{float(value):.6f}")
     client.set_model_version_tag(name, mv.version, TAG_VAL_DICE, f"{float(dice):.6f}")
     client.set_model_version_tag(name, mv.version, "evaluated_at", _now())
+    if splits_digest:
+        client.set_model_version_tag(name, mv.version, TAG_SPLITS, splits_digest)
 
     champion = get_alias(client, name, CHAMPION)
     prev_dice = (
         float(champion.tags[TAG_VAL_DICE]) if champion is not None and TAG_VAL_DICE in champion.tags else None
     )
+    other_run = _incomparable_champion(champion, mv, splits_digest)
     if champion is not None and champion.version == mv.version:
         promoted, outcome = False, f"Champion since {champion.tags.get('promoted_at', 'earlier')}."
+    elif other_run:
+        promoted, outcome = False, f"Not promoted: {other_run}."
     elif champion is None or prev_dice is None or float(dice) > prev_dice:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
         client.set_model_version_tag(name, mv.version, TAG_WAS_CHAMPION, "true")

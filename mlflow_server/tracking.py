@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ROLE_TAG = "neurofed.role"
 FED_TAG = "neurofed.federation"
+RUN_TAG = "neurofed.run"
 PLOT_PATH = "plots/dice_per_round.png"
 MAX_PARAM = 6000  # MLflow's limit on a parameter value
 
@@ -105,6 +106,7 @@ class FederationTracker:
         run_name: str | None = None,
         keep_last: int | None = None,
         cuda: bool = False,
+        fed_run: str | None = None,
     ) -> None:
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -113,6 +115,7 @@ class FederationTracker:
             raise RegistryError(f"federation name {federation!r} is empty or has quotes or slashes")
         self.tracking_uri = tracking_uri
         self.federation = federation
+        self.fed_run = fed_run  # the coordinator state's run: one parent run and version set each
         self.keep_last = keep_last
         self.cuda = cuda
         self.model_name = registry.model_name(federation)
@@ -136,9 +139,12 @@ class FederationTracker:
 
     # ------------------------------------------------------------------ set-up
     def _parent_run(self, run_name: str | None) -> tuple[str, bool]:
+        query = f"tags.`{ROLE_TAG}` = 'federation' and attributes.status = 'RUNNING'"
+        if self.fed_run:  # resume only this federation run's parent run, never another's
+            query += f" and tags.`{RUN_TAG}` = '{self.fed_run}'"
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{ROLE_TAG}` = 'federation' and attributes.status = 'RUNNING'",
+            filter_string=query,
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -148,7 +154,12 @@ class FederationTracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name or f"{self.federation}-federation",
-            tags={ROLE_TAG: "federation", FED_TAG: self.federation, "mlflow.note.content": self._note()},
+            tags={
+                ROLE_TAG: "federation",
+                FED_TAG: self.federation,
+                **({RUN_TAG: self.fed_run} if self.fed_run else {}),
+                "mlflow.note.content": self._note(),
+            },
         )
         return run.info.run_id, False
 
@@ -256,6 +267,8 @@ class FederationTracker:
     ) -> str:
         """Register round ``round``'s global model; returns the version number (as MLflow gives it,
         a string). Idempotent: a round already registered returns its version."""
+        if self.fed_run:
+            tags = {registry.TAG_RUN: self.fed_run, **dict(tags or {})}
         with self._lock:
             t0 = time.perf_counter()
             mv = registry.register_round(
@@ -279,7 +292,7 @@ class FederationTracker:
             return str(mv.version)
 
     def record_evaluation(
-        self, round: int, dice: float, per_site: Mapping[str, float]
+        self, round: int, dice: float, per_site: Mapping[str, float], *, splits_digest: str | None = None
     ) -> registry.Evaluation:
         """The sites' validated Dice of round ``round``'s model: tag its version and move ``champion``
         if it beats the current one."""
@@ -291,6 +304,8 @@ class FederationTracker:
                 dice=dice,
                 per_site=per_site,
                 run_id=self.run_id,
+                run=self.fed_run,
+                splits_digest=splits_digest,
             )
             return result
 

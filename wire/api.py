@@ -61,6 +61,8 @@ class Message:
     # SHA-256 (hex) of the plaintext (meta block + payload) that the envelope signed and the
     # receiver verified: what the coordinator logs and a site's audit log records
     digest: str = ""
+    # the federation run the sender signed it for ("" from a site that has not joined one yet)
+    run: str = ""
 
 
 class Endpoint(ABC):
@@ -114,6 +116,19 @@ class Endpoint(ABC):
     @abstractmethod
     def set_round_window(self, lowest: int, highest: int) -> None:
         """Accept only messages whose round lies in [lowest, highest] (replay/stale protection)."""
+
+    run: str = ""
+
+    def set_run(self, run: str) -> None:
+        """Take part in federation run ``run``: it goes into every message this endpoint sends
+        (signed header, key wraps), and other runs' messages are refused (a site still takes a
+        coordinator's messages of a run that started later, so it can follow a new run)."""
+        self.run = run
+
+    def drain_rejected(self) -> list[dict[str, Any]]:
+        """Records of the messages rejected since the last call: reason, detail, the sender the
+        header claims, whether its signature had verified, kind and round."""
+        return []
 
     @property
     @abstractmethod

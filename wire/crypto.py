@@ -34,17 +34,18 @@ KEY_LEN = 32
 TAG_LEN = 16
 WRAPPED_LEN = 32 + KEY_LEN + TAG_LEN  # HPKE: encapsulated key + sealed content key
 SIG_LEN = 64
-SIG_CONTEXT = b"neurofed-sig/1\x00"
-WRAP_CONTEXT = b"neurofed-wrap/1\x00"
+SIG_CONTEXT = b"neurofed-sig/2\x00"
+WRAP_CONTEXT = b"neurofed-wrap/2\x00"
 
 
 def new_content_key() -> bytes:
     return os.urandom(KEY_LEN)
 
 
-def wrap_info(federation: str, round: int, msg_id: str, sender: str, recipient: str) -> bytes:
-    """HPKE ``info``: a wrapped key only opens for this message, round, sender and recipient."""
-    return WRAP_CONTEXT + "\x00".join((federation, str(round), msg_id, sender, recipient)).encode()
+def wrap_info(federation: str, round: int, msg_id: str, sender: str, recipient: str, run: str = "") -> bytes:
+    """HPKE ``info``: a wrapped key only opens for this federation run, message, round, sender and
+    recipient."""
+    return WRAP_CONTEXT + "\x00".join((federation, run, str(round), msg_id, sender, recipient)).encode()
 
 
 def wrap_key(content_key: bytes, recipient: X25519PublicKey, info: bytes) -> bytes:

@@ -2,14 +2,14 @@
 
 Binary layout (all integers big-endian)::
 
-    "NFW\\x01"                      magic + frame version
+    "NFW\\x02"                      magic + frame version
     u16 len | header JSON           the signed header, identical in every chunk of a message
     64 bytes                        Ed25519 signature over SHA-256("neurofed-sig/1\\0" + header)
     u32 index | u8 flags            chunk index; flags bit 0 = final chunk
     u32 len | keys JSON             chunk 0 only: {recipient: base64(HPKE-wrapped content key)}
     body                            AES-256-GCM(chunk plaintext), or plaintext when enc = "none"
 
-The header carries: v, fed, round, sender, kind, msg (id), n (chunk count), size (plaintext bytes),
+The header carries: v, fed, run (the federation run), round, sender, kind, msg (id), n (chunk count), size (plaintext bytes),
 digest (SHA-256 hex of the whole plaintext), enc, recips (sorted recipient ids) and keys_digest
 (SHA-256 hex of the keys JSON). The chunk's associated data is the header plus index and flags.
 ``decode_frame`` only parses and type-checks; every failure is ``ProtocolError("malformed-header")``.
@@ -26,8 +26,8 @@ from neurofed.wire.api import MessageKind
 from neurofed.wire.crypto import SIG_LEN
 from neurofed.wire.errors import ProtocolError
 
-MAGIC = b"NFW\x01"
-VERSION = 1
+MAGIC = b"NFW\x02"
+VERSION = 2
 ENC_AEAD = "aes-256-gcm"
 ENC_NONE = "none"
 MAX_HEADER = 16 * 1024
@@ -38,6 +38,23 @@ _CHUNK = struct.Struct(">IB")
 _KEYS = struct.Struct(">I")
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# A federation run: its start (Unix milliseconds, 13 digits) and 64 random bits. "" only where a
+# participant has not taken part in a run yet (a new site's STATUS).
+RUN_RE = re.compile(r"^[0-9]{13}-[0-9a-f]{16}$")
+
+
+def new_run_id(now_ms: int | None = None) -> str:
+    """A fresh run id: the start time first, so runs order by it, then 64 random bits."""
+    import os
+    import time
+
+    ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    return f"{ms:013d}-{os.urandom(8).hex()}"
+
+
+def run_started_ms(run: str) -> int:
+    """The start time (Unix ms) a run id carries; -1 for "" (no run)."""
+    return int(run.split("-", 1)[0]) if RUN_RE.match(run or "") else -1
 
 
 @dataclass(frozen=True)
@@ -55,12 +72,14 @@ class Header:
     enc: str
     recipients: tuple[str, ...]
     keys_digest: str
+    run: str = ""
     v: int = VERSION
 
     def to_bytes(self) -> bytes:
         doc = {
             "v": self.v,
             "fed": self.federation,
+            "run": self.run,
             "round": self.round,
             "sender": self.sender,
             "kind": str(self.kind),
@@ -155,6 +174,9 @@ def parse_header(data: bytes) -> Header:
     if not (0 <= rnd < 2**31 and 1 <= n < 2**31 and 0 <= size < 2**62):
         raise _bad("round, chunk count or size out of range")
     fed, sender, msg = _field(doc, "fed", str), _field(doc, "sender", str), _field(doc, "msg", str)
+    run = _field(doc, "run", str)
+    if run and not RUN_RE.match(run):
+        raise _bad("header field 'run' is not a run id")
     for name, value in (("fed", fed), ("sender", sender), ("msg", msg)):
         if not ID_RE.match(value):
             raise _bad(f"header field {name!r} has invalid characters")
@@ -163,6 +185,13 @@ def parse_header(data: bytes) -> Header:
         raise _bad("digest is not a SHA-256 hex string")
     enc = _field(doc, "enc", str)
     recips = _field(doc, "recips", list)
+    _check_recipients(enc, recips, keys_digest)
+    if len(doc) != 13:
+        raise _bad("header has unexpected fields")
+    return Header(fed, rnd, sender, kind, msg, n, size, digest, enc, tuple(recips), keys_digest, run, v)
+
+
+def _check_recipients(enc: str, recips: list, keys_digest: str) -> None:
     if enc == ENC_AEAD:
         if not recips or not HEX64.match(keys_digest):
             raise _bad("encrypted message without recipients or keys digest")
@@ -173,9 +202,6 @@ def parse_header(data: bytes) -> Header:
         raise _bad(f"unknown encryption {enc!r}")
     if not all(isinstance(r, str) and ID_RE.match(r) for r in recips) or len(set(recips)) != len(recips):
         raise _bad("recipient list is invalid")
-    if len(doc) != 12:
-        raise _bad("header has unexpected fields")
-    return Header(fed, rnd, sender, kind, msg, n, size, digest, enc, tuple(recips), keys_digest, v)
 
 
 def decode_frame(data: bytes) -> Frame:
@@ -185,7 +211,9 @@ def decode_frame(data: bytes) -> Frame:
     if not isinstance(data, bytes):
         data = bytes(data)
     if data[:4] != MAGIC:
-        raise _bad("not a neurofed envelope (bad magic or frame version)")
+        if data[:3] == MAGIC[:3]:
+            raise _bad(f"frame version {data[3]} is not supported (this node speaks {VERSION})")
+        raise _bad("not a neurofed envelope (bad magic)")
     pos = 4
     if len(data) < pos + _PREFIX.size:
         raise _bad("envelope truncated in the header length")

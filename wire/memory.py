@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from neurofed.wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
+from neurofed.wire.envelope import run_started_ms
 from neurofed.wire.errors import TransportError
 from neurofed.wire.sealing import message_digest
 
@@ -74,7 +75,9 @@ class MemoryEndpoint(Endpoint):
         self._queue: queue.Queue[Message] = queue.Queue()
         self._window = (0, 2**31)
         self._rejections: Counter[str] = Counter()
+        self._rejected: list[dict[str, Any]] = []
         self._started = False
+        self.run = ""
 
     def start(self, timeout: float = 30.0) -> None:
         self._started = True
@@ -110,6 +113,7 @@ class MemoryEndpoint(Endpoint):
             dict(meta or {}),
             payload,
             message_digest(meta, payload),
+            self.run,
         )
         self.hub._publish(msg, retain)
         return msg_id
@@ -120,11 +124,38 @@ class MemoryEndpoint(Endpoint):
             raise TransportError(f"{self.participant}: endpoint not started")
 
     def _deliver(self, msg: Message) -> None:
+        """The receiver's run and round checks (wire/receiver.py), without the cryptography."""
         lo, hi = self._window
-        if msg.kind is not MessageKind.STATUS and not lo <= msg.round <= hi:
-            self._rejections["stale-or-future-round"] += 1
+        newer = False
+        if msg.kind is not MessageKind.STATUS and msg.run != self.run:
+            newer = (
+                self.participant != COORDINATOR
+                and msg.kind in (MessageKind.TASK, MessageKind.MODEL, MessageKind.RECEIPTS)
+                and run_started_ms(msg.run) > run_started_ms(self.run)
+            )
+            if not newer:
+                self._refuse("other-run", msg)
+                return
+        if msg.kind is not MessageKind.STATUS and not newer and not lo <= msg.round <= hi:
+            self._refuse("stale-or-future-round", msg)
             return
         self._queue.put(msg)
+
+    def _refuse(self, reason: str, msg: Message) -> None:
+        self._rejections[reason] += 1
+        self._rejected.append(
+            {
+                "reason": reason,
+                "sender": msg.sender,
+                "authenticated": True,
+                "kind": str(msg.kind),
+                "round": msg.round,
+            }
+        )
+
+    def drain_rejected(self) -> list[dict[str, Any]]:
+        out, self._rejected = self._rejected, []
+        return out
 
     def receive(self, timeout: float | None = None) -> Message | None:
         try:

@@ -92,8 +92,11 @@ class MqttEndpoint(Endpoint):
         receive_window: int = 8,
         spool_dir: str | Path | None = None,
         spool_in_memory: bool | None = None,
+        run: str | None = None,
+        seen_path: str | Path | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.run = run or ""
         self.participant = self.bundle.participant
         self.federation = self.bundle.federation
         self.role = "coordinator" if self.bundle.role == "coordinator" else "site"
@@ -115,6 +118,10 @@ class MqttEndpoint(Endpoint):
             # coordinator receives every site's update at once: disk (flat in the sites)
             spool_in_memory=self.role == "site" if spool_in_memory is None else spool_in_memory,
             defer_open=True,
+            run=run,
+            # a site follows the coordinator into a run that started later (a new --state)
+            follow_newer_runs=self.role == "site",
+            seen_path=seen_path,
         )
         self.broker_max_packet: int | None = None
         # (topic, payload, retained, retained-or-redelivered, connection generation, mid, qos);
@@ -162,7 +169,9 @@ class MqttEndpoint(Endpoint):
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = _no_delay
         if self.role == "site":
-            will = seal_message(self.bundle, MessageKind.STATUS, 0, {"status": "offline", "reason": "lost"})
+            will = seal_message(
+                self.bundle, MessageKind.STATUS, 0, {"status": "offline", "reason": "lost"}, run=self.run
+            )
             topic, frame = next(will.frames)
             c.will_set(topic, frame, qos=1, retain=False)
         props = Properties(PacketTypes.CONNECT)
@@ -367,7 +376,7 @@ class MqttEndpoint(Endpoint):
             raise TransportError(f"{self.participant}: endpoint not started")
         deadline = time.monotonic() + timeout
         chunk = plan_chunk_size(self.chunk_size, self.broker_max_packet)
-        sealed = seal_message(self.bundle, kind, round, meta, payload, chunk_size=chunk)
+        sealed = seal_message(self.bundle, kind, round, meta, payload, chunk_size=chunk, run=self.run)
         topics: list[str] = []
         for topic, frame in sealed.frames:
             check_packet(topic, len(frame), self.broker_max_packet)
@@ -429,6 +438,13 @@ class MqttEndpoint(Endpoint):
 
     def set_round_window(self, lowest: int, highest: int) -> None:
         self.receiver.set_round_window(lowest, highest)
+
+    def set_run(self, run: str) -> None:
+        self.run = run
+        self.receiver.set_run(run)
+
+    def drain_rejected(self) -> list[dict[str, Any]]:
+        return self.receiver.drain_rejected()
 
     @property
     def rejections(self) -> Mapping[str, int]:

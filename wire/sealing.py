@@ -84,8 +84,10 @@ def seal_message(
     chunk_size: int = 1024 * 1024,
     recipients: list[str] | None = None,
     msg_id: str | None = None,
+    run: str = "",
 ) -> SealedMessage:
-    """Prepare a message; its frames are produced (and encrypted) lazily."""
+    """Prepare a message of federation run ``run``; its frames are produced (and encrypted)
+    lazily. The run is in the signed header and in every key wrap's context."""
     kind = MessageKind(kind)
     role = "coordinator" if bundle.role == "coordinator" else "site"
     if SENDER_ROLE[kind] != role:
@@ -110,7 +112,7 @@ def seal_message(
                 crypto.wrap_key(
                     key,
                     bundle.roster.participants[r].encryption_key(),
-                    crypto.wrap_info(fed, round, msg_id, me, r),
+                    crypto.wrap_info(fed, round, msg_id, me, r, run),
                 )
             ).decode()
             for r in recips
@@ -131,6 +133,7 @@ def seal_message(
         enc=ENC_AEAD if recips else ENC_NONE,
         recipients=tuple(recips),
         keys_digest=keys_digest,
+        run=run,
     )
     header_bytes = header.to_bytes()
     signature = crypto.sign(bundle.sign_key, header_bytes)

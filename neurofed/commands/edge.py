@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
     # docker stop / a launcher's SIGTERM: leave the broker properly (offline status, DISCONNECT)
     exit_on_sigterm()
-    endpoint = MqttEndpoint(bundle)
+    # the run this site last took part in, and the replay window, survive a restart
+    endpoint = MqttEndpoint(bundle, run=SiteAgent.saved_run(state), seen_path=state / "seen-messages.log")
     endpoint.start()
     try:
         SiteAgent(endpoint, make_trainer, state, resend_after=args.resend_after).run()

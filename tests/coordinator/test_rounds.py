@@ -129,6 +129,7 @@ def _round_one(tmp_path, **kw):
     eps = {s: hub.endpoint(s) for s in SITES}
     for ep in eps.values():
         ep.start()
+        ep.set_run(coord.run_id)  # as a site agent does on taking the run's task
     t, box = run_in_thread(coord)
     task, model = _wait_task(eps["site-a"], 1)
     meta = {"num_cases": 1, "model_digest": task.meta["model_digest"]}
@@ -548,6 +549,7 @@ def test_scores_sent_after_a_round_closed_are_kept_forwarded_and_survive_a_resta
     eps2 = {s: hub.endpoint(s) for s in SITES}
     for ep in eps2.values():
         ep.start()
+        ep.set_run(coord2.run_id)  # the restarted coordinator keeps its state's run
     t2, box2 = run_in_thread(coord2)
     task2b, model2b = _wait_task(eps2["site-c"], 2)
     got = _wait_receipts(eps2["site-c"], 2, lambda m: "evaluated" in m)

@@ -208,12 +208,53 @@ def test_chunk_spliced_from_another_message(fed):
     rejected(r, "tampered-chunk")
 
 
-def test_duplicate_chunk_with_different_content(fed):
-    fr = frames_of(seal_message(fed.a, U, 1, {}, payload(3000), chunk_size=1000))
+def _forged_chunk_orders():
+    """(name, order of frames) where ``F`` is a forged body for chunk 1 under the genuine signed
+    header (what anyone holding the sender's broker certificate can publish on its topic)."""
+    return {
+        "after the genuine, key known": [0, 1, "F", 2, 3],
+        "before the genuine, key known": [0, "F", 1, 2, 3],
+        "before the genuine, key not yet known": ["F", 1, 2, 3, 0],
+        "after the genuine, key not yet known": [1, "F", 2, 3, 0],
+        "completing the message before the genuine": [0, 2, 3, "F", 1],
+    }
+
+
+@pytest.mark.parametrize("order", list(_forged_chunk_orders()))
+def test_a_forged_chunk_cannot_spoil_the_genuine_message(fed, order):
+    body = payload(3000)
+    fr = frames_of(seal_message(fed.a, U, 1, {"n": 1}, body, chunk_size=1000))
     topic, data = fr[1]
+    forged = (topic, flip(data, len(data) - 5))
     r = Receiver(fed.coordinator)
-    assert feed_all(r, [fr[0], fr[1], (topic, flip(data, len(data) - 5)), fr[2], fr[3]]) == []
+    seq = [forged if i == "F" else fr[i] for i in _forged_chunk_orders()[order]]
+    [m] = feed_all(r, seq)
+    assert m.payload == body and m.meta == {"n": 1}
+    rejected(r, "tampered-chunk")
+    assert not r.rejections["chunk-conflict"] and not r.rejections["replay"], dict(r.rejections)
+
+
+def test_a_forged_chunk_for_a_complete_unopened_message_spoils_nothing(fed, tmp_path):
+    body = payload(3000)
+    fr = frames_of(seal_message(fed.a, U, 1, {}, body, chunk_size=1000))
+    topic, data = fr[2]
+    r = Receiver(fed.coordinator, spool_dir=tmp_path, defer_open=True)
+    assert feed_all(r, fr + [(topic, flip(data, len(data) - 5))]) == []
+    m = r.open_ready()
+    assert m is not None and m.payload == body
+    rejected(r, "tampered-chunk")
+
+
+def test_more_candidates_than_the_bound_are_refused_without_dropping_the_message(fed):
+    body = payload(3000)
+    fr = frames_of(seal_message(fed.a, U, 1, {}, body, chunk_size=1000))
+    topic, data = fr[1]
+    forgeries = [(topic, flip(data, len(data) - 5 - i)) for i in range(6)]
+    r = Receiver(fed.coordinator)
+    [m] = feed_all(r, [fr[1], *forgeries, fr[2], fr[3], fr[0]])
+    assert m.payload == body
     rejected(r, "chunk-conflict")
+    rejected(r, "tampered-chunk")
 
 
 def test_same_message_id_with_another_signed_header(fed):
@@ -314,7 +355,7 @@ def test_malformed_header(fed, data):
 def test_header_with_missing_field(fed):
     fr = frames_of(seal_message(fed.a, U, 1, {}, payload(100)))
     f = decode_frame(fr[0][1])
-    hb = f.header_bytes.replace(b',"v":1', b"")
+    hb = f.header_bytes.replace(b',"v":2', b"")
     with pytest.raises(ProtocolError) as exc:
         Receiver(fed.coordinator).decode(
             fr[0][0], encode_frame(hb, f.signature, 0, True, f.keys_bytes, f.body)
@@ -431,4 +472,9 @@ def test_deferred_open_keeps_complete_messages_spooled_and_rejects_tampered_ones
     assert m is not None and m.payload == good and m.meta == {"n": 1}
     assert r.open_ready() is None  # the tampered one fails only when opened, and is counted
     rejected(r, "tampered-chunk")
-    assert r.ready_count == 0 and r.pending_bytes == 0 and list(tmp_path.iterdir()) == []
+    # it waits for an authentic chunk 2 (a forgery must not spoil a genuine message) until its
+    # timeout, then goes with its spool file
+    assert r.ready_count == 0 and r.pending_bytes > 0
+    assert r.expire(now=r.clock() + r.incomplete_timeout + 1) == 1
+    rejected(r, "incomplete-timeout")
+    assert r.pending_bytes == 0 and list(tmp_path.iterdir()) == []
