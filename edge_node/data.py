@@ -230,6 +230,48 @@ def _check_unique(cases: Sequence[Case], where: Path) -> None:
         seen[c.case_id] = c.site
 
 
+def sites_claimed_by(folder: str | os.PathLike[str], known_sites: Iterable[str] = ()) -> dict[str, str]:
+    """The sites a data folder says it holds, each with the evidence (one phrase): its own
+    ``sites.csv``; else its parent's ``sites.csv`` (rows for the case folders in it, or a site
+    named like the folder); and a folder named like one of ``known_sites`` (the federation's
+    participants). Empty when nothing says: a hospital may name its folder as it likes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    here = folder.resolve()
+    claims: dict[str, str] = {}
+    own = here / SITES_CSV
+    if own.is_file():
+        for site in sorted(set(read_sites_csv(own).values())):
+            claims.setdefault(site, f"its {SITES_CSV} lists {site}")
+        return claims
+    parent_csv = here.parent / SITES_CSV
+    if parent_csv.is_file():
+        mapping = read_sites_csv(parent_csv)
+        for d in _case_folders(here):
+            if d.name in mapping:
+                claims.setdefault(
+                    mapping[d.name], f"{parent_csv} lists its case {d.name} under {mapping[d.name]}"
+                )
+        if here.name in set(mapping.values()):
+            claims.setdefault(here.name, f"{parent_csv} has a site {here.name}")
+    if here.name in set(known_sites):
+        claims.setdefault(here.name, f"the folder is named {here.name}, a participant of the federation")
+    return claims
+
+
+def data_site_mismatch(
+    folder: str | os.PathLike[str], participant: str, known_sites: Iterable[str] = ()
+) -> str | None:
+    """One line saying why ``folder`` looks like another site's data than ``participant``'s, or
+    None when nothing says so (see :func:`sites_claimed_by`)."""
+    others = {s: why for s, why in sites_claimed_by(folder, known_sites).items() if s != participant}
+    if not others:
+        return None
+    names = " and ".join(sorted(others))
+    return f"data folder {folder} belongs to {names}, not to {participant} ({others[min(others)]})"
+
+
 def load_datalist(
     path: str | os.PathLike[str],
     *,

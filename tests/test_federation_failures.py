@@ -218,14 +218,15 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     assert victim.wait(30) == -9 and "SIGKILL at site-mid-upload" in victim.tail()
     assert (fed.tmp / f"{c}-state" / "update-r0001.safetensors").is_file(), "the update was ready to go"
     assert any(e["site"] == c and e["status"] == "offline" for e in fed.events("status"))
-    fed.start_site(c)  # same state folder: it picks up the retained task and model
 
-    # meanwhile its round-1 update, sent now, is late, and one for round 0 is for an old round
+    # its round-1 update, sent now, is late, and one for round 0 is for an old round. Sent before
+    # the site restarts: a connection with the site's certificate has the site's client id (the
+    # broker forces it to the certificate CN) and would displace the running site.
     from neurofed.coordinator import payload as codec
     from neurofed.wire.api import MessageKind
     from neurofed.wire.mqtt import MqttEndpoint
 
-    ep = MqttEndpoint(fed.bundles / c, client_id=f"nf-{fed.federation}-{c}-replay")
+    ep = MqttEndpoint(fed.bundles / c)
     ep.start()
     try:
         late = (fed.tmp / f"{c}-state" / "update-r0001.safetensors").read_bytes()
@@ -242,6 +243,7 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
         ep.close()
     reasons = {e["reason"] for e in fed.events("reject") if e["site"] == c and e["msg_round"] < 2}
     assert reasons == {"late", "old-round"}
+    fed.start_site(c)  # same state folder: it picks up the retained task and model
 
     wait_for(
         lambda: (c, 2) in {(e["site"], e["round"]) for e in fed.events("update")},
@@ -428,7 +430,7 @@ def test_a_site_stopped_with_sigterm_says_goodbye_to_the_broker(fed):
     p = fed.start_site(site)
     fed.wait_sites_ready([site])
     log = fed.logs / "mosquitto.log"
-    wait_for(lambda: f"-{site} (p5" in log.read_text(errors="replace"), 60, "the site's connection", [p])
+    wait_for(lambda: f" as {site} (p5" in log.read_text(errors="replace"), 60, "the site's connection", [p])
     p.popen.send_signal(signal.SIGTERM)
     assert p.popen.wait(30) == 128 + signal.SIGTERM
 

@@ -2,8 +2,9 @@
 
 A bundle is ``DIR/<participant>/`` as ``neurofed provision`` writes it. Loading checks that every
 file is there, that the roster is signed by the federation CA, that the participant's own public
-keys in the roster match its private keys, and that its certificate has not expired, so a broken
-deployment fails at start with a message naming the file, not later with a TLS or AEAD error.
+keys in the roster match its private keys, that its TLS key belongs to its certificate, and that
+its certificate has not expired, so a broken deployment fails at start with a message naming the
+file, not later with a TLS or AEAD error.
 """
 
 from __future__ import annotations
@@ -64,6 +65,27 @@ def _missing(path: Path, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if not (path / n).is_file()]
 
 
+def check_key_matches_certificate(cert_path: Path, key_path: Path) -> None:
+    """Raise ProvisioningError naming both files when ``key_path`` is not the private key of the
+    certificate in ``cert_path`` (TLS would otherwise fail later with an ``ssl.SSLError``)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ProvisioningError(f"{cert_path} is not a readable certificate ({exc})") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    except OSError as exc:
+        raise ProvisioningError(f"cannot read {key_path} ({exc.strerror or exc})") from None
+    except (ValueError, TypeError):
+        raise ProvisioningError(f"{key_path} is not a readable, unencrypted private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ProvisioningError(
+            f"{key_path} is not the private key of {cert_path}; copy both from the same "
+            "`neurofed provision` bundle"
+        )
+
+
 def load_bundle(path: Path | str) -> Bundle:  # noqa: C901 - one check per file of the bundle
     """Load and validate ``path`` (a participant's bundle folder); raise ProvisioningError saying
     what is missing or wrong and what to do."""
@@ -100,6 +122,7 @@ def load_bundle(path: Path | str) -> Bundle:  # noqa: C901 - one check per file 
         raise ProvisioningError(
             f"{path / 'client.crt'} expired on {not_after:%Y-%m-%d}; ask the federation operator for a new bundle"
         )
+    check_key_matches_certificate(path / "client.crt", path / "client.key")
     keys = {}
     for name, kind in (("sign.key", Ed25519PrivateKey), ("enc.key", X25519PrivateKey)):
         kp = path / name
@@ -156,4 +179,5 @@ def check_broker_bundle(path: Path | str) -> Path:
         raise ProvisioningError(
             f"broker bundle {path} lacks {', '.join(missing)}; copy DIR/broker from `neurofed provision`"
         )
+    check_key_matches_certificate(path / "server.crt", path / "server.key")
     return path / "mosquitto.conf"

@@ -1,7 +1,7 @@
 """``MqttEndpoint``: the real transport, MQTT 5 over mutual TLS with paho-mqtt's callback API v2.
 
 - TLS with the bundle's client certificate (the broker takes the certificate CN as the username
-  and applies the ACL to it); QoS 1 everywhere; a persistent session (``clean_start=False`` and a
+  and as the client id, and applies the ACL to it); QoS 1 everywhere; a persistent session (``clean_start=False`` and a
   session expiry) so the broker queues messages while a participant is away; automatic reconnect
   with exponential back-off; a will message (a signed ``offline`` STATUS) for sites.
 - Subscriptions are made in ``on_connect`` so every reconnect renews them. Callbacks only enqueue:
@@ -71,7 +71,9 @@ class MqttEndpoint(Endpoint):
     """A participant's connection to the federation over MQTT 5 (see wire/PROTOCOL.md).
 
     ``bundle`` is the participant's bundle folder (or a loaded ``Bundle``); ``host``/``port``
-    override the broker address in it. ``window`` is how many chunks may await the broker's
+    override the broker address in it. ``client_id`` defaults to the participant id; the
+    provisioned Mosquitto replaces any other id with the certificate's CN, so a second connection
+    with the same certificate takes over the first one's connection and session. ``window`` is how many chunks may await the broker's
     acknowledgement at once (QoS 1 pipelining); it also bounds the sender's memory.
     """
 
@@ -102,7 +104,10 @@ class MqttEndpoint(Endpoint):
         self.role = "coordinator" if self.bundle.role == "coordinator" else "site"
         self.host = host or self.bundle.broker_host
         self.port = int(port or self.bundle.broker_port)
-        self.client_id = client_id or f"nf-{self.federation}-{self.participant}"
+        # The provisioned broker sets every client id to the certificate's CN
+        # (use_username_as_clientid), which is the participant id: ask for that id, so the id the
+        # client knows, the broker's log and the persistent session all agree.
+        self.client_id = client_id or self.participant
         self.chunk_size = chunk_size
         self.window = max(1, window)
         self.keepalive = keepalive

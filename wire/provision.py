@@ -298,7 +298,10 @@ certfile server.crt
 keyfile server.key
 crlfile crl.pem
 require_certificate true
+# Identity is the certificate: the username is its CN, and so is the client id, whatever id the
+# client sent. No certificate can take over another participant's connection or session.
 use_identity_as_username true
+use_username_as_clientid true
 tls_version tlsv1.2
 """
 

@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="training batch size (default: the trainer's)")
     p.add_argument(
+        "--data-site-mismatch-ok",
+        action="store_true",
+        help="run although --data looks like another participant's folder (its name, or a sites.csv "
+        "next to or in it, names another site): only a warning then",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -61,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
         raise EdgeNodeError(f"--data {data}: no such folder (give this site's folder, e.g. data/site-01)")
+    from neurofed.wire.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    if bundle.role != "site":
+        raise EdgeNodeError(f"{args.bundle} is the {bundle.role}'s bundle; give this site's DIR/<site>")
+    check_data_site(
+        data, bundle.participant, bundle.roster.participants, args.bundle, args.data_site_mismatch_ok
+    )
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
@@ -70,13 +84,9 @@ def run(args: argparse.Namespace) -> int:
     from neurofed.edge_node.agent import SiteAgent
     from neurofed.edge_node.training import LocalTrainer, TrainConfig, set_torch_threads
     from neurofed.models.config import ModelConfig
-    from neurofed.wire.bundle import load_bundle
     from neurofed.wire.mqtt import MqttEndpoint
 
     set_torch_threads()
-    bundle = load_bundle(args.bundle)
-    if bundle.role != "site":
-        raise EdgeNodeError(f"{args.bundle} is the {bundle.role}'s bundle; give this site's DIR/<site>")
     state = Path(args.state or Path(args.bundle).parent / f"{bundle.participant}-state")
     tc = TrainConfig(seed=args.seed, **({"batch_size": args.batch_size} if args.batch_size else {}))
 
@@ -98,3 +108,23 @@ def run(args: argparse.Namespace) -> int:
         leaving()  # a SIGTERM now (the federation is over, the launcher tears down) waits for this
         endpoint.close()
     return 0
+
+
+def check_data_site(data, participant: str, known_ids, bundle_arg, mismatch_ok: bool) -> None:
+    """Refuse (or, with ``--data-site-mismatch-ok``, warn about) a data folder that says it is
+    another participant's: its name, or a sites.csv in or next to it, names another site."""
+    import sys
+
+    from neurofed.edge_node.data import data_site_mismatch
+    from neurofed.edge_node.errors import DataError
+
+    problem = data_site_mismatch(data, participant, known_ids)
+    if problem is None:
+        return
+    if mismatch_ok:
+        print(f"neurofed: warning: {problem}; going on (--data-site-mismatch-ok)", file=sys.stderr)
+        return
+    raise DataError(
+        f"{problem}, whose bundle is {bundle_arg}; give {participant}'s own data folder "
+        f"(or --data-site-mismatch-ok if it is {participant}'s data under another name)"
+    )

@@ -48,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--replace", action="store_true", help="up: remove an existing container of that name first"
     )
+    p.add_argument(
+        "--data-site-mismatch-ok",
+        action="store_true",
+        help="up: start although --data looks like another participant's folder (only a warning then)",
+    )
     p.add_argument("--tail", default="100", help="logs: lines from the end (default 100, or 'all')")
     p.add_argument("--follow", action="store_true", help="logs: keep streaming")
     p.add_argument("--purge", action="store_true", help="down: also delete the state volume")
@@ -72,11 +77,26 @@ def _name(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from neurofed.edge_node.launcher import LauncherError, SiteLauncher, SiteSpec
+    from neurofed.errors import NeurofedError
 
-    launcher = SiteLauncher()
     if args.action == "up":
         if not args.bundle or not args.data:
             raise LauncherError("`neurofed site up` needs --bundle DIR/<site> and --data PATH")
+        # here, not in the container: there the folder is mounted as /data/<site>, without its parent
+        from neurofed.commands.edge import check_data_site
+        from neurofed.edge_node.launcher import site_identity
+        from neurofed.wire.roster import Roster
+
+        if Path(args.data).is_dir():
+            site = site_identity(Path(args.bundle))[0]
+            try:  # the names only (the container verifies the roster's signature)
+                roster = Roster.from_json((Path(args.bundle) / "roster.json").read_bytes())
+                known = list(roster.participants)
+            except (OSError, ValueError, NeurofedError):
+                known = []
+            check_data_site(Path(args.data), site, known, args.bundle, args.data_site_mismatch_ok)
+    launcher = SiteLauncher()
+    if args.action == "up":
         import shlex
 
         extra = shlex.split(args.edge_args)

@@ -170,3 +170,34 @@ def test_case_error_lists_all_problems_of_a_case(tmp_path: Path) -> None:
     with pytest.raises(CaseError) as info:
         load_case(case, ("flair", "t1", "t1ce", "t2"))
     assert len(info.value.problems) == 2
+
+
+def _federation_folders(root: Path) -> Path:
+    """DATA/sites.csv with site-a's and site-b's case folders (empty: only names are read)."""
+    (root / "site-a" / "case-001").mkdir(parents=True)
+    (root / "site-b" / "case-002").mkdir(parents=True)
+    (root / "sites.csv").write_text("case,site\ncase-001,site-a\ncase-002,site-b\n")
+    return root
+
+
+def test_a_data_folder_says_which_site_it_belongs_to(tmp_path):
+    from neurofed.edge_node.data import data_site_mismatch, sites_claimed_by
+
+    data = _federation_folders(tmp_path / "data")
+    known = ["coordinator", "site-a", "site-b"]
+    assert set(sites_claimed_by(data / "site-a", known)) == {"site-a"}
+    assert data_site_mismatch(data / "site-b", "site-b", known) is None
+    why = data_site_mismatch(data / "site-a", "site-b", known)
+    assert why is not None and "site-a" in why and "not to site-b" in why and "case-001" in why
+    # the root: its own sites.csv names both sites
+    assert "site-a" in data_site_mismatch(data, "site-b", known)
+    # renamed folder, but the parent's sites.csv lists its case under site-a
+    (data / "site-a").rename(data / "export-2024")
+    assert "export-2024" in data_site_mismatch(data / "export-2024", "site-b", known)
+    # no sites.csv anywhere: the folder's name is the only evidence, and only a participant's counts
+    lone = tmp_path / "lone"
+    (lone / "site-a" / "c1").mkdir(parents=True)
+    (lone / "brats" / "c2").mkdir(parents=True)
+    assert "the folder is named site-a" in data_site_mismatch(lone / "site-a", "site-b", known)
+    assert data_site_mismatch(lone / "site-a", "site-b", []) is None
+    assert data_site_mismatch(lone / "brats", "site-b", known) is None

@@ -6,17 +6,24 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import ssl
 import subprocess
+import threading
 import time
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from neurofed.wire.api import MessageKind
 from neurofed.wire.mqtt import MqttEndpoint
 from neurofed.wire.payload import encode_state
+from tests.fixtures.broker import connection_ends
 
 pytestmark = pytest.mark.slow
 
@@ -119,21 +126,19 @@ def test_site_cannot_read_another_sites_updates(broker):
 
 @needs_clients
 def test_site_cannot_publish_as_another_site(broker):
-    coord = MqttEndpoint(broker.bundle("coordinator"))
-    coord.start(timeout=20)
+    # the watcher is the coordinator's only connection: a second one with the same certificate
+    # would have the same client id (the certificate CN) and the two would displace each other
     watcher = Sub(broker, "nf/testfed/update/#", 1, 4, bundle_dir=broker.bundle("coordinator"))
-    try:
-        r = pub(broker, "nf/testfed/update/site-b/1/abcd/0", "forged", bundle_dir=broker.bundle("site-a"))
-        rc, out, _ = watcher.result()
-        assert out == b""  # the broker dropped it: the coordinator-level client saw nothing
-        assert "forged" not in r.stdout.decode()
-        # the control: site-a publishing under its own name does reach the coordinator
-        watcher = Sub(broker, "nf/testfed/update/#", 1, 10, bundle_dir=broker.bundle("coordinator"))
-        pub(broker, "nf/testfed/update/site-a/1/abcd/0", "own-name", bundle_dir=broker.bundle("site-a"))
-        rc, out, _ = watcher.result()
-        assert b"own-name" in out
-    finally:
-        coord.close()
+    r = pub(broker, "nf/testfed/update/site-b/1/abcd/0", "forged", bundle_dir=broker.bundle("site-a"))
+    rc, out, _ = watcher.result()
+    assert out == b""  # the broker dropped it: the coordinator-level client saw nothing
+    assert "forged" not in r.stdout.decode()
+    # the control: site-a publishing under its own name does reach the coordinator
+    watcher = Sub(broker, "nf/testfed/update/#", 1, 10, bundle_dir=broker.bundle("coordinator"))
+    pub(broker, "nf/testfed/update/site-a/1/abcd/0", "own-name", bundle_dir=broker.bundle("site-a"))
+    rc, out, _ = watcher.result()
+    assert b"own-name" in out
+    assert "already connected" not in broker.log_text()
 
 
 @needs_clients
@@ -202,3 +207,90 @@ def test_expired_certificate_is_refused(broker, tmp_path):
     r = pub(broker, "nf/testfed/status/site-a", cert=tmp_path / "c.crt", key=tmp_path / "c.key")
     assert r.returncode != 0
     assert "expired" in broker.log_text()
+
+
+def receive_kind(ep: MqttEndpoint, kind: MessageKind, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = ep.receive(timeout=max(0.1, deadline - time.monotonic()))
+        if m is not None and m.kind is kind:
+            return m
+    return None
+
+
+def _try_client_id(broker, bundle_dir, client_id: str, clean_start: bool) -> str:
+    """Connect with ``bundle_dir``'s certificate asking for ``client_id`` (raw paho, MQTT 5,
+    session expiry 1 h), subscribe to everything, stay a moment and leave; return the reason code."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(bundle_dir / "ca.crt"))
+    ctx.load_cert_chain(str(bundle_dir / "client.crt"), str(bundle_dir / "client.key"))
+    c.tls_set_context(ctx)
+    done, result = threading.Event(), []
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        result.append(str(reason_code))
+        client.subscribe("nf/testfed/#", qos=1)
+        done.set()
+
+    c.on_connect = on_connect
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("localhost", broker.port, 30, clean_start=clean_start, properties=props)
+    c.loop_start()
+    try:
+        assert done.wait(10), f"no CONNACK for {client_id!r}"
+        time.sleep(0.3)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return result[0]
+
+
+def test_a_sites_certificate_cannot_take_the_coordinators_client_id_or_session(broker):
+    """Identity is the certificate for the client id too (``use_username_as_clientid``): a client
+    with site-a's certificate asking for the coordinator's client id gets site-a's id instead. It
+    neither takes over the coordinator's persistent session (an update queued for the offline
+    coordinator is still delivered) nor pushes the connected coordinator off the broker."""
+    attacker = broker.bundle("site-a")
+    ids = ["nf-testfed-coordinator", "coordinator"]  # the kit's former client id, and the CN
+    coord = MqttEndpoint(broker.bundle("coordinator"))
+    coord.start(timeout=20)  # creates the persistent session and its subscriptions
+    coord.close()
+    site_b = MqttEndpoint(broker.bundle("site-b"))
+    site_b.start(timeout=20)
+    try:
+        # queued for the offline coordinator; then site-a's certificate tries its client id
+        queued = site_b.send(MessageKind.UPDATE, 1, meta={"n": "queued"}, payload=b"q" * 5000)
+        for client_id in ids:
+            for clean_start in (True, False):
+                assert _try_client_id(broker, attacker, client_id, clean_start) == "Success"
+        coord = MqttEndpoint(broker.bundle("coordinator"))
+        coord.start(timeout=20)
+        try:
+            got = receive_kind(coord, MessageKind.UPDATE, 10)
+            assert got is not None and got.msg_id == queued, "the queued update was lost"
+            # connected: site-a's certificate tries its client id again and again while site-b sends
+            sent = []
+            for i in range(3):
+                for client_id in ids:
+                    assert _try_client_id(broker, attacker, client_id, i % 2 == 0) == "Success"
+                    sent.append(site_b.send(MessageKind.METRICS, 1, meta={"i": i}))
+            got_ids = []
+            for _ in sent:
+                m = receive_kind(coord, MessageKind.METRICS, 10)
+                assert m is not None, f"the coordinator received {len(got_ids)} of {len(sent)} messages"
+                got_ids.append(m.msg_id)
+            assert got_ids == sent
+            assert coord._generation == 1, "the coordinator was disconnected and reconnected"
+            assert coord._connected.is_set()
+        finally:
+            coord.close()
+    finally:
+        site_b.close()
+    log = broker.log_text()
+    assert "already connected" not in log, log
+    as_coordinator = [line for line in log.splitlines() if " as coordinator (" in line]
+    assert len(as_coordinator) == 2 and all("u'coordinator'" in line for line in as_coordinator), log
+    ends = connection_ends(log, "coordinator")
+    assert len(ends) == 2 and all(line.endswith(" disconnected.") for line in ends), ends
+    assert len([line for line in log.splitlines() if " as site-a (" in line and "u'site-a'" in line]) == 10

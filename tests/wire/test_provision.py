@@ -34,6 +34,7 @@ def test_layout_and_permissions(root):
     for line in (
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         "allow_anonymous false",
         "crlfile crl.pem",
         "persistence true",
@@ -94,10 +95,28 @@ def test_revoke_updates_crl_roster_and_acl(root):
         load_bundle(stale)
 
 
-@pytest.mark.parametrize("sites", [["coordinator"], ["Bad Name"], ["a", "a"], []])
+@pytest.mark.parametrize("sites", [["coordinator"], ["broker"], ["Bad Name"], ["a", "a"], []])
 def test_bad_site_ids(tmp_path, sites):
     with pytest.raises(ProvisioningError):
         provision(tmp_path / "x", "fed", sites, "h")
+
+
+def test_certificate_common_names_are_unique_per_broker(root):
+    """The broker makes the certificate CN the client id: no two certificates a broker accepts may
+    share a CN, so ids already used, reserved or revoked are refused."""
+    from cryptography import x509
+
+    revoke(root, "site-b")
+    for taken in ("site-a", "site-b", "coordinator", "broker"):
+        with pytest.raises(ProvisioningError):
+            add_site(root, taken)
+    add_site(root, "site-c")
+    cns = [
+        x509.load_pem_x509_certificate((root / p / f).read_bytes()).subject.rfc4514_string()
+        for p, f in [("broker", "server.crt")]
+        + [(p, "client.crt") for p in ("coordinator", "site-a", "site-c")]
+    ]
+    assert cns == ["CN=broker", "CN=coordinator", "CN=site-a", "CN=site-c"]
 
 
 def test_refuses_to_overwrite(root):
