@@ -226,9 +226,11 @@ class SecAggClient:
         shares = self._open_bundles(received)
 
         clipped, _norm = clip_l2(vec, cfg.clip)
-        q = stochastic_round(clipped * cfg.scale, coin_key(cfg, self.site, unb64(st["coin_seed"])))
+        clipped *= cfg.scale
+        q = stochastic_round(clipped, coin_key(cfg, self.site, unb64(st["coin_seed"])))
+        del clipped
         ring = to_ring(q, weight, cfg.dtype)
-        del clipped, q
+        del q
         apply_stream(ring, self_mask_key(cfg, self.site, unb64(st["seed"])), +1)
         mask_sk = self._key("mask_sk")
         for peer in senders:

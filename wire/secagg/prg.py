@@ -11,6 +11,8 @@ at a time, so no second model-sized buffer is needed. Nothing here uses numpy's 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -34,20 +36,27 @@ def _encryptor(key: bytes):
     return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
 
 
+def stream_chunks(key: bytes, count: int, dtype: np.dtype) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The keystream of ``key`` as ``count`` words of ``dtype``, one chunk at a time:
+    ``(start, stop, words)``; ``words`` is a view of one reused buffer, valid until the next chunk."""
+    enc = _encryptor(key)
+    buf = bytearray(CHUNK_BYTES)
+    words = np.frombuffer(buf, dtype=dtype)
+    per_chunk = CHUNK_BYTES // dtype.itemsize
+    for start in range(0, count, per_chunk):
+        stop = min(count, start + per_chunk)
+        nbytes = (stop - start) * dtype.itemsize
+        enc.update_into(memoryview(_ZEROS)[:nbytes], memoryview(buf)[:nbytes])
+        yield start, stop, words[: stop - start]
+
+
 def apply_stream(acc: np.ndarray, key: bytes, sign: int) -> None:
     """``acc += sign * ChaCha20(key)`` in the ring of acc's unsigned dtype (wraps), in place."""
     if acc.dtype.kind != "u" or not acc.flags.c_contiguous or acc.ndim != 1:
         raise ValueError("apply_stream needs a contiguous 1-D unsigned array")
-    enc = _encryptor(key)
-    buf = bytearray(CHUNK_BYTES)
-    words = np.frombuffer(buf, dtype=acc.dtype)
-    per_chunk = CHUNK_BYTES // acc.dtype.itemsize
     op = np.add if sign > 0 else np.subtract
-    for start in range(0, acc.size, per_chunk):
-        stop = min(acc.size, start + per_chunk)
-        nbytes = (stop - start) * acc.dtype.itemsize
-        enc.update_into(memoryview(_ZEROS)[:nbytes], memoryview(buf)[:nbytes])
-        op(acc[start:stop], words[: stop - start], out=acc[start:stop])
+    for start, stop, words in stream_chunks(key, acc.size, acc.dtype):
+        op(acc[start:stop], words, out=acc[start:stop])
 
 
 def stream_words(key: bytes, count: int, dtype: np.dtype | str = "<u4") -> np.ndarray:

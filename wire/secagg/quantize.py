@@ -12,26 +12,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from neurofed.wire.secagg.prg import stream_words
+from neurofed.wire.secagg.prg import stream_chunks
 
 
 def clip_l2(x: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
     """``x`` (as float64) scaled down to L2 norm at most ``clip``; returns (clipped, original norm)."""
-    v = np.asarray(x, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(v)):
-        raise ValueError("update has non-finite values")
+    v = np.array(x, dtype=np.float64).reshape(-1)  # always a fresh copy: callers scale it in place
     norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm):
+        raise ValueError("update has non-finite values")
     if norm > clip:
-        v = v * (clip / norm)
+        v *= clip / norm
     return v, norm
 
 
 def stochastic_round(v: np.ndarray, coin_key: bytes) -> np.ndarray:
-    """Round each value down or up (up with probability equal to its fractional part), as int64."""
-    fl = np.floor(v)
-    coins = stream_words(coin_key, v.size, "<u4").astype(np.float64)
-    up = coins < (v - fl) * 4294967296.0
-    return fl.astype(np.int64) + up
+    """Round each value down or up (up with probability equal to its fractional part), as int64.
+    Works a keystream chunk at a time (in cache) and overwrites ``v`` with scratch values."""
+    q = np.empty(v.size, dtype=np.int64)
+    for start, stop, coins in stream_chunks(coin_key, v.size, np.dtype("<u4")):
+        seg = v[start:stop]
+        fl = np.floor(seg)
+        np.subtract(seg, fl, out=seg)
+        np.multiply(seg, 4294967296.0, out=seg)  # fractional part in units of 2^-32, in [0, 2^32)
+        out = q[start:stop]
+        out[:] = fl
+        out += coins < seg  # uint32 against float64: numpy compares exactly
+    return q
 
 
 def to_ring(q: np.ndarray, weight: int, dtype: np.dtype) -> np.ndarray:
