@@ -1,0 +1,90 @@
+"""Keys and pseudo-random streams of secure aggregation: HKDF-SHA256 and ChaCha20, from ``cryptography``.
+
+Every mask is the ChaCha20 keystream (RFC 8439 block function, 256-bit key, counter from 0, fixed
+nonce: each key is used for one stream only) of a key derived with HKDF-SHA256 from a 32-byte
+secret (a self-mask seed, an X25519 shared secret, a rounding seed) with ``info`` naming the
+federation, run, round, attempt, purpose and both parties (``RoundContext.info``). The keystream
+is read as little-endian ring words and added to (or subtracted from) a vector in place, a chunk
+at a time, so no second model-sized buffer is needed. Nothing here uses numpy's or Python's
+``random``: numpy only adds the words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from neurofed.wire.secagg.params import SecAggConfig
+
+KEY_LEN = 32
+CHUNK_BYTES = 1 << 20  # 1 MiB of keystream at a time: in cache, and few Python round trips
+_ZEROS = bytes(CHUNK_BYTES)
+
+
+def derive_key(secret: bytes, info: bytes) -> bytes:
+    """A 256-bit key for one purpose (HKDF-SHA256, no salt: the secrets are uniform or DH outputs)."""
+    return HKDF(hashes.SHA256(), KEY_LEN, salt=None, info=info).derive(secret)
+
+
+def _encryptor(key: bytes):
+    if len(key) != KEY_LEN:
+        raise ValueError("ChaCha20 needs a 256-bit key")
+    return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+
+def stream_chunks(key: bytes, count: int, dtype: np.dtype) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The keystream of ``key`` as ``count`` words of ``dtype``, one chunk at a time:
+    ``(start, stop, words)``; ``words`` is a view of one reused buffer, valid until the next chunk."""
+    enc = _encryptor(key)
+    buf = bytearray(CHUNK_BYTES)
+    words = np.frombuffer(buf, dtype=dtype)
+    per_chunk = CHUNK_BYTES // dtype.itemsize
+    for start in range(0, count, per_chunk):
+        stop = min(count, start + per_chunk)
+        nbytes = (stop - start) * dtype.itemsize
+        enc.update_into(memoryview(_ZEROS)[:nbytes], memoryview(buf)[:nbytes])
+        yield start, stop, words[: stop - start]
+
+
+def apply_stream(acc: np.ndarray, key: bytes, sign: int) -> None:
+    """``acc += sign * ChaCha20(key)`` in the ring of acc's unsigned dtype (wraps), in place."""
+    if acc.dtype.kind != "u" or not acc.flags.c_contiguous or acc.ndim != 1:
+        raise ValueError("apply_stream needs a contiguous 1-D unsigned array")
+    op = np.add if sign > 0 else np.subtract
+    for start, stop, words in stream_chunks(key, acc.size, acc.dtype):
+        op(acc[start:stop], words, out=acc[start:stop])
+
+
+def stream_words(key: bytes, count: int, dtype: np.dtype | str = "<u4") -> np.ndarray:
+    """``count`` keystream words of ``dtype`` (a fresh, writable array)."""
+    out = np.zeros(count, dtype=np.dtype(dtype))
+    apply_stream(out, key, +1)
+    return out
+
+
+# --- the keys of one attempt (the site and the coordinator derive them alike) ------------------
+
+
+def self_mask_key(config: SecAggConfig, site: str, seed: bytes) -> bytes:
+    """Key of ``site``'s self mask, from its 32-byte self-mask seed."""
+    return derive_key(seed, config.context.info("self-mask", site, config.digest))
+
+
+def pair_mask_key(config: SecAggConfig, a: str, b: str, shared: bytes) -> bytes:
+    """Key of the pairwise mask of ``a`` and ``b``, from their X25519 shared secret (same for both)."""
+    lo, hi = sorted((a, b))
+    return derive_key(shared, config.context.info("pair-mask", lo, hi, config.digest))
+
+
+def pair_sign(site: str, peer: str) -> int:
+    """``site`` adds the pairwise mask with ``peer`` when its id sorts first, else subtracts it."""
+    return 1 if site < peer else -1
+
+
+def coin_key(config: SecAggConfig, site: str, seed: bytes) -> bytes:
+    """Key of ``site``'s stochastic-rounding coins, from its (persisted) rounding seed."""
+    return derive_key(seed, config.context.info("rounding", site, config.digest))
