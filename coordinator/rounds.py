@@ -76,7 +76,9 @@ from neurofed.coordinator.checks import (
 from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
 from neurofed.coordinator.faults import fault_point
 from neurofed.coordinator.registration import Registrar
-from neurofed.coordinator.state import Snapshot, StateStore
+from neurofed.coordinator.secure import ENCODING as SECAGG_ENCODING
+from neurofed.coordinator.secure import SecureRound, SecureSettings, load_next_attempt
+from neurofed.coordinator.state import Snapshot, StateStore, atomic_write_json
 from neurofed.coordinator.strategies import Strategy
 from neurofed.wire.api import Endpoint, Message, MessageKind
 from neurofed.wire.errors import TransportError
@@ -130,6 +132,7 @@ class RoundConfig:
     receipt_interval: float = 3.0
     final_eval: bool = True
     max_extensions: int = 1000
+    secure: SecureSettings | None = None  # --secure-aggregation: only the sum of the updates is seen
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -213,8 +216,11 @@ class Coordinator:
         roster_digest: str = "",
         events_path: str | Path | None = None,
         clock: Callable[[], float] = time.time,
+        roster_keys: Mapping[str, Any] | None = None,
     ) -> None:
         self.ep = endpoint
+        self.roster_keys = dict(roster_keys or {})
+        self._secure: SecureRound | None = None
         self.strategy = strategy
         self.store = store
         self.cfg = config
@@ -292,7 +298,14 @@ class Coordinator:
         return False
 
     def _tags(self, r: int) -> dict[str, str]:
-        return {"strategy": self.strategy.name, "session": self.session, "round": str(r), "run": self.run_id}
+        tags = {"strategy": self.strategy.name, "session": self.session, "round": str(r), "run": self.run_id}
+        if self.cfg.secure is not None:
+            sec = self._secure
+            tags["secure_aggregation"] = "secagg+"
+            if sec is not None and sec.round == r:
+                tags["secagg_threshold"] = f"{sec.attempt.config.t} of {sec.attempt.config.k}"
+                tags["secagg_attempts"] = str(sec.attempts)
+        return tags
 
     def _persist(self, round: int, extra: dict[str, Any]) -> None:
         meta, tensors = self.strategy.state()
@@ -424,6 +437,8 @@ class Coordinator:
             "site_optimizer": self.cfg.site_optimizer,
             "model_config": self.model_config,
         }
+        if train and self._secure is not None and self._secure.round == r:
+            self._task_meta["secagg"] = self._secure.task_meta()
         if wait:
             self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
         else:
@@ -533,6 +548,7 @@ class Coordinator:
             self.strategy.begin(r, self.weights)
             if self.cfg.site_optimizer == "continue-global":
                 self._optimizer_mean = WeightedMean()
+        self._secure = self._secure_round(r) if train and self.cfg.secure is not None else None
         deadline = self.clock() + self.cfg.round_timeout
         t_encoded = time.time()
         # read before announcing: a reconnect during the announcement counts as one after it
@@ -561,6 +577,9 @@ class Coordinator:
     ) -> None:
         """Take in updates (or scores) until every expected site answered, or the offline rest
         leave a quorum, or the deadline passes with one (it is extended otherwise)."""
+        if self._secure is not None:
+            self._collect_secure(r, digest, res, deadline)
+            return
         expected = set(self.cfg.expected_sites)
         last_receipts = self.clock()
 
@@ -606,6 +625,60 @@ class Coordinator:
                 self._send_receipts(r, list(res.cases), list(res.metrics))
                 last_receipts = self.clock()
 
+    def _secure_round(self, r: int) -> SecureRound:
+        path = self.store.root / "secagg.json"
+
+        def persist_attempt(next_attempt: int) -> None:
+            atomic_write_json(path, {"round": r, "next_attempt": next_attempt})
+
+        def relay(step: str, attempt: int, payload: bytes) -> None:
+            self._send_reliably(
+                MessageKind.RELAY, r, meta={"step": step, "attempt": attempt}, payload=payload
+            )
+
+        assert self.cfg.secure is not None
+        if not self.roster_keys:
+            raise CoordinatorError("secure aggregation needs the roster's site keys")
+        return SecureRound(
+            federation=self.ep.federation,
+            run_id=self.run_id,
+            round=r,
+            sites=self.cfg.expected_sites,
+            weights=self.weights,
+            roster_keys=self.roster_keys,
+            settings=self.cfg.secure,
+            next_attempt=load_next_attempt(path),
+            send_relay=relay,
+            persist_attempt=persist_attempt,
+            event=self._event,
+            clock=self.clock,
+        )
+
+    def _collect_secure(self, r: int, digest: str, res: RoundResult, deadline: float) -> None:
+        """A secure round: drive the protocol's phases until the sum is unmasked or the round
+        gives up; a retried attempt announces its fresh config and gets a new deadline."""
+        sec = self._secure
+        assert sec is not None
+        attempt, connections, last_receipts = sec.number, self.ep.connections, self.clock()
+        while not sec.advance(self.offline, deadline):
+            now = self.clock()
+            if sec.number != attempt:  # retried with fresh keys: sites start the attempt over
+                attempt, deadline = sec.number, now + self.cfg.round_timeout
+                res.cases.clear()
+                self._send_task(r, True, deadline, digest, self._task_meta["sites"])
+            if self.ep.connections != connections:
+                connections = self.ep.connections
+                self._reannounce(r, True, deadline, digest)
+            if now - last_receipts >= self.cfg.receipt_interval:
+                self._send_receipts(r, list(res.cases), list(res.metrics))
+                last_receipts = now
+            self._heartbeat()
+            self._take_wire_rejections(res)
+            msg = self.ep.receive(timeout=0.2)
+            while msg is not None:
+                self._handle(msg, r, True, digest, res, closing=False)
+                msg = self.ep.receive(timeout=0)
+
     def _extend(
         self, r: int, train: bool, digest: str, res: RoundResult, have: list[str], now: float
     ) -> float:
@@ -645,6 +718,12 @@ class Coordinator:
 
     def _close_training(self, r: int, res: RoundResult, t0: float) -> None:
         """Aggregate, persist (before anything announces the next round), then register."""
+        if self._secure is not None and self._secure.result is not None:
+            update, total = self._secure.mean_update(self.weights, self.strategy.name)
+            self.strategy.add_aggregate(update, total)
+            del update
+            res.cases = dict(self._secure.result.weights)
+            res.sites = sorted(res.cases)
         new = self.strategy.result()
         if new is None:
             log.warning("round %d: no usable update; keeping the previous global model", r)
@@ -670,10 +749,23 @@ class Coordinator:
                     **{f"rejected/{k}": float(v) for k, v in res.rejected_by_reason().items()},
                     "round_seconds": res.seconds,
                     "bytes_received": float(res.bytes_received),
+                    **self._secure_metrics(),
                 },
             )
             if res.aggregated:
                 self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
+
+    def _secure_metrics(self) -> dict[str, float]:
+        """Per-phase times (seconds since the attempt started) and attempts of a secure round."""
+        sec = self._secure
+        if sec is None:
+            return {}
+        out = {"secagg/attempts": float(sec.attempts)}
+        out.update({f"secagg/{k}_s": float(v) for k, v in sec.attempt.times.items()})
+        if sec.result is not None:
+            out["secagg/survivors"] = float(len(sec.result.survivors))
+            out["secagg/recovered"] = float(len(sec.result.recovered))
+        return out
 
     def _log_closed(self, r: int, res: RoundResult) -> None:
         self._event(
@@ -811,7 +903,14 @@ class Coordinator:
             return
         self.offline.discard(msg.sender)  # anything it sends proves it is back
         try:
-            if msg.kind is MessageKind.UPDATE:
+            if msg.kind is MessageKind.SECAGG:
+                self._round_gate(msg, r)
+                if self._secure is None:
+                    raise UpdateRejected("not-a-secure-round", f"round {r} does not run secure aggregation")
+                self._secure.on_step(msg)
+            elif msg.kind is MessageKind.UPDATE and self._secure is not None:
+                self._on_masked_update(msg, r, digest, res, closing)
+            elif msg.kind is MessageKind.UPDATE:
                 self._on_update(msg, r, train, digest, res, closing)
             elif msg.kind is MessageKind.METRICS:
                 pending = self._evaluating
@@ -841,6 +940,35 @@ class Coordinator:
             raise UpdateRejected("old-round", f"for round {msg.round}, current round is {r}")
         if msg.round > r:
             raise UpdateRejected("future-round", f"for round {msg.round}, current round is {r}")
+
+    def _on_masked_update(self, msg: Message, r: int, digest: str, res: RoundResult, closing: bool) -> None:
+        """A masked input: checked for its round, model and cases, folded into the ring sum. The
+        coordinator never holds the site's update itself."""
+        self._round_gate(msg, r)
+        self._closing_gate(r, closing)
+        assert self._secure is not None
+        if msg.meta.get("encoding") != SECAGG_ENCODING:
+            raise UpdateRejected(
+                "not-masked", "this round runs secure aggregation: a plain update is refused"
+            )
+        if msg.meta.get("model_digest") not in (None, digest):
+            raise UpdateRejected("stale-model", "trained from another model than this round's")
+        num_cases = check_num_cases(msg.meta.get("num_cases"))
+        steps = check_local_steps(msg.meta.get("local_steps"))
+        if steps is None and self.strategy.needs_local_steps:
+            raise UpdateRejected("missing-local-steps", f"{self.strategy.name} needs each site's local_steps")
+        self._secure.on_masked_input(msg, num_cases, steps)
+        res.cases[msg.sender] = num_cases
+        res.bytes_received += len(msg.payload)
+        self._event(
+            "update",
+            round=r,
+            site=msg.sender,
+            cases=num_cases,
+            bytes=len(msg.payload),
+            sha256=msg.digest,
+            masked=True,
+        )
 
     def _on_update(
         self, msg: Message, r: int, train: bool, digest: str, res: RoundResult, closing: bool

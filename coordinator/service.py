@@ -44,6 +44,7 @@ class CoordinatorSettings:
     broker_port: int | None = None
     receipt_interval: float = 3.0
     init_weights: Path | None = None
+    secure: Any = None  # coordinator.secure.SecureSettings: --secure-aggregation
 
 
 def roster_digest(bundle_dir: Path) -> str:
@@ -92,6 +93,40 @@ STOP_GRACE_S = 5.0
 REGISTRY_GRACE_S = 120.0
 
 
+def tracking_params(
+    s: CoordinatorSettings, sites: tuple[str, ...], min_sites: int, model_config: dict
+) -> dict:
+    """The federation's settings as the MLflow parent run's parameters."""
+    params = {
+        "strategy": s.strategy,
+        "rounds": s.rounds,
+        "min_sites": min_sites,
+        "sites": ",".join(sites),
+        "local_epochs": s.local_epochs,
+        "round_timeout": s.round_timeout,
+        "model": model_config,
+        "seed": s.seed,
+    }
+    if s.site_optimizer != "reset":
+        params["site_optimizer"] = s.site_optimizer
+    if s.lr_schedule != "constant":
+        params["lr_schedule"] = s.lr_schedule
+    if s.strategy == "fedprox":
+        params["mu"] = s.mu
+    if s.max_norm is not None:
+        params["max_norm"] = s.max_norm
+    if s.secure is not None:
+        params["secure_aggregation"] = {
+            "clip": s.secure.clip, "k": s.secure.k, "t": s.secure.t, "bits": s.secure.bits,
+            "max_cases": s.secure.max_total_weight,
+        }  # fmt: skip
+    if s.server_lr is not None:
+        params["server_lr"] = s.server_lr
+    if s.server_momentum is not None:
+        params["server_momentum"] = s.server_momentum
+    return params
+
+
 def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     from neurofed.models.config import ModelConfig
     from neurofed.wire.bundle import load_bundle
@@ -107,10 +142,21 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     ModelConfig.from_dict(model_config)  # validate early
     state_dir = Path(s.state_dir or Path(s.bundle).parent / "coordinator-state")
     store = StateStore(state_dir)
+    if s.secure is not None:
+        from neurofed.coordinator.secure import refuse_unsound
+
+        # one clear error at start; --max-norm is then each site's clip, not the coordinator's
+        refuse_unsound(
+            s.strategy,
+            fp16=s.fp16,
+            site_optimizer=s.site_optimizer,
+            sites=len(sites),
+            max_norm_at_coordinator=False,
+        )
     strategy = make_strategy(
         s.strategy,
         mu=s.mu,
-        max_norm=s.max_norm,
+        max_norm=None if s.secure is not None else s.max_norm,
         spill_dir=state_dir / "spill",
         server_lr=s.server_lr,
         server_momentum=s.server_momentum,
@@ -125,29 +171,9 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         site_optimizer=s.site_optimizer,
         lr_schedule=s.lr_schedule,
         receipt_interval=s.receipt_interval,
+        secure=s.secure,
     )
-    params = {
-        "strategy": s.strategy,
-        "rounds": s.rounds,
-        "min_sites": cfg.min_sites,
-        "sites": ",".join(sites),
-        "local_epochs": s.local_epochs,
-        "round_timeout": s.round_timeout,
-        "model": model_config,
-        "seed": s.seed,
-    }
-    if s.site_optimizer != "reset":
-        params["site_optimizer"] = s.site_optimizer
-    if s.lr_schedule != "constant":
-        params["lr_schedule"] = s.lr_schedule
-    if s.strategy == "fedprox":
-        params["mu"] = s.mu
-    if s.max_norm is not None:
-        params["max_norm"] = s.max_norm
-    if s.server_lr is not None:
-        params["server_lr"] = s.server_lr
-    if s.server_momentum is not None:
-        params["server_momentum"] = s.server_momentum
+    params = tracking_params(s, sites, cfg.min_sites, model_config)
     factory = None
     if s.mlflow_uri:
 
@@ -183,6 +209,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             initial_weights=init,
             registrar=registrar,
             roster_digest=roster_digest(s.bundle),
+            roster_keys={x: bundle.roster.get(x).signing_key() for x in sites},
         )
         results = coord.run()
     except (SystemExit, KeyboardInterrupt):

@@ -86,6 +86,18 @@ class Strategy(ABC):
                 )
         self._add(site, update, num_cases)
 
+    def add_aggregate(self, update: Mapping[str, np.ndarray], total_cases: int) -> None:
+        """Fold in the round's one already-averaged update (full weights) behind ``total_cases``
+        cases: what secure aggregation unmasks. Only the strategies on the mean take it."""
+        if self._global is None:
+            raise RuntimeError("Strategy.add_aggregate before begin")
+        self._add_aggregate(update, total_cases)
+
+    def _add_aggregate(self, update: Mapping[str, np.ndarray], total_cases: int) -> None:
+        raise CoordinatorError(
+            f"--strategy {self.name} needs individual updates; it cannot run on a secure sum"
+        )
+
     @abstractmethod
     def _begin(self) -> None: ...
 
@@ -122,6 +134,9 @@ class FedAvg(Strategy):
 
     def _add(self, site: str, update: Mapping[str, np.ndarray], num_cases: int) -> None:
         self._mean.add(update, float(num_cases))
+
+    def _add_aggregate(self, update: Mapping[str, np.ndarray], total_cases: int) -> None:
+        self._mean.add(update, float(total_cases))
 
     def result(self) -> Weights | None:
         return self._mean.result()
@@ -212,6 +227,11 @@ class FedNova(FedAvg):
         self._n += n
         self._a += n / tau
         self._t += n * tau
+
+    def _add_aggregate(self, update: Mapping[str, np.ndarray], total_cases: int) -> None:
+        # the secure sum is already FedNova's update (coordinator/secure.py scales it): scale 1
+        self._mean.add(update, 1.0)
+        self._n = self._a = self._t = 1.0
 
     def result(self) -> Weights | None:
         mean = super().result()

@@ -45,8 +45,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from neurofed.edge_node.audit import AuditLog
+from neurofed.edge_node.secure import ENCODING as ENCODING_SECAGG
+from neurofed.edge_node.secure import SiteSecAgg, flat_delta
 from neurofed.wire.api import Endpoint, Message, MessageKind
-from neurofed.wire.errors import TransportError
+from neurofed.wire.errors import ProtocolError, TransportError
+from neurofed.wire.secagg import SecAggRoundFailed
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,7 @@ class SiteAgent:
         resend_after: float = 10.0,
         send_timeout: float = 60.0,
         fp16: bool = False,
+        secure_identity: tuple[Any, Mapping[str, Any]] | None = None,
     ) -> None:
         self.ep = endpoint
         # a trainer, or a factory taking the task's model config (the coordinator decides the model)
@@ -147,6 +151,11 @@ class SiteAgent:
         self._said_no_val = False  # the warning that this site has no validation cases, once
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
+        # secure aggregation: this site's signing key and the roster's site keys (key sets, echoes)
+        self._secagg = (
+            SiteSecAgg(self.site, self.state_dir, *secure_identity) if secure_identity is not None else None
+        )
+        self._relays: dict[tuple[int, int, str], bytes] = {}
         if self._state.get("run"):  # the run this site last took part in (before a restart)
             endpoint.set_run(self._state["run"])
 
@@ -270,12 +279,21 @@ class SiteAgent:
                 del self.models[next(iter(self.models))]
         elif msg.kind is MessageKind.RECEIPTS:
             self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
+        elif msg.kind is MessageKind.RELAY:
+            # a secure-aggregation step for every site: kept for the current round only
+            key = (msg.round, int(msg.meta.get("attempt", -1)), str(msg.meta.get("step")))
+            self._relays[key] = bytes(msg.payload)
+            for k in [k for k in self._relays if k[0] < msg.round]:
+                del self._relays[k]
 
     def _follow_run(self, run: str) -> None:
         """A signed TASK of a run that started later than this site's (the wire lets no other
         through): the coordinator started a new federation run (a new state). Take part in it;
         the previous run's round records and update files are of no use to it."""
-        log.warning("%s: the coordinator started federation run %s; following it", self.site, run)
+        if self._state.get("run"):
+            log.warning("%s: the coordinator started a new federation run %s; following it", self.site, run)
+        else:
+            log.info("%s: taking part in federation run %s", self.site, run)
         for key in list(self._state["rounds"]):
             self._update_path(int(key)).unlink(missing_ok=True)
         self._state.update(run=run, rounds={}, took_task=False)
@@ -333,6 +351,9 @@ class SiteAgent:
                 self._report(r, rs, model[1], self._score_now(trainer, model, None, r), stop)
                 self._set_status(state="evaluated", round=r)
             return
+        if task.get("secagg"):
+            self._secure_work(task, model, r, rs, trainer, stop)
+            return
         state_dict = None
         path = self._update_path(r)
         if not (rs.get("update_stored") and path.is_file()):
@@ -377,26 +398,7 @@ class SiteAgent:
     ) -> Any:
         """Train from the round's model, encode the update and start storing it (for resends
         after a restart) while it is sent from memory. Returns the round's model weights."""
-        self._set_status(state="training", round=r)
-        site_cfg = dict(task.get("sites", {}).get(self.site, {}))
-        state_dict, optimizer_state = self._decode_model(model[2])
-        epochs = float(site_cfg.get("epochs", task.get("epochs", 1)))  # 0.5: half an epoch
-        mu = float(site_cfg.get("mu", 0.0))
-        t0 = time.time()
-        treatment = task.get("site_optimizer", "reset")
-        extra: dict[str, Any] = {}
-        if treatment == "continue-global":  # start from the federation's Adam state, return ours
-            extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
-        result = trainer.train(
-            state_dict,
-            epochs,
-            prox_mu=mu,
-            keep_optimizer=treatment == "continue-local",
-            lr_scale=float(site_cfg.get("lr_scale", 1.0)),
-            **extra,
-        )
-        t1 = time.time()
-        self._timeline("train", r, t0, t1)
+        state_dict, result, t0, t1 = self._train_local(task, model, r, trainer)
         from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
 
         if bool(task.get("fp16", self.fp16)):
@@ -425,6 +427,143 @@ class SiteAgent:
         # fsync now would queue behind the update file's and hold up the send
         del result, payload  # the encoded update is all that travels on: not beside scoring
         return state_dict
+
+    def _train_local(
+        self, task: dict[str, Any], model: tuple[int, str, bytes], r: int, trainer: Trainer
+    ) -> tuple[Any, Any, float, float]:
+        """Train from the round's model as the task says: (its weights, the result, start, end)."""
+        self._set_status(state="training", round=r)
+        site_cfg = dict(task.get("sites", {}).get(self.site, {}))
+        state_dict, optimizer_state = self._decode_model(model[2])
+        epochs = float(site_cfg.get("epochs", task.get("epochs", 1)))  # 0.5: half an epoch
+        mu = float(site_cfg.get("mu", 0.0))
+        t0 = time.time()
+        treatment = task.get("site_optimizer", "reset")
+        extra: dict[str, Any] = {}
+        if treatment == "continue-global":  # start from the federation's Adam state, return ours
+            extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
+        result = trainer.train(
+            state_dict,
+            epochs,
+            prox_mu=mu,
+            keep_optimizer=treatment == "continue-local",
+            lr_scale=float(site_cfg.get("lr_scale", 1.0)),
+            **extra,
+        )
+        t1 = time.time()
+        self._timeline("train", r, t0, t1)
+        return state_dict, result, t0, t1
+
+    # -- secure aggregation ---------------------------------------------------------------------------
+    def _secure_work(
+        self,
+        task: dict[str, Any],
+        model: tuple[int, str, bytes],
+        r: int,
+        rs: dict[str, Any],
+        trainer: Trainer,
+        stop: threading.Event | None,
+    ) -> None:
+        """A secure round: send this attempt's key set, train once (the delta stays on this
+        site's disk), score the model, then follow the coordinator's relays step by step."""
+        sec = self._secagg
+        if sec is None:
+            if not rs.get("secagg_refused"):
+                rs["secagg_refused"] = True
+                log.error(
+                    "%s: the round runs secure aggregation, but this agent has no signing identity", self.site
+                )
+            return
+        try:
+            sec.begin(r, task["secagg"])
+            sec.prune(r)
+            if "keyset" not in sec.sent:
+                self._secure_send(MessageKind.SECAGG, r, "keyset", sec.keyset(), stop)
+        except (ProtocolError, SecAggRoundFailed, ValueError, KeyError) as exc:
+            self._secure_refused(r, exc)
+            return
+        if sec.load_delta(r) is None:
+            state_dict, result, _, _ = self._train_local(task, model, r, trainer)
+            steps = int(getattr(result, "steps", 0)) or None
+            scale = 1.0 / steps if task.get("strategy") == "fednova" and steps else 1.0
+            sec.save_delta(r, flat_delta(result.state_dict, state_dict, scale))
+            rs.update(
+                num_cases=int(result.num_cases),
+                loss=float(result.loss),
+                model_digest=model[1],
+                local_steps=steps,
+                secure_trained=True,
+            )
+            self._save_state()
+            del result
+            if not rs.get("metrics_sent"):  # score the round's model while the key exchange runs
+                self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r), stop)
+            self._set_status(state="secure-aggregation", round=r)
+        self._secure_progress(stop)
+
+    def _secure_progress(self, stop: threading.Event | None) -> None:
+        """Answer the relays of the current attempt that this site has not answered yet."""
+        task, sec = self.task, self._secagg
+        if sec is None or not task or not task.get("secagg") or sec.client is None:
+            return
+        r, a = int(task["round"]), sec.attempt
+        if sec.round != r or "failed" in sec.sent:
+            return
+        rs = self._round_state(r)
+
+        def relay(step: str) -> bytes | None:
+            return self._relays.get((r, a, step))
+
+        try:
+            if "shares" not in sec.sent and (p := relay("keysets")) is not None:
+                self._secure_send(MessageKind.SECAGG, r, "shares", sec.shares(p), stop)
+            delta = sec.load_delta(r)
+            if "update" not in sec.sent and delta is not None and (p := relay("shares")) is not None:
+                masked = sec.masked(p, delta, int(rs["num_cases"]))
+                if masked is None:
+                    log.warning(
+                        "%s: round %d attempt %d: left out (no share bundles for it)", self.site, r, a
+                    )
+                    sec.mark_sent("failed")
+                    return
+                meta = {
+                    "encoding": ENCODING_SECAGG,
+                    "attempt": a,
+                    "num_cases": int(rs["num_cases"]),
+                    "model_digest": rs.get("model_digest"),
+                    "local_steps": rs.get("local_steps"),
+                }
+                self._secure_send(MessageKind.UPDATE, r, "update", masked, stop, meta=meta)
+            if "echo" not in sec.sent and "update" in sec.sent and (p := relay("survivors")) is not None:
+                self._secure_send(MessageKind.SECAGG, r, "echo", sec.echo(p), stop)
+            if "reveal" not in sec.sent and "echo" in sec.sent and (p := relay("unmask")) is not None:
+                self._secure_send(MessageKind.SECAGG, r, "reveal", sec.reveal(p), stop)
+                self._set_status(state="sent", round=r)
+        except (ProtocolError, SecAggRoundFailed, ValueError) as exc:
+            self._secure_refused(r, exc)
+
+    def _secure_send(
+        self,
+        kind: MessageKind,
+        r: int,
+        step: str,
+        payload: bytes,
+        stop: threading.Event | None,
+        *,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        sec = self._secagg
+        assert sec is not None
+        self._send(kind, r, meta or {"step": step, "attempt": sec.attempt}, payload, stop=stop)
+        sec.mark_sent(step)
+
+    def _secure_refused(self, r: int, exc: Exception) -> None:
+        """A step this site will not (or cannot) take: it drops out of the attempt, saying why.
+        A coordinator's retry brings fresh keys and a new chance."""
+        sec = self._secagg
+        log.warning("%s: round %d: secure aggregation step refused: %s", self.site, r, exc)
+        if sec is not None and sec.client is not None:
+            sec.mark_sent("failed")
 
     def _send_scoring_beside(
         self, trainer: Trainer, state_dict: Any, r: int, rs: dict[str, Any], stop: threading.Event | None
@@ -643,6 +782,7 @@ class SiteAgent:
         # Receipts that came in while this site trained and scored are fresher than those taken
         # in before: acting on a stale one after a long scoring read a held update as overdue.
         self._take_in(0)
+        self._secure_progress(stop)
         self._check_receipts(stop)
         return not self.done
 

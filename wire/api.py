@@ -6,8 +6,10 @@ encrypted and signed MQTT 5 transport) and ``neurofed.wire.memory.MemoryHub`` (i
 round logic; every behaviour that crosses the wire is also tested on the real broker).
 
 Routing is fixed by kind and role (see wire/PROTOCOL.md):
-- coordinator -> every site: TASK (retained: the current round), MODEL (global weights), RECEIPTS
-- site -> coordinator only: UPDATE (weights + case count), METRICS (evaluation of a global model)
+- coordinator -> every site: TASK (retained: the current round), MODEL (global weights), RECEIPTS,
+  RELAY (secure aggregation: key sets, share bundles, survivor list, unmask request)
+- site -> coordinator only: UPDATE (weights + case count, or a masked input), METRICS (evaluation
+  of a global model), SECAGG (secure aggregation: key set, shares, echo, reveal)
 - anyone -> anyone: STATUS (online/offline; signed, not secret)
 """
 
@@ -29,6 +31,8 @@ class MessageKind(enum.StrEnum):
     UPDATE = "update"
     METRICS = "metrics"
     STATUS = "status"
+    SECAGG = "secagg"  # site -> coordinator: a secure-aggregation step (key set, shares, echo, reveal)
+    RELAY = "relay"  # coordinator -> sites: what a secure-aggregation step relays to every site
 
 
 # Who may send each kind: "coordinator" or "site".
@@ -39,6 +43,8 @@ SENDER_ROLE: Mapping[MessageKind, str] = {
     MessageKind.UPDATE: "site",
     MessageKind.METRICS: "site",
     MessageKind.STATUS: "site",
+    MessageKind.SECAGG: "site",
+    MessageKind.RELAY: "coordinator",
 }
 
 

@@ -130,7 +130,7 @@ class MemoryEndpoint(Endpoint):
         if msg.kind is not MessageKind.STATUS and msg.run != self.run:
             newer = (
                 self.participant != COORDINATOR
-                and msg.kind in (MessageKind.TASK, MessageKind.MODEL, MessageKind.RECEIPTS)
+                and msg.kind in (MessageKind.TASK, MessageKind.MODEL, MessageKind.RECEIPTS, MessageKind.RELAY)
                 and run_started_ms(msg.run) > run_started_ms(self.run)
             )
             if not newer:

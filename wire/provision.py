@@ -249,9 +249,11 @@ def _acl(federation: str, sites: list[str]) -> str:
             f"topic read {p}/task",
             f"topic read {p}/model/#",
             f"topic read {p}/receipts/#",
+            f"topic read {p}/relay/#",
             f"topic read {p}/status/#",
             f"topic write {p}/update/{s}/#",
             f"topic write {p}/metrics/{s}/#",
+            f"topic write {p}/secagg/{s}/#",
             f"topic write {p}/status/{s}",
             "",
         ]

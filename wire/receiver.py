@@ -74,8 +74,10 @@ log = logging.getLogger(__name__)
 _META_LEN = struct.Struct(">I")
 _COPY_BELOW = 64 * 1024
 MAX_CANDIDATES = 4  # bodies kept per chunk index until the message's key authenticates one
-_PERSISTED_KINDS = frozenset({MessageKind.UPDATE, MessageKind.METRICS, MessageKind.RECEIPTS})
-_FOLLOWED_KINDS = frozenset({MessageKind.TASK, MessageKind.MODEL, MessageKind.RECEIPTS})
+_PERSISTED_KINDS = frozenset(
+    {MessageKind.UPDATE, MessageKind.METRICS, MessageKind.RECEIPTS, MessageKind.SECAGG, MessageKind.RELAY}
+)
+_FOLLOWED_KINDS = frozenset({MessageKind.TASK, MessageKind.MODEL, MessageKind.RECEIPTS, MessageKind.RELAY})
 _LOG_BURST = 5  # log lines per (sender, reason) and minute; the rest are counted, not logged
 
 

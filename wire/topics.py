@@ -6,6 +6,8 @@ nf/<fed>/model/<round>/<msg>/<chunk>           MODEL chunks (retained for the cu
 nf/<fed>/receipts/<round>/<msg>/<chunk>        RECEIPTS
 nf/<fed>/update/<site>/<round>/<msg>/<chunk>   UPDATE chunks
 nf/<fed>/metrics/<site>/<round>/<msg>/<chunk>  METRICS
+nf/<fed>/secagg/<site>/<round>/<msg>/<chunk>   SECAGG (secure aggregation steps of a site)
+nf/<fed>/relay/<round>/<msg>/<chunk>           RELAY (secure aggregation steps for every site)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.errors import ProtocolError
 
 SINGLE_PACKET = {MessageKind.TASK, MessageKind.STATUS}
-_PER_SITE = {MessageKind.UPDATE, MessageKind.METRICS}
+_PER_SITE = {MessageKind.UPDATE, MessageKind.METRICS, MessageKind.SECAGG}
 
 
 def prefix(federation: str) -> str:
@@ -38,8 +40,8 @@ def subscriptions(federation: str, role: str) -> list[str]:
     p = prefix(federation)
     if role == "coordinator":
         # model/# only to learn which retained model chunks exist (to clear old rounds).
-        return [f"{p}/update/#", f"{p}/metrics/#", f"{p}/status/#", f"{p}/model/#"]
-    return [f"{p}/task", f"{p}/model/#", f"{p}/receipts/#", f"{p}/status/#"]
+        return [f"{p}/update/#", f"{p}/metrics/#", f"{p}/secagg/#", f"{p}/status/#", f"{p}/model/#"]
+    return [f"{p}/task", f"{p}/model/#", f"{p}/receipts/#", f"{p}/relay/#", f"{p}/status/#"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def parse_topic(topic: str) -> TopicInfo:
             return TopicInfo(fed, kind, rest[0], None, None, None)
         if kind in _PER_SITE and len(rest) == 4:
             return TopicInfo(fed, kind, rest[0], _int(rest[1]), rest[2], _int(rest[3]))
-        if kind in (MessageKind.MODEL, MessageKind.RECEIPTS) and len(rest) == 3:
+        if kind in (MessageKind.MODEL, MessageKind.RECEIPTS, MessageKind.RELAY) and len(rest) == 3:
             return TopicInfo(fed, kind, COORDINATOR, _int(rest[0]), rest[1], _int(rest[2]))
     except ValueError:
         pass

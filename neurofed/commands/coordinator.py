@@ -95,7 +95,43 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="fedavgm: momentum of the server's update buffer, in [0, 1) (default 0.5; 0.9 diverged on "
         "the study's sites, see docs/study)",
     )
-    p.add_argument("--max-norm", type=float, help="bound each site's update norm (L2 of the delta) to this")
+    p.add_argument(
+        "--max-norm",
+        type=float,
+        help="bound each site's update norm (L2 of the delta) to this; with --secure-aggregation it is "
+        "each site's own clip (default there 10)",
+    )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+: sites send only masked updates and the coordinator learns only their weighted "
+        "sum; rounds survive sites dropping out down to the threshold (needs 3+ sites; not with "
+        "median, trimmed-mean, --fp16 or --site-optimizer continue-global)",
+    )
+    p.add_argument(
+        "--secagg-k", type=int, help="secure aggregation: neighbours per site (default by site count)"
+    )
+    p.add_argument(
+        "--secagg-t", type=int, help="secure aggregation: shares that reconstruct a secret (> k/2)"
+    )
+    p.add_argument(
+        "--secagg-bits",
+        type=int,
+        choices=(32, 64),
+        help="secure aggregation: ring size (default: 32 when it fits)",
+    )
+    p.add_argument(
+        "--secagg-max-cases",
+        type=int,
+        default=4096,
+        help="secure aggregation: most training cases all sites together may weigh (default 4096)",
+    )
+    p.add_argument(
+        "--secagg-phase-timeout",
+        type=float,
+        default=60.0,
+        help="secure aggregation: seconds for each key, share, echo and reveal step (default 60)",
+    )
     p.add_argument("--state", help="state folder for resume (default: BUNDLE/../coordinator-state)")
     p.add_argument("--mlflow", help="MLflow tracking URI for round metrics and the model registry")
     p.add_argument("--model-size", choices=("default", "small", "tiny"), default="default", help="UNet size")
@@ -129,6 +165,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
     p.set_defaults(func=run)
     return p
+
+
+def secure_settings(args: argparse.Namespace):
+    """``--secure-aggregation`` and its parameters, or None."""
+    if not getattr(args, "secure_aggregation", False):
+        return None
+    from neurofed.coordinator.secure import SecureSettings
+
+    return SecureSettings(
+        clip=args.max_norm if args.max_norm is not None else 10.0,
+        k=args.secagg_k,
+        t=args.secagg_t,
+        bits=args.secagg_bits,
+        max_total_weight=args.secagg_max_cases,
+        phase_timeout=args.secagg_phase_timeout,
+    )
 
 
 def model_config_from(args: argparse.Namespace) -> dict:
@@ -171,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
             site_optimizer=args.site_optimizer,
             lr_schedule=args.lr_schedule,
             init_weights=Path(args.init_weights) if args.init_weights else None,
+            secure=secure_settings(args),
         )
     )
     for r in results:

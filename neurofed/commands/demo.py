@@ -71,6 +71,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default="reset",
         help="sites' Adam state between rounds (see neurofed coordinator --help; default reset)",
     )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecAgg+: the coordinator sees only the sum of the sites' masked updates (3+ sites)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             strategy=args.strategy,
             fp16=args.fp16,
+            secure_aggregation=args.secure_aggregation,
             site_optimizer=args.site_optimizer,
             mlflow=None if args.no_mlflow else (args.mlflow or "embedded"),
             **prof,

@@ -103,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
     endpoint = MqttEndpoint(bundle, run=SiteAgent.saved_run(state), seen_path=state / "seen-messages.log")
     endpoint.start()
     try:
-        SiteAgent(endpoint, make_trainer, state, resend_after=args.resend_after).run()
+        # secure aggregation: this site signs its key sets and echoes; the roster's keys check others'
+        identity = (bundle.sign_key, {x: bundle.roster.get(x).signing_key() for x in bundle.roster.sites})
+        SiteAgent(
+            endpoint, make_trainer, state, resend_after=args.resend_after, secure_identity=identity
+        ).run()
     finally:
         leaving()  # a SIGTERM now (the federation is over, the launcher tears down) waits for this
         endpoint.close()

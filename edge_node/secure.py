@@ -1,0 +1,175 @@
+"""A site's part in a secure-aggregation round: the client of ``neurofed.wire.secagg`` driven by
+the round's TASK and the coordinator's RELAY messages, persisted between steps.
+
+The site trains as in any round, keeps the flat update delta (the float tensors' change from the
+round's model, in the order of their sorted names; divided by its local steps under FedNova) on
+its own disk, and sends it only masked. Every step's output is computed from the persisted client
+state and that state is written (mode 0600: it holds this attempt's secrets) before the output is
+sent, so a site restarted in the middle of a secure round sends byte-identical messages again; a
+new attempt (fresh keys) starts over, with the same trained delta. The client refuses to mask a
+second, different input under the same keys and to reveal both shares of one neighbour.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neurofed.wire.secagg import SecAggClient, SecAggConfig, pack_bundles, unpack_bundles
+
+log = logging.getLogger(__name__)
+
+ENCODING = "secagg"
+
+
+def flat_delta(trained: Mapping[str, Any], start: Mapping[str, Any], scale: float = 1.0) -> np.ndarray:
+    """The float tensors' change ``trained - start``, flattened in sorted-name order (float32)."""
+    names = sorted(k for k, v in start.items() if _is_float(v))
+    parts = []
+    for k in names:
+        a, b = _np(trained[k]), _np(start[k])
+        parts.append(((a.astype(np.float64) - b.astype(np.float64)) * scale).astype(np.float32).reshape(-1))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _np(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def _is_float(v: Any) -> bool:
+    if hasattr(v, "is_floating_point"):
+        return bool(v.is_floating_point())
+    return np.issubdtype(np.asarray(v).dtype, np.floating)
+
+
+class SiteSecAgg:
+    """One site's secure-aggregation state for the current round and attempt."""
+
+    def __init__(self, site: str, state_dir: Path, identity: Any, roster_keys: Mapping[str, Any]) -> None:
+        self.site = site
+        self.state_dir = Path(state_dir)
+        self.identity = identity
+        self.roster_keys = dict(roster_keys)
+        self.client: SecAggClient | None = None
+        self.round = -1
+        self.attempt = -1
+        self.sent: set[str] = set()
+
+    # -- files ----------------------------------------------------------------------------------
+    def _state_path(self, r: int, attempt: int) -> Path:
+        return self.state_dir / f"secagg-r{r:04d}-a{attempt}.json"
+
+    def _sent_path(self, r: int, attempt: int) -> Path:
+        return self.state_dir / f"secagg-r{r:04d}-a{attempt}.sent"
+
+    def delta_path(self, r: int) -> Path:
+        return self.state_dir / f"secure-delta-r{r:04d}.npy"
+
+    def save_delta(self, r: int, vec: np.ndarray) -> None:
+        tmp = self.delta_path(r).with_suffix(".tmp.npy")
+        np.save(tmp, vec, allow_pickle=False)
+        os.replace(tmp, self.delta_path(r))
+
+    def load_delta(self, r: int) -> np.ndarray | None:
+        path = self.delta_path(r)
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+
+    def _persist(self) -> None:
+        assert self.client is not None
+        path = self._state_path(self.round, self.attempt)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.client.state(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self._sent_path(self.round, self.attempt).write_text("\n".join(sorted(self.sent)))
+
+    def prune(self, keep_round: int) -> None:
+        """Forget other rounds' secrets and deltas (a finished attempt's keys serve nothing)."""
+        for p in self.state_dir.glob("secagg-r*-a*.*"):
+            try:
+                if int(p.name[8:12]) != keep_round:
+                    p.unlink(missing_ok=True)
+            except ValueError:
+                continue
+        for p in self.state_dir.glob("secure-delta-r*.npy"):
+            if p != self.delta_path(keep_round):
+                p.unlink(missing_ok=True)
+
+    # -- the attempt ----------------------------------------------------------------------------
+    def begin(self, r: int, secagg: Mapping[str, Any]) -> None:
+        """The TASK's attempt: restore this site's client for it, or start a fresh one."""
+        attempt = int(secagg["attempt"])
+        if (r, attempt) == (self.round, self.attempt) and self.client is not None:
+            return
+        config = SecAggConfig.from_dict(secagg["config"])
+        if config.context.round != r or config.context.attempt != attempt:
+            raise ValueError(f"secure config names round {config.context.round}, the task {r}")
+        self.round, self.attempt = r, attempt
+        path = self._state_path(r, attempt)
+        if path.is_file():
+            state = json.loads(path.read_text())
+            self.client = SecAggClient.from_state(state, self.identity, self.roster_keys)
+            sent = self._sent_path(r, attempt)
+            self.sent = set(sent.read_text().split()) if sent.is_file() else set()
+            log.info("%s: resuming secure aggregation round %d attempt %d", self.site, r, attempt)
+        else:
+            self.client = SecAggClient(self.site, config, self.identity, self.roster_keys)
+            self.sent = set()
+            log.info("%s: secure aggregation round %d attempt %d: fresh keys", self.site, r, attempt)
+        for old in self.state_dir.glob(f"secagg-r{r:04d}-a*.json"):
+            if old != path:
+                old.unlink(missing_ok=True)  # an abandoned attempt's secrets
+
+    def keyset(self) -> bytes:
+        assert self.client is not None
+        out = self.client.make_keyset()
+        self._persist()
+        return out
+
+    def shares(self, relayed_keysets: bytes) -> bytes:
+        assert self.client is not None
+        import base64
+
+        keysets = {k: base64.b64decode(v) for k, v in json.loads(relayed_keysets).items()}
+        bundles = self.client.make_shares(keysets)
+        self._persist()
+        return pack_bundles(bundles)
+
+    def masked(self, relayed_shares: bytes, delta: np.ndarray, weight: int) -> bytes | None:
+        """The masked input, or None when no bundle came for this site (it was left out)."""
+        assert self.client is not None
+        import base64
+
+        mine = json.loads(relayed_shares).get(self.site)
+        if mine is None:
+            return None
+        out = self.client.mask(delta, weight, unpack_bundles(base64.b64decode(mine)))
+        self._persist()
+        return out
+
+    def echo(self, survivors: bytes) -> bytes:
+        assert self.client is not None
+        out = self.client.consistency(survivors)
+        self._persist()
+        return out
+
+    def reveal(self, request: bytes) -> bytes:
+        assert self.client is not None
+        out = self.client.unmask(request)
+        self._persist()
+        return out
+
+    def mark_sent(self, step: str) -> None:
+        self.sent.add(step)
+        self._sent_path(self.round, self.attempt).write_text("\n".join(sorted(self.sent)))
