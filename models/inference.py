@@ -102,7 +102,7 @@ def discover_cases(
     problems = list(found.problems)
     for case in found.cases:
         problems += case.problems
-        missing = case.missing(modalities)
+        missing = case.missing(modalities) if case.files else []  # a case without files says why already
         if missing:
             n = len(modalities)
             found_text = (

@@ -230,7 +230,7 @@ def read_case(
     too. ``with_label`` is what training asks (a label must exist); ``infer`` reads without.
     """
     r = _Reader(case)
-    missing = case.missing(modalities)
+    missing = case.missing(modalities) if case.files else []  # a case without files says why already
     if missing:
         r.add(
             "missing-modality",

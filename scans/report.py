@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from nibabel.orientations import aff2axcodes
 
 from neurofed.scans.discovery import Case, discover
 from neurofed.scans.problems import Problem, problem
@@ -31,6 +32,7 @@ class CaseSummary:
     shape: tuple[int, ...] | None = None
     ras_spacing: tuple[float, float, float] | None = None
     label_ml: float | None = None
+    orientation: str = ""
 
 
 @dataclass
@@ -145,7 +147,8 @@ class DataReport:
             lines.append(f"  {site or '-'}: {n['good']} good, {n['bad']} bad{extra}")
         if self.grids():
             lines.append(
-                "grids (shape @ RAS spacing mm): " + ", ".join(f"{k} x{v}" for k, v in self.grids().items())
+                "grids (shape orientation @ RAS spacing mm): "
+                + ", ".join(f"{k} x{v}" for k, v in self.grids().items())
             )
         if self.spacing:
             lines.append(f"training spacing would be {self.spacing.describe()}")
@@ -155,7 +158,7 @@ class DataReport:
 def _grid_key(c: CaseSummary) -> str:
     shape = "x".join(map(str, c.shape or ()))
     sp = "x".join(f"{s:g}" for s in (c.ras_spacing or ()))
-    return f"{shape} @ {sp}"
+    return f"{shape} {c.orientation} @ {sp}".replace("  ", " ")
 
 
 def check(
@@ -190,6 +193,7 @@ def check(
                     scan.shape,
                     tuple(round(s, 4) for s in scan.ras_spacing),  # type: ignore[arg-type]
                     scan.label_ml,
+                    "".join(aff2axcodes(scan.affine)),
                 )
             )
         del scan

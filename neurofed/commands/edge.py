@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     import os
     from pathlib import Path
 
@@ -89,10 +90,21 @@ def run(args: argparse.Namespace) -> int:
 
     # docker stop / a launcher's SIGTERM: leave the broker properly (offline status, DISCONNECT)
     exit_on_sigterm()
+    from neurofed.edge_node.data import discover_cases, training_spacing
+
+    # the coordinator sets the spacing; without its --spacing it takes the sites' medians
+    spacing = training_spacing(discover_cases(data))
+    logging.getLogger("neurofed.edge").info("%s: cases' spacing %s", bundle.participant, spacing.describe())
     endpoint = MqttEndpoint(bundle)
     endpoint.start()
     try:
-        SiteAgent(endpoint, make_trainer, state, resend_after=args.resend_after).run()
+        SiteAgent(
+            endpoint,
+            make_trainer,
+            state,
+            resend_after=args.resend_after,
+            report={"spacing": spacing.to_dict()},
+        ).run()
     finally:
         leaving()  # a SIGTERM now (the federation is over, the launcher tears down) waits for this
         endpoint.close()

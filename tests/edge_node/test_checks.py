@@ -46,7 +46,7 @@ def test_check_folder_lists_every_problem(tmp_path: Path) -> None:
     # an empty label is accepted by train (a case without tumour), so it is a warning
     assert [(p.code, p.case) for p in report.warnings] == [("NF-D017", "B3")]
     assert report.sites() == {"site-a": {"good": 1, "bad": 1}, "site-b": {"good": 1, "bad": 2}}
-    assert report.grids() == {"16x16x12 @ 2x2x2": 2}
+    assert report.grids() == {"16x16x12 RAS @ 2x2x2": 2}
 
 
 def test_cli_check_data_reports_and_exits_nonzero(tmp_path: Path, capsys) -> None:
