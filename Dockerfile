@@ -66,6 +66,7 @@ COPY coordinator /src/coordinator
 COPY models /src/models
 COPY mlflow_server /src/mlflow_server
 COPY wire /src/wire
+COPY scans /src/scans
 RUN . /wheels/pip.env; /opt/venv/bin/pip wheel --no-deps --wheel-dir /dist /src
 
 # ---- runtime: the venv, the kit, a non-root user --------------------------------------------------

@@ -217,10 +217,13 @@ class Coordinator:
         events_path: str | Path | None = None,
         clock: Callable[[], float] = time.time,
         roster_keys: Mapping[str, Any] | None = None,
+        spacing_from_sites: bool = False,
     ) -> None:
         self.ep = endpoint
         self.roster_keys = dict(roster_keys or {})
         self._secure: SecureRound | None = None
+        self.spacing_from_sites = spacing_from_sites
+        self.site_spacing: dict[str, dict[str, Any]] = {}  # site -> its reported spacing summary
         self.strategy = strategy
         self.store = store
         self.cfg = config
@@ -270,6 +273,8 @@ class Coordinator:
             self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
             self.completed = self.closed_round = snap.round
             self._extra_state = dict(snap.extra or {"rounds": {}})
+            if self.spacing_from_sites and self._extra_state.get("spacing_from_sites"):
+                self.model_config = dict(snap.model_config)  # the spacing chosen before round 1
             pending = self._extra_state.pop("evaluating", None)
             if pending:  # evaluations of the last closed round that had arrived before the crash
                 self._evaluating = RoundResult(
@@ -333,6 +338,8 @@ class Coordinator:
         """Run (or resume) the federation to the end; return the rounds run in this process."""
         finished = self._resume_or_init()
         try:
+            if self.spacing_from_sites and not self._extra_state.get("spacing_from_sites"):
+                self._choose_spacing()
             if not finished:
                 for r in range(self.completed + 1, self.cfg.rounds + 1):
                     self.results.append(self._round(r, train=True))
@@ -345,6 +352,56 @@ class Coordinator:
         finally:
             self.strategy.close()
         return self.results
+
+    def _choose_spacing(self) -> None:
+        """No ``--spacing``: wait for the sites' STATUS reports (each site's median spacing per RAS
+        axis over its training cases) and train at the median per axis of their medians. Waits
+        for every expected site, or ``round_timeout`` seconds for at least ``min_sites``."""
+        from neurofed.scans.spacing import far, median_of_medians
+
+        start = self.clock()
+        log.info("waiting for the sites' spacing reports (no --spacing given)")
+        while True:
+            msg = self.ep.receive(timeout=1.0)
+            if msg is not None and msg.kind is MessageKind.STATUS:
+                rep = msg.meta.get("spacing")
+                if isinstance(rep, dict) and "median" in rep and msg.sender in self.cfg.expected_sites:
+                    self.site_spacing[msg.sender] = rep
+            self._heartbeat()
+            n = len(self.site_spacing)
+            if n == len(self.cfg.expected_sites):
+                break
+            if self.clock() - start > self.cfg.round_timeout and n >= self.cfg.min_sites:
+                break
+        spacing = median_of_medians([rep["median"] for rep in self.site_spacing.values()])
+        pre = dict(self.model_config.get("preprocessing") or {})
+        pre["spacing"] = list(spacing)
+        self.model_config = {**self.model_config, "preprocessing": pre}
+        self.model_config["training_data"] = {
+            **(self.model_config.get("training_data") or {}),
+            "spacing": {
+                "median": list(spacing),
+                "rule": "median per RAS axis of the sites' medians",
+                "sites": {s: rep["median"] for s, rep in sorted(self.site_spacing.items())},
+            },
+        }
+        if self.registrar is not None:
+            self.registrar.model_config = dict(self.model_config)
+        log.info("training spacing %s mm (median of %d sites' medians)", spacing, len(self.site_spacing))
+        for site, rep in sorted(self.site_spacing.items()):
+            if far(rep["median"], spacing):
+                log.warning(
+                    "site %s: its cases' median spacing %s mm is far from the federation's %s mm; they are resampled a lot",
+                    site,
+                    rep["median"],
+                    spacing,
+                )
+        self._extra_state["spacing_from_sites"] = {
+            "spacing": list(spacing),
+            "sites": sorted(self.site_spacing),
+        }
+        self._event("spacing", spacing=list(spacing), sites=self.site_spacing)
+        self._persist(self.completed, self._extra())
 
     def _heartbeat(self) -> None:
         """Touch STATE/heartbeat: the container HEALTHCHECK (neurofed health) reads its age."""

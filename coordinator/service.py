@@ -36,6 +36,7 @@ class CoordinatorSettings:
     state_dir: Path | None = None
     mlflow_uri: str | None = None
     model_config: dict[str, Any] | None = None
+    spacing_from_sites: bool = False  # no --spacing: the median of the sites' reported medians
     seed: int = 0
     fp16: bool = False
     site_optimizer: str = "reset"
@@ -210,6 +211,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             registrar=registrar,
             roster_digest=roster_digest(s.bundle),
             roster_keys={x: bundle.roster.get(x).signing_key() for x in sites},
+            spacing_from_sites=s.spacing_from_sites,
         )
         results = coord.run()
     except (SystemExit, KeyboardInterrupt):

@@ -126,8 +126,12 @@ class SiteAgent:
         send_timeout: float = 60.0,
         fp16: bool = False,
         secure_identity: tuple[Any, Mapping[str, Any]] | None = None,
+        report: Mapping[str, Any] | None = None,
     ) -> None:
         self.ep = endpoint
+        # what the site tells the coordinator in its STATUS while it has no task (its spacing)
+        self.report = dict(report or {})
+        self._reported_at = 0.0
         # a trainer, or a factory taking the task's model config (the coordinator decides the model)
         self._factory = trainer if callable(trainer) and not hasattr(trainer, "train") else None
         self.trainer: Trainer | None = None if self._factory else trainer  # type: ignore[assignment]
@@ -332,9 +336,26 @@ class SiteAgent:
         key = json.dumps(cfg, sort_keys=True)
         if self.trainer is None or key != self._trainer_cfg:
             self._set_status(state="loading-data")
+            self._warn_if_far((cfg.get("preprocessing") or {}).get("spacing"))
             self.trainer = self._factory(dict(cfg))
             self._trainer_cfg = key
         return self.trainer
+
+    def _warn_if_far(self, spacing: Any) -> None:
+        """The coordinator sets the spacing; say so when it is far from this site's own cases."""
+        own = (self.report.get("spacing") or {}).get("median")
+        if not spacing or not own:
+            return
+        from neurofed.scans.spacing import far
+
+        if far(own, spacing):
+            log.warning(
+                "%s: the federation trains at %s mm, far from this site's median spacing %s mm; its cases are "
+                "resampled a lot",
+                self.site,
+                spacing,
+                own,
+            )
 
     def _work(self, stop: threading.Event | None) -> None:
         """Do what the current task asks, as far as it can go now: train, store and send the
@@ -786,6 +807,17 @@ class SiteAgent:
         self._check_receipts(stop)
         return not self.done
 
+    def _report_status(self, every: float = 5.0) -> None:
+        """Until a task arrives, repeat an online STATUS carrying ``report`` (STATUS is not
+        retained: a coordinator started after the site still gets it)."""
+        if not self.report or self.task is not None or time.time() - self._reported_at < every:
+            return
+        self._reported_at = time.time()
+        try:
+            self.ep.send(MessageKind.STATUS, 0, meta={"status": "online", **self.report}, timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - reporting is retried; the wire logs the cause
+            log.info("%s: status report not sent: %s", self.site, exc)
+
     def _take_in(self, timeout: float) -> None:
         """Accept every queued message, waiting up to ``timeout`` for the first."""
         msg = self.ep.receive(timeout=timeout)
@@ -801,6 +833,7 @@ class SiteAgent:
         while stop is None or not stop.is_set():
             # The container HEALTHCHECK (neurofed health) reads this: alive and looping.
             (self.state_dir / "heartbeat").touch()
+            self._report_status()
             seen = (self.task or {}).get("round"), (self.receipts or {}).get("held")
             if not self.step(timeout=1.0, stop=stop):
                 log.info("%s: federation finished", self.site)

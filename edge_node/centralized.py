@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,18 +23,20 @@ from typing import Any
 
 import torch
 
-from neurofed.edge_node.data import Case, discover_cases, native_spacing
+from neurofed.edge_node.data import Case, discover_cases, training_spacing
 from neurofed.edge_node.errors import TrainingError
 from neurofed.edge_node.splits import load_or_create_splits, select, splits_path_for
 from neurofed.edge_node.training import CaseTrainer, TrainConfig
+from neurofed.models.checkpoint import TRAIN_CHECKPOINT_FORMAT
 from neurofed.models.config import ModelConfig, preset
+from neurofed.scans import DataReport, ScanError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
-_FORMAT = "neurofed-train-checkpoint-v1"
+_FORMAT = TRAIN_CHECKPOINT_FORMAT
 
 
 def auto_patch_size(shape: Sequence[int], multiple: int, cap: int = 64) -> tuple[int, int, int]:
@@ -46,22 +49,78 @@ def model_config_for(
     size: str = "default",
     modalities: Sequence[str] = ("flair",),
     patch_size: Sequence[int] | None = None,
+    *,
+    spacing: Sequence[float] | None = None,
+    label_ml: dict[str, float] | None = None,
 ) -> ModelConfig:
-    """A model preset whose preprocessing matches the data: native spacing, a patch that fits."""
-    import nibabel as nib
-
+    """A model preset whose preprocessing matches the training ``cases``: the spacing rule
+    (median per RAS axis, :mod:`neurofed.scans.spacing`) unless ``spacing`` is given, and a patch
+    that fits the median resampled volume. The spacing's spread and the training label volumes
+    (``label_ml``: min/median/max ml) are recorded in ``training_data``."""
     from neurofed.models.unet import required_multiple
 
-    spacing = native_spacing(cases)
-    cfg = preset(size, modalities=tuple(modalities), spacing=spacing)
+    summary = training_spacing(cases)
+    chosen = tuple(float(v) for v in spacing) if spacing is not None else summary.median
+    if spacing is None:
+        log.info("training spacing %s", summary.describe())
+    else:
+        log.info("training spacing %s mm as given; the cases' own: %s", chosen, summary.describe())
+    if summary.uneven:
+        log.warning(
+            "the training cases' spacings differ a lot (%s); every case is resampled to %s mm",
+            summary.describe(),
+            "x".join(f"{v:g}" for v in chosen),
+        )
+    cfg = preset(size, modalities=tuple(modalities), spacing=chosen)
     if patch_size is None:
-        c = cases[0]
-        path = c.image4d or next(iter(c.images.values()))
-        shape = nib.load(str(path)).shape[:3]
-        patch_size = auto_patch_size(shape, required_multiple(cfg))
-    return preset(
-        size, modalities=tuple(modalities), spacing=spacing, patch_size=tuple(int(p) for p in patch_size)
+        patch_size = auto_patch_size(_median_resampled_shape(cases, chosen), required_multiple(cfg))
+    cfg = preset(
+        size, modalities=tuple(modalities), spacing=chosen, patch_size=tuple(int(p) for p in patch_size)
     )
+    return cfg.with_training_data(spacing=summary.to_dict(), label_ml=label_ml)
+
+
+def _median_resampled_shape(cases: Sequence[Case], spacing: Sequence[float]) -> tuple[int, int, int]:
+    """The median RAS extent of the cases in voxels of ``spacing`` (headers only)."""
+    import nibabel as nib
+    import numpy as np
+    from nibabel.orientations import io_orientation
+
+    from neurofed.scans.spacing import ras_spacing
+
+    sizes = []
+    for c in cases:
+        path = c.image4d or c.unnamed or next(iter(c.images.values()), None)
+        if path is None:
+            continue
+        img = nib.load(str(path))
+        ornt = io_orientation(img.affine)
+        shape_ras = [0, 0, 0]
+        for i, (axis, _flip) in enumerate(ornt[:3]):
+            shape_ras[int(axis)] = int(img.shape[i])
+        sp = ras_spacing(img.affine)
+        sizes.append([round(n * s / t) for n, s, t in zip(shape_ras, sp, spacing, strict=True)])
+    return tuple(int(v) for v in np.median(np.asarray(sizes), axis=0))  # type: ignore[return-value]
+
+
+def preflight(
+    data: str | os.PathLike[str], modalities: Sequence[str] = ("flair",), *, progress: bool = False
+) -> DataReport:
+    """Check every case of the federation as training reads it (every problem at once)."""
+    from neurofed.scans import check
+
+    if not progress:
+        return check(data, modalities=tuple(modalities), with_label=True)
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("checking cases", total=None)
+        return check(
+            data,
+            modalities=tuple(modalities),
+            with_label=True,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -180,6 +239,11 @@ def train_arm(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tc = train_config or TrainConfig()
+    report = preflight(data, modalities, progress=show_progress)
+    for w in report.warnings:
+        log.warning("%s", w.line())
+    if not report.ok:
+        raise ScanError(report.problems)
     cases, splits, split_file = resolve_cases(data, split_seed=tc.split_seed)
     all_sites = sorted({c.site for c in cases})
     chosen = list(sites) if sites else all_sites
@@ -202,7 +266,19 @@ def train_arm(
         tc = ckpt["train_config"]
         start_epoch = ckpt["epoch"]
     elif model_config is None:
-        model_config = model_config_for(cases, model_size, modalities)
+        train_ids = {c.case_id for c in by_split["train"]}
+        volumes = [c.label_ml for c in report.good if c.case in train_ids and c.label_ml is not None]
+        label_ml = (
+            {
+                "min": min(volumes),
+                "median": statistics.median(volumes),
+                "max": max(volumes),
+                "cases": len(volumes),
+            }
+            if volumes
+            else None
+        )
+        model_config = model_config_for(by_split["train"] or cases, model_size, modalities, label_ml=label_ml)
     trainer = CaseTrainer(by_split, model_config, tc, device)
     torch.manual_seed(tc.seed)
     model = trainer.model()

@@ -25,6 +25,9 @@ from neurofed.models.errors import CheckpointError
 CONFIG_KEY = "neurofed.model_config"
 FORMAT_KEY = "neurofed.format"
 FORMAT = "neurofed-weights-v1"
+# ``neurofed train``'s resumable checkpoint (RUN/checkpoint.safetensors): weights under
+# ``model.*``, optimiser tensors under ``optim.*``, the model config under ``model_config``.
+TRAIN_CHECKPOINT_FORMAT = "neurofed-train-checkpoint-v1"
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
@@ -69,22 +72,39 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, str]]:
-    """Return (state_dict, config, metadata). Raises ``CheckpointError`` with the reason."""
+    """Return (state_dict, config, metadata) of a weights file (``save_weights``) or of a training
+    checkpoint (``neurofed train``'s checkpoint.safetensors: its model weights). Raises
+    ``CheckpointError`` with the reason."""
     path = Path(path)
     meta = read_metadata(path)
-    if CONFIG_KEY not in meta:
+    training = meta.get("format") == TRAIN_CHECKPOINT_FORMAT
+    key = "model_config" if training else CONFIG_KEY
+    if key not in meta:
+        if training:
+            raise CheckpointError(
+                f"{path}: a neurofed training checkpoint without its model config; it is damaged"
+            )
+        fmt = meta.get("format") or meta.get(FORMAT_KEY)
         raise CheckpointError(
-            f"{path}: safetensors file has no {CONFIG_KEY!r} metadata; it was not written by neurofed "
-            "(save weights with models.checkpoint.save_weights)"
+            f"{path}: safetensors file has no {CONFIG_KEY!r} metadata"
+            + (f" (format {fmt!r})" if fmt else "")
+            + "; it was not written by neurofed as a model (give model.safetensors or checkpoint.safetensors "
+            "from `neurofed train`, or an .onnx file)"
         )
     try:
-        config = ModelConfig.from_json(meta[CONFIG_KEY])
+        config = ModelConfig.from_json(meta[key])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: model config in metadata is invalid ({exc})") from None
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors data ({exc})") from None
+    if training:  # the model's weights only; the optimiser's state stays behind
+        tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        if not tensors:
+            raise CheckpointError(
+                f"{path}: a neurofed training checkpoint without model weights; it is damaged"
+            )
     return tensors, config, meta
 
 

@@ -49,6 +49,9 @@ class ModelConfig:
     out_channels: int = 1
     dropout: float = 0.0
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    # What the model was trained on, for inference's plausibility checks (None: unknown):
+    # {"spacing": {"median", "min", "max", "cases", "rule"}, "label_ml": {"min", "median", "max", "cases"}}
+    training_data: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.channels) - 1:
@@ -68,14 +71,28 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["in_channels"] = self.in_channels
+        if d["training_data"] is None:  # configs without it keep their old JSON and digest
+            del d["training_data"]
         return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def digest(self) -> str:
-        """Short, stable identity of the configuration (logged and tagged in the registry)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Short, stable identity of the configuration (logged and tagged in the registry); what
+        the model was trained on (``training_data``) is not part of its identity."""
+        d = self.to_dict()
+        d.pop("training_data", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_training_data(self, **data: Any) -> ModelConfig:
+        """A copy recording what it was trained on (``spacing``, ``label_ml``), merged into any
+        record it has."""
+        from dataclasses import replace
+
+        merged = dict(self.training_data or {})
+        merged.update({k: v for k, v in data.items() if v is not None})
+        return replace(self, training_data=merged or None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -86,6 +103,8 @@ class ModelConfig:
                 continue
             if k == "preprocessing":
                 kwargs[k] = Preprocessing.from_dict(v) if isinstance(v, dict) else v
+            elif k == "training_data":
+                kwargs[k] = dict(v) if isinstance(v, dict) else None
             elif isinstance(v, list):
                 kwargs[k] = tuple(v)
             else:

@@ -1,15 +1,16 @@
 """Clinical inference: a new patient's NIfTI scan in, a tumour mask with the scan's own grid out.
 
 Steps, each driven by the model's own metadata so nothing is guessed:
-1. find the modalities the model needs (a FLAIR file, a case folder in BraTS 2018-21 or 2023
-   naming, or a folder of such case folders) and check every file (NIfTI, 3-D, sane spacing,
-   finite values, co-registered);
+1. find the cases and the modalities the model needs with the kit's one reader
+   (:mod:`neurofed.scans`: a file, a 4-D image, a case folder, a site folder, a federation root
+   or a datalist; BraTS 2018-21 or 2023+ names) and check every file as ``check-data`` does;
 2. the training preprocessing (``neurofed.models.preprocess.preprocess_transforms``: orientation, spacing,
    z-score over brain voxels);
 3. sliding-window inference with the model's patch size through MONAI's inferer, each window run
    by onnxruntime (``neurofed.models.onnx_session``);
 4. sigmoid, then the inverse of the spatial steps, threshold, and the mask written with the input's
-   shape, affine and header (``neurofed.models.postprocess``), with the tumour volume in millilitres.
+   shape, affine and header (``neurofed.models.postprocess``), with the tumour volume in millilitres;
+5. a JSON sidecar per mask with its plausibility checks (``neurofed.models.sidecar``).
 
 Input requirements (as BraTS provides them): skull-stripped, the modalities co-registered to one
 grid. Raw DICOM must first be converted (e.g. dcm2niix), co-registered and skull-stripped.
@@ -18,7 +19,6 @@ grid. Raw DICOM must first be converted (e.g. dcm2niix), co-registered and skull
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +28,9 @@ import numpy as np
 
 from neurofed.models.config import ModelConfig
 from neurofed.models.errors import ModelError
+from neurofed.models.sidecar import ModelInfo
+from neurofed.scans import Case, Problem, Scan, discover, naming, read_case, reader
+from neurofed.scans.problems import problem
 
 # ------------------------------------------------------------------------------------------ errors
 
@@ -56,225 +59,99 @@ class ModelUriError(ModelError):
     """A ``--model`` that does not resolve to a usable ONNX file."""
 
 
-# ------------------------------------------------------------------------------- modality names
+# ------------------------------------------------------------------------------- inputs
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-MIN_SPACING_MM = 0.1
-MAX_SPACING_MM = 10.0
-
-# BraTS 2018-21: <case>_flair / _t1 / _t1ce / _t2; BraTS 2023+: <case>-t2f / -t1n / -t1c / -t2w.
-MODALITY_ALIASES: dict[str, tuple[str, ...]] = {
-    "flair": ("flair", "t2f", "t2-flair", "t2flair"),
-    "t1": ("t1", "t1n"),
-    "t1ce": ("t1ce", "t1c", "t1gd"),
-    "t2": ("t2", "t2w"),
+# What a problem code means for infer's callers (each an InferenceInputError).
+_ERROR_FOR = {
+    "missing-modality": ModalityError,
+    "duplicate-file": ModalityError,
+    "grid-mismatch": ModalityError,
+    "unknown-naming": ModalityError,
+    "unreadable": NotNiftiError,
+    "not-3d": ImageShapeError,
+    "bad-spacing": SpacingError,
 }
-LABEL_NAMES = ("seg", "label", "mask", "truth")
+MIN_SPACING_MM = reader.MIN_SPACING_MM
+MAX_SPACING_MM = reader.MAX_SPACING_MM
+NIFTI_SUFFIXES = naming.NIFTI_SUFFIXES
+stem = naming.stem
+CaseInput = Case
 
 
-def is_nifti_name(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+def input_error(problems: Sequence[Problem]) -> InferenceInputError:
+    """One exception for a list of problems: the class of the first error's code, every error's
+    line in the message, the problems on ``.problems``."""
+    errs = [p for p in problems if p.is_error] or list(problems)
+    cls = _ERROR_FOR.get(errs[0].slug, InferenceInputError) if errs else InferenceInputError
+    lines = [p.line() for p in errs]
+    exc = cls(lines[0] if len(lines) == 1 else f"{len(lines)} input problems:\n  " + "\n  ".join(lines))
+    exc.problems = list(problems)  # type: ignore[attr-defined]
+    return exc
 
 
-def stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+def discover_cases(
+    inputs: Iterable[str | os.PathLike[str]],
+    modalities: Sequence[str],
+    *,
+    on_warning: Callable[[Problem], None] | None = None,
+) -> list[Case]:
+    """Every case in ``inputs`` (files, case folders, site folders, federation roots, datalists:
+    :func:`neurofed.scans.discover`), checked for what names alone tell (missing or doubled
+    modalities, unknown names, case ids used twice) before any voxel is read."""
+    found = discover(list(inputs), sections=("training", "test"))
+    problems = list(found.problems)
+    for case in found.cases:
+        problems += case.problems
+        missing = case.missing(modalities) if case.files else []  # a case without files says why already
+        if missing:
+            n = len(modalities)
+            found_text = (
+                f"the file name says {', '.join(case.available)}, but the model was trained on {', '.join(modalities)}"
+                if len(case.files) == 1 and case.available
+                else f"found: {', '.join(case.available) or 'none'}"
+            )
+            problems.append(
+                problem(
+                    "missing-modality",
+                    f"the model needs {n} modalit{'y' if n == 1 else 'ies'} ({', '.join(modalities)}) but "
+                    f"{', '.join(missing)} is missing ({found_text}); expected names like "
+                    f"{naming.expected_names(tuple(modalities))}",
+                    site=case.site,
+                    case=case.case_id,
+                    file=case.folder or "",
+                )
+            )
+    if any(p.is_error for p in problems):
+        raise input_error(problems)
+    for p in problems:
+        if on_warning is not None:
+            on_warning(p)
+    return found.cases
+
+
+def load_case(case: Case, modalities: Sequence[str] | None = None) -> Scan:
+    """Read and check the model's modalities of a case (one grid, finite, not all zero...)."""
+    mods = tuple(modalities) if modalities else (case.available or ("flair",))
+    scan, problems = read_case(case, mods, with_label=False)
+    if scan is None:
+        raise input_error(problems)
+    return scan
+
+
+LoadedCase = Scan
 
 
 def modality_of(path: Path) -> str | None:
-    """The modality a file's name announces (``BraTS-GLI-00000-000-t2f.nii.gz`` -> ``flair``)."""
-    name = stem(path).lower()
-    for modality, aliases in MODALITY_ALIASES.items():
-        for alias in aliases:
-            if name == alias or re.search(rf"(^|[_\-.]){re.escape(alias)}$", name):
-                return modality
-    return None
-
-
-def is_label_name(path: Path) -> bool:
-    name = stem(path).lower()
-    return any(re.search(rf"(^|[_\-.]){w}$", name) for w in LABEL_NAMES)
-
-
-@dataclass(frozen=True)
-class CaseInput:
-    """One patient: an id and one file per model modality, in the model's order."""
-
-    case_id: str
-    files: tuple[Path, ...]
-    source: Path
-
-
-def _expected_names(modalities: Sequence[str]) -> str:
-    old = ", ".join(f"<case>_{m}.nii.gz" for m in modalities)
-    new = ", ".join(f"<case>-{MODALITY_ALIASES.get(m, (m, m))[1]}.nii.gz" for m in modalities)
-    return f"{old} (BraTS 2018-21) or {new} (BraTS 2023)"
-
-
-def case_from_folder(folder: Path, modalities: Sequence[str]) -> CaseInput:
-    """Pick the model's modalities out of a case folder; error if one is missing or doubled."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_name(p) and not is_label_name(p))
-    if not files:
-        raise ModalityError(f"{folder}: no NIfTI images (.nii/.nii.gz) in this case folder")
-    by_mod: dict[str, list[Path]] = {}
-    for f in files:
-        mod = modality_of(f)
-        if mod is not None:
-            by_mod.setdefault(mod, []).append(f)
-    if len(modalities) == 1 and not by_mod and len(files) == 1:
-        # one unnamed volume and a one-modality model: it can only be that modality
-        return CaseInput(folder.name, (files[0],), folder)
-    chosen: list[Path] = []
-    missing = [m for m in modalities if m not in by_mod]
-    if missing:
-        found = ", ".join(f.name for f in files)
-        raise ModalityError(
-            f"{folder}: the model needs {len(modalities)} modalit{'y' if len(modalities) == 1 else 'ies'} "
-            f"({', '.join(modalities)}) but {', '.join(missing)} is missing; found: {found}. "
-            f"Expected file names like {_expected_names(modalities)}"
-        )
-    for m in modalities:
-        if len(by_mod[m]) > 1:
-            raise ModalityError(
-                f"{folder}: more than one {m} image ({', '.join(p.name for p in by_mod[m])}); keep one"
-            )
-        chosen.append(by_mod[m][0])
-    return CaseInput(folder.name, tuple(chosen), folder)
-
-
-def case_from_file(path: Path, modalities: Sequence[str]) -> CaseInput:
-    """A single file is a one-modality case (FLAIR for the study's model)."""
-    if len(modalities) != 1:
-        raise ModalityError(
-            f"{path}: one image given, but the model needs {len(modalities)} modalities "
-            f"({', '.join(modalities)}); pass the case folder holding {_expected_names(modalities)}"
-        )
-    announced = modality_of(path)
-    if announced is not None and announced != modalities[0]:
-        raise ModalityError(
-            f"{path}: the file name says {announced}, but the model was trained on {modalities[0]}; "
-            f"pass the {modalities[0]} image (e.g. {_expected_names(modalities)})"
-        )
-    case_id = re.sub(r"[_\-.](" + "|".join(MODALITY_ALIASES.get(modalities[0], ())) + ")$", "", stem(path))
-    return CaseInput(case_id or stem(path), (path,), path)
-
-
-def discover_cases(inputs: Iterable[str | os.PathLike[str]], modalities: Sequence[str]) -> list[CaseInput]:
-    """Turn each INPUT (file, case folder, or folder of case folders) into cases."""
-    cases: list[CaseInput] = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_file():
-            cases.append(case_from_file(path, modalities))
-        elif path.is_dir():
-            if any(p.is_file() and is_nifti_name(p) for p in path.iterdir()):
-                cases.append(case_from_folder(path, modalities))
-            else:
-                subdirs = sorted(
-                    d for d in path.iterdir() if d.is_dir() and any(is_nifti_name(p) for p in d.iterdir())
-                )
-                if not subdirs:
-                    raise InferenceInputError(
-                        f"{path}: neither a case folder (NIfTI files) nor a folder of case folders"
-                    )
-                cases.extend(case_from_folder(d, modalities) for d in subdirs)
-        else:
-            raise InferenceInputError(f"{path}: no such file or folder")
-    ids = [c.case_id for c in cases]
-    doubled = sorted({i for i in ids if ids.count(i) > 1})
-    if doubled:
-        raise InferenceInputError(f"case ids given twice: {', '.join(doubled)}; outputs would collide")
-    return cases
-
-
-# --------------------------------------------------------------------------------- loading + checks
-
-
-@dataclass
-class LoadedCase:
-    case: CaseInput
-    data: np.ndarray  # (C, X, Y, Z) float32 in the model's modality order
-    reference: object  # the first modality's nibabel image: header and affine of the outputs
-    affine: np.ndarray
+    """The modality a file's name announces in the naming table (``...-t2f.nii.gz`` -> flair)."""
+    name = naming.classify(path)
+    return name.modality if name.role == "image" else None
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along each array axis, from the affine (what MONAI resamples from)."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return tuple(float(v) for v in np.sqrt((a**2).sum(axis=0)))  # type: ignore[return-value]
+    from neurofed.scans.spacing import axis_spacing
 
-
-def load_volume(path: Path) -> tuple[np.ndarray, object]:
-    """Read one 3-D NIfTI image and check it; returns (float32 array, nibabel image)."""
-    import zlib
-
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-    from nibabel.spatialimages import HeaderDataError
-
-    readable_errors = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
-    try:
-        img = nib.load(str(path))
-    except readable_errors as exc:
-        raise NotNiftiError(
-            f"{path}: not a readable NIfTI image ({exc.__class__.__name__}: {exc}); "
-            "convert scans to .nii.gz (e.g. with dcm2niix) first"
-        ) from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise NotNiftiError(f"{path}: is a {type(img).__name__}, not NIfTI; convert it to .nii.gz first")
-    shape = tuple(int(s) for s in img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) < 3 or min(shape[:3]) < 2:
-        raise ImageShapeError(
-            f"{path}: a 2-D image (shape {tuple(img.shape)}); the model segments 3-D volumes: give the whole "
-            "scan as one 3-D NIfTI file"
-        )
-    if len(shape) > 3:
-        raise ImageShapeError(
-            f"{path}: a {len(shape)}-D image (shape {tuple(img.shape)}); give one 3-D file per modality"
-        )
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise SpacingError(f"{path}: the header's affine is singular or not finite; fix the NIfTI header")
-    spacing = voxel_spacing(affine)
-    if min(spacing) < MIN_SPACING_MM or max(spacing) > MAX_SPACING_MM:
-        raise SpacingError(
-            f"{path}: voxel spacing {tuple(round(s, 4) for s in spacing)} mm is outside "
-            f"[{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm, which no brain MRI has; the header (pixdim/"
-            "sform/qform) is probably wrong: fix it before segmenting"
-        )
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except readable_errors as exc:
-        raise NotNiftiError(
-            f"{path}: corrupt or truncated NIfTI data ({exc.__class__.__name__}: {exc})"
-        ) from None
-    if not np.all(np.isfinite(data)):
-        raise InferenceInputError(f"{path}: image holds NaN or infinite values; the file is damaged")
-    if not np.any(data):
-        raise InferenceInputError(f"{path}: image is all zeros; nothing to segment")
-    return data, img
-
-
-def load_case(case: CaseInput) -> LoadedCase:
-    """Load every modality and check they share one grid (co-registered, as BraTS ships them)."""
-    arrays, ref, ref_affine = [], None, None
-    for f in case.files:
-        data, img = load_volume(f)
-        affine = np.asarray(img.affine, dtype=np.float64)
-        if ref is None:
-            ref, ref_affine = img, affine
-        elif data.shape != arrays[0].shape or not np.allclose(affine, ref_affine, atol=1e-3):
-            raise ModalityError(
-                f"{f}: grid (shape {data.shape}) differs from {case.files[0].name} (shape {arrays[0].shape}) "
-                "or its affine does; the modalities must be co-registered to one grid"
-            )
-        arrays.append(data)
-    return LoadedCase(case, np.stack(arrays), ref, ref_affine)  # type: ignore[arg-type]
+    return axis_spacing(affine)
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -293,17 +170,18 @@ class InferenceSettings:
 @dataclass
 class CaseResult:
     case_id: str
-    mask_path: Path
+    mask_path: Path | None  # None when refused as implausible
     probability_path: Path | None
     volume_ml: float
     shape: tuple[int, ...]
     seconds: float
     inputs: tuple[Path, ...] = field(default_factory=tuple)
+    sidecar_path: Path | None = None
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    refused: bool = False
 
 
-def output_paths(
-    case: CaseInput, out: Path, *, single: bool, probabilities: bool
-) -> tuple[Path, Path | None]:
+def output_paths(case: Case, out: Path, *, single: bool, probabilities: bool) -> tuple[Path, Path | None]:
     """``-o mask.nii.gz`` for one case; otherwise ``-o DIR`` gets ``DIR/<case>_mask.nii.gz``."""
     if single and out.name.lower().endswith(NIFTI_SUFFIXES):
         mask = out
@@ -339,10 +217,14 @@ class Segmenter:
         meta = {
             "original_channel_dim": 0,
             "filename_or_obj": str(loaded.case.files[0]),
-            "spatial_shape": np.asarray(loaded.data.shape[1:]),
+            "spatial_shape": np.asarray(loaded.image.shape[1:]),
             "original_affine": loaded.affine,
         }
-        img = MetaTensor(torch.from_numpy(loaded.data), affine=torch.from_numpy(loaded.affine), meta=meta)
+        img = MetaTensor(
+            torch.from_numpy(np.ascontiguousarray(loaded.image)),
+            affine=torch.from_numpy(loaded.affine),
+            meta=meta,
+        )
         return self.transform({"image": img})["image"]
 
     def probabilities(self, image, progress: bool = False):
@@ -368,39 +250,67 @@ class Segmenter:
         image = self.preprocess(loaded)
         prob = self.probabilities(image, progress=progress)
         on_input = invert_to_input(prob, image, self.transform)
-        if on_input.shape[1:] != loaded.data.shape[1:]:  # pragma: no cover - guards MONAI changes
+        if on_input.shape[1:] != loaded.image.shape[1:]:  # pragma: no cover - guards MONAI changes
             raise ModelError(
-                f"{loaded.case.source}: inverted output shape {on_input.shape[1:]} differs from the input "
-                f"{loaded.data.shape[1:]}"
+                f"{loaded.case.case_id}: inverted output shape {on_input.shape[1:]} differs from the input "
+                f"{loaded.image.shape[1:]}"
             )
         return segment(on_input, loaded.affine, self.config.preprocessing.threshold)
 
-    def run_case(self, case: CaseInput, out: Path, *, single: bool, progress: bool = False) -> CaseResult:
+    def run_case(
+        self,
+        case: Case,
+        out: Path,
+        *,
+        single: bool,
+        progress: bool = False,
+        model: ModelInfo | None = None,
+        fail_on_implausible: bool = False,
+    ) -> CaseResult:
+        """Segment one case; write its mask (and probabilities) and its JSON sidecar."""
         from neurofed.models.postprocess import write_like
+        from neurofed.models.sidecar import assess, sidecar_path, write_sidecar
 
         t0 = time.perf_counter()
-        loaded = load_case(case)
+        loaded = load_case(case, self.config.modalities)
         seg = self.segment(loaded, progress=progress)
         mask_path, prob_path = output_paths(
             case, out, single=single, probabilities=self.settings.probabilities
         )
-        write_like(seg.mask, loaded.reference, mask_path, dtype=np.uint8, description="neurofed tumour mask")
-        if prob_path is not None:
+        check = assess(seg.mask, loaded.image, loaded.affine, self.config.training_data)
+        refused = fail_on_implausible and check.implausible
+        if not refused:
             write_like(
-                seg.probability,
-                loaded.reference,
-                prob_path,
-                dtype=np.float32,
-                description="neurofed p(tumour)",
+                seg.mask, loaded.reference, mask_path, dtype=np.uint8, description="neurofed tumour mask"
             )
+            if prob_path is not None:
+                write_like(
+                    seg.probability,
+                    loaded.reference,
+                    prob_path,
+                    dtype=np.float32,
+                    description="neurofed p(tumour)",
+                )
+        side = write_sidecar(
+            sidecar_path(mask_path),
+            case_id=case.case_id,
+            inputs=[str(f) for f in case.files],
+            mask=None if refused else str(mask_path),
+            model=model or ModelInfo(source="", sha256="", config_digest=self.config.digest()),
+            plausibility=check,
+            refused=refused,
+        )
         return CaseResult(
             case.case_id,
-            mask_path,
-            prob_path,
+            None if refused else mask_path,
+            None if refused else prob_path,
             seg.volume_ml,
             tuple(seg.mask.shape),
             time.perf_counter() - t0,
-            case.files,
+            tuple(case.files),
+            sidecar_path=side,
+            warnings=check.warnings,
+            refused=refused,
         )
 
 
@@ -415,20 +325,25 @@ def run_inference(
     session=None,
     on_case: Callable[[CaseResult], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    on_error: Callable[[CaseInput, InferenceInputError], None] | None = None,
+    on_error: Callable[[Case, InferenceInputError], None] | None = None,
+    model: ModelInfo | None = None,
+    fail_on_implausible: bool = False,
+    on_warning: Callable[[Problem], None] | None = None,
 ) -> list[CaseResult]:
     """Segment every case in ``inputs`` with the ONNX model; the library form of `neurofed infer`.
 
     All inputs are discovered and named before any work, so a wrong folder fails in a second,
     not after an hour of batch work. ``out`` is a mask file for one case, a folder otherwise.
     With ``on_error``, a case whose files turn out unusable (corrupt, 2-D, absurd spacing...) is
-    handed to it and the batch goes on; without, the first such case raises.
+    handed to it and the batch goes on; without, the first such case raises. Every mask gets a
+    JSON sidecar (``neurofed.models.sidecar``); ``fail_on_implausible`` writes no mask for an
+    implausible one (the result says ``refused``).
     """
     from neurofed.models.export import read_onnx_config
     from neurofed.models.onnx_session import create_session
 
     config = read_onnx_config(onnx_path)
-    cases = discover_cases(inputs, config.modalities)
+    cases = discover_cases(inputs, config.modalities, on_warning=on_warning)
     if not cases:
         raise InferenceInputError("no input given")
     out = Path(out)
@@ -443,7 +358,9 @@ def run_inference(
     results = []
     for i, case in enumerate(cases):
         try:
-            res = segmenter.run_case(case, out, single=single)
+            res = segmenter.run_case(
+                case, out, single=single, model=model, fail_on_implausible=fail_on_implausible
+            )
         except InferenceInputError as exc:
             if on_error is None:
                 raise

@@ -8,9 +8,13 @@ EXAMPLE = """\
 example:
   neurofed check-data data                 # a federation root (sites.csv) or site folders
   neurofed check-data data/site-01         # one hospital's folder
-  neurofed check-data dataset.json --modalities flair --json report.json
+  neurofed check-data dataset.json --modalities flair,t1ce --json report.json
+  neurofed check-data scans/ --no-labels   # what `neurofed infer` would accept
 
-exit status 0 when no problem is found, 1 otherwise. Nothing is modified.
+It checks exactly what `neurofed train` (labels required) or `neurofed infer` (--no-labels) would
+refuse (errors, codes NF-D001..NF-D014) and warns about what they accept but a person should know
+(NF-D015..NF-D020); the codes are listed in docs/data.md. Exit status 0 when there is no error
+(warnings allowed), 1 otherwise. Nothing is modified.
 """
 
 
@@ -19,9 +23,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "check-data",
         help="validate scans and labels: every problem at once, then a summary",
         description=(
-            "Read every case (BraTS 2018-21 or 2023+ folders, or a MONAI/Decathlon datalist JSON) and report "
-            "every problem found: unreadable files, missing modalities, shape or affine mismatches, non-finite "
-            "voxels, 2-D images, empty labels. Then summarise cases per site, shapes, spacings and label volumes."
+            "Read every case (a case folder, a site folder, a federation root with sites.csv, or a "
+            "MONAI/Decathlon datalist JSON; BraTS 2018-21 or 2023+ names) as train and infer read it and report "
+            "every problem with a stable code: missing or duplicate modalities, unreadable files, grid mismatches, "
+            "non-finite or all-zero images, absurd spacings, empty folders. Then good and bad cases per site, "
+            "grids, the spacing training would choose and label volumes."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -29,14 +35,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("path", help="data folder or datalist JSON")
     p.add_argument(
         "--modalities",
-        default="flair,t1,t1ce,t2",
-        help="comma-separated modalities that must be present (default flair,t1,t1ce,t2)",
+        default="flair",
+        help="comma-separated modalities the model reads, as train's --modalities (default flair)",
     )
     p.add_argument(
         "--no-labels", action="store_true", help="the cases are unlabelled (do not require seg files)"
     )
-    p.add_argument("--allow-empty-labels", action="store_true", help="accept labels without any tumour voxel")
-    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the report as JSON: one record per problem (code, severity, site, case, file, message), "
+        "good and bad case counts",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -55,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
             args.path,
             modalities=mods,
             require_label=not args.no_labels,
-            allow_empty_labels=args.allow_empty_labels,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     print(report.format())

@@ -138,7 +138,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--patch-size", type=int, help="training patch edge in voxels (multiple of 16; default 64)"
     )
-    p.add_argument("--spacing", type=_triple, help="voxel size in mm the model trains at, e.g. 3 or 1,1,1")
+    p.add_argument(
+        "--spacing",
+        type=_triple,
+        help="voxel size in mm (RAS) the model trains at, e.g. 3 or 1,1,1; default: the median per axis of the "
+        "sites' reported medians, collected before round 1",
+    )
     p.add_argument(
         "--fp16",
         action="store_true",
@@ -218,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
             state_dir=Path(args.state) if args.state else None,
             mlflow_uri=args.mlflow,
             model_config=model_config_from(args),
+            spacing_from_sites=not getattr(args, "spacing", None),
             seed=args.seed,
             fp16=args.fp16,
             site_optimizer=args.site_optimizer,

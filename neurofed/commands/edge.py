@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     import os
     from pathlib import Path
 
@@ -99,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
 
     # docker stop / a launcher's SIGTERM: leave the broker properly (offline status, DISCONNECT)
     exit_on_sigterm()
+    from neurofed.edge_node.data import discover_cases, training_spacing
+
+    # the coordinator sets the spacing; without its --spacing it takes the sites' medians
+    spacing = training_spacing(discover_cases(data))
+    logging.getLogger("neurofed.edge").info("%s: cases' spacing %s", bundle.participant, spacing.describe())
     # the run this site last took part in, and the replay window, survive a restart
     endpoint = MqttEndpoint(bundle, run=SiteAgent.saved_run(state), seen_path=state / "seen-messages.log")
     endpoint.start()
@@ -106,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
         # secure aggregation: this site signs its key sets and echoes; the roster's keys check others'
         identity = (bundle.sign_key, {x: bundle.roster.get(x).signing_key() for x in bundle.roster.sites})
         SiteAgent(
-            endpoint, make_trainer, state, resend_after=args.resend_after, secure_identity=identity
+            endpoint,
+            make_trainer,
+            state,
+            resend_after=args.resend_after,
+            report={"spacing": spacing.to_dict()},
+            secure_identity=identity,
         ).run()
     finally:
         leaving()  # a SIGTERM now (the federation is over, the launcher tears down) waits for this

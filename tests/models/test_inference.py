@@ -145,10 +145,10 @@ def test_case_folders_are_read_in_the_model_order(tmp_path):
     )
     for folder in (old, new):
         (case,) = discover_cases([folder], FOUR)
-        assert [modality_of(f) for f in case.files] == list(FOUR)
+        assert [modality_of(case.images[m]) for m in FOUR] == list(FOUR)
         assert case.case_id == folder.name
     (flair_only,) = discover_cases([new], ("flair",))
-    assert flair_only.files[0].name.endswith("-t2f.nii.gz")
+    assert flair_only.images["flair"].name.endswith("-t2f.nii.gz")
     both = discover_cases([tmp_path], ("t1ce", "flair"))  # a folder of case folders
     assert [c.case_id for c in both] == ["BraTS-GLI-00002-000", "BraTS2021_00001"]
 
