@@ -64,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from neurofed.models.export import read_onnx_config
+    from neurofed.models.export import read_onnx_config, read_onnx_metadata
     from neurofed.mlflow_server.resolve import resolve_model
     from neurofed.models.inference import InferenceSettings, discover_cases, run_inference
     from neurofed.models.onnx_session import create_session
+    from neurofed.models.quantize import describe_int8
 
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))
     warnings.filterwarnings("ignore", module="monai")
@@ -83,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
             f"  modalities {', '.join(pre.modalities)}; {pre.orientation}, spacing {pre.spacing} mm, "
             f"{pre.normalisation}, patch {'x'.join(map(str, pre.patch_size))}, threshold {pre.threshold}"
         )
+        precision = describe_int8(read_onnx_metadata(resolved.onnx_path))
+        if precision:
+            print(f"  {precision}")
         print(f"  running on {session.describe()}")
         settings = InferenceSettings(
             sw_batch_size=args.sw_batch, overlap=args.overlap, probabilities=args.probabilities
