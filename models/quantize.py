@@ -9,12 +9,13 @@ per output channel (symmetric), uint8 activations with ranges from the calibrati
 
 What is quantized, and why (default UNet, 96^3 windows, onnxruntime 1.32, 2 cores of an AMD EPYC
 with AVX512-VNNI): onnxruntime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into
-``QLinearConv``, 2-15x faster than the fp32 Conv for the 16..256-channel convolutions, but 4-30x
-slower for a convolution with a single input or output channel (the first one on a one-modality
-scan, the 1-channel output head). ConvTranspose, InstanceNormalization, Add and Concat have no
-faster int8 kernel here and only gain quantize/dequantize passes, so they stay fp32. Hence only
-``Conv`` nodes with at least ``min_channels`` input and output channels are quantized; keeping the
-first and the last layer in fp32 is also what protects accuracy most.
+``QLinearConv``, 1.1-17x faster than the fp32 Conv for the 16..256-channel convolutions (the
+most at the coarse levels, about even at full resolution), but 5-30x slower for a convolution
+with a single input or output channel (the first one on a one-modality scan, the 1-channel output
+head). ConvTranspose, InstanceNormalization, Add and Concat have no faster int8 kernel here and
+only gain quantize/dequantize passes, so they stay fp32. Hence only ``Conv`` nodes with at least
+``min_channels`` input and output channels are quantized; keeping the first and the last layer in
+fp32 is also what protects accuracy most.
 
 Calibration method: MinMax (onnxruntime's default). The histogram methods (entropy, percentile)
 keep every calibration window's activations in memory, several GB for a handful of 96^3 windows.
