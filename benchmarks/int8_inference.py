@@ -63,7 +63,9 @@ def op_profile(path: str, x, threads: int, reps: int = 2) -> dict[str, object]:
     sess.run(None, {"image": x})
     for _ in range(reps):
         sess.run(None, {"image": x})
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    profile_file = Path(sess.end_profiling())
+    events = json.loads(profile_file.read_text())
+    profile_file.unlink(missing_ok=True)
     per_op: dict[str, float] = {}
     nodes: dict[str, int] = {}
     runs = [e for e in events if e.get("name") == "model_run"]
