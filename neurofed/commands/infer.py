@@ -85,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
     from neurofed.mlflow_server.resolve import resolve_model
     from neurofed.models.checkpoint import file_sha256
-    from neurofed.models.export import read_onnx_config
+    from neurofed.models.export import read_onnx_config, read_onnx_metadata
     from neurofed.models.inference import InferenceSettings, discover_cases, run_inference
     from neurofed.models.onnx_session import create_session
+    from neurofed.models.quantize import describe_int8
     from neurofed.models.sidecar import ModelInfo
 
     torch.set_num_threads(args.threads or (os.cpu_count() or 1))
@@ -111,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
             f"  modalities {', '.join(pre.modalities)}; {pre.orientation}, spacing {pre.spacing} mm, "
             f"{pre.normalisation}, patch {'x'.join(map(str, pre.patch_size))}, threshold {pre.threshold}"
         )
+        precision = describe_int8(read_onnx_metadata(resolved.onnx_path))
+        if precision:
+            print(f"  {precision}")
         print(f"  running on {session.describe()}")
         label_ml = (config.training_data or {}).get("label_ml")
         if not label_ml:
