@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--fp16", action="store_true", help="send models and updates in half precision (coordinator --fp16)"
     )
+    ap.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="the coordinator runs SecAgg+ (coordinator --secure-aggregation)",
+    )
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     return ap.parse_args(argv)
 
@@ -159,7 +164,9 @@ def coordinator_args(args: argparse.Namespace, work: Path, summary: dict, init: 
         "--spacing", str(summary["spacing"][0]),
         "--init-weights", str(init),
         "--state", str(work / "coordinator-state"),
-    ] + (["--fp16"] if args.fp16 else [])  # fmt: skip
+    ] + (["--fp16"] if args.fp16 else []) + (
+        ["--secure-aggregation"] if args.secure_aggregation else []
+    )  # fmt: skip
 
 
 def read_timelines(work: Path, sites: list[str]) -> tuple[list[dict], list[dict]]:
@@ -310,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
             "local_epochs": args.epochs,
             "strategy": "fedavg",
             "fp16": args.fp16,
+            "secure_aggregation": args.secure_aggregation,
         },
         "coordinator_exit": run.rc,
         "setup_s": round(run.setup_s, 1),
@@ -330,7 +338,15 @@ def main(argv: list[str] | None = None) -> dict:
     }
     # the peers' task keeps the plain name; other models get their own file
     name = "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}"
-    return emit(name + ("_fp16" if args.fp16 else ""), result)
+    if args.secure_aggregation:
+        result["secagg"] = [
+            {k: e.get(k) for k in ("round", "attempt", "phase_s", "bytes_in", "bytes_out")}
+            for e in events
+            if e.get("event") == "secagg-done"
+        ]
+    return emit(
+        name + ("_fp16" if args.fp16 else "") + ("_secagg" if args.secure_aggregation else ""), result
+    )
 
 
 def _median(values: list) -> float | None:

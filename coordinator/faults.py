@@ -7,7 +7,9 @@ like a power cut. Points, in the order a round runs them:
 - ``after-aggregate``: the new global model exists only in memory;
 - ``after-persist``: the snapshot is on disk, registration not yet handed over;
 - ``after-register``: the registration worker registered the round (and wrote its ledger);
-- ``after-announce``: the next round's task and model are published.
+- ``after-announce``: the next round's task and model are published;
+- ``secagg-after-keysets`` / ``secagg-after-inputs``: a secure round's key sets relayed / its
+  survivor list relayed (the sites' masked inputs taken in).
 
 The round of a point is the round it belongs to (the aggregated round; for ``after-announce`` the
 announced round). Without the variable every call is a no-op.
@@ -20,7 +22,14 @@ import os
 import signal
 import sys
 
-POINTS = ("after-aggregate", "after-persist", "after-register", "after-announce")
+POINTS = (
+    "after-aggregate",
+    "after-persist",
+    "after-register",
+    "after-announce",
+    "secagg-after-keysets",
+    "secagg-after-inputs",
+)
 ENV_POINT = "NEUROFED_FAULT"
 ENV_ROUND = "NEUROFED_FAULT_ROUND"
 

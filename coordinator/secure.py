@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
+from neurofed.coordinator.faults import fault_point
 from neurofed.wire.api import Message
 from neurofed.wire.errors import ProtocolError
 from neurofed.wire.secagg import (
@@ -280,6 +281,7 @@ class SecureRound:
                 return
             keysets = s.close_keysets()
             self._relay("keysets", json.dumps({k: _b64(v) for k, v in sorted(keysets.items())}).encode())
+            fault_point("secagg-after-keysets", self.round)
             self._next("shares", now + self.settings.phase_timeout)
         elif a.phase == "shares":
             waiting = set(s._u1) - set(s._bundles) - offline
@@ -296,6 +298,7 @@ class SecureRound:
             if waiting and now < a.phase_deadline:
                 return
             self._relay("survivors", s.close_inputs())
+            fault_point("secagg-after-inputs", self.round)
             self._next("echoes", now + self.settings.phase_timeout)
         elif a.phase == "echoes":
             survivors = set(s._list.survivors) if s._list is not None else set()

@@ -79,7 +79,8 @@ class Trainer(Protocol):
 
 def fault_point(point: str, round: int, before: Callable[[], None] | None = None) -> None:
     """Test hook: ``NEUROFED_FAULT=site-mid-upload`` (optionally ``NEUROFED_FAULT_ROUND=r``) makes
-    the agent SIGKILL itself while its update is on its way out (stored, not yet acknowledged).
+    the agent SIGKILL itself while its update is on its way out (stored, not yet acknowledged);
+    ``secagg-after-<step>`` (keyset, shares, update, echo, reveal) right after a secure step.
     ``before`` runs first when the hook fires: the update file is written beside the send, and the
     hook waits for it so the scenario it stages is always the same."""
     if os.environ.get("NEUROFED_FAULT") != point:
@@ -577,6 +578,7 @@ class SiteAgent:
         assert sec is not None
         self._send(kind, r, meta or {"step": step, "attempt": sec.attempt}, payload, stop=stop)
         sec.mark_sent(step)
+        fault_point(f"secagg-after-{step}", r)
 
     def _secure_refused(self, r: int, exc: Exception) -> None:
         """A step this site will not (or cannot) take: it drops out of the attempt, saying why.

@@ -90,6 +90,7 @@ class Fed:
         mlflow: str | None = None,
         fault: str | None = None,
         fault_round: int | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> Proc:
         args = [
             "-v",
@@ -115,6 +116,7 @@ class Fed:
         ]
         if mlflow:
             args += ["--mlflow", mlflow]
+        args += list(extra_args)
         extra = {}
         if fault:
             extra["NEUROFED_FAULT"] = fault

@@ -1,0 +1,107 @@
+"""Secure aggregation with real processes on a real broker: four `neurofed edge` processes and
+`neurofed coordinator --secure-aggregation`, the tiny UNet on 32^3 synthetic volumes. A site
+SIGKILLed right after its masked input is recovered from its neighbours' shares (its input
+counts); one SIGKILLed after sharing but before masking is left out and its pairwise masks
+removed; a coordinator SIGKILLed once the masked inputs are in restarts the round under a new
+attempt with fresh keys, and the round closes exactly once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from neurofed.launch.local import make_data, wait_for
+from tests.test_federation_failures import SHAPE, Fed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def secure_data(tmp_path_factory):
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
+    root = tmp_path_factory.mktemp("secure-data")
+    summary = make_data(root, sites=4, cases=16, shape=SHAPE)
+    from neurofed.coordinator.init_weights import initial_weights
+    from neurofed.coordinator.state import StateStore
+    from neurofed.models.config import ModelConfig
+
+    cfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
+    StateStore(root / "init").write_round_weights(0, initial_weights(cfg), cfg)
+    summary["init"] = str(StateStore(root / "init").round_weights_path(0))
+    return root, summary
+
+
+class SecureFed(Fed):
+    """The failure tests' federation, its coordinator running secure aggregation."""
+
+    def start_coordinator(self, **kw):
+        return super().start_coordinator(
+            extra_args=("--secure-aggregation", "--secagg-phase-timeout", "20"), **kw
+        )
+
+
+@pytest.fixture
+def sfed(request, tmp_path, secure_data):
+    f = SecureFed(tmp_path, secure_data)
+    yield f
+    f.close()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for log in sorted(f.logs.glob("*.log")):
+            print(f"----- {log.name} (last 40 lines) -----")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+
+
+def _secagg_done(fed: Fed, r: int) -> dict:
+    return wait_for(
+        lambda: next((e for e in fed.events("secagg-done") if e["round"] == r), None),
+        240,
+        f"round {r}'s secure sum",
+        fed.procs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("step", "counted"),
+    [("update", True), ("shares", False)],
+    ids=["killed-after-its-masked-input", "killed-before-masking"],
+)
+def test_a_site_killed_in_a_secure_round(sfed, step, counted):
+    victim = sfed.sites[-1]
+    for s in sfed.sites[:-1]:
+        sfed.start_site(s)
+    sfed.start_site(victim, NEUROFED_FAULT=f"secagg-after-{step}", NEUROFED_FAULT_ROUND="1")
+    sfed.wait_sites_ready()
+    coord = sfed.start_coordinator(rounds=1, min_sites=3, timeout=120)
+    done = _secagg_done(sfed, 1)
+    assert sfed.edges[victim].wait(60) == -9  # it really died at that step
+    if counted:  # its self mask came back from its neighbours' shares: its input counts
+        assert victim in done["survivors"] and len(done["survivors"]) == 4
+    else:  # left out; its pairwise masks were removed from its neighbours' mask-key shares
+        assert victim not in done["survivors"] and victim in done["recovered"]
+        assert len(done["survivors"]) == 3
+    closed = sfed.wait_round(1)
+    assert closed["aggregated"] and sorted(closed["sites"]) == sorted(done["survivors"])
+    assert coord.wait(240) == 0, coord.tail()
+    masked = [e for e in sfed.events("update") if e["round"] == 1]
+    assert masked and all(e.get("masked") for e in masked)  # the coordinator never got a plain update
+
+
+def test_coordinator_killed_in_a_secure_round_restarts_it_with_fresh_keys(sfed):
+    for s in sfed.sites:
+        sfed.start_site(s)
+    sfed.wait_sites_ready()
+    first = sfed.start_coordinator(
+        rounds=1, min_sites=3, timeout=120, fault="secagg-after-inputs", fault_round=1
+    )
+    assert first.wait(240) == -9, first.tail()
+    second = sfed.start_coordinator(rounds=1, min_sites=3, timeout=120)
+    done = _secagg_done(sfed, 1)
+    assert second.wait(240) == 0, second.tail()
+    attempts = [e["attempt"] for e in sfed.events("secagg-attempt") if e["round"] == 1]
+    assert attempts == sorted(set(attempts)) and len(attempts) >= 2  # never the same attempt twice
+    assert done["attempt"] == attempts[-1] and len(done["survivors"]) == 4
+    assert [e["round"] for e in sfed.events("round") if e.get("train")] == [1]  # closed exactly once
