@@ -35,6 +35,7 @@ class DemoSettings:
     timeout: float
     strategy: str = "fedavg"
     fp16: bool = False  # half-precision model broadcast and update deltas
+    compression: str = "none"  # neurofed coordinator --compression
     site_optimizer: str = "reset"
     mlflow: str | None = "embedded"  # "embedded", a URI, or None
     federation: str = "demo"
@@ -204,6 +205,8 @@ def _coordinator_args(
         args += ["--mlflow", uri]
     if s.fp16:
         args.append("--fp16")
+    elif s.compression != "none":
+        args += ["--compression", s.compression]
     if s.site_optimizer != "reset":
         args += ["--site-optimizer", s.site_optimizer]
     return args
