@@ -29,22 +29,29 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 
 ``meta`` fields the federation layer defines (wire/PROTOCOL.md leaves them to us):
 
-- TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload), ``train`` (false: evaluation
+- TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload; under int8 / int8-topk of the
+  model the sites rebuild, see wire/PROTOCOL.md), ``train`` (false: evaluation
   only), ``done`` (true: the federation is over), ``deadline`` (unix time), ``epochs``, ``sites``
   ({site: its own config, e.g. ``{"epochs": 1, "mu": 0.01}``}), ``session`` (changes when the
-  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``site_optimizer`` (reset |
+  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``compression`` (none | fp16 | int8 |
+  int8-topk), ``topk_density``, ``site_optimizer`` (reset |
   continue-local | continue-global), ``model_config`` (ModelConfig dict). A site's own config may carry ``lr_scale``
   (the factor on its learning rate this round, from ``--lr-schedule``; absent: 1).
 - MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights (fp16 with
-  ``--fp16``), plus the averaged Adam state (``optimizer/...``) under continue-global.
+  ``--fp16``), plus the averaged Adam state (``optimizer/...``) under continue-global. Under
+  int8 / int8-topk also ``encoding`` (``full``, or ``int8-delta`` / ``int8-topk-delta`` with
+  ``base_digest``): the whole model, or the compressed change from the model the sites rebuilt.
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
   whose evaluation it holds), ``session``; ``evaluated`` (``{"round": r-1, "sites": [...]}``)
   while the previous round's evaluations are still awaited.
 - UPDATE: ``num_cases`` (positive int, the FedAvg weight), ``model_digest`` (the model it was
   trained from), ``loss``, ``train_seconds``, ``local_steps`` (optimiser steps taken, FedNova's
-  tau), ``encoding`` (absent or ``weights``; ``fp16-delta`` with ``--fp16``); payload:
-  safetensors of the full weights, or of the fp16 change of the float tensors; plus the site's
+  tau), ``encoding`` (absent or ``weights``; ``fp16-delta`` with ``--fp16``; ``int8-delta`` /
+  ``int8-topk-delta`` under int8 / int8-topk); payload: safetensors of the full weights, or of
+  the fp16 or compressed change of the float tensors; plus the site's
   Adam state (``optimizer/...``) under continue-global.
+- STATUS (from a site): ``need_model`` (a digest) when it cannot rebuild the round's model from
+  the delta: the coordinator sends the whole model, once per round.
 - METRICS: ``dice``, ``hd95``, ``num_cases`` (validation cases), ``evaluated_round`` (r-1),
   ``model_digest``.
 """
