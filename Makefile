@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the suite runs without it so that a bare `import wire` fails instead of loading a second copy.
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup peer-env demo test test-fast bench bench-peers lint clean
+.PHONY: setup peer-env demo test test-fast bench bench-links bench-peers lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# Rounds over shaped links (a network namespace and tc-tbf veth per site; needs root):
+# none / fp16 / int8 / int8-topk at 20 Mbit/s up, 100 Mbit/s down per site, bandwidth only.
+bench-links: setup
+	$(PY) -m benchmarks.links
 
 # Flower / NVIDIA FLARE side by side: a separate environment, never the kit's own .venv.
 bench-peers: setup peer-env

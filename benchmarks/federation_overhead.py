@@ -48,6 +48,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the coordinator runs SecAgg+ (coordinator --secure-aggregation)",
     )
+    ap.add_argument(
+        "--compression",
+        choices=("none", "fp16", "int8", "int8-topk"),
+        default=None,
+        help="coordinator --compression (default none; --fp16 is fp16)",
+    )
+    ap.add_argument("--topk-density", type=float, default=None, help="coordinator --topk-density")
+    ap.add_argument(
+        "--uplink-mbit",
+        type=float,
+        default=None,
+        help="run each site in its own network namespace, its uplink shaped to this rate (tc tbf; "
+        "bandwidth only, no added latency); needs root",
+    )
+    ap.add_argument("--downlink-mbit", type=float, default=None, help="each site's shaped downlink rate")
+    ap.add_argument("--name", default=None, help="results file name (default from the settings)")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     return ap.parse_args(argv)
 
@@ -65,6 +81,9 @@ class FederationRun:
     cpu: CpuTrace
     peak_sum_rss_kb: int
     hwm: dict[int, int]
+    # shaped runs: (time, {site: (bytes to the site, bytes from it)}) every 0.1 s
+    link_samples: list | None = None
+    links: dict | None = None
 
 
 def run_federation(args: argparse.Namespace) -> FederationRun:
@@ -92,12 +111,23 @@ def run_federation(args: argparse.Namespace) -> FederationRun:
     cfg = preset(args.model, patch_size=shape, spacing=tuple(summary["spacing"])).to_dict()
     init = StateStore(work / "init").write_round_weights(0, initial_weights(cfg), cfg)
     port = free_port()
-    provision_sites(work / "bundles", "bench", sites, port)
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    broker = Broker(work / "bundles", port, logs / "mosquitto.log")
-    broker.start()
+    links = None
+    if shaped(args):
+        from neurofed.launch.links import ShapedLinks
+
+        links = ShapedLinks(sites, args.uplink_mbit, args.downlink_mbit).open()
+    try:
+        provision_sites(work / "bundles", "bench", sites, port, links.broker_host if links else "localhost")
+        logs = work / "logs"
+        logs.mkdir(exist_ok=True)
+        broker = Broker(work / "bundles", port, logs / "mosquitto.log")
+        broker.start()
+    except BaseException:
+        if links:
+            links.close()
+        raise
     setup_s = time.time() - t0
+    link_samples: list = []
 
     procs = []
     peak = {"sum_rss_kb": 0}
@@ -126,6 +156,8 @@ def run_federation(args: argparse.Namespace) -> FederationRun:
             if broker.proc:
                 groups[broker.proc.pid] = "broker"
             cpu.sample(time.time(), groups)
+            if links is not None and (not link_samples or time.time() - link_samples[-1][0] >= 0.1):
+                link_samples.append((time.time(), links.counters()))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -134,7 +166,10 @@ def run_federation(args: argparse.Namespace) -> FederationRun:
     cpu_sampler.start()
     try:
         for s in sites:
-            procs.append(spawn_site(s, work / "bundles", work / "data", work, logs))
+            if links is not None:
+                procs.append(links.spawn(s, site_args(s, work), logs))
+            else:
+                procs.append(spawn_site(s, work / "bundles", work / "data", work, logs))
         wait_for(
             lambda: all((work / f"{s}-state" / "status.json").is_file() for s in sites), 600, "sites", procs
         )
@@ -148,7 +183,90 @@ def run_federation(args: argparse.Namespace) -> FederationRun:
         for p in procs:
             p.stop(10)
         broker.stop()
-    return FederationRun(work, sites, summary, cfg, rc, setup_s, cpu, peak["sum_rss_kb"], hwm)
+        if links is not None:
+            links.close()
+    link_info = None
+    if links is not None:
+        link_info = {
+            "uplink_mbit": args.uplink_mbit,
+            "downlink_mbit": args.downlink_mbit,
+            "shaping": "tc tbf per veth, bandwidth only (no added latency or loss)",
+            "broker_host": links.broker_host,
+        }
+    return FederationRun(
+        work, sites, summary, cfg, rc, setup_s, cpu, peak["sum_rss_kb"], hwm, link_samples or None, link_info
+    )
+
+
+def shaped(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "uplink_mbit", None) or getattr(args, "downlink_mbit", None))
+
+
+def site_args(site: str, work: Path) -> list[str]:
+    """``neurofed edge`` for a site (what launch.local.spawn_site runs)."""
+    return [
+        "edge",
+        "--bundle", str(work / "bundles" / site),
+        "--data", str(work / "data" / site),
+        "--state", str(work / f"{site}-state"),
+    ]  # fmt: skip
+
+
+def compression_of(args: argparse.Namespace) -> str:
+    return "fp16" if args.fp16 else (getattr(args, "compression", None) or "none")
+
+
+def link_rows(run: FederationRun, events: list[dict]) -> list[dict]:
+    """Per round: bytes down to and up from the sites, read from the veth counters from the
+    previous round's close to the next announcement, and the time the links carried traffic (any site's link above 5 % of its
+    rate in a 0.1-s sample)."""
+    samples = run.link_samples or []
+    if not samples or run.links is None:
+        return []
+    announce = {e["round"]: e["t"] for e in events if e["event"] == "announce"}
+    closed = {e["round"]: e["t"] for e in events if e["event"] == "round"}
+    rates = {
+        "down": (run.links["downlink_mbit"] or 0) * 1e6 / 8,
+        "up": (run.links["uplink_mbit"] or 0) * 1e6 / 8,
+    }
+
+    def at(t: float) -> dict:
+        best = min(samples, key=lambda s: abs(s[0] - t))
+        return best[1]
+
+    rows = []
+    for r in sorted(closed):
+        if r not in announce:
+            continue
+        a, end = announce[r], announce.get(r + 1, closed[r])
+        # bytes from the previous round's close: the announcement event is written once the
+        # model is out, so round r's model travels before it
+        c0, c1 = at(closed.get(r - 1, samples[0][0])), at(end)
+        down = sum(c1[s][0] - c0[s][0] for s in c1)
+        up = sum(c1[s][1] - c0[s][1] for s in c1)
+        busy = 0.0
+        window = [s for s in samples if closed.get(r - 1, samples[0][0]) <= s[0] <= end]
+        for (t0, x0), (t1, x1) in zip(window, window[1:], strict=False):
+            dt = t1 - t0
+            if dt <= 0:
+                continue
+            hot = any(
+                (x1[s][0] - x0[s][0]) / dt > 0.05 * rates["down"] > 0
+                or (x1[s][1] - x0[s][1]) / dt > 0.05 * rates["up"] > 0
+                for s in x1
+            )
+            busy += dt if hot else 0.0
+        rows.append(
+            {
+                "round": r,
+                "round_s": round(end - a, 3),
+                "bytes_down": down,
+                "bytes_up": up,
+                "wire_s": round(busy, 2),
+                "wire_share": round(busy / (end - a), 3) if end > a else None,
+            }
+        )
+    return rows
 
 
 def coordinator_args(args: argparse.Namespace, work: Path, summary: dict, init: Path) -> list[str]:
@@ -164,8 +282,9 @@ def coordinator_args(args: argparse.Namespace, work: Path, summary: dict, init: 
         "--spacing", str(summary["spacing"][0]),
         "--init-weights", str(init),
         "--state", str(work / "coordinator-state"),
-    ] + (["--fp16"] if args.fp16 else []) + (
-        ["--secure-aggregation"] if args.secure_aggregation else []
+    ] + (["--compression", compression_of(args)]) + (
+        ["--topk-density", str(args.topk_density)] if getattr(args, "topk_density", None) else []
+    ) + (["--secure-aggregation"] if args.secure_aggregation else []
     )  # fmt: skip
 
 
@@ -318,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
             "strategy": "fedavg",
             "fp16": args.fp16,
             "secure_aggregation": args.secure_aggregation,
+            "compression": compression_of(args),
+            "links": run.links,
         },
         "coordinator_exit": run.rc,
         "setup_s": round(run.setup_s, 1),
@@ -336,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sum_of_process_hwm_gb": round(sum(run.hwm.values()) / 1024**2, 3),
         "processes": len(run.hwm),
     }
+    if run.links is not None:
+        result["link_rounds"] = link_rows(run, events)
     # the peers' task keeps the plain name; other models get their own file
     name = "federation_overhead" if args.model == "small" else f"federation_overhead_{args.model}"
     if args.secure_aggregation:
@@ -344,9 +467,12 @@ def main(argv: list[str] | None = None) -> dict:
             for e in events
             if e.get("event") == "secagg-done"
         ]
-    return emit(
-        name + ("_fp16" if args.fp16 else "") + ("_secagg" if args.secure_aggregation else ""), result
-    )
+    name += {"none": "", "fp16": "_fp16"}.get(compression_of(args), "_" + compression_of(args))
+    if args.secure_aggregation:
+        name += "_secagg"
+    if shaped(args):
+        name += f"_links_{args.uplink_mbit:g}_{args.downlink_mbit:g}"
+    return emit(args.name or name, result)
 
 
 def _median(values: list) -> float | None:

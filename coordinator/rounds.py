@@ -29,22 +29,29 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 
 ``meta`` fields the federation layer defines (wire/PROTOCOL.md leaves them to us):
 
-- TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload), ``train`` (false: evaluation
+- TASK: ``round``, ``model_digest`` (SHA-256 of the MODEL payload; under int8 / int8-topk of the
+  model the sites rebuild, see wire/PROTOCOL.md), ``train`` (false: evaluation
   only), ``done`` (true: the federation is over), ``deadline`` (unix time), ``epochs``, ``sites``
   ({site: its own config, e.g. ``{"epochs": 1, "mu": 0.01}``}), ``session`` (changes when the
-  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``site_optimizer`` (reset |
+  coordinator restarts), ``strategy``, ``min_sites``, ``fp16``, ``compression`` (none | fp16 | int8 |
+  int8-topk), ``topk_density``, ``site_optimizer`` (reset |
   continue-local | continue-global), ``model_config`` (ModelConfig dict). A site's own config may carry ``lr_scale``
   (the factor on its learning rate this round, from ``--lr-schedule``; absent: 1).
 - MODEL: ``round``, ``model_digest``; payload: safetensors of the global weights (fp16 with
-  ``--fp16``), plus the averaged Adam state (``optimizer/...``) under continue-global.
+  ``--fp16``), plus the averaged Adam state (``optimizer/...``) under continue-global. Under
+  int8 / int8-topk also ``encoding`` (``full``, or ``int8-delta`` / ``int8-topk-delta`` with
+  ``base_digest``): the whole model, or the compressed change from the model the sites rebuilt.
 - RECEIPTS: ``round``, ``held`` (sites whose update the coordinator holds), ``metrics`` (sites
   whose evaluation it holds), ``session``; ``evaluated`` (``{"round": r-1, "sites": [...]}``)
   while the previous round's evaluations are still awaited.
 - UPDATE: ``num_cases`` (positive int, the FedAvg weight), ``model_digest`` (the model it was
   trained from), ``loss``, ``train_seconds``, ``local_steps`` (optimiser steps taken, FedNova's
-  tau), ``encoding`` (absent or ``weights``; ``fp16-delta`` with ``--fp16``); payload:
-  safetensors of the full weights, or of the fp16 change of the float tensors; plus the site's
+  tau), ``encoding`` (absent or ``weights``; ``fp16-delta`` with ``--fp16``; ``int8-delta`` /
+  ``int8-topk-delta`` under int8 / int8-topk); payload: safetensors of the full weights, or of
+  the fp16 or compressed change of the float tensors; plus the site's
   Adam state (``optimizer/...``) under continue-global.
+- STATUS (from a site): ``need_model`` (a digest) when it cannot rebuild the round's model from
+  the delta: the coordinator sends the whole model, once per round.
 - METRICS: ``dice``, ``hd95``, ``num_cases`` (validation cases), ``evaluated_round`` (r-1),
   ``model_digest``.
 """
@@ -80,7 +87,9 @@ from neurofed.coordinator.secure import ENCODING as SECAGG_ENCODING
 from neurofed.coordinator.secure import SecureRound, SecureSettings, load_next_attempt
 from neurofed.coordinator.state import Snapshot, StateStore, atomic_write_json
 from neurofed.coordinator.strategies import Strategy
+from neurofed.wire import compression as compress
 from neurofed.wire.api import Endpoint, Message, MessageKind
+from neurofed.wire.compression import COMPRESSIONS, DEFAULT_DENSITY, DELTA_CODECS
 from neurofed.wire.errors import TransportError
 from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
 
@@ -126,7 +135,9 @@ class RoundConfig:
     min_sites: int
     round_timeout: float = 600.0
     local_epochs: float = 1  # a fraction: that share of an epoch's batches per round
-    fp16: bool = False
+    fp16: bool = False  # the same as compression="fp16" (kept for ``--fp16``)
+    compression: str = "none"  # neurofed.wire.compression.COMPRESSIONS
+    topk_density: float = DEFAULT_DENSITY  # int8-topk: the share of each tensor's values sent
     site_optimizer: str = "reset"
     lr_schedule: str = "constant"
     receipt_interval: float = 3.0
@@ -151,6 +162,24 @@ class RoundConfig:
         if self.site_optimizer not in SITE_OPTIMIZER:
             raise CoordinatorError(
                 f"--site-optimizer must be one of {', '.join(SITE_OPTIMIZER)}, got {self.site_optimizer!r}"
+            )
+        if self.compression not in COMPRESSIONS:
+            raise CoordinatorError(
+                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if self.fp16 and self.compression not in ("none", "fp16"):
+            raise CoordinatorError(
+                f"--fp16 is --compression fp16; it cannot go with --compression {self.compression}"
+            )
+        if self.fp16 or self.compression == "fp16":  # one setting, whichever way it was given
+            object.__setattr__(self, "fp16", True)
+            object.__setattr__(self, "compression", "fp16")
+        if not 0 < self.topk_density <= 1:
+            raise CoordinatorError(f"--topk-density must be in (0, 1], got {self.topk_density}")
+        if self.site_optimizer == "continue-global" and self.compression in DELTA_CODECS:
+            raise CoordinatorError(
+                f"--site-optimizer continue-global cannot run with --compression {self.compression}: "
+                "Adam's state travels uncompressed beside the weights; drop one of the two"
             )
         if self.site_optimizer == "continue-global" and self.fp16:
             raise CoordinatorError(
@@ -241,6 +270,12 @@ class Coordinator:
         # continue-global: the federation's averaged Adam state, sent with each model
         self.site_optimizer: dict[str, np.ndarray] = {}
         self._optimizer_mean: WeightedMean | None = None
+        # --compression int8|int8-topk: the model the sites reconstruct from the MODELs sent (the
+        # next MODEL is a delta against it; the TASK's digest names it) and the current round's
+        # MODEL as sent: (round, payload, meta, digest)
+        self.reconstructed: dict[str, np.ndarray] = {}
+        self._reconstructed_digest = ""
+        self._round_model: tuple[int, bytes, dict[str, Any], str] | None = None
         self.completed = 0  # last aggregated (persisted) round
         self.closed_round = 0
         self.results: list[RoundResult] = []
@@ -270,6 +305,8 @@ class Coordinator:
             snap = self.store.load(federation=self.ep.federation, roster_digest=self.roster_digest)
             self.weights = snap.weights
             self.site_optimizer = snap.site_optimizer
+            self.reconstructed = snap.reconstructed
+            self._reconstructed_digest = compress.digest(self.reconstructed) if self.reconstructed else ""
             self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
             self.completed = self.closed_round = snap.round
             self._extra_state = dict(snap.extra or {"rounds": {}})
@@ -325,6 +362,7 @@ class Coordinator:
                 roster_digest=self.roster_digest,
                 extra=extra,
                 site_optimizer=self.site_optimizer,
+                reconstructed=self.reconstructed,
             )
         )
 
@@ -413,7 +451,13 @@ class Coordinator:
 
     # -- one round ------------------------------------------------------------------------------------
     def _announce(
-        self, r: int, train: bool, deadline: float, model_payload: bytes, digest: str
+        self,
+        r: int,
+        train: bool,
+        deadline: float,
+        model_payload: bytes,
+        digest: str,
+        model_meta: dict[str, Any],
     ) -> dict[str, float]:
         """MODEL, then the TASK naming it, back to back, then the broker's acknowledgement of both.
 
@@ -427,7 +471,7 @@ class Coordinator:
         if train and self.cfg.lr_schedule != "constant":
             base["lr_scale"] = lr_scale(self.cfg.lr_schedule, r, self.cfg.rounds)
         per_site = {s: self.strategy.configure(r, s, base) for s in self.cfg.expected_sites}
-        timing = self._publish_model_and_task(r, train, deadline, model_payload, digest, per_site)
+        timing = self._publish_model_and_task(r, train, deadline, model_payload, digest, per_site, model_meta)
         fault_point("after-announce", r)
         return timing
 
@@ -439,6 +483,7 @@ class Coordinator:
         model_payload: bytes,
         digest: str,
         per_site: dict[str, Any],
+        model_meta: dict[str, Any] | None = None,
     ) -> dict[str, float]:
         t0 = t1 = t2 = 0.0
 
@@ -448,7 +493,7 @@ class Coordinator:
             self.ep.send(
                 MessageKind.MODEL,
                 r,
-                meta={"round": r, "model_digest": digest},
+                meta={"round": r, "model_digest": digest, **(model_meta or {})},
                 payload=model_payload,
                 retain=True,
                 timeout=60.0,
@@ -491,6 +536,8 @@ class Coordinator:
             "strategy": self.strategy.name,
             "min_sites": self.cfg.min_sites,
             "fp16": self.cfg.fp16,
+            "compression": self.cfg.compression,
+            "topk_density": self.cfg.topk_density,
             "site_optimizer": self.cfg.site_optimizer,
             "model_config": self.model_config,
         }
@@ -543,6 +590,69 @@ class Coordinator:
     def _encode_model(self) -> bytes:
         return codec.encode({**self.weights, **self.site_optimizer}, fp16=self.cfg.fp16)
 
+    def _model_message(self, r: int) -> tuple[bytes, dict[str, Any], str]:
+        """Round ``r``'s MODEL: (payload, meta beside round and digest, digest).
+
+        ``none``/``fp16``: the global model itself, named by its payload's SHA-256. ``int8`` and
+        ``int8-topk``: a compressed delta from the model the sites reconstructed last round to
+        the global model (``encoding``, ``base_digest``: the digest of the model it applies to),
+        or the whole model in fp32 (``encoding: full``) when there is no such model yet. Either
+        way the sites' reconstruction, computed here with the same function, becomes
+        ``self.reconstructed`` and its digest the task's ``model_digest``; what the delta could
+        not carry stays in ``weights - reconstructed`` and goes out with the next one (error
+        feedback on the downlink)."""
+        name = self.cfg.compression
+        if name not in DELTA_CODECS:
+            payload = self._encode_model()
+            return payload, {}, codec.digest(payload)
+        base, target = self.reconstructed, self.weights
+        fits = base.keys() == target.keys() and all(
+            base[k].shape == v.shape and base[k].dtype == v.dtype for k, v in target.items()
+        )
+        if fits:
+            delta = {k: (v - base[k] if v.dtype.kind == "f" else v) for k, v in target.items()}
+            payload = compress.encode_delta(delta, name, density=self.cfg.topk_density)
+            meta = {"encoding": compress.ENCODING[name], "base_digest": self._reconstructed_digest}
+            self.reconstructed = compress.apply_delta(base, payload)
+            digest = compress.digest(self.reconstructed)
+        else:
+            self.reconstructed = {k: np.array(target[k], copy=True) for k in sorted(target)}
+            payload = compress.canonical(self.reconstructed)
+            meta = {"encoding": compress.MODEL_FULL}
+            digest = codec.digest(payload)
+        self._reconstructed_digest = digest
+        self._round_model = (r, payload, meta, digest)
+        return payload, meta, digest
+
+    def _send_full_model(self, r: int, site: str, wanted: Any) -> None:
+        """A site that does not hold the model this round's delta applies to (it missed rounds,
+        or is new, or lost its state) asks for the whole model (STATUS ``need_model``). The
+        round's retained MODEL is replaced by the whole fp32 model, once per round: the sites
+        that already hold it ignore the copy (same digest), and one that connects later in the
+        round finds the whole model retained."""
+        current = self._round_model
+        if current is None or current[0] != r or wanted != current[3]:
+            return  # a request for another round's model: that round is over
+        if current[2].get("encoding") == compress.MODEL_FULL:
+            return  # already whole
+        payload = compress.canonical(self.reconstructed)
+        meta = {"encoding": compress.MODEL_FULL}
+        self._round_model = (r, payload, meta, current[3])
+        log.info("round %d: %s lacks the model the delta applies to; sending the whole model", r, site)
+        self._until_published(
+            r,
+            "the whole model",
+            lambda: self.ep.send(
+                MessageKind.MODEL,
+                r,
+                meta={"round": r, "model_digest": current[3], **meta},
+                payload=payload,
+                retain=True,
+                timeout=60.0,
+            ),
+        )
+        self._event("full-model", round=r, site=site, bytes=len(payload))
+
     def _reannounce(self, r: int, train: bool, deadline: float, digest: str) -> None:
         """The round's MODEL and TASK once more, after the wire reconnected to the broker.
 
@@ -551,15 +661,21 @@ class Coordinator:
         between comes back without them, and a site that had not received them yet would wait
         for a model that never comes (the deadline extension re-publishes only the TASK). Sites
         that already hold the model get a second copy and ignore it: same round, same digest."""
-        payload = self._encode_model()
-        if codec.digest(payload) != digest:  # the global model must not change within a round
+        model_meta: dict[str, Any] = {}
+        if self._round_model is not None and self._round_model[0] == r:  # a delta-coded federation
+            _, payload, model_meta, sent = self._round_model
+        else:
+            payload, sent = self._encode_model(), ""
+        if (sent or codec.digest(payload)) != digest:  # the global model must not change within a round
             raise CoordinatorError(f"round {r}: the global model changed while the round was open")
         log.warning(
             "round %d: reconnected to the broker; publishing the round's MODEL and TASK again "
             "(a restarted broker may have lost them)",
             r,
         )
-        self._publish_model_and_task(r, train, deadline, payload, digest, self._task_meta["sites"])
+        self._publish_model_and_task(
+            r, train, deadline, payload, digest, self._task_meta["sites"], model_meta
+        )
         self._event("reannounce", round=r)
 
     def _announce_done(self) -> None:
@@ -599,8 +715,7 @@ class Coordinator:
         t0_wall = time.time()
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
-        model_payload = self._encode_model()
-        digest = codec.digest(model_payload)
+        model_payload, model_meta, digest = self._model_message(r)
         if train:
             self.strategy.begin(r, self.weights)
             if self.cfg.site_optimizer == "continue-global":
@@ -610,7 +725,8 @@ class Coordinator:
         t_encoded = time.time()
         # read before announcing: a reconnect during the announcement counts as one after it
         connections = self.ep.connections
-        timing = self._announce(r, train, deadline, model_payload, digest)
+        timing = self._announce(r, train, deadline, model_payload, digest, model_meta)
+        model_bytes = len(model_payload)
         del model_payload
         self._event(
             "announce",
@@ -618,6 +734,8 @@ class Coordinator:
             train=train,
             deadline=deadline,
             encode_s=round(t_encoded - t0_wall, 4),
+            model_bytes=model_bytes,
+            model_encoding=model_meta.get("encoding", "fp16" if self.cfg.fp16 else "weights"),
             **timing,
         )
         log.info(
@@ -957,6 +1075,8 @@ class Coordinator:
             elif state == "online":
                 self.offline.discard(msg.sender)
             self._event("status", site=msg.sender, status=state)
+            if msg.meta.get("need_model") and msg.sender in self.cfg.expected_sites:
+                self._send_full_model(r, msg.sender, msg.meta.get("need_model"))
             return
         self.offline.discard(msg.sender)  # anything it sends proves it is back
         try:
@@ -1042,10 +1162,16 @@ class Coordinator:
         if msg.meta.get("model_digest") not in (None, digest):
             raise UpdateRejected("stale-model", "trained from another model than this round's")
         num_cases = check_num_cases(msg.meta.get("num_cases"))
+        encoding = msg.meta.get("encoding", "weights")
+        if encoding not in UPDATE_ENCODINGS and encoding not in compress.CODEC_OF:
+            raise UpdateRejected("bad-encoding", f"unknown update encoding {encoding!r}")
         try:
-            update = codec.decode(msg.payload, copy=False)
+            if encoding in compress.CODEC_OF:  # 8-bit (top-k) changes, decoded to dense fp32
+                update = compress.decode_delta(msg.payload, self.weights)
+            else:
+                update = codec.decode(msg.payload, copy=False)
         except Exception as exc:
-            raise UpdateRejected("undecodable", f"payload is not a safetensors state dict ({exc})") from None
+            raise UpdateRejected("undecodable", f"payload is not a {encoding} state dict ({exc})") from None
         update, optimizer = split_optimizer(update)
         if self._optimizer_mean is not None:
             check_optimizer_state(optimizer, self.weights)
@@ -1054,11 +1180,8 @@ class Coordinator:
                 "unexpected-tensors", "optimiser state sent, but this federation does not run continue-global"
             )
         update = upcast_half(update, self.weights)
-        encoding = msg.meta.get("encoding", "weights")
-        if encoding not in UPDATE_ENCODINGS:
-            raise UpdateRejected("bad-encoding", f"unknown update encoding {encoding!r}")
         check_update(update, self.weights)
-        if encoding == UPDATE_ENCODING_FP16_DELTA:
+        if encoding == UPDATE_ENCODING_FP16_DELTA or encoding in compress.CODEC_OF:
             update = apply_delta(update, self.weights)
             check_update(update, self.weights)  # finite deltas can still overflow the weights
         self.strategy.add(site, update, num_cases, check_local_steps(msg.meta.get("local_steps")))

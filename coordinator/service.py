@@ -39,6 +39,8 @@ class CoordinatorSettings:
     spacing_from_sites: bool = False  # no --spacing: the median of the sites' reported medians
     seed: int = 0
     fp16: bool = False
+    compression: str = "none"
+    topk_density: float | None = None
     site_optimizer: str = "reset"
     lr_schedule: str = "constant"
     broker_host: str | None = None
@@ -169,6 +171,8 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         round_timeout=s.round_timeout,
         local_epochs=s.local_epochs,
         fp16=s.fp16,
+        compression=s.compression,
+        **({"topk_density": s.topk_density} if s.topk_density is not None else {}),
         site_optimizer=s.site_optimizer,
         lr_schedule=s.lr_schedule,
         receipt_interval=s.receipt_interval,

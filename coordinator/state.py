@@ -6,6 +6,8 @@ any instant leaves either the previous round's snapshot or this one, never a mix
 
 - tensors ``global/<name>``: the global model after ``round``;
 - tensors ``strategy/<name>``: the strategy's persistent tensors (FedAdam/FedYogi moments);
+- tensors ``sent/<name>`` (``--compression int8|int8-topk``): the model the sites reconstructed
+  from the last MODEL, against which the next one is a delta;
 - metadata ``neurofed.snapshot``: JSON with the round, federation, strategy settings and counters,
   the roster digest, the model config and the rounds already registered.
 
@@ -53,6 +55,9 @@ class Snapshot:
     registered: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     site_optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # continue-global
+    # int8 / int8-topk: the model the sites reconstructed from the last MODEL sent (tensors
+    # ``sent/<name>``); the next broadcast is a delta against it
+    reconstructed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -166,6 +171,7 @@ class StateStore:
         tensors = {f"global/{k}": v for k, v in snap.weights.items()}
         tensors.update({f"strategy/{k}": v for k, v in snap.strategy_tensors.items()})
         tensors.update({f"site-optimizer/{k}": v for k, v in snap.site_optimizer.items()})
+        tensors.update({f"sent/{k}": v for k, v in snap.reconstructed.items()})
         meta_json = {
             "round": snap.round,
             "federation": snap.federation,
@@ -217,6 +223,7 @@ class StateStore:
             registered=sorted(set(meta.get("registered", [])) | set(self.registered())),
             extra=meta.get("extra", {}),
             site_optimizer={k[15:]: v for k, v in tensors.items() if k.startswith("site-optimizer/")},
+            reconstructed={k[5:]: v for k, v in tensors.items() if k.startswith("sent/")},
         )
 
     # -- registration ledger (written by the registration worker) -------------------------------

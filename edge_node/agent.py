@@ -153,6 +153,11 @@ class SiteAgent:
         self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
         self._send_pool: ThreadPoolExecutor | None = None  # sends the update beside the scoring
         self.done = False
+        # --compression int8|int8-topk: the last model this site reconstructed (digest, canonical
+        # fp32 bytes; STATE/model.safetensors), the base of the next MODEL's delta, and when it
+        # last asked for a whole model, by digest
+        self._held: tuple[str, bytes] | None = None
+        self._asked: dict[str, float] = {}
         self._said_no_val = False  # the warning that this site has no validation cases, once
         self._state = self._load_state()
         self._status: dict[str, Any] = {"site": self.site, "state": "waiting", "round": None}
@@ -278,10 +283,11 @@ class SiteAgent:
             digest = msg.meta.get("model_digest")
             if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
                 digest = hashlib.sha256(msg.payload).hexdigest()
-            # keep the two newest by arrival: a model may arrive before the task that names it
-            self.models[digest] = (msg.round, digest, msg.payload)
-            while len(self.models) > 2:
-                del self.models[next(iter(self.models))]
+            payload: bytes | None = msg.payload
+            if msg.meta.get("encoding") is not None:  # --compression int8 / int8-topk
+                payload = self._reconstruct(msg, digest)
+            if payload is not None:
+                self._keep_model(msg.round, digest, payload)
         elif msg.kind is MessageKind.RECEIPTS:
             self.receipts = self._fresh_receipts = dict(msg.meta, round=msg.round)
         elif msg.kind is MessageKind.RELAY:
@@ -290,6 +296,148 @@ class SiteAgent:
             self._relays[key] = bytes(msg.payload)
             for k in [k for k in self._relays if k[0] < msg.round]:
                 del self._relays[k]
+
+    def _keep_model(self, r: int, digest: str, payload: bytes) -> None:
+        # keep the two newest by arrival: a model may arrive before the task that names it
+        self.models.pop(digest, None)
+        self.models[digest] = (r, digest, payload)
+        while len(self.models) > 2:
+            del self.models[next(iter(self.models))]
+
+    # -- compressed models (int8 / int8-topk) ----------------------------------------------------
+    @property
+    def _held_path(self) -> Path:
+        return self.state_dir / "model.safetensors"
+
+    def _held_model(self) -> tuple[str, bytes] | None:
+        """The model this site reconstructed last (kept across restarts), or None."""
+        if self._held is None and self._held_path.is_file():
+            data = self._held_path.read_bytes()
+            self._held = (hashlib.sha256(data).hexdigest(), data)
+        return self._held
+
+    def _hold(self, digest: str, payload: bytes) -> None:
+        # a torn file after a power loss only fails its digest: the site then asks for the whole model
+        _atomic_write(self._held_path, payload, durable=False)
+        self._held = (digest, payload)
+
+    def _reconstruct(self, msg: Message, digest: str) -> bytes | None:
+        """The model a compressed MODEL names, as canonical fp32 bytes: the payload itself
+        (``encoding: full``), or the held model plus the payload's delta, checked against the
+        task's digest. Without the delta's base (a site that missed rounds, is new or lost its
+        state) it asks the coordinator for the whole model and returns None."""
+        from neurofed.wire.compression import CODEC_OF, MODEL_FULL, apply_delta, canonical
+        from neurofed.wire.errors import ProtocolError
+        from neurofed.wire.payload import decode_state
+
+        encoding = msg.meta.get("encoding")
+        held = self._held_model()
+        if encoding == MODEL_FULL:
+            if held is None or held[0] != digest:
+                self._hold(digest, msg.payload)
+            return msg.payload
+        if encoding not in CODEC_OF:
+            log.warning(
+                "%s: MODEL round %d has an unknown encoding %r; ignored", self.site, msg.round, encoding
+            )
+            return None
+        if digest in self.models:
+            return None  # the same model again (a re-announcement)
+        if held is not None and held[0] == digest:
+            return held[1]  # reconstructed before a restart
+        if held is not None and held[0] == msg.meta.get("base_digest"):
+            try:
+                payload = canonical(apply_delta(decode_state(held[1]), msg.payload))
+            except ProtocolError as exc:
+                log.warning("%s: MODEL round %d does not apply (%s)", self.site, msg.round, exc)
+                payload = b""
+            if payload and hashlib.sha256(payload).hexdigest() == digest:
+                self._hold(digest, payload)
+                return payload
+            log.warning("%s: the model rebuilt for round %d is not the one named", self.site, msg.round)
+        self._ask_for_model(msg.round, digest)
+        return None
+
+    def _ask_for_model(self, r: int, digest: str) -> None:
+        """STATUS ``need_model``: this round's delta does not apply here; at most every 30 s."""
+        if time.time() - self._asked.get(digest, 0.0) < 30.0:
+            return
+        self._asked = {digest: time.time()}
+        held = self._held_model()
+        log.warning("%s: no base for round %d's model delta; asking for the whole model", self.site, r)
+        try:
+            self.ep.send(
+                MessageKind.STATUS,
+                0,
+                meta={
+                    "status": "online",
+                    "need_model": digest,
+                    "round": r,
+                    "holds": held[0] if held else None,
+                },
+                timeout=self.send_timeout,
+            )
+        except TransportError as exc:
+            log.warning("%s: asking for the whole model failed (%s); will ask again", self.site, exc)
+            self._asked.clear()
+
+    def _residual_path(self, r: int) -> Path:
+        return self.state_dir / f"residual-r{r:04d}.safetensors"
+
+    def _load_residual(self, r: int) -> dict[str, Any]:
+        """The error-feedback residual after this site's newest stored update before round ``r``
+        (what its compressed updates have not carried yet), or nothing."""
+        from safetensors.numpy import load
+
+        found = sorted(
+            (
+                (int(p.name[10:14]), p)
+                for p in self.state_dir.glob("residual-r[0-9][0-9][0-9][0-9].safetensors")
+            ),
+            reverse=True,
+        )
+        for k, path in found:
+            if k >= r:  # an attempt at this round (or a later one) that never was stored
+                path.unlink(missing_ok=True)
+                continue
+            rs = self._state["rounds"].get(str(k))
+            if rs is not None and not rs.get("update_stored"):
+                continue
+            try:
+                return load(path.read_bytes())
+            except Exception as exc:  # noqa: BLE001 - a damaged residual costs only its correction
+                log.warning("%s: residual %s unreadable (%s); starting without it", self.site, path, exc)
+                return {}
+        return {}
+
+    def _compressed_update(
+        self,
+        task: Mapping[str, Any],
+        codec: str,
+        trained: Mapping[str, Any],
+        start: Mapping[str, Any],
+        r: int,
+    ) -> tuple[bytes, bytes]:
+        """(payload, residual file bytes): the change trained - start plus the residual carried
+        from the previous round, compressed; what the payload leaves out is the next residual."""
+        from safetensors.numpy import save
+
+        from neurofed.wire.compression import DEFAULT_DENSITY, compress, to_numpy
+
+        residual = self._load_residual(r)
+        delta: dict[str, Any] = {}
+        for name, value in to_numpy(trained).items():
+            if value.dtype.kind != "f":
+                delta[name] = value
+                continue
+            change = value - to_numpy({name: start[name]})[name]
+            carried = residual.get(name)
+            if carried is not None and carried.shape == change.shape:
+                change = change + carried
+            delta[name] = change
+        density = float(task.get("topk_density") or DEFAULT_DENSITY)
+        payload, left = compress(delta, codec, density=density)
+        return payload, save(left)
 
     def _follow_run(self, run: str) -> None:
         """A signed TASK of a run that started later than this site's (the wire lets no other
@@ -301,6 +449,8 @@ class SiteAgent:
             log.info("%s: taking part in federation run %s", self.site, run)
         for key in list(self._state["rounds"]):
             self._update_path(int(key)).unlink(missing_ok=True)
+        for path in self.state_dir.glob("residual-r*.safetensors"):
+            path.unlink(missing_ok=True)  # another run's compression error
         self._state.update(run=run, rounds={}, took_task=False)
         self.task = None
         self.receipts = self._fresh_receipts = None
@@ -404,6 +554,8 @@ class SiteAgent:
             self._save_state()
         self._prune(r)
         if model is None or model[0] != r or model[1] != task.get("model_digest"):
+            if task.get("model_digest") in self._asked and not rs.get("update_sent"):
+                self._ask_for_model(r, str(task["model_digest"]))  # the request may have been lost
             if not rs.get("update_sent"):
                 self._set_status(state="waiting-for-model", round=r)
             return None
@@ -421,9 +573,17 @@ class SiteAgent:
         """Train from the round's model, encode the update and start storing it (for resends
         after a restart) while it is sent from memory. Returns the round's model weights."""
         state_dict, result, t0, t1 = self._train_local(task, model, r, trainer)
+        from neurofed.wire.compression import DELTA_CODECS, ENCODING
         from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
 
-        if bool(task.get("fp16", self.fp16)):
+        compression = str(task.get("compression") or "none")
+        residual: bytes | None = None
+        if compression in DELTA_CODECS:
+            # 8-bit (top-k) change from the model trained from, with error feedback: what earlier
+            # updates could not carry rides along, and what this one cannot is kept for the next
+            payload, residual = self._compressed_update(task, compression, result.state_dict, state_dict, r)
+            rs["encoding"] = ENCODING[compression]
+        elif bool(task.get("fp16", self.fp16)):
             # Half precision carries the change, not the weights: a change of ~1e-3 keeps
             # ~1e-6 of it in fp16, where the weights themselves would lose ~1e-4; the
             # coordinator adds it to its fp32 weights (mixed-precision master weights).
@@ -436,7 +596,7 @@ class SiteAgent:
         # The file is for resends after a restart; it is written and fsynced while the update
         # is on its way (sent from memory), not before: the write would sit on the round's
         # critical path. update_stored is recorded only once the file is durable.
-        self._storing = (r, self._store_async(r, path, payload))
+        self._storing = (r, self._store_async(r, path, payload, residual))
         self._fresh_update = (r, payload)
         rs.update(
             num_cases=int(result.num_cases),
@@ -672,9 +832,11 @@ class SiteAgent:
             meta["num_cases"],
         )
 
-    def _store_async(self, r: int, path: Path, payload: bytes) -> Future[None]:
+    def _store_async(self, r: int, path: Path, payload: bytes, residual: bytes | None = None) -> Future[None]:
         def write() -> None:
             t0 = time.time()
+            if residual is not None:  # first: update_stored then vouches for both
+                _atomic_write(self._residual_path(r), residual)
             _atomic_write(path, payload)
             self._timeline("store", r, t0, time.time())
 
@@ -694,6 +856,9 @@ class SiteAgent:
         storing[1].result()  # the write's error, if any, is raised here
         rs["update_stored"] = True
         self._save_state()
+        for path in self.state_dir.glob("residual-r[0-9][0-9][0-9][0-9].safetensors"):
+            if int(path.name[10:14]) < r:  # superseded by this round's residual
+                path.unlink(missing_ok=True)
 
     def _send_update(
         self,

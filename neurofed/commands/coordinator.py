@@ -10,6 +10,7 @@ NAME = "coordinator"
 # these to coordinator.strategies.STRATEGIES and coordinator.rounds.SITE_OPTIMIZER / LR_SCHEDULES.
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean")
 SITE_OPTIMIZER = ("reset", "continue-local", "continue-global")
+COMPRESSIONS = ("none", "fp16", "int8", "int8-topk")  # neurofed.wire.compression.COMPRESSIONS
 
 
 def local_epochs(text: str) -> int | float:
@@ -145,10 +146,28 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "sites' reported medians, collected before round 1",
     )
     p.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        default=None,
+        help="how models and updates travel (set in the task; sites follow it): none (fp32 model, full "
+        "weights up); fp16 (fp16 model, each site's change in fp16 added to the coordinator's fp32 "
+        "weights: 0.5x bytes); int8 (8-bit changes both ways, about 0.25x: each site's change against "
+        "the model it holds, with the rounding error kept at the site and added to its next change; the "
+        "model as an 8-bit delta from the one the sites hold, the whole model for a site that missed "
+        "rounds); int8-topk (int8 keeping only the largest --topk-density share of each tensor's "
+        "changes, about 0.06x at 0.1; what is left out is carried to the next round). Default none",
+    )
+    p.add_argument(
+        "--topk-density",
+        type=float,
+        default=None,
+        help="int8-topk: share of each tensor's values sent per round, in (0, 1] (default 0.1)",
+    )
+    p.add_argument(
         "--fp16",
         action="store_true",
-        help="half-precision transfers: the model in fp16 and each site's change (not its weights) in fp16, "
-        "added to the coordinator's fp32 weights; half the bytes, measured Dice unchanged",
+        help="the same as --compression fp16: the model in fp16 and each site's change (not its weights) "
+        "in fp16, added to the coordinator's fp32 weights; half the bytes, measured Dice unchanged",
     )
     p.add_argument(
         "--site-optimizer",
@@ -186,6 +205,16 @@ def secure_settings(args: argparse.Namespace):
         max_total_weight=args.secagg_max_cases,
         phase_timeout=args.secagg_phase_timeout,
     )
+
+
+def _compression(args: argparse.Namespace) -> str:
+    from neurofed.errors import NeurofedError
+
+    if args.fp16 and args.compression not in (None, "fp16"):
+        raise NeurofedError(f"--fp16 is --compression fp16; drop it or --compression {args.compression}")
+    if args.topk_density is not None and (args.compression or "none") != "int8-topk":
+        raise NeurofedError("--topk-density is int8-topk's; add --compression int8-topk or drop it")
+    return "fp16" if args.fp16 else args.compression or "none"
 
 
 def model_config_from(args: argparse.Namespace) -> dict:
@@ -226,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
             spacing_from_sites=not getattr(args, "spacing", None),
             seed=args.seed,
             fp16=args.fp16,
+            compression=_compression(args),
+            topk_density=args.topk_density,
             site_optimizer=args.site_optimizer,
             lr_schedule=args.lr_schedule,
             init_weights=Path(args.init_weights) if args.init_weights else None,

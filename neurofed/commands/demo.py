@@ -63,7 +63,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--fp16",
         action="store_true",
-        help="half-precision transfers: the model in fp16, updates as fp16 changes (half the bytes)",
+        help="half-precision transfers: the model in fp16, updates as fp16 changes (half the bytes); "
+        "the same as --compression fp16",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("none", "fp16", "int8", "int8-topk"),
+        help="how models and updates travel (see neurofed coordinator --help; default none)",
     )
     p.add_argument(
         "--site-optimizer",
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             fp16=args.fp16,
             secure_aggregation=args.secure_aggregation,
+            compression=args.compression or "none",
             site_optimizer=args.site_optimizer,
             mlflow=None if args.no_mlflow else (args.mlflow or "embedded"),
             **prof,

@@ -36,6 +36,7 @@ class DemoSettings:
     strategy: str = "fedavg"
     fp16: bool = False  # half-precision model broadcast and update deltas
     secure_aggregation: bool = False  # SecAgg+: only the sum of the masked updates is seen
+    compression: str = "none"  # neurofed coordinator --compression
     site_optimizer: str = "reset"
     mlflow: str | None = "embedded"  # "embedded", a URI, or None
     federation: str = "demo"
@@ -205,6 +206,8 @@ def _coordinator_args(
         args += ["--mlflow", uri]
     if s.fp16:
         args.append("--fp16")
+    elif s.compression != "none":
+        args += ["--compression", s.compression]
     if s.secure_aggregation:
         args.append("--secure-aggregation")
     if s.site_optimizer != "reset":

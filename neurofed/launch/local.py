@@ -41,10 +41,14 @@ def make_data(out: Path, sites: int, cases: int, shape: Sequence[int], seed: int
     return summary.to_dict()
 
 
-def provision_sites(root: Path, federation: str, sites: Sequence[str], port: int) -> Path:
+def provision_sites(
+    root: Path, federation: str, sites: Sequence[str], port: int, host: str = "localhost"
+) -> Path:
+    """Bundles for ``sites`` and a coordinator, the broker reached at ``host`` (a shaped run's
+    bridge address, see ``neurofed.launch.links``)."""
     from neurofed.wire.provision import provision
 
-    provision(root, federation, list(sites), "localhost", port, days=30)
+    provision(root, federation, list(sites), host, port, days=30)
     return root
 
 

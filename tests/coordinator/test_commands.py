@@ -80,6 +80,9 @@ def test_cli_choices_are_the_coordinators_own():
     assert tuple(cli.STRATEGIES) == tuple(STRATEGIES)
     assert tuple(cli.SITE_OPTIMIZER) == SITE_OPTIMIZER
     assert tuple(cli.LR_SCHEDULES) == LR_SCHEDULES
+    from neurofed.wire.compression import COMPRESSIONS
+
+    assert tuple(cli.COMPRESSIONS) == COMPRESSIONS
 
 
 @pytest.mark.parametrize(
