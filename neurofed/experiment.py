@@ -548,8 +548,11 @@ def run_experiment(
     tracking_uri: str | None = None,
     device: str = "auto",
     progress: Callable[[str], None] = print,
+    coordinator_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the arms, write results.json and the plots under ``out``, return the results."""
+    """Run the arms, write results.json and the plots under ``out``, return the results.
+    ``coordinator_args``: more ``neurofed coordinator`` options for the FL arm (e.g.
+    ``--secure-aggregation``)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     a = Arms(data, profile, device)
@@ -608,6 +611,7 @@ def run_experiment(
                 profile,
                 a.model_config,
                 tracking_uri,
+                coordinator_args=coordinator_args,
                 progress=lambda m: progress(f"[fl] {m}"),
             ),
         )

@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="processes that train the centralized, single-site and CIIL arms side by side before "
         "FL (default: one per CPU core, at most 2; 1: one after another)",
     )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="the FL arm runs SecAgg+ (neurofed coordinator --secure-aggregation; 3+ sites)",
+    )
     p.add_argument("--mlflow", help="MLflow tracking URI to log the experiment to")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=run)
@@ -155,7 +160,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"synthesizing {profile.cases} cases for {profile.sites} sites into {data} ...")
             synthesize(data, sites=profile.sites, cases=profile.cases, seed=profile.seed, shape=profile.shape)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    results = run_experiment(data, out, profile, arms=arms, tracking_uri=args.mlflow, device=args.device)
+    results = run_experiment(
+        data,
+        out,
+        profile,
+        arms=arms,
+        tracking_uri=args.mlflow,
+        device=args.device,
+        coordinator_args=("--secure-aggregation",) if args.secure_aggregation else (),
+    )
     rows = {k: v["dice"]["mean"] for k, v in results["arms"].items() if isinstance(v, dict) and "dice" in v}
     print(
         json.dumps(
