@@ -248,6 +248,7 @@ def _rejection_catalogue(bundle, run: str) -> dict[str, list[tuple[str, bytes]]]
 # are covered in-process by tests/wire/test_receiver.py.
 NOT_THROUGH_THE_BROKER = ("unknown-sender", "sender-role", "incomplete-timeout", "memory-budget")
 BURST = 50
+CLAIMS = 30
 
 
 def test_every_wire_rejection_is_recorded_in_events_the_round_line_and_mlflow(
@@ -255,10 +256,11 @@ def test_every_wire_rejection_is_recorded_in_events_the_round_line_and_mlflow(
     mlflow_server,  # noqa: F811
 ):
     """Issue 21, item 3: one message per rejection reason, from site-01's certificate, into a real
-    coordinator's round 1; then 50 replays of one message (a burst). Each reason's count is in
-    events.jsonl (``reject``, ``wire: true``: one line each, at most 20 per sender and reason,
-    then one ``reject-burst`` line), in the round event's ``rejected_by_reason``, in the CLI's
-    round line and in the MLflow parent run's ``rejected/<reason>``; log lines are rate-limited."""
+    coordinator's round 1; then 50 replays of one message and 30 messages each claiming another
+    sender (bursts). Each reason's count is in events.jsonl (``reject``, ``wire: true``: one line
+    each, at most 20 per publisher and reason, then one ``reject-burst`` line), in the round
+    event's ``rejected_by_reason``, in the CLI's round line and in the MLflow parent run's
+    ``rejected/<reason>``; log lines are rate-limited."""
     import mlflow
     from safetensors.numpy import load_file
 
@@ -277,6 +279,15 @@ def test_every_wire_rejection_is_recorded_in_events_the_round_line_and_mlflow(
         bundle_a, MessageKind.METRICS, 1, {"dice": 0.5, "hd95": 3.0, "num_cases": 1}, run=run
     ).frames
     expected["replay"] = BURST
+    # a burst under ever new names: sender-topic-mismatch, each claiming another sender
+    renamed = [
+        (topic.replace(f"/update/claimed-{i}/", f"/update/{a}/"), data)
+        for i in range(CLAIMS)
+        for topic, data in forge(
+            bundle_a, MessageKind.UPDATE, 1, b"n", meta={"num_cases": 1}, run=run, sender=f"claimed-{i}"
+        )
+    ]
+    expected["sender-topic-mismatch"] += CLAIMS
 
     def wire_events() -> Counter:
         return Counter(e["reason"] for e in fed.events("reject") if e.get("wire") and e["round"] == 1)
@@ -288,6 +299,7 @@ def test_every_wire_rejection_is_recorded_in_events_the_round_line_and_mlflow(
         attacker.publish([metrics])
         wait_for(lambda: fed.events("metrics"), 30, "site-01's genuine METRICS", fed.procs)
         attacker.publish([metrics] * BURST)
+        attacker.publish(renamed)
         logged = Counter({r: min(n, 20) for r, n in expected.items()})
         wait_for(lambda: wire_events() == logged, 60, f"the rejections {dict(logged)}", fed.procs)
         # genuine updates of both sites close the round
@@ -312,22 +324,25 @@ def test_every_wire_rejection_is_recorded_in_events_the_round_line_and_mlflow(
     assert r1["rejected_by_reason"] == dict(expected)
     events = [e for e in fed.events("reject") if e.get("wire")]
     assert Counter(e["reason"] for e in events) == logged, "one event per rejection, 20 at most"
-    # the sender as the header claims it ("?" where there is no readable header)
-    claimed = {e["reason"]: e["site"] for e in events}
-    assert claimed == {r: a for r in expected} | {
+    # the sender as the header claims it ("?" where there is no readable header); the publisher
+    # (whose topic it came on: the broker's ACL ties it to the certificate) is site-01 throughout
+    assert {e["publisher"] for e in events} == {a}
+    claimed = {e["reason"]: e["site"] for e in events if e["reason"] != "sender-topic-mismatch"}
+    assert claimed == {r: a for r in expected if r != "sender-topic-mismatch"} | {
         "malformed-header": "?",
         "extra-chunk": "?",
-        "sender-topic-mismatch": "site-02",
     }
     by_reason = {e["reason"]: e for e in events}
     assert by_reason["tampered-chunk"]["authenticated"] and by_reason["chunk-conflict"]["authenticated"]
     assert not by_reason["bad-signature"]["authenticated"] and not by_reason["replay"]["authenticated"]
     assert {(e["msg_kind"], e["msg_round"]) for e in events if e["reason"] == "replay"} == {("metrics", 1)}
-    bursts = fed.events("reject-burst")
-    assert [(e["site"], e["reason"], e["round"], e["count"]) for e in bursts] == [(a, "replay", 1, BURST)]
+    # bursts: 20 events each, then one line with the count (per publisher, whatever names it claims)
+    bursts = [(e["publisher"], e["reason"], e["round"], e["count"]) for e in fed.events("reject-burst")]
+    assert sorted(bursts) == [(a, "replay", 1, BURST), (a, "sender-topic-mismatch", 1, CLAIMS + 1)]
     log = coord.log.read_text(errors="replace")
     assert re.search(rf"round 1 closed: 2 updates \(4 cases\), 1 evaluations, {total} rejected", log), log
-    assert log.count("rejected a message: replay") == 5, "log lines of a burst are rate-limited"
+    for reason in ("replay", "sender-topic-mismatch"):
+        assert log.count(f"rejected a message: {reason}") == 5, "log lines of a burst are rate-limited"
 
     # MLflow: the parent run of this federation run counts them per reason
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
