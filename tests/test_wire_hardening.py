@@ -29,7 +29,6 @@ from neurofed.wire.envelope import encode_frame, new_run_id
 from neurofed.wire.receiver import Receiver
 from neurofed.wire.sealing import encode_plaintext_prefix, message_digest, new_msg_id, seal_message
 from neurofed.wire.topics import topic_for
-from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F401 - fixtures
 from tests.test_federation_failures import Fed
 from tests.wire.helpers import RawClient, flip, forge
 
@@ -131,7 +130,7 @@ def test_an_update_captured_in_one_run_is_refused_in_the_next_run(fed):
 
     # run B: a new state of the same federation; site-02's edge (still running) follows it
     fed.state = fed.tmp / "coordinator-state-B"
-    fed.start_coordinator(rounds=2, min_sites=1, timeout=6)
+    fed.start_coordinator(rounds=2, min_sites=1, timeout=8)
     wait_for(lambda: announced(fed, 1), 120, "run B's round 1", fed.procs, poll=0.05)
     run_b = run_of(fed.state)
     assert run_b and run_b != run_a and run_of(state_a) == run_a
@@ -253,7 +252,7 @@ CLAIMS = 30
 
 def test_every_wire_rejection_is_recorded_in_events_the_round_line_and_mlflow(
     fed_tracked,
-    mlflow_server,  # noqa: F811
+    mlflow_server,  # the session's server (tests/fixtures/mlflow.py)
 ):
     """Issue 21, item 3: one message per rejection reason, from site-01's certificate, into a real
     coordinator's round 1; then 50 replays of one message and 30 messages each claiming another
