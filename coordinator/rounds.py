@@ -94,7 +94,7 @@ from neurofed.wire.errors import TransportError
 from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
 
 log = logging.getLogger(__name__)
-WIRE_EVENTS_PER_SENDER = 20  # events.jsonl lines per sender, reason and round; the rest are counted
+WIRE_EVENTS_PER_PUBLISHER = 20  # events.jsonl lines per publisher, reason and round; the rest are counted
 
 
 SITE_OPTIMIZER = ("reset", "continue-local", "continue-global")
@@ -1028,20 +1028,25 @@ class Coordinator:
     # -- message handling -----------------------------------------------------------------------------
     def _take_wire_rejections(self, res: RoundResult) -> None:
         """The wire's rejections (forged, tampered, replayed, other-run ... messages) into this
-        round's count and events.jsonl: every one counted, the first ``WIRE_EVENTS_PER_SENDER``
-        per sender and reason written as an event each, the rest as one summary at the close."""
+        round's count and events.jsonl: every one counted, the first ``WIRE_EVENTS_PER_PUBLISHER``
+        per publisher and reason written as an event each, the rest as one summary at the close.
+        The publisher (the site whose topic it came on, which the broker's ACL ties to that
+        site's certificate) bounds the events, not the sender a header claims: a certificate
+        claiming another sender in each message would otherwise get 20 lines for each name."""
         for rec in self.ep.drain_rejected():
             sender, reason = str(rec.get("sender", "?")), str(rec.get("reason", "?"))
+            publisher = rec.get("publisher")
             res.rejected.append((sender, reason))
-            key = (res.round, sender, reason)
+            key = (res.round, str(publisher or "?"), reason)
             seen = self._wire_events.get(key, 0)
             self._wire_events[key] = seen + 1
-            if seen < WIRE_EVENTS_PER_SENDER:
+            if seen < WIRE_EVENTS_PER_PUBLISHER:
                 self._event(
                     "reject",
                     round=res.round,
                     wire=True,
                     site=sender,  # as the header claims it
+                    publisher=publisher,  # whose topic it came on (None: a topic naming nobody)
                     authenticated=bool(rec.get("authenticated")),
                     msg_kind=rec.get("kind"),
                     msg_round=rec.get("round"),
@@ -1050,11 +1055,11 @@ class Coordinator:
                 )
 
     def _summarise_wire_events(self, r: int) -> None:
-        for (rnd, sender, reason), n in sorted(self._wire_events.items()):
-            if rnd == r and n > WIRE_EVENTS_PER_SENDER:
+        for (rnd, publisher, reason), n in sorted(self._wire_events.items()):
+            if rnd == r and n > WIRE_EVENTS_PER_PUBLISHER:
                 self._event(
-                    "reject-burst", round=r, site=sender, reason=reason, count=n,
-                    logged=WIRE_EVENTS_PER_SENDER,
+                    "reject-burst", round=r, publisher=publisher, reason=reason, count=n,
+                    logged=WIRE_EVENTS_PER_PUBLISHER,
                 )  # fmt: skip
         self._wire_events = {k: v for k, v in self._wire_events.items() if k[0] != r}
 

@@ -133,7 +133,8 @@ class Endpoint(ABC):
 
     def drain_rejected(self) -> list[dict[str, Any]]:
         """Records of the messages rejected since the last call: reason, detail, the sender the
-        header claims, whether its signature had verified, kind and round."""
+        header claims, whether its signature had verified, the publisher (the participant whose
+        topic it came on), kind and round."""
         return []
 
     @property

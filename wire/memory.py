@@ -148,6 +148,7 @@ class MemoryEndpoint(Endpoint):
                 "reason": reason,
                 "sender": msg.sender,
                 "authenticated": True,
+                "publisher": msg.sender,
                 "kind": str(msg.kind),
                 "round": msg.round,
             }

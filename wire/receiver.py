@@ -19,8 +19,11 @@ for the genuine one until its timeout, so a forged chunk arriving before or afte
 spoils nothing.
 
 Every rejection is counted by reason and kept as a record (``drain_rejected``: reason, detail, the
-sender the header claims, whether its signature had verified, kind, round), so the federation can
-log and count it; the log lines themselves are rate-limited per sender and reason.
+sender the header claims, whether its signature had verified, the publisher, kind, round), so the
+federation can log and count it; the log lines themselves are rate-limited per publisher and
+reason. The publisher is the participant whose topic the message came on (the broker's ACL lets
+only that site's certificate, or the coordinator's, publish there): unlike the claimed sender, a
+certificate cannot change it from one message to the next to escape the rate limit.
 
 Run binding: every header names the federation run it belongs to. A receiver in run R takes only
 messages of R (``other-run``); a site (``follow_newer_runs``) also takes the coordinator's messages
@@ -219,7 +222,7 @@ class Receiver:
         self._rejected: deque[dict[str, object]] = deque(maxlen=10_000)
         self._log_budget: dict[
             tuple[str, str], list[float]
-        ] = {}  # (sender, reason): [window start, lines, quiet]
+        ] = {}  # (publisher, reason): [window start, lines, quiet]
         self._current: dict[str, object] = {}  # what the frame being decoded claims (for rejections)
         self._seen_path = Path(seen_path) if seen_path is not None else None
         self._seen_file = None
@@ -288,6 +291,7 @@ class Receiver:
                     self._drop(msg_id)
                     self._current = {
                         "sender": p.header.sender,
+                        "publisher": p.header.sender,  # its chunks came on its topic
                         "kind": str(p.header.kind),
                         "round": p.header.round,
                     }
@@ -306,10 +310,11 @@ class Receiver:
 
     # -- internals ------------------------------------------------------------------------------
     def _reject(self, reason: str, detail: str) -> None:
-        """Count, record and (rate-limited per sender and reason) log one rejection."""
+        """Count, record and (rate-limited per publisher and reason) log one rejection."""
         self.rejections[reason] += 1
         cur = self._current
         sender = str(cur.get("sender", "?"))
+        publisher = cur["publisher"] if "publisher" in cur else _topic_sender(cur.get("topic"))
         self._rejected.append(
             {
                 "t": time.time(),
@@ -317,17 +322,19 @@ class Receiver:
                 "detail": detail[:500],
                 "sender": sender,
                 "authenticated": bool(cur.get("authenticated", False)),
+                "publisher": publisher,
                 "kind": cur.get("kind"),
                 "round": cur.get("round"),
             }
         )
         now = self.clock()
-        budget = self._log_budget.setdefault((sender, reason), [now, 0, 0])
+        who = publisher or "?"
+        budget = self._log_budget.setdefault((who, reason), [now, 0, 0])
         if now - budget[0] >= 60.0:
             if budget[2]:
                 log.warning(
-                    "%s: %d more %s rejections of %s in the last minute (counted, not logged)",
-                    self.participant, budget[2], reason, sender,
+                    "%s: %d more %s rejections of messages from %s in the last minute (counted, not logged)",
+                    self.participant, budget[2], reason, who,
                 )  # fmt: skip
             budget[:] = [now, 0, 0]
         if budget[1] < _LOG_BURST:
@@ -631,7 +638,13 @@ class Receiver:
         except ProtocolError as exc:
             err = exc
         with self._lock:
-            self._current = {"sender": h.sender, "kind": str(h.kind), "round": h.round, "authenticated": True}
+            self._current = {
+                "sender": h.sender,
+                "publisher": h.sender,  # its chunks came on its topic
+                "kind": str(h.kind),
+                "round": h.round,
+                "authenticated": True,
+            }
             self._settle(p, err)
             if err is not None:
                 self._reject(err.reason, f"{h.kind} {h.msg_id} from {h.sender}: {err.detail}")
@@ -713,6 +726,16 @@ class Receiver:
                 p.keep_only(i, k)
             return n
         raise _BadChunk(i, f"chunk {i} of {h.msg_id} fails authentication")
+
+
+def _topic_sender(topic: object) -> str | None:
+    """The participant a topic names (the coordinator for its own kinds), None if it names none."""
+    if not isinstance(topic, str):
+        return None
+    try:
+        return parse_topic(topic).sender
+    except ProtocolError:
+        return None
 
 
 def counters(receiver: Receiver) -> Mapping[str, int]:

@@ -478,3 +478,26 @@ def test_deferred_open_keeps_complete_messages_spooled_and_rejects_tampered_ones
     assert r.expire(now=r.clock() + r.incomplete_timeout + 1) == 1
     rejected(r, "incomplete-timeout")
     assert r.pending_bytes == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_rejections_are_rate_limited_per_publisher_not_per_claimed_sender(fed, caplog):
+    """A header claims whatever sender its author likes until its signature verifies: 50
+    rejections on site-a's topic, each claiming another sender, are 50 records naming site-a as
+    their publisher (the broker's ACL ties the topic to site-a's certificate) and 5 log lines,
+    not 50 (the limit was per claimed sender, so a new name each time escaped it)."""
+    import logging
+
+    r = Receiver(fed.coordinator)
+    frames = []
+    for i in range(50):
+        ((topic, data),) = forge(fed.a, U, 1, payload(100), sender=f"claimed-{i}")
+        frames.append((topic.replace(f"/update/claimed-{i}/", "/update/site-a/"), data))
+    with caplog.at_level(logging.WARNING, logger="neurofed.wire.receiver"):
+        assert feed_all(r, frames) == []
+    recs = r.drain_rejected()
+    assert [(x["reason"], x["publisher"]) for x in recs] == [("sender-topic-mismatch", "site-a")] * 50
+    assert {x["sender"] for x in recs} == {f"claimed-{i}" for i in range(50)}
+    assert len([m for m in caplog.messages if "rejected a message" in m]) == 5
+    # a topic that names nobody: no publisher
+    assert feed_all(r, [("elsewhere", frames[0][1])]) == []
+    assert [(x["reason"], x["publisher"]) for x in r.drain_rejected()] == [("topic-mismatch", None)]
