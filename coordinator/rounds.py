@@ -70,6 +70,7 @@ from neurofed.coordinator.checks import (
     check_local_steps,
     check_num_cases,
     check_optimizer_state,
+    check_privacy_report,
     check_update,
     upcast_half,
 )
@@ -78,6 +79,7 @@ from neurofed.coordinator.faults import fault_point
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.state import Snapshot, StateStore
 from neurofed.coordinator.strategies import Strategy
+from neurofed.models.privacy import BUDGET_SPENT
 from neurofed.wire.api import Endpoint, Message, MessageKind
 from neurofed.wire.errors import TransportError
 from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, UPDATE_ENCODINGS, split_optimizer
@@ -129,6 +131,7 @@ class RoundConfig:
     receipt_interval: float = 3.0
     final_eval: bool = True
     max_extensions: int = 1000
+    dp: Mapping[str, Any] | None = None  # the task's ``dp`` (neurofed.models.privacy.DPConfig.to_task)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -170,6 +173,7 @@ class RoundResult:
     seconds: float = 0.0
     extensions: int = 0
     bytes_received: int = 0
+    dp: dict[str, dict[str, Any]] = field(default_factory=dict)  # each site's privacy report
 
     @property
     def num_cases(self) -> int:
@@ -212,6 +216,7 @@ class Coordinator:
         self.closed_round = 0
         self.results: list[RoundResult] = []
         self.offline: set[str] = set()  # sites whose latest STATUS is offline (e.g. their MQTT will)
+        self.retired: dict[str, str] = {}  # sites that left for good (privacy budget spent): why
         self._extra_state: dict[str, Any] = {"rounds": {}}
         # The last closed training round while its sites' evaluations still arrive: a site sends
         # its update first and scores the round's model while the update travels and the round
@@ -239,6 +244,7 @@ class Coordinator:
             self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
             self.completed = self.closed_round = snap.round
             self._extra_state = dict(snap.extra or {"rounds": {}})
+            self.retired = dict(self._extra_state.get("retired", {}))
             pending = self._extra_state.pop("evaluating", None)
             if pending:  # evaluations of the last closed round that had arrived before the crash
                 self._evaluating = RoundResult(
@@ -267,7 +273,11 @@ class Coordinator:
         return False
 
     def _tags(self, r: int) -> dict[str, str]:
-        return {"strategy": self.strategy.name, "session": self.session, "round": str(r)}
+        tags = {"strategy": self.strategy.name, "session": self.session, "round": str(r)}
+        dp = self._extra_state.get("rounds", {}).get(str(r), {}).get("dp")
+        if dp:
+            tags.update({f"dp.{k}": str(v) for k, v in dp.items()})
+        return tags
 
     def _persist(self, round: int, extra: dict[str, Any]) -> None:
         meta, tensors = self.strategy.state()
@@ -297,6 +307,14 @@ class Coordinator:
         try:
             if not finished:
                 for r in range(self.completed + 1, self.cfg.rounds + 1):
+                    if not self._active():
+                        log.warning(
+                            "no site has privacy budget left (%s): training ends after round %d",
+                            ", ".join(sorted(self.retired)),
+                            self.completed,
+                        )
+                        self._event("training-ended", round=self.completed, reason="privacy-budget-spent")
+                        break
                     self.results.append(self._round(r, train=True))
                 if self.cfg.final_eval:
                     self.results.append(self._round(self.cfg.rounds + 1, train=False))
@@ -398,6 +416,8 @@ class Coordinator:
             "site_optimizer": self.cfg.site_optimizer,
             "model_config": self.model_config,
         }
+        if self.cfg.dp:
+            self._task_meta["dp"] = dict(self.cfg.dp)
         if wait:
             self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
         else:
@@ -528,7 +548,6 @@ class Coordinator:
     ) -> None:
         """Take in updates (or scores) until every expected site answered, or the offline rest
         leave a quorum, or the deadline passes with one (it is extended otherwise)."""
-        expected = set(self.cfg.expected_sites)
         last_receipts = self.clock()
 
         def have() -> set[str]:
@@ -536,20 +555,21 @@ class Coordinator:
 
         while True:
             now = self.clock()
+            expected = self._active()  # a site that leaves mid-round stops being waited for
             if have() >= expected:
                 break
             if self.ep.connections != connections:
                 connections = self.ep.connections
                 self._reannounce(r, train, deadline, digest)
             waiting = expected - have() - self.offline
-            if not waiting and len(have()) >= self.cfg.min_sites:
+            if not waiting and len(have()) >= self._quorum():
                 # the rest are offline (their MQTT will said so): waiting for them helps nobody
                 log.warning(
                     "round %d: closing with quorum; %s offline", r, ", ".join(sorted(expected - have()))
                 )
                 break
             if now >= deadline:
-                if len(have()) >= self.cfg.min_sites:
+                if len(have()) >= self._quorum():
                     break
                 deadline = self._extend(r, train, digest, res, sorted(have()), now)
             if now - last_receipts >= self.cfg.receipt_interval:
@@ -572,19 +592,51 @@ class Coordinator:
                 self._send_receipts(r, list(res.cases), list(res.metrics))
                 last_receipts = self.clock()
 
+    def _active(self) -> set[str]:
+        """The sites still in the federation (all but those whose privacy budget is spent)."""
+        return set(self.cfg.expected_sites) - set(self.retired)
+
+    def _quorum(self) -> int:
+        """``min_sites``, or every site still in the federation when fewer are left: sites whose
+        privacy budget is spent never come back, so waiting for them would stall for ever."""
+        return max(1, min(self.cfg.min_sites, len(self._active())))
+
+    def _retire(self, site: str, meta: Mapping[str, Any]) -> None:
+        """A site left because its privacy budget is spent: treated as offline for good."""
+        if site in self.retired:
+            return
+        eps = meta.get("epsilon")
+        why = (
+            f"privacy budget spent (epsilon {eps:.3f})"
+            if isinstance(eps, (int, float))
+            else "privacy budget spent"
+        )
+        self.retired[site] = why
+        self._extra_state["retired"] = dict(self.retired)
+        log.warning(
+            "%s left the federation: %s; %d sites remain%s",
+            site,
+            why,
+            len(self._active()),
+            f" (fewer than --min-sites {self.cfg.min_sites})"
+            if len(self._active()) < self.cfg.min_sites
+            else "",
+        )
+        self._event("left", site=site, reason=meta.get("reason"), epsilon=eps)
+
     def _extend(
         self, r: int, train: bool, digest: str, res: RoundResult, have: list[str], now: float
     ) -> float:
         """The deadline passed without a quorum: extend it (at most ``max_extensions`` times)."""
         res.extensions += 1
         if res.extensions > self.cfg.max_extensions:
-            raise CoordinatorError(f"round {r}: quorum of {self.cfg.min_sites} never reached")
+            raise CoordinatorError(f"round {r}: quorum of {self._quorum()} never reached")
         deadline = now + self.cfg.round_timeout
         log.warning(
             "round %d: deadline passed with %d of %d required sites; extending by %.0f s",
             r,
             len(have),
-            self.cfg.min_sites,
+            self._quorum(),
             self.cfg.round_timeout,
         )
         self._send_task(r, train, deadline, digest, self._task_meta["sites"])
@@ -603,7 +655,7 @@ class Coordinator:
         res.sites = sorted(res.cases)
         self._send_receipts(r, list(res.cases), list(res.metrics))
         self._forward_pending()
-        if train and not set(res.metrics) >= set(self.cfg.expected_sites):
+        if train and not set(res.metrics) >= self._active():
             self._evaluating = res  # the rest of the sites' scores of model r-1 are on their way
         else:
             self._forward_metrics(r, res)
@@ -620,7 +672,11 @@ class Coordinator:
                 self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
         self._optimizer_mean = None
         fault_point("after-aggregate", r)
-        self._extra_state.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
+        info: dict[str, Any] = {"sites": res.sites, "cases": res.num_cases}
+        dp = self._privacy_summary(res)
+        if dp:
+            info["dp"] = dp
+        self._extra_state.setdefault("rounds", {})[str(r)] = info
         self._persist(r, self._extra())
         self.completed = r
         fault_point("after-persist", r)
@@ -634,10 +690,55 @@ class Coordinator:
                     "rejected": float(len(res.rejected)),
                     "round_seconds": res.seconds,
                     "bytes_received": float(res.bytes_received),
+                    **self._privacy_metrics(res),
                 },
             )
             if res.aggregated:
                 self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
+
+    def _privacy_summary(self, res: RoundResult) -> dict[str, Any]:
+        """The federation's privacy after the round: the largest epsilon any site has spent (the
+        figure that bounds every patient), at the task's delta, with the settings behind it."""
+        if not self.cfg.dp:
+            return {}
+        out: dict[str, Any] = {
+            "level": "sample",
+            "unit": "patient",
+            "accountant": self.cfg.dp.get("accountant", "rdp"),
+            "delta": self.cfg.dp.get("delta"),
+            "max_grad_norm": self.cfg.dp.get("max_grad_norm"),
+        }
+        if self.cfg.dp.get("target_epsilon") is not None:
+            out["target_epsilon"] = self.cfg.dp["target_epsilon"]
+        eps = [float(d["epsilon"]) for d in res.dp.values()]
+        noise = [float(d["noise_multiplier"]) for d in res.dp.values() if "noise_multiplier" in d]
+        # sites that did not train this round keep what they spent before: the federation's
+        # epsilon never goes down
+        before = [
+            float(v["dp"]["epsilon"])
+            for v in self._extra_state.get("rounds", {}).values()
+            if isinstance(v, dict) and v.get("dp", {}).get("epsilon") is not None
+        ]
+        if eps or before:
+            out["epsilon"] = round(max(eps + before), 6)
+        if noise:
+            out["noise_multiplier"] = round(min(noise), 6)
+        return out
+
+    def _privacy_metrics(self, res: RoundResult) -> dict[str, float]:
+        """MLflow metrics for the round: ``dp_epsilon`` (largest of any site), ``dp_delta``,
+        ``dp_noise_multiplier`` (smallest of any site), ``dp_max_grad_norm``, and per site."""
+        dp = self._privacy_summary(res)
+        out = {
+            f"dp_{k}": float(dp[k])
+            for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "target_epsilon")
+            if dp.get(k) is not None
+        }
+        for site, d in res.dp.items():
+            out[f"dp_epsilon/{site}"] = float(d["epsilon"])
+            if "noise_multiplier" in d:
+                out[f"dp_noise_multiplier/{site}"] = float(d["noise_multiplier"])
+        return out
 
     def _log_closed(self, r: int, res: RoundResult) -> None:
         self._event(
@@ -729,6 +830,12 @@ class Coordinator:
     ) -> None:
         if msg.kind is MessageKind.STATUS:
             state = msg.meta.get("status")
+            if (
+                state == "offline"
+                and msg.meta.get("reason") == BUDGET_SPENT
+                and msg.sender in self.cfg.expected_sites
+            ):
+                self._retire(msg.sender, msg.meta)
             if state == "offline":
                 self.offline.add(msg.sender)
             elif state == "online":
@@ -744,7 +851,7 @@ class Coordinator:
                 if pending is not None and msg.round == pending.round < r:
                     # a site's score of the previous round's model, sent after its update
                     self._on_metrics(msg, pending.round, pending, closing=False)
-                    if set(pending.metrics) >= set(self.cfg.expected_sites):
+                    if set(pending.metrics) >= self._active():
                         self._forward_pending()
                 else:
                     # A training round's evaluations have no deadline (the round closes on
@@ -783,6 +890,7 @@ class Coordinator:
         if msg.meta.get("model_digest") not in (None, digest):
             raise UpdateRejected("stale-model", "trained from another model than this round's")
         num_cases = check_num_cases(msg.meta.get("num_cases"))
+        dp = check_privacy_report(msg.meta.get("dp")) if self.cfg.dp else None
         try:
             update = codec.decode(msg.payload, copy=False)
         except Exception as exc:
@@ -807,6 +915,8 @@ class Coordinator:
             self._optimizer_mean.add(optimizer, num_cases)
         del update, optimizer
         res.cases[site] = num_cases
+        if dp is not None:
+            res.dp[site] = dp
         res.bytes_received += len(msg.payload)
         log.info(
             "round %d: update from %s accepted (%d cases; %d/%d)",
@@ -822,6 +932,7 @@ class Coordinator:
             site=site,
             cases=num_cases,
             bytes=len(msg.payload),
+            **({"epsilon": dp["epsilon"]} if dp is not None else {}),
             sha256=msg.digest,  # verified by the wire: the digest the site's audit log records
         )
 

@@ -69,6 +69,7 @@ class Trainer(Protocol):
         lr_scale: float = 1.0,
         optimizer_state: Any = None,
         export_optimizer: bool = False,
+        dp: Any = None,
     ) -> Any: ...
 
     def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
@@ -290,6 +291,9 @@ class SiteAgent:
         if ready is None:
             return
         task, model, r, rs = ready
+        if self._state.get("dp", {}).get("spent") and task.get("dp"):
+            self._leave_spent(task, None)  # left the federation: neither trains nor scores
+            return
         trainer = self._trainer_for(task)
         rs["task_digest"] = model[1]
         if not bool(task.get("train", True)):
@@ -301,7 +305,13 @@ class SiteAgent:
         state_dict = None
         path = self._update_path(r)
         if not (rs.get("update_stored") and path.is_file()):
-            state_dict = self._train_and_store(task, model, r, rs, trainer, path)
+            from neurofed.edge_node.privacy import BudgetSpent
+
+            try:
+                state_dict = self._train_and_store(task, model, r, rs, trainer, path)
+            except BudgetSpent as exc:
+                self._leave_spent(task, exc)
+                return
         ev = self._send_scoring_beside(trainer, state_dict, r, rs, stop)
         if not rs.get("metrics_sent"):
             if ev is None:  # restarted after the update was stored or sent: score the model now
@@ -352,6 +362,8 @@ class SiteAgent:
         extra: dict[str, Any] = {}
         if treatment == "continue-global":  # start from the federation's Adam state, return ours
             extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
+        if task.get("dp"):
+            extra["dp"] = self._charge_privacy(task, trainer, epochs, rs)
         result = trainer.train(
             state_dict,
             epochs,
@@ -390,6 +402,61 @@ class SiteAgent:
         # fsync now would queue behind the update file's and hold up the send
         del result, payload  # the encoded update is all that travels on: not beside scoring
         return state_dict
+
+    def _charge_privacy(self, task: Mapping[str, Any], trainer: Trainer, epochs: float, rs: dict) -> Any:
+        """Plan this round's DP-SGD steps with the site's accountant and count them, saved to
+        ``agent.json`` before they run (a round retrained after a restart counts again). Raises
+        ``BudgetSpent`` when the round would spend more than the budget."""
+        from neurofed.edge_node.privacy import SiteAccountant
+        from neurofed.models.privacy import DPConfig
+
+        cfg = DPConfig.from_task(task.get("dp"))
+        assert cfg is not None
+        acc = SiteAccountant(self._state.setdefault("dp", {}))
+        batch = int(getattr(getattr(trainer, "train_config", None), "batch_size", 2))
+        try:
+            step = acc.plan(cfg, int(trainer.num_train_cases), batch, epochs)
+        finally:
+            self._save_state()  # a solved noise multiplier, or that the budget is spent
+        acc.charge(step)
+        rs["dp"] = acc.report(cfg, step)
+        self._save_state()
+        self._set_status(epsilon=rs["dp"]["epsilon"])
+        log.info(
+            "%s: DP-SGD round: %d steps at sampling rate %.3f, noise multiplier %.3f, clip %g; "
+            "epsilon %.3f at delta %g after it",
+            self.site,
+            step.steps,
+            step.sample_rate,
+            step.noise_multiplier,
+            step.max_grad_norm,
+            rs["dp"]["epsilon"],
+            cfg.delta,
+        )
+        return step
+
+    def _leave_spent(self, task: Mapping[str, Any], exc: Exception | None) -> None:
+        """The site's privacy budget is spent: it trains no more, says so in its log and status,
+        and tells the coordinator once per coordinator session (a STATUS ``offline`` with the
+        reason), which treats it as a site that left."""
+        dp = self._state.setdefault("dp", {})
+        session = task.get("session")
+        if dp.get("told_session") == session:
+            return
+        from neurofed.edge_node.privacy import SiteAccountant
+        from neurofed.models.privacy import BUDGET_SPENT, DPConfig
+
+        cfg = DPConfig.from_task(task.get("dp"))
+        spent = SiteAccountant(dp).epsilon(cfg.delta) if cfg else None
+        why = str(exc) if exc else f"privacy budget spent (epsilon {spent:.3f})"
+        log.warning("%s: leaving the federation: %s", self.site, why)
+        meta = {"status": "offline", "reason": BUDGET_SPENT, "epsilon": spent}
+        if cfg is not None:
+            meta.update(delta=cfg.delta, target_epsilon=cfg.target_epsilon)
+        self._send(MessageKind.STATUS, 0, meta)
+        dp["told_session"] = session
+        self._save_state()
+        self._set_status(state="budget-spent", epsilon=spent, note=why)
 
     def _send_scoring_beside(
         self, trainer: Trainer, state_dict: Any, r: int, rs: dict[str, Any], stop: threading.Event | None
@@ -453,6 +520,8 @@ class SiteAgent:
             "evaluated_round": r - 1,
             "model_digest": digest,
         }
+        if rs.get("dp"):  # the site's privacy spent so far, this round's training included
+            meta["dp"] = rs["dp"]
         self._send(MessageKind.METRICS, r, meta, stop=stop)
         rs.update(
             metrics_sent=True,
@@ -515,6 +584,8 @@ class SiteAgent:
         }
         if rs.get("encoding"):
             meta["encoding"] = rs["encoding"]
+        if rs.get("dp"):
+            meta["dp"] = rs["dp"]
         if status:  # off while scoring beside it: one writer of the status file
             self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r, before=self._wait_for_store)
