@@ -153,8 +153,7 @@ def test_continue_global_adam_state_crosses_the_real_stack(tmp_path):
 def test_dp_federation_runs_through_the_cli_and_reports_epsilon(tmp_path):
     """Sample-level DP-SGD from the demo's flags: the task carries dp, every site solves its noise,
     reports epsilon with its UPDATE and METRICS (the coordinator rejects an update without it),
-    and the demo's summary gives the largest epsilon; a second round would overspend a budget
-    that fits one, so the sites leave and the coordinator ends training saying why."""
+    and the demo's summary gives the largest epsilon; every step is in the site's ledger."""
     import json
 
     text, out = run_demo(
@@ -171,8 +170,10 @@ def test_dp_federation_runs_through_the_cli_and_reports_epsilon(tmp_path):
     for site in ("site-01", "site-02"):
         [audit] = list(out.glob(f"**/{site}-state/audit.jsonl"))
         sent = [json.loads(x) for x in audit.read_text().splitlines()]
-        kinds = {e["kind"]: e for e in sent}
-        assert kinds["update"]["fields"]["dp"]["epsilon"] == pytest.approx(spent[site])
-        assert kinds["metrics"]["fields"]["dp"]["noise_multiplier"] > 0
+        [update] = [e["fields"] for e in sent if e["kind"] == "update"]
+        assert update["dp"]["epsilon"] == pytest.approx(spent[site])
+        # the METRICS sent after the round's training carry the same report
+        trained = [e["fields"] for e in sent if e["kind"] == "metrics" and e["round"] == 1]
+        assert trained[0]["dp"] == update["dp"] and update["dp"]["noise_multiplier"] > 0
         state = json.loads(next(out.glob(f"**/{site}-state/agent.json")).read_text())
-        assert sum(n for _, _, n in state["dp"]["history"]) == kinds["update"]["fields"]["dp"]["steps"]
+        assert sum(n for _, _, n in state["dp"]["history"]) == update["dp"]["steps"]
