@@ -8,6 +8,7 @@ logs it with the site and does not count the update toward quorum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,3 +119,23 @@ def check_optimizer_state(state: Mapping[str, np.ndarray], weights: Mapping[str,
             raise UpdateRejected("non-finite", f"{name}: NaN/Inf values")
         if ("/exp_avg_sq/" in name or name == OPTIMIZER_STEP) and (arr < 0).any():
             raise UpdateRejected("bad-optimizer-state", f"{name}: negative values")
+
+
+def check_privacy_report(dp: Any) -> dict[str, Any]:
+    """A DP federation's UPDATE must say what the site spent (``meta.dp``: wire/PROTOCOL.md): an
+    update without it came from a site that did not run DP-SGD, and is not counted."""
+    if not isinstance(dp, dict):
+        raise UpdateRejected("dp-missing", "this federation trains with DP-SGD; the update has no dp report")
+    try:
+        eps = float(dp["epsilon"])
+    except (KeyError, TypeError, ValueError):
+        raise UpdateRejected("dp-missing", "the update's dp report has no numeric epsilon") from None
+    if not (math.isfinite(eps) and eps >= 0):
+        raise UpdateRejected("dp-missing", f"the update's dp report says epsilon {eps}")
+    out = {"epsilon": eps}
+    for key in ("delta", "noise_multiplier", "max_grad_norm", "sample_rate", "target_epsilon"):
+        if isinstance(dp.get(key), (int, float)) and math.isfinite(float(dp[key])):
+            out[key] = float(dp[key])
+    if isinstance(dp.get("steps"), int):
+        out["steps"] = int(dp["steps"])
+    return out

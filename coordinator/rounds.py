@@ -77,6 +77,7 @@ from neurofed.coordinator.checks import (
     check_local_steps,
     check_num_cases,
     check_optimizer_state,
+    check_privacy_report,
     check_update,
     upcast_half,
 )
@@ -87,6 +88,7 @@ from neurofed.coordinator.secure import ENCODING as SECAGG_ENCODING
 from neurofed.coordinator.secure import SecureRound, SecureSettings, load_next_attempt
 from neurofed.coordinator.state import Snapshot, StateStore, atomic_write_json
 from neurofed.coordinator.strategies import Strategy
+from neurofed.models.privacy import BUDGET_SPENT
 from neurofed.wire import compression as compress
 from neurofed.wire.api import Endpoint, Message, MessageKind
 from neurofed.wire.compression import COMPRESSIONS, DEFAULT_DENSITY, DELTA_CODECS
@@ -144,6 +146,7 @@ class RoundConfig:
     final_eval: bool = True
     max_extensions: int = 1000
     secure: SecureSettings | None = None  # --secure-aggregation: only the sum of the updates is seen
+    dp: Mapping[str, Any] | None = None  # the task's ``dp`` (neurofed.models.privacy.DPConfig.to_task)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -203,6 +206,7 @@ class RoundResult:
     seconds: float = 0.0
     extensions: int = 0
     bytes_received: int = 0
+    dp: dict[str, dict[str, Any]] = field(default_factory=dict)  # each site's privacy report
 
     @property
     def num_cases(self) -> int:
@@ -280,6 +284,7 @@ class Coordinator:
         self.closed_round = 0
         self.results: list[RoundResult] = []
         self.offline: set[str] = set()  # sites whose latest STATUS is offline (e.g. their MQTT will)
+        self.retired: dict[str, str] = {}  # sites that left for good (privacy budget spent): why
         self._extra_state: dict[str, Any] = {"rounds": {}}
         # The last closed training round while its sites' evaluations still arrive: a site sends
         # its update first and scores the round's model while the update travels and the round
@@ -312,6 +317,7 @@ class Coordinator:
             self._extra_state = dict(snap.extra or {"rounds": {}})
             if self.spacing_from_sites and self._extra_state.get("spacing_from_sites"):
                 self.model_config = dict(snap.model_config)  # the spacing chosen before round 1
+            self.retired = dict(self._extra_state.get("retired", {}))
             pending = self._extra_state.pop("evaluating", None)
             if pending:  # evaluations of the last closed round that had arrived before the crash
                 self._evaluating = RoundResult(
@@ -347,6 +353,9 @@ class Coordinator:
             if sec is not None and sec.round == r:
                 tags["secagg_threshold"] = f"{sec.attempt.config.t} of {sec.attempt.config.k}"
                 tags["secagg_attempts"] = str(sec.attempts)
+        dp = self._extra_state.get("rounds", {}).get(str(r), {}).get("dp")
+        if dp:
+            tags.update({f"dp.{k}": str(v) for k, v in dp.items()})
         return tags
 
     def _persist(self, round: int, extra: dict[str, Any]) -> None:
@@ -380,6 +389,14 @@ class Coordinator:
                 self._choose_spacing()
             if not finished:
                 for r in range(self.completed + 1, self.cfg.rounds + 1):
+                    if not self._active():
+                        log.warning(
+                            "no site has privacy budget left (%s): training ends after round %d",
+                            ", ".join(sorted(self.retired)),
+                            self.completed,
+                        )
+                        self._event("training-ended", round=self.completed, reason="privacy-budget-spent")
+                        break
                     self.results.append(self._round(r, train=True))
                 if self.cfg.final_eval:
                     self.results.append(self._round(self.cfg.rounds + 1, train=False))
@@ -543,6 +560,8 @@ class Coordinator:
         }
         if train and self._secure is not None and self._secure.round == r:
             self._task_meta["secagg"] = self._secure.task_meta()
+        if self.cfg.dp:
+            self._task_meta["dp"] = dict(self.cfg.dp)
         if wait:
             self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
         else:
@@ -755,7 +774,6 @@ class Coordinator:
         if self._secure is not None:
             self._collect_secure(r, digest, res, deadline)
             return
-        expected = set(self.cfg.expected_sites)
         last_receipts = self.clock()
 
         def have() -> set[str]:
@@ -763,20 +781,21 @@ class Coordinator:
 
         while True:
             now = self.clock()
+            expected = self._active()  # a site that leaves mid-round stops being waited for
             if have() >= expected:
                 break
             if self.ep.connections != connections:
                 connections = self.ep.connections
                 self._reannounce(r, train, deadline, digest)
             waiting = expected - have() - self.offline
-            if not waiting and len(have()) >= self.cfg.min_sites:
+            if not waiting and len(have()) >= self._quorum():
                 # the rest are offline (their MQTT will said so): waiting for them helps nobody
                 log.warning(
                     "round %d: closing with quorum; %s offline", r, ", ".join(sorted(expected - have()))
                 )
                 break
             if now >= deadline:
-                if len(have()) >= self.cfg.min_sites:
+                if len(have()) >= self._quorum():
                     break
                 deadline = self._extend(r, train, digest, res, sorted(have()), now)
             if now - last_receipts >= self.cfg.receipt_interval:
@@ -854,19 +873,51 @@ class Coordinator:
                 self._handle(msg, r, True, digest, res, closing=False)
                 msg = self.ep.receive(timeout=0)
 
+    def _active(self) -> set[str]:
+        """The sites still in the federation (all but those whose privacy budget is spent)."""
+        return set(self.cfg.expected_sites) - set(self.retired)
+
+    def _quorum(self) -> int:
+        """``min_sites``, or every site still in the federation when fewer are left: sites whose
+        privacy budget is spent never come back, so waiting for them would stall for ever."""
+        return max(1, min(self.cfg.min_sites, len(self._active())))
+
+    def _retire(self, site: str, meta: Mapping[str, Any]) -> None:
+        """A site left because its privacy budget is spent: treated as offline for good."""
+        if site in self.retired:
+            return
+        eps = meta.get("epsilon")
+        why = (
+            f"privacy budget spent (epsilon {eps:.3f})"
+            if isinstance(eps, (int, float))
+            else "privacy budget spent"
+        )
+        self.retired[site] = why
+        self._extra_state["retired"] = dict(self.retired)
+        log.warning(
+            "%s left the federation: %s; %d sites remain%s",
+            site,
+            why,
+            len(self._active()),
+            f" (fewer than --min-sites {self.cfg.min_sites})"
+            if len(self._active()) < self.cfg.min_sites
+            else "",
+        )
+        self._event("left", site=site, reason=meta.get("reason"), epsilon=eps)
+
     def _extend(
         self, r: int, train: bool, digest: str, res: RoundResult, have: list[str], now: float
     ) -> float:
         """The deadline passed without a quorum: extend it (at most ``max_extensions`` times)."""
         res.extensions += 1
         if res.extensions > self.cfg.max_extensions:
-            raise CoordinatorError(f"round {r}: quorum of {self.cfg.min_sites} never reached")
+            raise CoordinatorError(f"round {r}: quorum of {self._quorum()} never reached")
         deadline = now + self.cfg.round_timeout
         log.warning(
             "round %d: deadline passed with %d of %d required sites; extending by %.0f s",
             r,
             len(have),
-            self.cfg.min_sites,
+            self._quorum(),
             self.cfg.round_timeout,
         )
         self._send_task(r, train, deadline, digest, self._task_meta["sites"])
@@ -886,7 +937,7 @@ class Coordinator:
         res.sites = sorted(res.cases)
         self._send_receipts(r, list(res.cases), list(res.metrics))
         self._forward_pending()
-        if train and not set(res.metrics) >= set(self.cfg.expected_sites):
+        if train and not set(res.metrics) >= self._active():
             self._evaluating = res  # the rest of the sites' scores of model r-1 are on their way
         else:
             self._forward_metrics(r, res)
@@ -909,7 +960,11 @@ class Coordinator:
                 self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
         self._optimizer_mean = None
         fault_point("after-aggregate", r)
-        self._extra_state.setdefault("rounds", {})[str(r)] = {"sites": res.sites, "cases": res.num_cases}
+        info: dict[str, Any] = {"sites": res.sites, "cases": res.num_cases}
+        dp = self._privacy_summary(res)
+        if dp:
+            info["dp"] = dp
+        self._extra_state.setdefault("rounds", {})[str(r)] = info
         self._persist(r, self._extra())
         self.completed = r
         fault_point("after-persist", r)
@@ -925,6 +980,7 @@ class Coordinator:
                     "round_seconds": res.seconds,
                     "bytes_received": float(res.bytes_received),
                     **self._secure_metrics(),
+                    **self._privacy_metrics(res),
                 },
             )
             if res.aggregated:
@@ -940,6 +996,50 @@ class Coordinator:
         if sec.result is not None:
             out["secagg/survivors"] = float(len(sec.result.survivors))
             out["secagg/recovered"] = float(len(sec.result.recovered))
+        return out
+
+    def _privacy_summary(self, res: RoundResult) -> dict[str, Any]:
+        """The federation's privacy after the round: the largest epsilon any site has spent (the
+        figure that bounds every patient), at the task's delta, with the settings behind it."""
+        if not self.cfg.dp:
+            return {}
+        out: dict[str, Any] = {
+            "level": "sample",
+            "unit": "patient",
+            "accountant": self.cfg.dp.get("accountant", "rdp"),
+            "delta": self.cfg.dp.get("delta"),
+            "max_grad_norm": self.cfg.dp.get("max_grad_norm"),
+        }
+        if self.cfg.dp.get("target_epsilon") is not None:
+            out["target_epsilon"] = self.cfg.dp["target_epsilon"]
+        eps = [float(d["epsilon"]) for d in res.dp.values()]
+        noise = [float(d["noise_multiplier"]) for d in res.dp.values() if "noise_multiplier" in d]
+        # sites that did not train this round keep what they spent before: the federation's
+        # epsilon never goes down
+        before = [
+            float(v["dp"]["epsilon"])
+            for v in self._extra_state.get("rounds", {}).values()
+            if isinstance(v, dict) and v.get("dp", {}).get("epsilon") is not None
+        ]
+        if eps or before:
+            out["epsilon"] = round(max(eps + before), 6)
+        if noise:
+            out["noise_multiplier"] = round(min(noise), 6)
+        return out
+
+    def _privacy_metrics(self, res: RoundResult) -> dict[str, float]:
+        """MLflow metrics for the round: ``dp_epsilon`` (largest of any site), ``dp_delta``,
+        ``dp_noise_multiplier`` (smallest of any site), ``dp_max_grad_norm``, and per site."""
+        dp = self._privacy_summary(res)
+        out = {
+            f"dp_{k}": float(dp[k])
+            for k in ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "target_epsilon")
+            if dp.get(k) is not None
+        }
+        for site, d in res.dp.items():
+            out[f"dp_epsilon/{site}"] = float(d["epsilon"])
+            if "noise_multiplier" in d:
+                out[f"dp_noise_multiplier/{site}"] = float(d["noise_multiplier"])
         return out
 
     def _log_closed(self, r: int, res: RoundResult) -> None:
@@ -1075,6 +1175,12 @@ class Coordinator:
     ) -> None:
         if msg.kind is MessageKind.STATUS:
             state = msg.meta.get("status")
+            if (
+                state == "offline"
+                and msg.meta.get("reason") == BUDGET_SPENT
+                and msg.sender in self.cfg.expected_sites
+            ):
+                self._retire(msg.sender, msg.meta)
             if state == "offline":
                 self.offline.add(msg.sender)
             elif state == "online":
@@ -1099,7 +1205,7 @@ class Coordinator:
                 if pending is not None and msg.round == pending.round < r:
                     # a site's score of the previous round's model, sent after its update
                     self._on_metrics(msg, pending.round, pending, closing=False)
-                    if set(pending.metrics) >= set(self.cfg.expected_sites):
+                    if set(pending.metrics) >= self._active():
                         self._forward_pending()
                 else:
                     # A training round's evaluations have no deadline (the round closes on
@@ -1139,8 +1245,11 @@ class Coordinator:
         steps = check_local_steps(msg.meta.get("local_steps"))
         if steps is None and self.strategy.needs_local_steps:
             raise UpdateRejected("missing-local-steps", f"{self.strategy.name} needs each site's local_steps")
+        dp = check_privacy_report(msg.meta.get("dp")) if self.cfg.dp else None
         self._secure.on_masked_input(msg, num_cases, steps)
         res.cases[msg.sender] = num_cases
+        if dp is not None:
+            res.dp[msg.sender] = dp
         res.bytes_received += len(msg.payload)
         self._event(
             "update",
@@ -1170,6 +1279,7 @@ class Coordinator:
         encoding = msg.meta.get("encoding", "weights")
         if encoding not in UPDATE_ENCODINGS and encoding not in compress.CODEC_OF:
             raise UpdateRejected("bad-encoding", f"unknown update encoding {encoding!r}")
+        dp = check_privacy_report(msg.meta.get("dp")) if self.cfg.dp else None
         try:
             if encoding in compress.CODEC_OF:  # 8-bit (top-k) changes, decoded to dense fp32
                 update = compress.decode_delta(msg.payload, self.weights)
@@ -1194,6 +1304,8 @@ class Coordinator:
             self._optimizer_mean.add(optimizer, num_cases)
         del update, optimizer
         res.cases[site] = num_cases
+        if dp is not None:
+            res.dp[site] = dp
         res.bytes_received += len(msg.payload)
         log.info(
             "round %d: update from %s accepted (%d cases; %d/%d)",
@@ -1209,6 +1321,7 @@ class Coordinator:
             site=site,
             cases=num_cases,
             bytes=len(msg.payload),
+            **({"epsilon": dp["epsilon"]} if dp is not None else {}),
             sha256=msg.digest,  # verified by the wire: the digest the site's audit log records
         )
 

@@ -48,6 +48,38 @@ class CoordinatorSettings:
     receipt_interval: float = 3.0
     init_weights: Path | None = None
     secure: Any = None  # coordinator.secure.SecureSettings: --secure-aggregation
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_delta: float | None = None
+
+
+def privacy_config(s: CoordinatorSettings, model_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The task's ``dp`` from the ``--dp-*`` flags (None: no DP), checked against the strategy and
+    the model before any round starts."""
+    from neurofed.models.config import ModelConfig
+    from neurofed.models.privacy import DEFAULT_DELTA, DPConfig, PrivacyConfigError
+
+    given = (s.dp_noise_multiplier, s.dp_max_grad_norm, s.dp_target_epsilon, s.dp_delta)
+    if all(v is None for v in given):
+        return None
+    try:
+        cfg = DPConfig(
+            max_grad_norm=1.0 if s.dp_max_grad_norm is None else s.dp_max_grad_norm,
+            noise_multiplier=s.dp_noise_multiplier,
+            target_epsilon=s.dp_target_epsilon,
+            delta=DEFAULT_DELTA if s.dp_delta is None else s.dp_delta,
+            rounds=s.rounds,
+        )
+    except PrivacyConfigError as exc:
+        raise CoordinatorError(str(exc)) from None
+    if s.strategy == "fedprox":
+        raise CoordinatorError(
+            "DP-SGD does not take FedProx's proximal term; choose another --strategy or drop the --dp-* flags"
+        )
+    if not ModelConfig.from_dict(model_config).dp_compatible:
+        raise CoordinatorError("DP-SGD cannot train batch normalisation; use the default instance norm")
+    return cfg.to_task()
 
 
 def roster_digest(bundle_dir: Path) -> str:
@@ -164,7 +196,9 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         server_lr=s.server_lr,
         server_momentum=s.server_momentum,
     )
+    dp = privacy_config(s, model_config)
     cfg = RoundConfig(
+        dp=dp,
         rounds=s.rounds,
         expected_sites=sites,
         min_sites=s.min_sites or len(sites),
@@ -179,6 +213,11 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         secure=s.secure,
     )
     params = tracking_params(s, sites, cfg.min_sites, model_config)
+    if dp is not None:
+        params["dp"] = dp
+        from neurofed.models.privacy import DPConfig
+
+        log.info("%s", DPConfig(**dp).describe())
     factory = None
     if s.mlflow_uri:
 

@@ -72,6 +72,7 @@ class Trainer(Protocol):
         lr_scale: float = 1.0,
         optimizer_state: Any = None,
         export_optimizer: bool = False,
+        dp: Any = None,
     ) -> Any: ...
 
     def evaluate(self, state_dict: Any, split: str = "val") -> Any: ...
@@ -515,6 +516,9 @@ class SiteAgent:
         if ready is None:
             return
         task, model, r, rs = ready
+        if self._state.get("dp", {}).get("spent") and task.get("dp"):
+            self._leave_spent(task, None)  # left the federation: neither trains nor scores
+            return
         trainer = self._trainer_for(task)
         rs["task_digest"] = model[1]
         if not bool(task.get("train", True)):
@@ -529,7 +533,13 @@ class SiteAgent:
         state_dict = None
         path = self._update_path(r)
         if not (rs.get("update_stored") and path.is_file()):
-            state_dict = self._train_and_store(task, model, r, rs, trainer, path)
+            from neurofed.edge_node.privacy import BudgetSpent
+
+            try:
+                state_dict = self._train_and_store(task, model, r, rs, trainer, path)
+            except BudgetSpent as exc:
+                self._leave_spent(task, exc)
+                return
         ev = self._send_scoring_beside(trainer, state_dict, r, rs, stop)
         if not rs.get("metrics_sent"):
             if ev is None:  # restarted after the update was stored or sent: score the model now
@@ -572,7 +582,7 @@ class SiteAgent:
     ) -> Any:
         """Train from the round's model, encode the update and start storing it (for resends
         after a restart) while it is sent from memory. Returns the round's model weights."""
-        state_dict, result, t0, t1 = self._train_local(task, model, r, trainer)
+        state_dict, result, t0, t1 = self._train_local(task, model, r, trainer, rs)
         from neurofed.wire.compression import DELTA_CODECS, ENCODING
         from neurofed.wire.payload import UPDATE_ENCODING_FP16_DELTA, encode_state
 
@@ -611,7 +621,12 @@ class SiteAgent:
         return state_dict
 
     def _train_local(
-        self, task: dict[str, Any], model: tuple[int, str, bytes], r: int, trainer: Trainer
+        self,
+        task: dict[str, Any],
+        model: tuple[int, str, bytes],
+        r: int,
+        trainer: Trainer,
+        rs: dict[str, Any],
     ) -> tuple[Any, Any, float, float]:
         """Train from the round's model as the task says: (its weights, the result, start, end)."""
         self._set_status(state="training", round=r)
@@ -624,6 +639,8 @@ class SiteAgent:
         extra: dict[str, Any] = {}
         if treatment == "continue-global":  # start from the federation's Adam state, return ours
             extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
+        if task.get("dp"):
+            extra["dp"] = self._charge_privacy(task, trainer, epochs, rs)
         result = trainer.train(
             state_dict,
             epochs,
@@ -665,7 +682,7 @@ class SiteAgent:
             self._secure_refused(r, exc)
             return
         if sec.load_delta(r) is None:
-            state_dict, result, _, _ = self._train_local(task, model, r, trainer)
+            state_dict, result, _, _ = self._train_local(task, model, r, trainer, rs)
             steps = int(getattr(result, "steps", 0)) or None
             scale = 1.0 / steps if task.get("strategy") == "fednova" and steps else 1.0
             sec.save_delta(r, flat_delta(result.state_dict, state_dict, scale))
@@ -715,6 +732,8 @@ class SiteAgent:
                     "model_digest": rs.get("model_digest"),
                     "local_steps": rs.get("local_steps"),
                 }
+                if rs.get("dp"):  # sample-level DP: what this site has spent
+                    meta["dp"] = rs["dp"]
                 self._secure_send(MessageKind.UPDATE, r, "update", masked, stop, meta=meta)
             if "echo" not in sec.sent and "update" in sec.sent and (p := relay("survivors")) is not None:
                 self._secure_send(MessageKind.SECAGG, r, "echo", sec.echo(p), stop)
@@ -747,6 +766,61 @@ class SiteAgent:
         log.warning("%s: round %d: secure aggregation step refused: %s", self.site, r, exc)
         if sec is not None and sec.client is not None:
             sec.mark_sent("failed")
+
+    def _charge_privacy(self, task: Mapping[str, Any], trainer: Trainer, epochs: float, rs: dict) -> Any:
+        """Plan this round's DP-SGD steps with the site's accountant and count them, saved to
+        ``agent.json`` before they run (a round retrained after a restart counts again). Raises
+        ``BudgetSpent`` when the round would spend more than the budget."""
+        from neurofed.edge_node.privacy import SiteAccountant
+        from neurofed.models.privacy import DPConfig
+
+        cfg = DPConfig.from_task(task.get("dp"))
+        assert cfg is not None
+        acc = SiteAccountant(self._state.setdefault("dp", {}))
+        batch = int(getattr(getattr(trainer, "train_config", None), "batch_size", 2))
+        try:
+            step = acc.plan(cfg, int(trainer.num_train_cases), batch, epochs)
+        finally:
+            self._save_state()  # a solved noise multiplier, or that the budget is spent
+        acc.charge(step)
+        rs["dp"] = acc.report(cfg, step)
+        self._save_state()
+        self._set_status(epsilon=rs["dp"]["epsilon"])
+        log.info(
+            "%s: DP-SGD round: %d steps at sampling rate %.3f, noise multiplier %.3f, clip %g; "
+            "epsilon %.3f at delta %g after it",
+            self.site,
+            step.steps,
+            step.sample_rate,
+            step.noise_multiplier,
+            step.max_grad_norm,
+            rs["dp"]["epsilon"],
+            cfg.delta,
+        )
+        return step
+
+    def _leave_spent(self, task: Mapping[str, Any], exc: Exception | None) -> None:
+        """The site's privacy budget is spent: it trains no more, says so in its log and status,
+        and tells the coordinator once per coordinator session (a STATUS ``offline`` with the
+        reason), which treats it as a site that left."""
+        dp = self._state.setdefault("dp", {})
+        session = task.get("session")
+        if dp.get("told_session") == session:
+            return
+        from neurofed.edge_node.privacy import SiteAccountant
+        from neurofed.models.privacy import BUDGET_SPENT, DPConfig
+
+        cfg = DPConfig.from_task(task.get("dp"))
+        spent = SiteAccountant(dp).epsilon(cfg.delta) if cfg else None
+        why = str(exc) if exc else f"privacy budget spent (epsilon {spent:.3f})"
+        log.warning("%s: leaving the federation: %s", self.site, why)
+        meta = {"status": "offline", "reason": BUDGET_SPENT, "epsilon": spent}
+        if cfg is not None:
+            meta.update(delta=cfg.delta, target_epsilon=cfg.target_epsilon)
+        self._send(MessageKind.STATUS, 0, meta)
+        dp["told_session"] = session
+        self._save_state()
+        self._set_status(state="budget-spent", epsilon=spent, note=why)
 
     def _send_scoring_beside(
         self, trainer: Trainer, state_dict: Any, r: int, rs: dict[str, Any], stop: threading.Event | None
@@ -813,6 +887,8 @@ class SiteAgent:
         splits = getattr(self.trainer, "splits_digest", None)
         if isinstance(splits, str):
             meta["splits_digest"] = splits  # which validation cases: no patient data
+        if rs.get("dp"):  # the site's privacy spent so far, this round's training included
+            meta["dp"] = rs["dp"]
         self._send(MessageKind.METRICS, r, meta, stop=stop)
         rs.update(
             metrics_sent=True,
@@ -880,6 +956,8 @@ class SiteAgent:
         }
         if rs.get("encoding"):
             meta["encoding"] = rs["encoding"]
+        if rs.get("dp"):
+            meta["dp"] = rs["dp"]
         if status:  # off while scoring beside it: one writer of the status file
             self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r, before=self._wait_for_store)

@@ -2,7 +2,7 @@
 
 ``import monai`` imports every MONAI submodule, and with them its optional integrations when they
 are installed: MLflow (for ``monai.handlers``), matplotlib, pandas, scikit-learn, Pillow,
-onnx/onnxruntime, scipy's signal and stats packages. The kit installs those for the coordinator,
+onnx/onnxruntime, scipy's signal and stats packages (both kept: Opacus needs them). The kit installs those for the coordinator,
 the MLflow server, inference and the experiment, so on a machine running ten sites they cost
 about 170 MB per site process (482 -> 314 MB RSS after ``import torch, monai`` here) for
 nothing: a site's transforms, UNet, DiceCE loss, Dice and HD95 (scipy.ndimage) need none of them.
@@ -22,9 +22,9 @@ UNUSED_BY_SITES = (
     "PIL",
     "onnx",
     "onnxruntime",
-    "scipy.signal",
-    "scipy.stats",
 )
+# scipy.signal and scipy.stats stay: Opacus (DP-SGD, which the coordinator's task may ask for
+# after the site started) imports both with its accountants.
 
 
 def skip_unused_imports(names: tuple[str, ...] = UNUSED_BY_SITES) -> list[str]:

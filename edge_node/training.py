@@ -29,6 +29,7 @@ import torch
 from neurofed.edge_node.data import Case, discover_cases, load_case
 from neurofed.edge_node.errors import TrainingError
 from neurofed.edge_node.evaluation import EvalResult, evaluate_model
+from neurofed.edge_node.privacy import DPStep
 from neurofed.edge_node.splits import load_or_create_splits, select, splits_path_for
 from neurofed.models.config import ModelConfig
 from neurofed.models.preprocess import IMAGE, LABEL
@@ -378,6 +379,59 @@ class CaseTrainer:
 
         return step
 
+    def run_dp_steps(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: DPStep,
+        *,
+        progress: Progress | None = None,
+    ) -> float:
+        """``dp.steps`` DP-SGD steps: each Poisson-samples the training cases at ``dp.sample_rate``
+        (secret randomness) and takes one crop of each sampled case (the privacy unit is the
+        patient), in physical batches of at most ``batch_size``; Opacus clips every crop's gradient
+        and adds the noise. Returns the mean loss over the round's crops. No mixed precision."""
+        from monai.losses import DiceCELoss
+
+        from neurofed.edge_node.privacy import PrivateStep, secret_rng
+        from neurofed.edge_node.transforms import random_transforms
+
+        items = self.train_items()
+        if not items:
+            raise TrainingError("no training cases: check the site folder and splits.json")
+        tc = self.train_config
+        loss_fn = DiceCELoss(sigmoid=True)
+        tf = random_transforms(self.patch_size, num_samples=1, augment=tc.augment, pos=tc.pos, neg=tc.neg)
+        crops_rng = np.random.default_rng([tc.seed, 0xD9, self.epochs_done])
+        sampler = secret_rng()
+        bs = max(1, tc.batch_size)
+        private = PrivateStep(model, optimizer, dp, expected_batch_size=dp.sample_rate * len(items))
+        model.train()
+        losses: list[float] = []
+        try:
+            for i in range(dp.steps):
+                chosen = np.flatnonzero(sampler.random(len(items)) < dp.sample_rate)
+                tf.set_random_state(seed=int(crops_rng.integers(2**31 - 1)))
+                crops = []
+                for j in chosen:
+                    out = tf({IMAGE: items[j][IMAGE], LABEL: items[j][LABEL]})
+                    crops.append(out[0] if isinstance(out, list) else out)
+                chunks = []
+                for k in range(0, len(crops), bs):
+                    group = crops[k : k + bs]
+                    x = torch.stack([torch.as_tensor(p[IMAGE]).as_subclass(torch.Tensor) for p in group])
+                    y = torch.stack([torch.as_tensor(p[LABEL]).as_subclass(torch.Tensor) for p in group])
+                    chunks.append((x.to(self.device, memory_format=self.memory_format), y.to(self.device)))
+                loss = private.step(chunks, loss_fn)
+                if math.isfinite(loss):
+                    losses.append(loss)
+                if progress is not None:
+                    progress(i + 1, dp.steps, float(np.mean(losses)) if losses else math.nan)
+        finally:
+            private.close()
+        self.epochs_done += 1  # a DP round draws fresh crops next time
+        return float(np.mean(losses)) if losses else math.nan
+
     def _epoch_batches_count(self) -> range:
         items = self.train_items()
         covers = all(
@@ -459,6 +513,7 @@ class LocalTrainer(CaseTrainer):
         lr_scale: float = 1.0,
         optimizer_state: Mapping[str, torch.Tensor] | None = None,
         export_optimizer: bool = False,
+        dp: DPStep | None = None,
     ) -> TrainResult:
         """Start from ``state_dict`` (None: fresh weights), train ``epochs`` local epochs, return
         the new weights. A fraction (``0.5``: half the epoch's batches) continues through the
@@ -473,6 +528,8 @@ class LocalTrainer(CaseTrainer):
         ``optimizer_state`` (continue-global: the federation's averaged Adam state, by parameter
         name) starts Adam from it; ``export_optimizer`` returns Adam's state after training in
         ``TrainResult.optimizer_state`` for the coordinator to average.
+        ``dp`` trains the round with DP-SGD instead (``run_dp_steps``: ``dp.steps`` Poisson-sampled
+        steps, per-sample clipping, Gaussian noise); the caller's accountant has counted them.
         """
         if not (math.isfinite(lr_scale) and 0 < lr_scale <= 10):
             raise TrainingError(f"lr_scale must be in (0, 10], got {lr_scale}")
@@ -489,7 +546,12 @@ class LocalTrainer(CaseTrainer):
         if not self.cases.get("train"):
             raise TrainingError("no training cases: check the site folder and splits.json")
         per_epoch = len(self._epoch_batches_count())
-        if float(epochs).is_integer() and self._batch_offset == 0:
+        if dp is not None:
+            if prox_mu > 0:
+                raise TrainingError("DP-SGD does not take FedProx's proximal term; use another strategy")
+            steps = dp.steps
+            loss = self.run_dp_steps(model, optimizer, dp, progress=progress)
+        elif float(epochs).is_integer() and self._batch_offset == 0:
             steps = int(epochs) * per_epoch
             loss = self.run_epochs(
                 model,

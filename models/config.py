@@ -12,6 +12,15 @@ from typing import Any
 # BraTS modality names in the study's preferred order; FLAIR alone is the default input.
 ALL_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 
+NORMS: tuple[str, ...] = ("instance", "batch")
+"""``instance``: MONAI's default ``InstanceNorm3d`` (no affine parameters, no running statistics), which
+DP-SGD accepts as it is: every sample is normalised by its own statistics only. ``batch`` mixes the
+samples of a batch (and keeps running statistics): not compatible with per-sample clipping."""
+ACTS: tuple[str, ...] = ("prelu", "leakyrelu")
+"""``prelu``: MONAI's default (one learned slope per layer); Opacus computes its per-sample gradients
+(and ConvTranspose3d's) through its slower functorch path. ``leakyrelu`` (slope 0.01) has no
+parameters, so DP-SGD needs no per-sample gradient for it."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Preprocessing:
@@ -48,12 +57,18 @@ class ModelConfig:
     num_res_units: int = 2
     out_channels: int = 1
     dropout: float = 0.0
+    norm: str = "instance"
+    act: str = "prelu"
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     # What the model was trained on, for inference's plausibility checks (None: unknown):
     # {"spacing": {"median", "min", "max", "cases", "rule"}, "label_ml": {"min", "median", "max", "cases"}}
     training_data: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.act not in ACTS:
+            raise ValueError(f"act must be one of {', '.join(ACTS)}, got {self.act!r}")
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(
                 f"UNet needs len(strides) == len(channels) - 1, got channels={self.channels} "
@@ -73,7 +88,17 @@ class ModelConfig:
         d["in_channels"] = self.in_channels
         if d["training_data"] is None:  # configs without it keep their old JSON and digest
             del d["training_data"]
+        # the layer choices appear only when they differ from MONAI's defaults, so every config
+        # written before they existed keeps its JSON and its digest
+        for name, default in (("norm", "instance"), ("act", "prelu")):
+            if d[name] == default:
+                del d[name]
         return d
+
+    @property
+    def dp_compatible(self) -> bool:
+        """Whether DP-SGD's per-sample clipping can train this network (no layer mixes samples)."""
+        return self.norm != "batch"
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

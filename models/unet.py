@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets import UNet
 
 from neurofed.models.config import ModelConfig
 from neurofed.models.errors import SpatialSizeError
+
+# ModelConfig.norm / .act -> MONAI's layer factories (the defaults are MONAI's own)
+_NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
+_ACTS: dict[str, Any] = {"prelu": "PRELU", "leakyrelu": ("leakyrelu", {"negative_slope": 0.01})}
 
 
 def build_unet(config: ModelConfig) -> torch.nn.Module:
@@ -23,6 +28,8 @@ def build_unet(config: ModelConfig) -> torch.nn.Module:
         strides=config.strides,
         num_res_units=config.num_res_units,
         dropout=config.dropout,
+        norm=_NORMS[config.norm],
+        act=_ACTS[config.act],
     )
 
 

@@ -185,6 +185,31 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="sites' learning rate over the rounds: constant, or cosine (1 in the first round, decaying "
         "to near 0 in the last; measured effect in docs/study)",
     )
+    p.add_argument(
+        "--act",
+        choices=("prelu", "leakyrelu"),
+        default="prelu",
+        help="the UNet's activation (default prelu, MONAI's; leakyrelu has no parameters, so DP-SGD "
+        "computes fewer per-sample gradients)",
+    )
+    dp = p.add_argument_group(
+        "differential privacy (sample-level DP-SGD at every site; the privacy unit is the patient; docs/privacy.md)"
+    )
+    dp.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        help="Gaussian noise std as a multiple of the clip (turns DP-SGD on)",
+    )
+    dp.add_argument(
+        "--dp-max-grad-norm", type=float, help="clip each case's gradient to this L2 norm (default 1.0)"
+    )
+    dp.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        help="each site solves its own noise so that --rounds rounds spend at most this epsilon; with "
+        "--dp-noise-multiplier it is the budget instead: a site stops training once it is spent",
+    )
+    dp.add_argument("--dp-delta", type=float, help="the delta of (epsilon, delta)-DP (default 1e-5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
     p.set_defaults(func=run)
@@ -225,7 +250,12 @@ def model_config_from(args: argparse.Namespace) -> dict:
         pre["patch_size"] = (args.patch_size,) * 3
     if getattr(args, "spacing", None):
         pre["spacing"] = tuple(args.spacing)
-    return preset(args.model_size, **pre).to_dict()
+    cfg = preset(args.model_size, **pre)
+    if getattr(args, "act", "prelu") != "prelu":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, act=args.act)
+    return cfg.to_dict()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,6 +291,10 @@ def run(args: argparse.Namespace) -> int:
             lr_schedule=args.lr_schedule,
             init_weights=Path(args.init_weights) if args.init_weights else None,
             secure=secure_settings(args),
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_max_grad_norm=args.dp_max_grad_norm,
+            dp_target_epsilon=args.dp_target_epsilon,
+            dp_delta=args.dp_delta,
         )
     )
     for r in results:

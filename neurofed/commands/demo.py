@@ -82,6 +82,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="SecAgg+: the coordinator sees only the sum of the sites' masked updates (3+ sites)",
     )
+    dp = p.add_argument_group("differential privacy (DP-SGD at every site; see neurofed coordinator --help)")
+    dp.add_argument("--dp-noise-multiplier", type=float, help="noise std as a multiple of the clip")
+    dp.add_argument("--dp-max-grad-norm", type=float, help="per-case gradient clip (default 1.0)")
+    dp.add_argument("--dp-target-epsilon", type=float, help="epsilon each site may spend over the rounds")
+    dp.add_argument("--dp-delta", type=float, help="delta (default 1e-5)")
     p.set_defaults(func=run)
     return p
 
@@ -105,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
             compression=args.compression or "none",
             site_optimizer=args.site_optimizer,
             mlflow=None if args.no_mlflow else (args.mlflow or "embedded"),
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_max_grad_norm=args.dp_max_grad_norm,
+            dp_target_epsilon=args.dp_target_epsilon,
+            dp_delta=args.dp_delta,
             **prof,
         )
     )

@@ -40,6 +40,15 @@ class DemoSettings:
     site_optimizer: str = "reset"
     mlflow: str | None = "embedded"  # "embedded", a URI, or None
     federation: str = "demo"
+    # sample-level DP-SGD at every site (None: off); see neurofed coordinator --help
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_delta: float | None = None
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
 
 
 class _Mlflow:
@@ -107,6 +116,8 @@ def _view(settings: DemoSettings, sites: list[str], out: Path, coord: Proc | Non
     table.add_column("round")
     table.add_column("Dice (model evaluated)")
     table.add_column("updates sent")
+    if settings.dp:
+        table.add_column("epsilon spent")
     sent = {s: 0 for s in sites}
     for e in events:
         if e["event"] == "update":
@@ -114,13 +125,17 @@ def _view(settings: DemoSettings, sites: list[str], out: Path, coord: Proc | Non
     for s in sites:
         st = _status(out / f"{s}-state")
         dice = st.get("dice")
-        table.add_row(
+        row = [
             s,
             str(st.get("state", "starting")),
             str(st.get("round") or "-"),
             f"{dice:.3f} (r{st.get('evaluated_round')})" if isinstance(dice, float) else "-",
             str(sent.get(s, 0)),
-        )
+        ]
+        if settings.dp:
+            eps = st.get("epsilon")
+            row.append(f"{eps:.3f}" if isinstance(eps, (int, float)) else "-")
+        table.add_row(*row)
     if coord is not None and not coord.alive():
         table.caption = f"coordinator exited with {coord.popen.returncode}"
     return table
@@ -212,6 +227,14 @@ def _coordinator_args(
         args.append("--secure-aggregation")
     if s.site_optimizer != "reset":
         args += ["--site-optimizer", s.site_optimizer]
+    for flag, value in (
+        ("--dp-noise-multiplier", s.dp_noise_multiplier),
+        ("--dp-max-grad-norm", s.dp_max_grad_norm),
+        ("--dp-target-epsilon", s.dp_target_epsilon),
+        ("--dp-delta", s.dp_delta),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
     return args
 
 
@@ -275,12 +298,35 @@ def _print_results(
     evals = [e for e in events if e["event"] == "evaluation"]
     if evals:
         console.print("mean Dice by round: " + ", ".join(f"r{e['round']} {e['dice']:.3f}" for e in evals))
+    if s.dp:
+        console.print(privacy_summary(events))
     console.print(f"finished in {time.time() - t0:.0f} s (exit {code}); logs in {logs}")
     console.print(f"model weights per round: {run_dir / 'coordinator-state' / 'rounds'}")
     if mlf is not None and mlf.uri:
         _print_registry(s, console, run_dir, mlf)
     elif s.mlflow:
         console.print(f"MLflow: {s.mlflow}")
+
+
+def privacy_summary(events: list[dict[str, Any]]) -> str:
+    """One line on what the federation's DP-SGD spent: the largest epsilon of any site (what bounds
+    every patient), per site, and the sites that left with their budget spent."""
+    spent: dict[str, float] = {}
+    for e in events:
+        if e["event"] == "update" and isinstance(e.get("epsilon"), (int, float)):
+            spent[e["site"]] = max(spent.get(e["site"], 0.0), float(e["epsilon"]))
+    left = [e["site"] for e in events if e["event"] == "left"]
+    if not spent:
+        return "privacy: DP-SGD on, but no site reported what it spent"
+    worst = max(spent.values())
+    line = (
+        f"privacy (sample-level DP-SGD, unit: patient): epsilon {worst:.3f} (largest of any site; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(spent.items()))
+        + ")"
+    )
+    if left:
+        line += f"; left with their budget spent: {', '.join(sorted(left))}"
+    return line
 
 
 def _print_registry(s: DemoSettings, console: Any, run_dir: Path, mlf: _Mlflow) -> None:

@@ -51,8 +51,10 @@ class ShiftTrainer:
         lr_scale=1.0,
         optimizer_state=None,
         export_optimizer=False,
+        dp=None,
     ):
         self.trained += 1
+        self.dp_steps = [*getattr(self, "dp_steps", []), dp]
         self.lr_scales = [*getattr(self, "lr_scales", []), lr_scale]
         self.last_mu = prox_mu
         self.last_keep_optimizer = keep_optimizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -563,3 +564,43 @@ def test_scores_sent_after_a_round_closed_are_kept_forwarded_and_survive_a_resta
     assert not t2.is_alive() and "error" not in box2, box2.get("error")
     evals = [e for e in read_events(saved) if e["event"] == "evaluation" and e["round"] == 0]
     assert evals[-1]["per_site"] == {"site-a": 0.2, "site-c": 0.3}
+
+
+def test_sites_whose_privacy_budget_is_spent_leave_and_training_ends(tmp_path):
+    """DP through the round machine: every site plans and charges its DP-SGD steps, reports epsilon
+    with its update (the round's dp summary and MLflow metrics take the largest); a budget that
+    pays for one round only makes each site leave in round 2 with a STATUS, and the coordinator,
+    left with no site, ends training instead of waiting for ever."""
+    from neurofed.edge_node.privacy import epsilon
+    from neurofed.models.privacy import DPConfig
+
+    # 4 cases, batch 2: sampling rate 0.5, 2 steps a round; the budget fits 2 steps, not 4
+    budget = (epsilon([(1.0, 0.5, 2)], 1e-5) + epsilon([(1.0, 0.5, 4)], 1e-5)) / 2
+    dp = DPConfig(noise_multiplier=1.0, target_epsilon=budget, rounds=3).to_task()
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    trainers = {s: ShiftTrainer(shift=1.0, num_train_cases=4) for s in SITES[:2]}
+    coord = make_coordinator(hub, tmp_path / "c", SITES[:2], rounds=3, timeout=60, dp=dp)
+    for s, tr in trainers.items():
+        start_agent(hub, s, tr, tmp_path, stop)
+    t0 = time.time()
+    results = _finish(*run_in_thread(coord), stop)
+    assert time.time() - t0 < 30
+    # round 2 closes with nobody left (no update, the model kept); round 3 never opens
+    assert [(r.round, r.aggregated) for r in results if r.train] == [(1, True), (2, False)]
+    assert set(results[0].dp) == {"site-a", "site-b"}
+    assert all(tr.trained == 1 and tr.dp_steps[0].steps == 2 for tr in trainers.values())
+    assert sorted(coord.retired) == ["site-a", "site-b"]
+    info = coord._extra_state["rounds"]["1"]["dp"]
+    assert info["epsilon"] == pytest.approx(epsilon([(1.0, 0.5, 2)], 1e-5), rel=1e-6)
+    assert info["noise_multiplier"] == 1.0 and info["unit"] == "patient"
+    assert coord._tags(1)["dp.epsilon"] == str(info["epsilon"])
+    metrics = coord._privacy_metrics(results[0])
+    assert metrics["dp_epsilon"] == info["epsilon"] and "dp_epsilon/site-a" in metrics
+    events = [json.loads(x) for x in (tmp_path / "c" / "events.jsonl").read_text().splitlines()]
+    assert {e["site"] for e in events if e["event"] == "left"} == {"site-a", "site-b"}
+    assert [e for e in events if e["event"] == "training-ended"]
+    # each site's ledger holds the one round it trained, and says the budget is spent
+    for s in trainers:
+        state = json.loads((tmp_path / s / "agent.json").read_text())
+        assert state["dp"]["history"] == [[1.0, 0.5, 2]] and state["dp"]["spent"] is True

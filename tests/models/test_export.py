@@ -169,3 +169,32 @@ def test_prelu_rewrite_is_exact(tmp_path, tiny_model, tiny_config):
     a = create_session(fast, threads=1, device="cpu").run_numpy(x)
     b = create_session(plain, threads=1, device="cpu").run_numpy(x)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_dp_trained_leakyrelu_unet_exports_with_its_layers_and_matches(tmp_path):
+    """``act="leakyrelu"`` (the parameter-free choice for DP-SGD) reaches the network, the ONNX
+    metadata and the model rebuilt from it: the export matches torch at several sizes, and the
+    config read back from the file builds the same layers."""
+    from neurofed.edge_node.privacy import DPStep, PrivateStep
+
+    cfg = ModelConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, act="leakyrelu")
+    torch.manual_seed(0)
+    model = build_unet(cfg)
+    assert not any(isinstance(m, torch.nn.PReLU) for m in model.modules())
+    # one DP-SGD step first: the exported weights are those Opacus trained, its hooks gone
+    private = PrivateStep(
+        model, torch.optim.Adam(model.parameters(), lr=1e-2), DPStep(1.0, 1.0, 1.0, 1), expected_batch_size=1
+    )
+    x = torch.randn(1, 1, 32, 32, 32)
+    private.step(
+        [(x, (x > 1).float())], lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(out, y)
+    )
+    private.close()
+    path = export_onnx(model.state_dict(), cfg, tmp_path / "dp.onnx")
+    again = read_onnx_config(path)
+    assert again == cfg and again.act == "leakyrelu"
+    assert str(build_unet(again)) == str(model)
+    report = check_parity(model.state_dict(), again, path, sizes=SIZES)
+    assert report.ok and report.max_abs_diff < 1e-3
+    # and a default model's config JSON carries neither field (digests of older models unchanged)
+    assert "act" not in ModelConfig.tiny().to_dict() and "norm" not in ModelConfig.tiny().to_dict()

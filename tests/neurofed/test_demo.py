@@ -165,3 +165,32 @@ def test_demo_with_int8_compression_sends_a_quarter_of_the_bytes(tmp_path):
     announced = [e for e in events if e["event"] == "announce"]
     assert [e["model_encoding"] for e in announced] == ["full", "int8-delta"]
     assert announced[1]["model_bytes"] <= 0.3 * fp32
+
+
+def test_dp_federation_runs_through_the_cli_and_reports_epsilon(tmp_path):
+    """Sample-level DP-SGD from the demo's flags: the task carries dp, every site solves its noise,
+    reports epsilon with its UPDATE and METRICS (the coordinator rejects an update without it),
+    and the demo's summary gives the largest epsilon; every step is in the site's ledger."""
+    import json
+
+    text, out = run_demo(
+        tmp_path, "--no-mlflow", "--rounds", "1", "--dp-target-epsilon", "8", "--dp-max-grad-norm", "1.0"
+    )
+    events = read_events(out / "coordinator-state")
+    closed = [e for e in events if e["event"] == "round"]
+    assert closed[0]["aggregated"] and len(closed[0]["sites"]) == 2
+    assert not [e for e in events if e["event"] == "reject"], events
+    spent = {e["site"]: e["epsilon"] for e in events if e["event"] == "update"}
+    assert set(spent) == {"site-01", "site-02"} and all(7.0 < v <= 8.0 for v in spent.values()), spent
+    m = re.search(r"epsilon ([0-9.]+) \(largest of any site", text)
+    assert m and float(m.group(1)) == pytest.approx(max(spent.values()), abs=1e-3), text[-3000:]
+    for site in ("site-01", "site-02"):
+        [audit] = list(out.glob(f"**/{site}-state/audit.jsonl"))
+        sent = [json.loads(x) for x in audit.read_text().splitlines()]
+        [update] = [e["fields"] for e in sent if e["kind"] == "update"]
+        assert update["dp"]["epsilon"] == pytest.approx(spent[site])
+        # the METRICS sent after the round's training carry the same report
+        trained = [e["fields"] for e in sent if e["kind"] == "metrics" and e["round"] == 1]
+        assert trained[0]["dp"] == update["dp"] and update["dp"]["noise_multiplier"] > 0
+        state = json.loads(next(out.glob(f"**/{site}-state/agent.json")).read_text())
+        assert sum(n for _, _, n in state["dp"]["history"]) == update["dp"]["steps"]

@@ -1,0 +1,248 @@
+"""Sample-level DP-SGD at a site: the accountant that persists with the site's round state, the
+noise a site solves for its own sampling rate, and one private optimiser step (Opacus).
+
+The privacy unit is the patient: each step Poisson-samples the site's training cases (each case
+independently with probability q) and takes one crop of every sampled case, so a patient's whole
+influence on a step is one per-sample gradient, clipped to ``max_grad_norm``; Gaussian noise of
+std ``noise_multiplier * max_grad_norm`` goes on the sum (Opacus's ``DPOptimizer``).
+
+Randomness that the guarantee rests on is secret: which cases a step samples and the noise are
+drawn from generators seeded from ``os.urandom`` (the training seed, which makes crops and
+augmentation repeatable, is known to the operator and must not decide them). The noise is
+floating-point Gaussian from torch's Mersenne Twister, not Opacus's ``secure_mode`` (which needs
+torchcsprng, unavailable for this torch): see docs/privacy.md for what that means.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurofed.edge_node.errors import TrainingError
+from neurofed.models.privacy import DPConfig, PrivacyConfigError, sampling_plan
+
+log = logging.getLogger(__name__)
+
+History = list[tuple[float, float, int]]
+"""(noise multiplier, sample rate, steps) per stretch of steps: Opacus's RDP accountant history."""
+
+
+class BudgetSpent(TrainingError):
+    """One more round would spend more than the site's privacy budget (target epsilon)."""
+
+
+@dataclass(frozen=True)
+class DPStep:
+    """What a round of DP-SGD uses at this site (the trainer's side of ``DPConfig``)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+
+
+def epsilon(history: Iterable[Sequence[float]], delta: float) -> float:
+    """Epsilon at ``delta`` spent by ``history`` (Opacus's RDP accountant; 0 for no steps)."""
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not acc.history:
+        return 0.0
+    return float(acc.get_epsilon(delta=delta))
+
+
+def solve_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest noise multiplier (to Opacus's 0.01 tolerance in epsilon) at which ``steps``
+    Poisson-sampled steps at ``sample_rate`` spend at most ``target_epsilon`` at ``delta``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=int(steps),
+                accountant="rdp",
+                epsilon_tolerance=0.01,
+            )
+        )
+    except ValueError as exc:
+        raise PrivacyConfigError(
+            f"no noise multiplier reaches epsilon {target_epsilon:g} at delta {delta:g} over {steps} steps "
+            f"at sampling rate {sample_rate:.3g} ({exc}); raise --dp-target-epsilon or plan fewer rounds"
+        ) from None
+
+
+class SiteAccountant:
+    """A site's privacy ledger across rounds: every DP-SGD step it took (retrained rounds and
+    restarts included), the noise it solved, and whether its budget is spent. It is a plain dict
+    kept in the site agent's ``agent.json`` (``state``), saved before the steps it charges run."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+        state.setdefault("history", [])
+
+    @property
+    def history(self) -> History:
+        return [(float(s), float(q), int(n)) for s, q, n in self.state["history"]]
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon(self.history, delta)
+
+    def plan(self, cfg: DPConfig, num_cases: int, batch_size: int, epochs: float) -> DPStep:
+        """This round's DP-SGD step settings. With a target epsilon the noise is solved once for
+        the planned rounds at this site's own sampling rate and kept; a round that would take the
+        site past its budget raises ``BudgetSpent`` (nothing is charged then)."""
+        q, steps = sampling_plan(num_cases, batch_size, epochs)
+        sigma = cfg.noise_multiplier
+        if sigma is None:
+            key = [cfg.target_epsilon, cfg.delta, cfg.rounds, q, steps]
+            solved = self.state.get("solved")
+            if not solved or solved.get("for") != key:
+                sigma = solve_noise(float(cfg.target_epsilon), cfg.delta, q, steps * cfg.rounds)
+                self.state["solved"] = {"for": key, "noise_multiplier": sigma}
+                log.info(
+                    "DP: noise multiplier %.4f for epsilon %g at delta %g over %d rounds x %d steps "
+                    "(sampling rate %.4f)",
+                    sigma,
+                    cfg.target_epsilon,
+                    cfg.delta,
+                    cfg.rounds,
+                    steps,
+                    q,
+                )
+            sigma = float(self.state["solved"]["noise_multiplier"])
+        step = DPStep(float(sigma), cfg.max_grad_norm, q, steps)
+        if cfg.target_epsilon is not None:
+            after = epsilon([*self.history, (step.noise_multiplier, q, steps)], cfg.delta)
+            if after > cfg.target_epsilon * (1 + 1e-9):
+                self.state["spent"] = True
+                raise BudgetSpent(
+                    f"privacy budget spent: {self.steps} DP-SGD steps have spent epsilon "
+                    f"{self.epsilon(cfg.delta):.3f} of {cfg.target_epsilon:g} (delta {cfg.delta:g}); another "
+                    f"round of {steps} steps would reach {after:.3f}"
+                )
+        return step
+
+    def charge(self, step: DPStep) -> None:
+        """Count ``step.steps`` steps (before they run: a round cut short still counts whole)."""
+        self.state["history"].append([step.noise_multiplier, step.sample_rate, step.steps])
+
+    def report(self, cfg: DPConfig, step: DPStep | None = None) -> dict[str, Any]:
+        """What the site tells the coordinator (UPDATE and METRICS ``dp``; wire/PROTOCOL.md)."""
+        hist = self.history
+        last = step or (DPStep(hist[-1][0], cfg.max_grad_norm, hist[-1][1], hist[-1][2]) if hist else None)
+        out: dict[str, Any] = {
+            "epsilon": self.epsilon(cfg.delta),
+            "delta": cfg.delta,
+            "accountant": cfg.accountant,
+            "max_grad_norm": cfg.max_grad_norm,
+            "steps": self.steps,
+        }
+        if cfg.target_epsilon is not None:
+            out["target_epsilon"] = cfg.target_epsilon
+        if last is not None:
+            out.update(noise_multiplier=last.noise_multiplier, sample_rate=last.sample_rate)
+        return out
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the operating system's entropy (never from the training seed)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def secret_rng() -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+
+
+def check_dp_model(model: torch.nn.Module) -> None:
+    """Refuse a network that per-sample clipping cannot train (e.g. BatchNorm mixes samples)."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise TrainingError(
+            "the model cannot be trained with DP-SGD: "
+            + "; ".join(str(e) for e in errors)
+            + " (use the default instance normalisation)"
+        )
+
+
+class PrivateStep:
+    """Opacus DP-SGD around ``model`` and ``optimizer`` for one round: per-sample gradients
+    (``GradSampleModule``; Opacus's functorch path for PReLU and ConvTranspose3d), clipping to
+    ``max_grad_norm``, Gaussian noise, division by the expected batch size (``DPOptimizer``).
+
+    ``step(chunks, loss_fn)`` is one optimiser step over the crops of the cases a step sampled,
+    given in chunks (physical batches) so that a large Poisson draw does not need more memory;
+    an empty draw still steps, with noise alone. ``close()`` removes Opacus's hooks."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: DPStep,
+        *,
+        expected_batch_size: float,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        check_dp_model(model)
+        self.model = model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=max(1, round(expected_batch_size)),
+            loss_reduction="mean",
+            generator=generator if generator is not None else secret_generator(),
+        )
+        self.dp = dp
+
+    def step(
+        self,
+        chunks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> float:
+        """One DP-SGD step; returns the mean loss over the sampled crops (nan for none)."""
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        losses: list[float] = []
+        for i, (x, y) in enumerate(chunks):
+            loss = loss_fn(self.gsm(x), y)
+            with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients"
+                warnings.simplefilter("ignore", UserWarning)
+                loss.backward()
+            losses.extend([float(loss.detach())] * len(x))
+            if i < len(chunks) - 1:  # accumulate this chunk's clipped gradients; no step yet
+                opt.signal_skip_step(do_skip=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if not chunks:  # nobody sampled: the step is noise alone
+            for p in opt.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        opt.step()
+        return float(np.mean(losses)) if losses else math.nan
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.gsm._close()
