@@ -257,11 +257,8 @@ class SiteAgent:
     def _accept(self, msg: Message) -> None:
         if msg.kind is MessageKind.TASK:
             if msg.meta.get("done") and (self.task is None or self.task.get("done")):
-                if msg.run and msg.run == self._state.get("run") and self._state.get("took_task"):
-                    # the end of the run this site served (it restarted after taking part)
-                    self.task = dict(msg.meta, round=msg.round)
-                    self.done = True
-                    return
+                # an end this process took no part in (even of the run its state served: a
+                # long-running agent restarted after the end waits for the next run)
                 self._earlier_end(msg)
                 return
             if msg.run != self._state.get("run", ""):

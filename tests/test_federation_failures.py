@@ -228,7 +228,9 @@ def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):
     from neurofed.wire.api import MessageKind
     from neurofed.wire.mqtt import MqttEndpoint
 
-    ep = MqttEndpoint(fed.bundles / c)
+    # sent in the federation's run, as the site itself would (another run's message is refused
+    # before any round check)
+    ep = MqttEndpoint(fed.bundles / c, run=StateStore(fed.state).run_id())
     ep.start()
     try:
         late = (fed.tmp / f"{c}-state" / "update-r0001.safetensors").read_bytes()
