@@ -39,7 +39,10 @@ make_env() {  # make_env DIR [--framework-first] PACKAGE...
   else
     "$dir/bin/pip" install -q "${COMMON[@]}" "$@"
   fi
-  "$dir/bin/pip" install -q --no-deps -e . 2>&1 | grep -v "is ignored" >&2 || true
+  local log; log=$(mktemp)
+  "$dir/bin/pip" install -q --no-deps -e . >"$log" 2>&1 \
+    || { cat "$log" >&2; rm -f "$log"; echo "peer_env: installing the kit into $dir failed" >&2; return 1; }
+  rm -f "$log"
   (abs=$(cd "$dir" && pwd) && cd / && "$abs/bin/python" -c "import torch, neurofed.edge_node.training, neurofed.models.config") \
     || { echo "peer_env: $dir cannot import the kit's trainer" >&2; return 1; }
   echo "$want" > "$dir/.peer-installed"
