@@ -1,9 +1,10 @@
 """Run import-linter over the installed layout (``neurofed.<room>``) of this repository.
 
-The rooms are top-level folders that install as ``neurofed.<room>`` (setuptools package-dir), and
-import-linter's graph builder only walks a package's own folder. So this builds a throw-away view
-of the installed layout (a ``neurofed/`` folder of symbolic links: the package's own files plus
-one link per room) and runs ``lint-imports`` there against pyproject.toml's contracts.
+The rooms are top-level folders that install as ``neurofed.<room>`` (setuptools package-dir); the
+``neurofed/`` folder holds a symbolic link to each, so a plain ``lint-imports`` in the repository
+root sees the same package. This script builds a throw-away view of that layout (links, or copies
+with ``copy=True`` so that a test can plant a module in a room) and runs ``lint-imports`` there
+against pyproject.toml's contracts, whatever the current folder.
 
     python scripts/lint_imports.py        # exit status 0 when every contract is kept
 """
@@ -44,7 +45,7 @@ def build_view(dest: Path, *, copy: bool = False) -> Path:
             place(entry, pkg / entry.name)
     for name, folder in mapping.items():
         parts = name.split(".")
-        if parts[0] == "neurofed" and len(parts) == 2:
+        if parts[0] == "neurofed" and len(parts) == 2 and not (pkg / parts[1]).exists():
             place(REPO / folder, pkg / parts[1])
     return pkg
 
