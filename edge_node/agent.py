@@ -52,6 +52,7 @@ from neurofed.wire.errors import ProtocolError, TransportError
 from neurofed.wire.secagg import SecAggRoundFailed
 
 log = logging.getLogger(__name__)
+KEYSETS_WAIT_S = 10.0  # how long a site waits for the key sets before it trains anyway
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -679,6 +680,10 @@ class SiteAgent:
             self._secure_refused(r, exc)
             return
         if sec.load_delta(r) is None:
+            # the key sets of every site come back within a broker round trip or two: share before
+            # training, so that once trained only the masked input is left to send
+            self._await_relay(r, sec.attempt, "keysets", KEYSETS_WAIT_S, stop)
+            self._secure_progress(stop)
             state_dict, result, _, _ = self._train_local(task, model, r, trainer, rs)
             steps = int(getattr(result, "steps", 0)) or None
             scale = 1.0 / steps if task.get("strategy") == "fednova" and steps else 1.0
@@ -696,6 +701,17 @@ class SiteAgent:
                 self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r), stop)
             self._set_status(state="secure-aggregation", round=r)
         self._secure_progress(stop)
+
+    def _await_relay(
+        self, r: int, attempt: int, step: str, seconds: float, stop: threading.Event | None
+    ) -> None:
+        """Take in messages until the coordinator's ``step`` relay of this attempt is here, or
+        ``seconds`` passed (the site then goes on and answers it later)."""
+        end = time.time() + seconds
+        while (r, attempt, step) not in self._relays and time.time() < end:
+            if stop is not None and stop.is_set():
+                return
+            self._take_in(0.05)
 
     def _secure_progress(self, stop: threading.Event | None) -> None:
         """Answer the relays of the current attempt that this site has not answered yet."""
