@@ -130,6 +130,9 @@ class RoundConfig:
     receipt_interval: float = 3.0
     final_eval: bool = True
     max_extensions: int = 1000
+    # after the end (TASK done): stay connected up to this long while sites known online have not
+    # left, publishing the end again if the broker comes back without it (0: exit at once)
+    linger: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -236,6 +239,7 @@ class Coordinator:
         self.closed_round = 0
         self.results: list[RoundResult] = []
         self.offline: set[str] = set()  # sites whose latest STATUS is offline (e.g. their MQTT will)
+        self.online: set[str] = set()  # sites heard from in this process and not offline since
         self._extra_state: dict[str, Any] = {"rounds": {}}
         # The last closed training round while its sites' evaluations still arrive: a site sends
         # its update first and scores the round's model while the update travels and the round
@@ -329,6 +333,7 @@ class Coordinator:
                 self._extra_state["finished"] = True
                 self._persist(self.completed, self._extra())
             self._announce_done()
+            self._linger()
         finally:
             self.strategy.close()
         return self.results
@@ -492,6 +497,7 @@ class Coordinator:
 
     def _announce_done(self) -> None:
         r = self.cfg.rounds + 1
+        self._done_connections = self.ep.connections
         self._send_reliably(
             MessageKind.TASK,
             r,
@@ -506,6 +512,49 @@ class Coordinator:
             retain=True,
         )
         self._event("done", round=r)
+
+    def _linger(self) -> None:
+        """After the end: stay until every site heard from in this process has left (its offline
+        STATUS: a site ends on the end and says goodbye), at most ``linger`` seconds, and publish
+        the end again whenever the connection comes back meanwhile.
+
+        The end is a retained TASK, and Mosquitto saves retained messages every
+        ``autosave_interval`` (30 s): a broker killed before that, or replaced without its data,
+        comes back without it, and a site that had not read it yet would wait for a task for
+        ever. Sites that leave at once cost no lingering; one that is stopped or cut off keeps
+        the coordinator up to ``linger`` seconds."""
+        if self.cfg.linger <= 0:
+            return
+        r = self.cfg.rounds + 1
+        until = self.clock() + self.cfg.linger
+        self.ep.set_round_window(r, r)
+        waited = False
+        while self.clock() < until:
+            staying = (self.online - self.offline) & set(self.cfg.expected_sites)
+            if not staying:
+                break
+            if not waited:
+                log.info(
+                    "federation over; waiting up to %.0f s for %s to leave (the end is published again "
+                    "if the broker comes back without it)",
+                    self.cfg.linger,
+                    ", ".join(sorted(staying)),
+                )
+                waited = True
+            if self.ep.connections != self._done_connections:
+                log.warning(
+                    "reconnected to the broker after the end; publishing the end again (a restarted "
+                    "broker may have lost it)"
+                )
+                self._announce_done()
+                self._event("reannounce-done", round=r)
+                continue
+            self._heartbeat()
+            msg = self.ep.receive(timeout=max(0.01, min(0.5, until - self.clock())))
+            if msg is not None and msg.kind is MessageKind.STATUS:
+                self._handle(msg, r, False, "", RoundResult(round=r, train=False), closing=True)
+            msg = None
+        self.ep.drain_rejected()
 
     def _round(self, r: int, *, train: bool) -> RoundResult:
         """One round: announce, collect until every expected site answered (or quorum at the
@@ -805,11 +854,14 @@ class Coordinator:
             state = msg.meta.get("status")
             if state == "offline":
                 self.offline.add(msg.sender)
+                self.online.discard(msg.sender)
             elif state == "online":
                 self.offline.discard(msg.sender)
+                self.online.add(msg.sender)
             self._event("status", site=msg.sender, status=state)
             return
         self.offline.discard(msg.sender)  # anything it sends proves it is back
+        self.online.add(msg.sender)
         try:
             if msg.kind is MessageKind.UPDATE:
                 self._on_update(msg, r, train, digest, res, closing)

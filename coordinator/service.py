@@ -15,6 +15,7 @@ from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.rounds import Coordinator, RoundConfig, RoundResult
 from neurofed.coordinator.state import StateStore
 from neurofed.coordinator.strategies import make_strategy
+from neurofed.stopping import leaving
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class CoordinatorSettings:
     broker_port: int | None = None
     receipt_interval: float = 3.0
     init_weights: Path | None = None
+    linger: float = 60.0
 
 
 def roster_digest(bundle_dir: Path) -> str:
@@ -125,6 +127,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         site_optimizer=s.site_optimizer,
         lr_schedule=s.lr_schedule,
         receipt_interval=s.receipt_interval,
+        linger=s.linger,
     )
     params = {
         "strategy": s.strategy,
@@ -185,6 +188,18 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             roster_digest=roster_digest(s.bundle),
         )
         results = coord.run()
+        # The federation is over and saved: a SIGTERM now (a launcher tearing everything down,
+        # docker stop) does not cut the registry wait; its own bound ends it, SIGKILL sooner (a
+        # restart re-queues what the registry ledger lacks).
+        leaving(
+            lambda: log.warning(
+                "SIGTERM ignored: the federation is over; waiting at most %.0f s for the registry "
+                "(SIGKILL stops it now; a restart with the same --state registers what is missing)",
+                REGISTRY_GRACE_S,
+            )
+        )
+        if registrar.pending() or registrar.busy():
+            log.info("federation over; waiting at most %.0f s for the registry", grace)
     except (SystemExit, KeyboardInterrupt):
         # Stopped (docker stop's SIGTERM, Ctrl-C): the state on disk is whole up to the last
         # persisted round and a restart re-queues what the registry ledger lacks, so minutes of

@@ -11,7 +11,9 @@ NIfTI data (shared by the module), the tiny UNet on 32^3 volumes so rounds take 
   that round with every site's metrics;
 - the broker SIGKILLed during the uploads and restarted: everyone reconnects, the round completes;
 - the broker restarted without its saved state (no retained task or model): the coordinator
-  publishes the round again, and a site that had not got it yet takes part.
+  publishes the round again, and a site that had not got it yet takes part;
+- the same after the federation's end: the lingering coordinator publishes the end again, and
+  SIGTERMs during its final registry wait are ignored.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Fed:
         mlflow: str | None = None,
         fault: str | None = None,
         fault_round: int | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> Proc:
         args = [
             "-v",
@@ -115,6 +118,7 @@ class Fed:
         ]
         if mlflow:
             args += ["--mlflow", mlflow]
+        args += list(extra_args)
         extra = {}
         if fault:
             extra["NEUROFED_FAULT"] = fault
@@ -501,3 +505,57 @@ def test_a_coordinator_stopped_with_sigterm_keeps_its_rounds_and_says_goodbye(fe
     assert [e["round"] for e in fed.events("resume")] and fed.events("resume")[0]["round"] >= 1
     closed = [e["round"] for e in fed.events("round")]
     assert sorted(closed) == [1, 2, 3], "every round closed once (3: the evaluation-only round)"
+
+
+def test_the_end_is_published_again_after_a_broker_restart_and_sigterm_waits_for_the_registry(fed):
+    """Two gaps at the end of a federation, staged in one run:
+
+    - The end is a retained TASK; a broker killed before its autosave (30 s), or replaced without
+      its data, comes back without it. Site c is stopped (SIGSTOP) after round 1 and misses the
+      end; the broker is then killed and restarted without its data. The coordinator lingers
+      while c has not left, publishes the end again on its reconnect, and c ends on it.
+    - Then the coordinator waits for its registry (an MLflow that accepts connections and never
+      answers): two SIGTERMs during that wait are ignored, each with a log line, instead of the
+      first one cutting it."""
+    import socket
+
+    mute = socket.socket()  # an "MLflow" that takes connections and never answers
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(64)
+    try:
+        for s in fed.sites:
+            fed.start_site(s)
+        fed.wait_sites_ready()
+        a, b, c = fed.sites
+        coord = fed.start_coordinator(
+            rounds=1, min_sites=2, timeout=15, mlflow=f"http://127.0.0.1:{mute.getsockname()[1]}"
+        )
+        fed.wait_round(1)
+        fed.edges[c].popen.send_signal(signal.SIGSTOP)
+        fed.broker.kill()  # c's connection goes; the broker comes back with its state, c stays away
+        fed.broker.start()
+        wait_for(lambda: fed.events("done"), 120, "the end of the federation", fed.procs)
+        for s in (a, b):
+            assert fed.edges[s].wait(60) == 0, fed.edges[s].tail()
+        fed.broker.kill()
+        shutil.rmtree(fed.bundles / "broker" / "data")
+        fed.broker.start()  # without the retained end
+        fed.edges[c].popen.send_signal(signal.SIGCONT)
+        assert fed.edges[c].wait(60) == 0, "c ends on the end published again:\n" + fed.edges[c].tail()
+        assert fed.events("reannounce-done"), "the coordinator published the end again"
+        assert coord.alive(), coord.tail()
+
+        wait_for(
+            lambda: "waiting at most" in coord.log.read_text(errors="replace"),
+            60,
+            "the coordinator's final registry wait",
+            fed.procs,
+        )
+        for _ in range(2):
+            coord.popen.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+        time.sleep(1.0)
+        assert coord.alive(), "a SIGTERM cut the registry wait:\n" + coord.tail()
+        assert coord.log.read_text(errors="replace").count("SIGTERM ignored: the federation is over") == 2
+    finally:
+        mute.close()
