@@ -51,6 +51,7 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -75,6 +76,7 @@ from neurofed.coordinator.checks import (
 )
 from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
 from neurofed.coordinator.faults import fault_point
+from neurofed.coordinator.membership import RosterWatch
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.state import Snapshot, StateStore
 from neurofed.coordinator.strategies import Strategy
@@ -214,6 +216,7 @@ class Coordinator:
         initial_weights: Callable[[], dict[str, np.ndarray]],
         registrar: Registrar | None = None,
         roster_digest: str = "",
+        roster_watch: RosterWatch | None = None,
         events_path: str | Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -225,6 +228,8 @@ class Coordinator:
         self._initial = initial_weights
         self.registrar = registrar
         self.roster_digest = roster_digest
+        self.roster_watch = roster_watch
+        self._next_sites: tuple[str, ...] | None = None  # sites added live: from the next round
         self.session = uuid.uuid4().hex[:12]
         # the federation run this state belongs to: bound into every message both ways
         self.run_id = store.run_id()
@@ -262,7 +267,11 @@ class Coordinator:
     def _resume_or_init(self) -> bool:
         """Load the snapshot, or create round 0. Return True when the federation already finished."""
         if self.store.exists():
-            snap = self.store.load(federation=self.ep.federation, roster_digest=self.roster_digest)
+            # a roster taken live (a newer version of this federation's) resumes the same state
+            taken = self.roster_digest in self.store.rosters_taken()
+            snap = self.store.load(
+                federation=self.ep.federation, roster_digest=None if taken else self.roster_digest
+            )
             self.weights = snap.weights
             self.site_optimizer = snap.site_optimizer
             self.strategy.load_state(snap.strategy_meta, snap.strategy_tensors)
@@ -324,6 +333,7 @@ class Coordinator:
         """Run (or resume) the federation to the end; return the rounds run in this process."""
         finished = self._resume_or_init()
         try:
+            self._publish_roster()
             if not finished:
                 for r in range(self.completed + 1, self.cfg.rounds + 1):
                     self.results.append(self._round(r, train=True))
@@ -493,7 +503,60 @@ class Coordinator:
             r,
         )
         self._publish_model_and_task(r, train, deadline, payload, digest, self._task_meta["sites"])
+        self._publish_roster()
         self._event("reannounce", round=r)
+
+    # -- live membership --------------------------------------------------------------------------
+    def _publish_roster(self) -> None:
+        """The roster in use, retained, for every site (signed by the CA; sites take only newer
+        versions). Again after a reconnect: a broker restarted without its state lost it."""
+        if self.roster_watch is None or self.roster_watch.current is None:
+            return
+        from neurofed.wire.roster import roster_meta
+
+        cur = self.roster_watch.current
+        self._send_reliably(MessageKind.ROSTER, 0, meta=roster_meta(cur.data, cur.sig), retain=True)
+
+    def _check_roster(self) -> None:
+        """Take a newer roster from the bundle: the wire at once (accept the new sites' messages,
+        refuse the removed ones', encrypt to the new list), the sites through ROSTER; a removed
+        site leaves the round now, an added one takes part from the next round."""
+        if self.roster_watch is None:
+            return
+        new = self.roster_watch.poll(self.clock())
+        if new is None:
+            return
+        import hashlib
+
+        roster = new.roster
+        self.ep.set_roster(roster)
+        self.roster_digest = hashlib.sha256(new.data).hexdigest()
+        self.store.take_roster(self.roster_digest)
+        self._publish_roster()
+        now_sites = tuple(roster.sites)
+        removed = sorted(set(self.cfg.expected_sites) - set(now_sites))
+        added = sorted(set(now_sites) - set(self.cfg.expected_sites))
+        log.warning(
+            "roster version %d taken and published: removed %s (from now on), added %s (from the next round)",
+            roster.version,
+            ", ".join(removed) or "none",
+            ", ".join(added) or "none",
+        )
+        self._event("roster", version=roster.version, removed=removed, added=added)
+        if removed:
+            self._set_sites(tuple(s for s in self.cfg.expected_sites if s in now_sites))
+            self.offline -= set(removed)
+            self.online -= set(removed)
+        self._next_sites = now_sites if added else None
+
+    def _set_sites(self, sites: tuple[str, ...]) -> None:
+        if not sites:
+            raise CoordinatorError("the roster names no sites any more: nothing left to federate")
+        min_sites = self.cfg.min_sites
+        if min_sites > len(sites):
+            log.warning("quorum lowered from %d to the %d sites left in the roster", min_sites, len(sites))
+            min_sites = len(sites)
+        self.cfg = dataclasses.replace(self.cfg, expected_sites=tuple(sites), min_sites=min_sites)
 
     def _announce_done(self) -> None:
         r = self.cfg.rounds + 1
@@ -547,8 +610,10 @@ class Coordinator:
                     "broker may have lost it)"
                 )
                 self._announce_done()
+                self._publish_roster()
                 self._event("reannounce-done", round=r)
                 continue
+            self._check_roster()
             self._heartbeat()
             msg = self.ep.receive(timeout=max(0.01, min(0.5, until - self.clock())))
             if msg is not None and msg.kind is MessageKind.STATUS:
@@ -574,6 +639,10 @@ class Coordinator:
         """Encode and announce round ``r``'s model and task; returns its digest, the deadline and
         the connection count read before announcing."""
         t0_wall = time.time()
+        self._check_roster()
+        if self._next_sites is not None:  # sites added live take part from this round
+            self._set_sites(self._next_sites)
+            self._next_sites = None
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
         model_payload = self._encode_model()
@@ -610,7 +679,6 @@ class Coordinator:
     ) -> None:
         """Take in updates (or scores) until every expected site answered, or the offline rest
         leave a quorum, or the deadline passes with one (it is extended otherwise)."""
-        expected = set(self.cfg.expected_sites)
         last_receipts = self.clock()
 
         def have() -> set[str]:
@@ -618,6 +686,8 @@ class Coordinator:
 
         while True:
             now = self.clock()
+            self._check_roster()  # a site revoked now leaves this round's expected sites
+            expected = set(self.cfg.expected_sites)
             if have() >= expected:
                 break
             if self.ep.connections != connections:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from neurofed.coordinator.errors import CoordinatorError
+from neurofed.coordinator.membership import RosterWatch
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.rounds import Coordinator, RoundConfig, RoundResult
 from neurofed.coordinator.state import StateStore
@@ -186,6 +187,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             initial_weights=init,
             registrar=registrar,
             roster_digest=roster_digest(s.bundle),
+            roster_watch=RosterWatch(s.bundle),
         )
         results = coord.run()
         # The federation is over and saved: a SIGTERM now (a launcher tearing everything down,

@@ -9,6 +9,7 @@ Routing is fixed by kind and role (see wire/PROTOCOL.md):
 - coordinator -> every site: TASK (retained: the current round), MODEL (global weights), RECEIPTS
 - site -> coordinator only: UPDATE (weights + case count), METRICS (evaluation of a global model)
 - anyone -> anyone: STATUS (online/offline; signed, not secret)
+- coordinator -> every site: ROSTER (retained: the CA-signed roster, versioned; signed, not secret)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class MessageKind(enum.StrEnum):
     UPDATE = "update"
     METRICS = "metrics"
     STATUS = "status"
+    ROSTER = "roster"
 
 
 # Who may send each kind: "coordinator" or "site".
@@ -39,6 +41,7 @@ SENDER_ROLE: Mapping[MessageKind, str] = {
     MessageKind.UPDATE: "site",
     MessageKind.METRICS: "site",
     MessageKind.STATUS: "site",
+    MessageKind.ROSTER: "coordinator",
 }
 
 
@@ -124,6 +127,12 @@ class Endpoint(ABC):
         (signed header, key wraps), and other runs' messages are refused (a site still takes a
         coordinator's messages of a run that started later, so it can follow a new run)."""
         self.run = run
+
+    def set_roster(self, roster: Any) -> None:
+        """Take a newer verified roster (``neurofed.wire.roster.Roster``) from now on: messages
+        are accepted from its participants and encrypted to its sites. Endpoints without a roster
+        of their own ignore it."""
+        return None
 
     def drain_rejected(self) -> list[dict[str, Any]]:
         """Records of the messages rejected since the last call: reason, detail, the sender the
