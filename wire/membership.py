@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neurofed.wire import provision as pv
+from neurofed.wire.broker import broker_pid as find_broker
 from neurofed.wire.broker import reload_broker
 from neurofed.wire.errors import ProvisioningError, TransportError
 
@@ -133,8 +134,9 @@ def revoke_live(
     and publishes it (ROSTER)."""
     out = Path(out)
     t0 = time.monotonic()
+    pid = broker_pid or find_broker(out / pv.BROKER)  # before changing anything
     pv.revoke(out, site)
-    pid = _reload(out, broker_pid)
+    pid = _reload(out, pid)
     reloaded = time.monotonic() - t0
     close_connection(out, site, host, port)
     closed = time.monotonic() - t0
@@ -156,8 +158,9 @@ def add_site_live(
     and the site takes part from the next round."""
     out = Path(out)
     t0 = time.monotonic()
+    pid = broker_pid or find_broker(out / pv.BROKER)  # before changing anything
     pv.add_site(out, site, days)
-    pid = _reload(out, broker_pid)
+    pid = _reload(out, pid)
     return LiveChange(site, pid, time.monotonic() - t0, None)
 
 
