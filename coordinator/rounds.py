@@ -610,8 +610,8 @@ class Coordinator:
                     "broker may have lost it)"
                 )
                 self._announce_done()
-                self._publish_roster()
                 self._event("reannounce-done", round=r)
+                self._publish_roster()
                 continue
             self._check_roster()
             self._heartbeat()

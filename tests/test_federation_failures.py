@@ -547,7 +547,7 @@ def test_the_end_is_published_again_after_a_broker_restart_and_sigterm_waits_for
         fed.broker.start()  # without the retained end
         fed.edges[c].popen.send_signal(signal.SIGCONT)
         assert fed.edges[c].wait(60) == 0, "c ends on the end published again:\n" + fed.edges[c].tail()
-        assert fed.events("reannounce-done"), "the coordinator published the end again"
+        wait_for(lambda: fed.events("reannounce-done"), 10, "the coordinator's record of it", fed.procs)
         assert coord.alive(), coord.tail()
 
         wait_for(

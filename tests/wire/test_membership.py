@@ -123,3 +123,17 @@ def test_live_without_a_running_broker_says_what_to_do(bundles, capsys):
         from neurofed.wire.broker import broker_pid
 
         broker_pid(bundles / "broker")
+
+
+def test_a_site_on_a_broker_whose_acl_predates_roster_still_starts(broker):
+    """An ACL written before ROSTER existed has no read on the roster topic. Mosquitto 2.0.11
+    grants the subscription anyway and filters what it delivers (a broker that refuses it gets a
+    warning from the site, which runs on): the site starts, without live roster changes."""
+    from neurofed.wire.mqtt import MqttEndpoint
+
+    acl = broker.root / "broker" / "acl"
+    acl.write_text("\n".join(line for line in acl.read_text().splitlines() if not line.endswith("/roster")))
+    broker.restart()
+    ep = MqttEndpoint(broker.bundle("site-a"))
+    ep.start(timeout=20)
+    ep.close()
