@@ -566,14 +566,15 @@ def test_the_end_is_published_again_after_a_broker_restart_and_sigterm_waits_for
         mute.close()
 
 
-def test_a_site_revoked_live_is_cut_off_at_once_and_one_added_live_joins_the_next_round(fed):
+def test_a_site_revoked_live_is_cut_off_at_once_and_one_added_live_joins_the_next_round(fed, mlflow_server):  # noqa: F811
     """``neurofed provision --revoke/--add-site --live`` on a running federation. Site c sends its
     round-1 update and is then stopped (SIGSTOP), so round 2 waits for it (deadline 180 s). A new
     site d (c's hospital under a new id, on the same data) is added live, then c is revoked
     live: the broker (same PID) reloads its ACL and CRL and c's connection is closed by a
     session takeover; c's certificate is refused from then on; no other client disconnects;
     the coordinator takes the roster from its bundle and publishes it (ROSTER), the sites apply
-    it, round 2 closes at once with a and b, and round 3 runs with a, b and d."""
+    it, round 2 closes at once with a and b, and round 3 runs with a, b and d; the registry's
+    versions name exactly those sites."""
     from neurofed.wire.errors import TransportError
     from neurofed.wire.membership import add_site_live, revoke_live
     from neurofed.wire.mqtt import MqttEndpoint
@@ -583,7 +584,7 @@ def test_a_site_revoked_live_is_cut_off_at_once_and_one_added_live_joins_the_nex
     for s in fed.sites:
         fed.start_site(s)
     fed.wait_sites_ready()
-    coord = fed.start_coordinator(rounds=3, min_sites=2, timeout=180)
+    coord = fed.start_coordinator(rounds=3, min_sites=2, timeout=180, mlflow=mlflow_server)
     wait_for(
         lambda: (c, 1) in {(e["site"], e["round"]) for e in fed.events("update")},
         240,
@@ -630,7 +631,23 @@ def test_a_site_revoked_live_is_cut_off_at_once_and_one_added_live_joins_the_nex
     assert r3["sites"] == [a, b, d], "the site added live takes part from the next round"
     assert coord.wait(240) == 0, coord.tail()
     snap = StateStore(fed.state).load()
-    assert snap.extra["rounds"]["2"]["sites"] == [a, b], "round 2's registry version is made without c"
+    assert snap.extra["rounds"]["2"]["sites"] == [a, b]
+    import mlflow
+
+    from neurofed.mlflow_server.names import TAG_RUN, TAG_SITES
+    from neurofed.mlflow_server.registry import model_name
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    run = StateStore(fed.state).run_id()
+    versions = [
+        v
+        for v in client.search_model_versions(f"name = '{model_name(fed.federation)}'")
+        if v.tags.get(TAG_RUN) == run
+    ]
+    sites = {int(v.tags["round"]): v.tags[TAG_SITES] for v in versions}
+    assert sites == {1: f"{a},{b},{c}", 2: f"{a},{b}", 3: f"{a},{b},{d}"}, (
+        "round 2's version is made without c"
+    )
     assert [e["version"] for e in fed.events("roster")] == [2, 3]
     for s in (a, b):  # the running sites took both rosters from the wire
         text = fed.edges[s].log.read_text(errors="replace")
