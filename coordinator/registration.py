@@ -52,6 +52,7 @@ class Registrar:
         self._retries = retries
         self.done: list[Job] = []
         self.failed: list[tuple[Job, str]] = []
+        self._running = False
         self._thread = threading.Thread(target=self._work, name="registrar", daemon=True)
         self._thread.start()
 
@@ -75,6 +76,10 @@ class Registrar:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    def busy(self) -> bool:
+        """A job is running now (e.g. a registration waiting for MLflow)."""
+        return self._running
+
     def close(self, timeout: float = 120.0) -> None:
         """Finish queued jobs (up to ``timeout``), then stop the worker and close the tracker."""
         self._queue.put(None)
@@ -93,6 +98,7 @@ class Registrar:
             job = self._queue.get()
             if job is None:
                 break
+            self._running = True
             for attempt in range(1, self._retries + 1):
                 try:
                     self._run(job)
@@ -104,6 +110,7 @@ class Registrar:
                         self.failed.append((job, str(exc)))
                     else:
                         time.sleep(min(5.0, attempt * 1.0))
+            self._running = False
         if self._tracker is not None:
             try:
                 self._tracker.close()

@@ -58,6 +58,7 @@ site and reason and counted in ``RoundResult.rejected``; they never count toward
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -83,6 +84,7 @@ from neurofed.coordinator.checks import (
 )
 from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
 from neurofed.coordinator.faults import fault_point
+from neurofed.coordinator.membership import RosterWatch
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.secure import ENCODING as SECAGG_ENCODING
 from neurofed.coordinator.secure import SecureRound, SecureSettings, load_next_attempt
@@ -147,6 +149,9 @@ class RoundConfig:
     max_extensions: int = 1000
     secure: SecureSettings | None = None  # --secure-aggregation: only the sum of the updates is seen
     dp: Mapping[str, Any] | None = None  # the task's ``dp`` (neurofed.models.privacy.DPConfig.to_task)
+    # after the end (TASK done): stay connected up to this long while sites known online have not
+    # left, publishing the end again if the broker comes back without it (0: exit at once)
+    linger: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -247,6 +252,7 @@ class Coordinator:
         initial_weights: Callable[[], dict[str, np.ndarray]],
         registrar: Registrar | None = None,
         roster_digest: str = "",
+        roster_watch: RosterWatch | None = None,
         events_path: str | Path | None = None,
         clock: Callable[[], float] = time.time,
         roster_keys: Mapping[str, Any] | None = None,
@@ -264,6 +270,8 @@ class Coordinator:
         self._initial = initial_weights
         self.registrar = registrar
         self.roster_digest = roster_digest
+        self.roster_watch = roster_watch
+        self._next_sites: tuple[str, ...] | None = None  # sites added live: from the next round
         self.session = uuid.uuid4().hex[:12]
         # the federation run this state belongs to: bound into every message both ways
         self.run_id = store.run_id()
@@ -285,6 +293,7 @@ class Coordinator:
         self.results: list[RoundResult] = []
         self.offline: set[str] = set()  # sites whose latest STATUS is offline (e.g. their MQTT will)
         self.retired: dict[str, str] = {}  # sites that left for good (privacy budget spent): why
+        self.online: set[str] = set()  # sites heard from in this process and not offline since
         self._extra_state: dict[str, Any] = {"rounds": {}}
         # The last closed training round while its sites' evaluations still arrive: a site sends
         # its update first and scores the round's model while the update travels and the round
@@ -307,7 +316,11 @@ class Coordinator:
     def _resume_or_init(self) -> bool:
         """Load the snapshot, or create round 0. Return True when the federation already finished."""
         if self.store.exists():
-            snap = self.store.load(federation=self.ep.federation, roster_digest=self.roster_digest)
+            # a roster taken live (a newer version of this federation's) resumes the same state
+            taken = self.roster_digest in self.store.rosters_taken()
+            snap = self.store.load(
+                federation=self.ep.federation, roster_digest=None if taken else self.roster_digest
+            )
             self.weights = snap.weights
             self.site_optimizer = snap.site_optimizer
             self.reconstructed = snap.reconstructed
@@ -387,6 +400,7 @@ class Coordinator:
         try:
             if self.spacing_from_sites and not self._extra_state.get("spacing_from_sites"):
                 self._choose_spacing()
+            self._publish_roster()
             if not finished:
                 for r in range(self.completed + 1, self.cfg.rounds + 1):
                     if not self._active():
@@ -404,6 +418,7 @@ class Coordinator:
                 self._extra_state["finished"] = True
                 self._persist(self.completed, self._extra())
             self._announce_done()
+            self._linger()
         finally:
             self.strategy.close()
         return self.results
@@ -695,10 +710,66 @@ class Coordinator:
         self._publish_model_and_task(
             r, train, deadline, payload, digest, self._task_meta["sites"], model_meta
         )
+        self._publish_roster()
         self._event("reannounce", round=r)
+
+    # -- live membership --------------------------------------------------------------------------
+    def _publish_roster(self) -> None:
+        """The roster in use, retained, for every site (signed by the CA; sites take only newer
+        versions). Again after a reconnect: a broker restarted without its state lost it."""
+        if self.roster_watch is None or self.roster_watch.current is None:
+            return
+        from neurofed.wire.roster import roster_meta
+
+        cur = self.roster_watch.current
+        self._send_reliably(MessageKind.ROSTER, 0, meta=roster_meta(cur.data, cur.sig), retain=True)
+
+    def _check_roster(self) -> None:
+        """Take a newer roster from the bundle: the wire at once (accept the new sites' messages,
+        refuse the removed ones', encrypt to the new list), the sites through ROSTER; a removed
+        site leaves the round now, an added one takes part from the next round."""
+        if self.roster_watch is None:
+            return
+        new = self.roster_watch.poll(self.clock())
+        if new is None:
+            return
+        import hashlib
+
+        roster = new.roster
+        self.ep.set_roster(roster)
+        if self.roster_keys:  # secure aggregation checks key sets against the sites' keys
+            self.roster_keys = {x: roster.get(x).signing_key() for x in roster.sites}
+        self.roster_digest = hashlib.sha256(new.data).hexdigest()
+        self.store.take_roster(self.roster_digest)
+        self._publish_roster()
+        now_sites = tuple(roster.sites)
+        removed = sorted(set(self.cfg.expected_sites) - set(now_sites))
+        added = sorted(set(now_sites) - set(self.cfg.expected_sites))
+        log.warning(
+            "roster version %d taken and published: removed %s (from now on), added %s (from the next round)",
+            roster.version,
+            ", ".join(removed) or "none",
+            ", ".join(added) or "none",
+        )
+        self._event("roster", version=roster.version, removed=removed, added=added)
+        if removed:
+            self._set_sites(tuple(s for s in self.cfg.expected_sites if s in now_sites))
+            self.offline -= set(removed)
+            self.online -= set(removed)
+        self._next_sites = now_sites if added else None
+
+    def _set_sites(self, sites: tuple[str, ...]) -> None:
+        if not sites:
+            raise CoordinatorError("the roster names no sites any more: nothing left to federate")
+        min_sites = self.cfg.min_sites
+        if min_sites > len(sites):
+            log.warning("quorum lowered from %d to the %d sites left in the roster", min_sites, len(sites))
+            min_sites = len(sites)
+        self.cfg = dataclasses.replace(self.cfg, expected_sites=tuple(sites), min_sites=min_sites)
 
     def _announce_done(self) -> None:
         r = self.cfg.rounds + 1
+        self._done_connections = self.ep.connections
         self._send_reliably(
             MessageKind.TASK,
             r,
@@ -713,6 +784,51 @@ class Coordinator:
             retain=True,
         )
         self._event("done", round=r)
+
+    def _linger(self) -> None:
+        """After the end: stay until every site heard from in this process has left (its offline
+        STATUS: a site ends on the end and says goodbye), at most ``linger`` seconds, and publish
+        the end again whenever the connection comes back meanwhile.
+
+        The end is a retained TASK, and Mosquitto saves retained messages every
+        ``autosave_interval`` (30 s): a broker killed before that, or replaced without its data,
+        comes back without it, and a site that had not read it yet would wait for a task for
+        ever. Sites that leave at once cost no lingering; one that is stopped or cut off keeps
+        the coordinator up to ``linger`` seconds."""
+        if self.cfg.linger <= 0:
+            return
+        r = self.cfg.rounds + 1
+        until = self.clock() + self.cfg.linger
+        self.ep.set_round_window(r, r)
+        waited = False
+        while self.clock() < until:
+            staying = (self.online - self.offline) & set(self.cfg.expected_sites)
+            if not staying:
+                break
+            if not waited:
+                log.info(
+                    "federation over; waiting up to %.0f s for %s to leave (the end is published again "
+                    "if the broker comes back without it)",
+                    self.cfg.linger,
+                    ", ".join(sorted(staying)),
+                )
+                waited = True
+            if self.ep.connections != self._done_connections:
+                log.warning(
+                    "reconnected to the broker after the end; publishing the end again (a restarted "
+                    "broker may have lost it)"
+                )
+                self._announce_done()
+                self._event("reannounce-done", round=r)
+                self._publish_roster()
+                continue
+            self._check_roster()
+            self._heartbeat()
+            msg = self.ep.receive(timeout=max(0.01, min(0.5, until - self.clock())))
+            if msg is not None and msg.kind is MessageKind.STATUS:
+                self._handle(msg, r, False, "", RoundResult(round=r, train=False), closing=True)
+            msg = None
+        self.ep.drain_rejected()
 
     def _round(self, r: int, *, train: bool) -> RoundResult:
         """One round: announce, collect until every expected site answered (or quorum at the
@@ -732,6 +848,10 @@ class Coordinator:
         """Encode and announce round ``r``'s model and task; returns its digest, the deadline and
         the connection count read before announcing."""
         t0_wall = time.time()
+        self._check_roster()
+        if self._next_sites is not None:  # sites added live take part from this round
+            self._set_sites(self._next_sites)
+            self._next_sites = None
         # r-2 and r-1 still reach the round gate (logged as old-round / late); older ones the wire drops
         self.ep.set_round_window(max(0, r - 2), r)
         model_payload, model_meta, digest = self._model_message(r)
@@ -781,6 +901,7 @@ class Coordinator:
 
         while True:
             now = self.clock()
+            self._check_roster()  # a site revoked now leaves this round's expected sites
             expected = self._active()  # a site that leaves mid-round stops being waited for
             if have() >= expected:
                 break
@@ -854,7 +975,8 @@ class Coordinator:
         sec = self._secure
         assert sec is not None
         attempt, connections, last_receipts = sec.number, self.ep.connections, self.clock()
-        while not sec.advance(self.offline, deadline):
+        while not sec.advance(self.offline | (set(sec.sites) - self._active()), deadline):
+            self._check_roster()  # a site revoked now counts as dropped out
             now = self.clock()
             if sec.number != attempt:  # retried with fresh keys: sites start the attempt over
                 attempt, deadline = sec.number, now + self.cfg.round_timeout
@@ -1183,13 +1305,16 @@ class Coordinator:
                 self._retire(msg.sender, msg.meta)
             if state == "offline":
                 self.offline.add(msg.sender)
+                self.online.discard(msg.sender)
             elif state == "online":
                 self.offline.discard(msg.sender)
+                self.online.add(msg.sender)
             self._event("status", site=msg.sender, status=state)
             if msg.meta.get("need_model") and msg.sender in self.cfg.expected_sites:
                 self._send_full_model(r, msg.sender, msg.meta.get("need_model"))
             return
         self.offline.discard(msg.sender)  # anything it sends proves it is back
+        self.online.add(msg.sender)
         try:
             if msg.kind is MessageKind.SECAGG:
                 self._round_gate(msg, r)

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from neurofed.coordinator.errors import CoordinatorError
+from neurofed.coordinator.membership import RosterWatch
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.rounds import Coordinator, RoundConfig, RoundResult
 from neurofed.coordinator.state import StateStore
 from neurofed.coordinator.strategies import make_strategy
+from neurofed.stopping import leaving
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class CoordinatorSettings:
     dp_max_grad_norm: float | None = None
     dp_target_epsilon: float | None = None
     dp_delta: float | None = None
+    linger: float = 60.0
 
 
 def privacy_config(s: CoordinatorSettings, model_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -211,6 +214,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         lr_schedule=s.lr_schedule,
         receipt_interval=s.receipt_interval,
         secure=s.secure,
+        linger=s.linger,
     )
     params = tracking_params(s, sites, cfg.min_sites, model_config)
     if dp is not None:
@@ -255,8 +259,21 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             roster_digest=roster_digest(s.bundle),
             roster_keys={x: bundle.roster.get(x).signing_key() for x in sites},
             spacing_from_sites=s.spacing_from_sites,
+            roster_watch=RosterWatch(s.bundle),
         )
         results = coord.run()
+        # The federation is over and saved: a SIGTERM now (a launcher tearing everything down,
+        # docker stop) does not cut the registry wait; its own bound ends it, SIGKILL sooner (a
+        # restart re-queues what the registry ledger lacks).
+        leaving(
+            lambda: log.warning(
+                "SIGTERM ignored: the federation is over; waiting at most %.0f s for the registry "
+                "(SIGKILL stops it now; a restart with the same --state registers what is missing)",
+                REGISTRY_GRACE_S,
+            )
+        )
+        if registrar.pending() or registrar.busy():
+            log.info("federation over; waiting at most %.0f s for the registry", grace)
     except (SystemExit, KeyboardInterrupt):
         # Stopped (docker stop's SIGTERM, Ctrl-C): the state on disk is whole up to the last
         # persisted round and a restart re-queues what the registry ledger lacks, so minutes of

@@ -34,6 +34,7 @@ from neurofed.coordinator.errors import StateError
 
 SNAPSHOT = "snapshot.safetensors"
 LEDGER = "registered.json"
+ROSTERS = "rosters-taken.txt"  # digests of rosters taken live, one a line
 META_KEY = "neurofed.snapshot"
 # the same keys as models.checkpoint, so round files are ordinary neurofed weights files
 CONFIG_KEY = "neurofed.model_config"
@@ -227,6 +228,21 @@ class StateStore:
         )
 
     # -- registration ledger (written by the registration worker) -------------------------------
+    def rosters_taken(self) -> list[str]:
+        """SHA-256 digests of the rosters this state took live (newer versions of its own)."""
+        try:
+            return (self.root / ROSTERS).read_text().split()
+        except OSError:
+            return []
+
+    def take_roster(self, digest: str) -> None:
+        """Remember a roster taken live, so a restart with it in the bundle resumes this state."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ROSTERS).open("a") as fh:
+            fh.write(digest + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def registered(self) -> list[int]:
         path = self.root / LEDGER
         if not path.is_file():

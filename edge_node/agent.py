@@ -671,6 +671,9 @@ class SiteAgent:
                     "%s: the round runs secure aggregation, but this agent has no signing identity", self.site
                 )
             return
+        roster = getattr(getattr(self.ep, "bundle", None), "roster", None)
+        if roster is not None:  # the roster as it stands now (a live change adds or removes sites)
+            sec.roster_keys = {x: roster.get(x).signing_key() for x in roster.sites}
         try:
             sec.begin(r, task["secagg"])
             sec.prune(r)

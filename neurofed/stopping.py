@@ -11,6 +11,7 @@ are already leaving after the federation's end).
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 
 
 def exit_on_sigterm() -> None:
@@ -24,7 +25,15 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def leaving() -> None:
+def leaving(note: Callable[[], None] | None = None) -> None:
     """Already on the way out: ignore SIGTERM so the clean-up finishes (its own timeouts bound
-    it; a launcher that cannot wait sends SIGKILL)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    it; a launcher that cannot wait sends SIGKILL). ``note`` is called on each SIGTERM ignored
+    (a log line saying why and for how long), in the main thread, between two of its steps."""
+    if note is None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+
+    def ignore(signum: int, frame: object) -> None:
+        note()
+
+    signal.signal(signal.SIGTERM, ignore)

@@ -11,7 +11,12 @@ NIfTI data (shared by the module), the tiny UNet on 32^3 volumes so rounds take 
   that round with every site's metrics;
 - the broker SIGKILLed during the uploads and restarted: everyone reconnects, the round completes;
 - the broker restarted without its saved state (no retained task or model): the coordinator
-  publishes the round again, and a site that had not got it yet takes part.
+  publishes the round again, and a site that had not got it yet takes part;
+- the same after the federation's end: the lingering coordinator publishes the end again, and
+  SIGTERMs during its final registry wait are ignored;
+- a site revoked live (no broker restart): its connection closes at once, its certificate is
+  refused, nobody else is disconnected, the round closes with the rest; a site added live
+  takes part from the next round.
 """
 
 from __future__ import annotations
@@ -127,19 +132,21 @@ class Fed:
         self.procs.append(self.coord)
         return self.coord
 
-    def start_site(self, site: str, **env: str) -> Proc:
+    def start_site(self, site: str, data: str | None = None, **env: str) -> Proc:
         args = [
             "-v",
             "edge",
             "--bundle",
             str(self.bundles / site),
             "--data",
-            str(self.data_root / site),
+            str(self.data_root / (data or site)),
             "--state",
             str(self.tmp / f"{site}-state"),
             "--resend-after",
             "6",
         ]
+        if data:
+            args.append("--data-site-mismatch-ok")
         self._n += 1
         p = spawn(f"{site}-{self._n}", args, self.logs, child_env(**env))
         self.edges[site] = p
@@ -505,3 +512,146 @@ def test_a_coordinator_stopped_with_sigterm_keeps_its_rounds_and_says_goodbye(fe
     assert [e["round"] for e in fed.events("resume")] and fed.events("resume")[0]["round"] >= 1
     closed = [e["round"] for e in fed.events("round")]
     assert sorted(closed) == [1, 2, 3], "every round closed once (3: the evaluation-only round)"
+
+
+def test_the_end_is_published_again_after_a_broker_restart_and_sigterm_waits_for_the_registry(fed):
+    """Two gaps at the end of a federation, staged in one run:
+
+    - The end is a retained TASK; a broker killed before its autosave (30 s), or replaced without
+      its data, comes back without it. Site c is stopped (SIGSTOP) after round 1 and misses the
+      end; the broker is then killed and restarted without its data. The coordinator lingers
+      while c has not left, publishes the end again on its reconnect, and c ends on it.
+    - Then the coordinator waits for its registry (an MLflow that accepts connections and never
+      answers): two SIGTERMs during that wait are ignored, each with a log line, instead of the
+      first one cutting it."""
+    import socket
+
+    mute = socket.socket()  # an "MLflow" that takes connections and never answers
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(64)
+    try:
+        for s in fed.sites:
+            fed.start_site(s)
+        fed.wait_sites_ready()
+        a, b, c = fed.sites
+        coord = fed.start_coordinator(
+            rounds=1, min_sites=2, timeout=15, mlflow=f"http://127.0.0.1:{mute.getsockname()[1]}"
+        )
+        fed.wait_round(1)
+        fed.edges[c].popen.send_signal(signal.SIGSTOP)
+        fed.broker.kill()  # c's connection goes; the broker comes back with its state, c stays away
+        fed.broker.start()
+        wait_for(lambda: fed.events("done"), 120, "the end of the federation", fed.procs)
+        for s in (a, b):
+            assert fed.edges[s].wait(60) == 0, fed.edges[s].tail()
+        fed.broker.kill()
+        shutil.rmtree(fed.bundles / "broker" / "data")
+        fed.broker.start()  # without the retained end
+        fed.edges[c].popen.send_signal(signal.SIGCONT)
+        assert fed.edges[c].wait(60) == 0, "c ends on the end published again:\n" + fed.edges[c].tail()
+        wait_for(lambda: fed.events("reannounce-done"), 10, "the coordinator's record of it", fed.procs)
+        assert coord.alive(), coord.tail()
+
+        wait_for(
+            lambda: "waiting at most" in coord.log.read_text(errors="replace"),
+            60,
+            "the coordinator's final registry wait",
+            fed.procs,
+        )
+        for _ in range(2):
+            coord.popen.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+        time.sleep(1.0)
+        assert coord.alive(), "a SIGTERM cut the registry wait:\n" + coord.tail()
+        assert coord.log.read_text(errors="replace").count("SIGTERM ignored: the federation is over") == 2
+    finally:
+        mute.close()
+
+
+def test_a_site_revoked_live_is_cut_off_at_once_and_one_added_live_joins_the_next_round(fed, mlflow_server):  # noqa: F811
+    """``neurofed provision --revoke/--add-site --live`` on a running federation. Site c sends its
+    round-1 update and is then stopped (SIGSTOP), so round 2 waits for it (deadline 180 s). A new
+    site d (c's hospital under a new id, on the same data) is added live, then c is revoked
+    live: the broker (same PID) reloads its ACL and CRL and c's connection is closed by a
+    session takeover; c's certificate is refused from then on; no other client disconnects;
+    the coordinator takes the roster from its bundle and publishes it (ROSTER), the sites apply
+    it, round 2 closes at once with a and b, and round 3 runs with a, b and d; the registry's
+    versions name exactly those sites."""
+    from neurofed.wire.errors import TransportError
+    from neurofed.wire.membership import add_site_live, revoke_live
+    from neurofed.wire.mqtt import MqttEndpoint
+
+    a, b, c = fed.sites
+    d = "site-04"
+    for s in fed.sites:
+        fed.start_site(s)
+    fed.wait_sites_ready()
+    coord = fed.start_coordinator(rounds=3, min_sites=2, timeout=180, mlflow=mlflow_server)
+    wait_for(
+        lambda: (c, 1) in {(e["site"], e["round"]) for e in fed.events("update")},
+        240,
+        "c's round-1 update",
+        fed.procs,
+        poll=0.05,
+    )
+    fed.edges[c].popen.send_signal(signal.SIGSTOP)
+    wait_for(
+        lambda: {e["site"] for e in fed.events("update") if e["round"] == 2} >= {a, b},
+        240,
+        "round-2 updates from a and b",
+        fed.procs,
+    )
+    assert fed.round_closed(2) is None, "round 2 waits for c"
+    broker = fed.broker.proc
+    added = add_site_live(fed.bundles, d)
+    assert added.broker_pid == broker.pid
+    wait_for(lambda: [e for e in fed.events("roster") if e["added"] == [d]], 30, "roster v2", fed.procs)
+    fed.start_site(d, data=c)
+
+    log = fed.logs / "mosquitto.log"
+    before = len(log.read_text(errors="replace"))
+    change = revoke_live(fed.bundles, c)
+    print(
+        f"revoked live: broker reloaded after {change.reloaded_s:.2f} s, connection closed after {change.closed_s:.2f} s"
+    )
+    assert change.closed_s < 5.0
+    assert broker.poll() is None and change.broker_pid == broker.pid, "the same broker process"
+    wait_for(lambda: fed.round_closed(2), 60, "round 2 to close without c", fed.procs)
+    after = log.read_text(errors="replace")[before:]
+    assert f"Client {c} already connected, closing old connection" in after, after
+    assert "Unable to open config file" not in after, "the broker read its config again"
+    for other in (a, b, "coordinator"):
+        assert not connection_ends(after, other), f"{other} was disconnected:\n{after}"
+    # c's certificate: its next handshake fails
+    ep = MqttEndpoint(fed.bundles / c)
+    with pytest.raises(TransportError):
+        ep.start(timeout=5)
+    assert "certificate verify failed" in log.read_text(errors="replace")[before:]
+
+    assert fed.round_closed(2)["sites"] == [a, b], "round 2 closes with the sites left, at quorum"
+    r3 = fed.wait_round(3, timeout=240)
+    assert r3["sites"] == [a, b, d], "the site added live takes part from the next round"
+    assert coord.wait(240) == 0, coord.tail()
+    snap = StateStore(fed.state).load()
+    assert snap.extra["rounds"]["2"]["sites"] == [a, b]
+    import mlflow
+
+    from neurofed.mlflow_server.names import TAG_RUN, TAG_SITES
+    from neurofed.mlflow_server.registry import model_name
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    run = StateStore(fed.state).run_id()
+    versions = [
+        v
+        for v in client.search_model_versions(f"name = '{model_name(fed.federation)}'")
+        if v.tags.get(TAG_RUN) == run
+    ]
+    sites = {int(v.tags["round"]): v.tags[TAG_SITES] for v in versions}
+    assert sites == {1: f"{a},{b},{c}", 2: f"{a},{b}", 3: f"{a},{b},{d}"}, (
+        "round 2's version is made without c"
+    )
+    assert [e["version"] for e in fed.events("roster")] == [2, 3]
+    for s in (a, b):  # the running sites took both rosters from the wire
+        text = fed.edges[s].log.read_text(errors="replace")
+        assert "roster version 2 applied" in text and "roster version 3 applied" in text, s
+    assert broker.poll() is None and fed.broker.proc is broker

@@ -11,6 +11,7 @@ Routing is fixed by kind and role (see wire/PROTOCOL.md):
 - site -> coordinator only: UPDATE (weights + case count, or a masked input), METRICS (evaluation
   of a global model), SECAGG (secure aggregation: key set, shares, echo, reveal)
 - anyone -> anyone: STATUS (online/offline; signed, not secret)
+- coordinator -> every site: ROSTER (retained: the CA-signed roster, versioned; signed, not secret)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class MessageKind(enum.StrEnum):
     STATUS = "status"
     SECAGG = "secagg"  # site -> coordinator: a secure-aggregation step (key set, shares, echo, reveal)
     RELAY = "relay"  # coordinator -> sites: what a secure-aggregation step relays to every site
+    ROSTER = "roster"
 
 
 # Who may send each kind: "coordinator" or "site".
@@ -45,6 +47,7 @@ SENDER_ROLE: Mapping[MessageKind, str] = {
     MessageKind.STATUS: "site",
     MessageKind.SECAGG: "site",
     MessageKind.RELAY: "coordinator",
+    MessageKind.ROSTER: "coordinator",
 }
 
 
@@ -130,6 +133,12 @@ class Endpoint(ABC):
         (signed header, key wraps), and other runs' messages are refused (a site still takes a
         coordinator's messages of a run that started later, so it can follow a new run)."""
         self.run = run
+
+    def set_roster(self, roster: Any) -> None:
+        """Take a newer verified roster (``neurofed.wire.roster.Roster``) from now on: messages
+        are accepted from its participants and encrypted to its sites. Endpoints without a roster
+        of their own ignore it."""
+        return None
 
     def drain_rejected(self) -> list[dict[str, Any]]:
         """Records of the messages rejected since the last call: reason, detail, the sender the

@@ -56,9 +56,14 @@ def prepare_bundle(bundle: Path | str) -> Path:
 
 
 def broker_command(bundle: Path | str) -> tuple[list[str], Path]:
-    """The command line and working directory to run the broker in the foreground."""
+    """The command line and working directory to run the broker in the foreground.
+
+    The config is named relative to the working directory (the bundle): Mosquitto reads it again
+    on SIGHUP by the name it was given, after changing to its own user when started as root, and
+    that user cannot reach an absolute path through a private parent folder (a root-owned 0700
+    temporary folder, a home directory); the bundle folder itself it can read."""
     conf = prepare_bundle(bundle)
-    return [find_mosquitto(), "-c", str(conf)], conf.parent
+    return [find_mosquitto(), "-c", conf.name], conf.parent
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
@@ -81,7 +86,52 @@ def popen_broker(bundle: Path | str, **popen_kw) -> subprocess.Popen:
     root, ``neurofed broker`` (which forwards signals and ends with its own parent) is the way to
     have both."""
     cmd, cwd = broker_command(bundle)
-    return subprocess.Popen(cmd, cwd=cwd, preexec_fn=ending_with_parent(), **popen_kw)
+    proc = subprocess.Popen(cmd, cwd=cwd, preexec_fn=ending_with_parent(), **popen_kw)
+    try:  # for `neurofed provision --live`: whom to send SIGHUP
+        (Path(cwd) / PID_FILE).write_text(f"{proc.pid}\n")
+    except OSError:
+        pass
+    return proc
+
+
+PID_FILE = "broker.pid"
+
+
+def broker_pid(bundle: Path | str) -> int:
+    """The PID of the Mosquitto running from ``bundle`` (its ``broker.pid``, checked against the
+    process's command line); TransportError if none runs."""
+    bundle = Path(bundle).resolve()
+    try:
+        pid = int((bundle / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        raise TransportError(
+            f"no running broker found for {bundle} (no {PID_FILE} or the process is gone); give "
+            "--broker-pid, or send SIGHUP yourself (docker kill -s HUP <broker container>)"
+        ) from None
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        cwd = None
+    if not cmdline or not cmdline[0].endswith(b"mosquitto") or cwd != bundle:
+        raise TransportError(f"process {pid} in {bundle / PID_FILE} is not this bundle's Mosquitto")
+    return pid
+
+
+def reload_broker(bundle: Path | str | None = None, pid: int | None = None) -> int:
+    """SIGHUP: Mosquitto 2.0 reads its ACL file and CRL again (measured on 2.0.11; connections
+    stay open, including those of a certificate just revoked). Returns the PID signalled."""
+    import signal
+
+    if pid is None:
+        if bundle is None:
+            raise TransportError("reload_broker needs the broker's bundle or its PID")
+        pid = broker_pid(bundle)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise TransportError(f"cannot signal broker process {pid}: {exc}") from None
+    return pid
 
 
 def start_broker(bundle: Path | str, port: int, stderr=None, timeout: float = 10.0) -> subprocess.Popen:

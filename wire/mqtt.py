@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import socket
@@ -42,8 +43,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from neurofed.wire.api import COORDINATOR, SENDER_ROLE, Endpoint, Message, MessageKind
 from neurofed.wire.bundle import Bundle, load_bundle
 from neurofed.wire.chunking import DEFAULT_CHUNK, check_packet, plan_chunk_size
-from neurofed.wire.errors import TransportError
+from neurofed.wire.errors import ProvisioningError, TransportError
 from neurofed.wire.receiver import Receiver
+from neurofed.wire.roster import Roster, roster_from_meta
 from neurofed.wire.sealing import seal_message
 from neurofed.wire.topics import parse_topic, prefix, subscriptions, topic_for
 
@@ -257,12 +259,28 @@ class MqttEndpoint(Endpoint):
         self._generation += 1
         self._connected.set()
         opts = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE)
-        result, mid = client.subscribe([(t, opts) for t in subscriptions(self.federation, self.role)])
+        self._sub_topics = subscriptions(self.federation, self.role)
+        result, mid = client.subscribe([(t, opts) for t in self._sub_topics])
         self._sub_mid = mid
         log.info("%s connected to %s:%s (session present: %s)", self.participant, self.host, self.port, flags)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        bad = [str(rc) for rc in reason_codes if rc.is_failure]
+        topics = getattr(self, "_sub_topics", [])
+        bad = []
+        for i, rc in enumerate(reason_codes):
+            if not rc.is_failure:
+                continue
+            if i < len(topics) and topics[i].endswith("/roster"):
+                # a broker ACL written before ROSTER existed: the site runs on, without live roster
+                # changes, until `neurofed provision --add-site/--revoke` rewrites the ACL
+                log.warning(
+                    "%s: the broker refused the roster topic (%s); its ACL predates live membership: "
+                    "regenerate it with neurofed provision",
+                    self.participant,
+                    rc,
+                )
+                continue
+            bad.append(str(rc))
         if bad:
             self._connect_error = f"subscription refused ({', '.join(bad)})"
         elif mid == self._sub_mid:
@@ -304,6 +322,8 @@ class MqttEndpoint(Endpoint):
                     self._note_retained_model(topic, data, retained)
                 else:
                     msg = self.receiver.feed(topic, data, again)
+                    if msg is not None and msg.kind is MessageKind.ROSTER:
+                        self._take_roster(msg)
                 del data, item
                 self._ack(generation, mid, qos)
                 if msg is not None or self.receiver.ready_count:
@@ -447,6 +467,45 @@ class MqttEndpoint(Endpoint):
     def set_run(self, run: str) -> None:
         self.run = run
         self.receiver.set_run(run)
+
+    def set_roster(self, roster: Roster) -> None:
+        """From now on accept messages from ``roster``'s participants and encrypt to its sites."""
+        self.bundle = dataclasses.replace(self.bundle, roster=roster)
+        self.receiver.bundle = self.bundle
+
+    def _take_roster(self, msg: Message) -> None:
+        """A ROSTER from the coordinator (worker thread): applied here, before any later message
+        is decoded, if the CA signed it and it is newer than ours; older or equal ones are ignored
+        (never downgraded). The message still goes to the caller."""
+        from cryptography import x509
+
+        try:
+            ca = x509.load_pem_x509_certificate(self.bundle.ca_cert.read_bytes())
+            roster = roster_from_meta(msg.meta, ca, self.federation)
+        except (ProvisioningError, OSError, ValueError) as exc:
+            log.warning("%s: ROSTER from %s refused: %s", self.participant, msg.sender, exc)
+            return
+        current = self.bundle.roster
+        if roster.version <= current.version:
+            if roster.version < current.version:
+                log.info(
+                    "%s: ignoring roster version %d (holding %d)",
+                    self.participant,
+                    roster.version,
+                    current.version,
+                )
+            return
+        self.set_roster(roster)
+        gone = sorted(set(current.participants) - set(roster.participants))
+        new = sorted(set(roster.participants) - set(current.participants))
+        log.warning(
+            "%s: roster version %d applied (was %d): added %s, removed %s",
+            self.participant,
+            roster.version,
+            current.version,
+            ", ".join(new) or "none",
+            ", ".join(gone) or "none",
+        )
 
     def drain_rejected(self) -> list[dict[str, Any]]:
         return self.receiver.drain_rejected()

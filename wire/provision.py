@@ -10,7 +10,8 @@ provisioning state (never part of any bundle). Each bundle holds only what its p
 
 ``add_site`` adds a participant without touching existing certificates or keys (the roster is
 re-signed and redistributed, the ACL regenerated); ``revoke`` puts the site's certificate on the
-CRL, drops it from the roster and ACL. The broker must be restarted to load a new CRL.
+CRL, drops it from the roster and ACL. A running broker takes the new ACL and CRL on SIGHUP
+(``neurofed.wire.membership`` applies a change live and closes a revoked site's connection).
 Private keys are written 0600 and never printed or logged.
 """
 
@@ -247,6 +248,7 @@ def _acl(federation: str, sites: list[str]) -> str:
         lines += [
             f"user {s}",
             f"topic read {p}/task",
+            f"topic read {p}/roster",
             f"topic read {p}/model/#",
             f"topic read {p}/receipts/#",
             f"topic read {p}/relay/#",
@@ -424,7 +426,8 @@ def add_site(out: Path | str, site: str, days: int | None = None) -> ProvisionRe
 def revoke(out: Path | str, site: str) -> ProvisionResult:
     """Revoke a site: its certificates go on the CRL, it leaves the roster and the ACL.
 
-    The broker loads the CRL at start: restart it (``neurofed broker``) for the revocation to bite.
+    A running broker takes the new CRL and ACL on SIGHUP, but keeps the site's open connection:
+    ``neurofed.wire.membership.revoke_live`` closes it too.
     """
     ca = _CA(Path(out))
     st = ca.state

@@ -80,6 +80,9 @@ MAX_CANDIDATES = 4  # bodies kept per chunk index until the message's key authen
 _PERSISTED_KINDS = frozenset(
     {MessageKind.UPDATE, MessageKind.METRICS, MessageKind.RECEIPTS, MessageKind.SECAGG, MessageKind.RELAY}
 )
+# STATUS (a will is fixed at connect time) and ROSTER (the CA's signature and its version order it,
+# whichever run published it) carry round 0 and belong to no run
+_NO_ROUND_KINDS = frozenset({MessageKind.STATUS, MessageKind.ROSTER})
 _FOLLOWED_KINDS = frozenset({MessageKind.TASK, MessageKind.MODEL, MessageKind.RECEIPTS, MessageKind.RELAY})
 _LOG_BURST = 5  # log lines per (sender, reason) and minute; the rest are counted, not logged
 
@@ -483,7 +486,7 @@ class Receiver:
             raise ProtocolError("sender-role", f"{h.sender!r} ({sender.role}) may not send {h.kind}")
         newer_run = self._check_run(h)
         lo, hi = self.window
-        if h.kind is not MessageKind.STATUS and not newer_run and not lo <= h.round <= hi:
+        if h.kind not in _NO_ROUND_KINDS and not newer_run and not lo <= h.round <= hi:
             raise ProtocolError("stale-or-future-round", f"round {h.round} outside [{lo}, {hi}]")
         if h.size > self.max_message_bytes:
             raise ProtocolError("over-size-limit", f"{h.size} bytes > limit {self.max_message_bytes}")
@@ -496,7 +499,7 @@ class Receiver:
     def _check_run(self, h: Header) -> bool:
         """Refuse another run's message (``other-run``). Returns True for a coordinator's message of
         a run that started after this site's (taken by a site that follows newer runs)."""
-        if h.kind is MessageKind.STATUS or h.run == (self.run or ""):
+        if h.kind in _NO_ROUND_KINDS or h.run == (self.run or ""):
             return False
         if (
             self.follow_newer_runs

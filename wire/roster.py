@@ -115,15 +115,38 @@ def load_verified_roster(roster_path: Path, sig_path: Path, ca_cert: x509.Certif
     for p in (roster_path, sig_path):
         if not p.is_file():
             raise ProvisioningError(f"{p} is missing; copy the whole bundle folder from `neurofed provision`")
-    data = roster_path.read_bytes()
+    return verify_roster(roster_path.read_bytes(), sig_path.read_bytes(), ca_cert, str(roster_path))
+
+
+def verify_roster(data: bytes, sig_b64: bytes, ca_cert: x509.Certificate, where: str = "roster") -> Roster:
+    """The roster in ``data`` if ``sig_b64`` (base64 DER ECDSA, as in roster.sig) is the
+    federation CA's signature of exactly these bytes; ProvisioningError otherwise."""
     try:
-        sig = base64.b64decode(sig_path.read_bytes(), validate=True)
+        sig = base64.b64decode(sig_b64, validate=True)
         pub = ca_cert.public_key()
         assert isinstance(pub, ec.EllipticCurvePublicKey)
         pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError, AssertionError):
+    except (InvalidSignature, ValueError, AssertionError, TypeError):
         raise ProvisioningError(
-            f"{roster_path}: signature does not verify against the federation CA; the roster was altered "
+            f"{where}: signature does not verify against the federation CA; the roster was altered "
             "or belongs to another federation (take it again from the provisioning output)"
         ) from None
-    return Roster.from_json(data, str(roster_path))
+    return Roster.from_json(data, where)
+
+
+def roster_meta(data: bytes, sig_b64: bytes) -> dict[str, str]:
+    """The ``meta`` of a ROSTER message: the roster's exact signed bytes and the CA's signature."""
+    return {"roster": base64.b64encode(data).decode(), "sig": sig_b64.decode().strip()}
+
+
+def roster_from_meta(meta: dict[str, Any], ca_cert: x509.Certificate, federation: str) -> Roster:
+    """Verify a ROSTER message's roster against the federation CA; ProvisioningError otherwise."""
+    try:
+        data = base64.b64decode(str(meta["roster"]), validate=True)
+        sig = str(meta["sig"]).encode()
+    except (KeyError, ValueError, TypeError):
+        raise ProvisioningError("ROSTER message without a roster and its signature") from None
+    roster = verify_roster(data, sig, ca_cert, "ROSTER message")
+    if roster.federation != federation:
+        raise ProvisioningError(f"ROSTER message is for federation {roster.federation!r}, not {federation!r}")
+    return roster

@@ -44,8 +44,10 @@ def new_msg_id() -> str:
 
 
 def default_recipients(bundle: Bundle, kind: MessageKind) -> list[str]:
-    if kind is MessageKind.STATUS:
-        return []  # signed, not secret: liveness is no secret from the broker anyway
+    if kind in (MessageKind.STATUS, MessageKind.ROSTER):
+        # signed, not secret: liveness is no secret from the broker anyway, and the roster holds
+        # public keys (a site added since the coordinator's last roster must be able to read it)
+        return []
     if SENDER_ROLE[kind] == "coordinator":
         return bundle.roster.sites
     return [COORDINATOR]

@@ -1,6 +1,7 @@
 """MQTT topic names (design.md section 3) and their parsing.
 
 nf/<fed>/task                                  TASK, retained, one packet
+nf/<fed>/roster                                ROSTER, retained, one packet
 nf/<fed>/status/<site>                         STATUS, one packet (also the MQTT will)
 nf/<fed>/model/<round>/<msg>/<chunk>           MODEL chunks (retained for the current round)
 nf/<fed>/receipts/<round>/<msg>/<chunk>        RECEIPTS
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.errors import ProtocolError
 
-SINGLE_PACKET = {MessageKind.TASK, MessageKind.STATUS}
+SINGLE_PACKET = {MessageKind.TASK, MessageKind.STATUS, MessageKind.ROSTER}
 _PER_SITE = {MessageKind.UPDATE, MessageKind.METRICS, MessageKind.SECAGG}
 
 
@@ -29,6 +30,8 @@ def topic_for(federation: str, kind: MessageKind, sender: str, round: int, msg_i
     p = prefix(federation)
     if kind is MessageKind.TASK:
         return f"{p}/task"
+    if kind is MessageKind.ROSTER:
+        return f"{p}/roster"
     if kind is MessageKind.STATUS:
         return f"{p}/status/{sender}"
     if kind in _PER_SITE:
@@ -41,7 +44,7 @@ def subscriptions(federation: str, role: str) -> list[str]:
     if role == "coordinator":
         # model/# only to learn which retained model chunks exist (to clear old rounds).
         return [f"{p}/update/#", f"{p}/metrics/#", f"{p}/secagg/#", f"{p}/status/#", f"{p}/model/#"]
-    return [f"{p}/task", f"{p}/model/#", f"{p}/receipts/#", f"{p}/relay/#", f"{p}/status/#"]
+    return [f"{p}/task", f"{p}/roster", f"{p}/model/#", f"{p}/receipts/#", f"{p}/relay/#", f"{p}/status/#"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def parse_topic(topic: str) -> TopicInfo:
             raise ValueError
         fed, kind = parts[1], MessageKind(parts[2])
         rest = parts[3:]
-        if kind is MessageKind.TASK and not rest:
+        if kind in (MessageKind.TASK, MessageKind.ROSTER) and not rest:
             return TopicInfo(fed, kind, COORDINATOR, None, None, None)
         if kind is MessageKind.STATUS and len(rest) == 1:
             return TopicInfo(fed, kind, rest[0], None, None, None)

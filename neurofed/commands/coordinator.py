@@ -212,6 +212,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     dp.add_argument("--dp-delta", type=float, help="the delta of (epsilon, delta)-DP (default 1e-5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=60.0,
+        help="after the federation's end, stay up to this many seconds while sites have not left, "
+        "publishing the end again if the broker comes back without it (default 60; sites leave at "
+        "once on the end, so this costs nothing unless one is stopped or cut off; 0: exit at once)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -295,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
             dp_max_grad_norm=args.dp_max_grad_norm,
             dp_target_epsilon=args.dp_target_epsilon,
             dp_delta=args.dp_delta,
+            linger=args.linger,
         )
     )
     for r in results:
