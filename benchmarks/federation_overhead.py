@@ -284,7 +284,7 @@ def coordinator_args(args: argparse.Namespace, work: Path, summary: dict, init: 
         "--state", str(work / "coordinator-state"),
     ] + (["--compression", compression_of(args)]) + (
         ["--topk-density", str(args.topk_density)] if getattr(args, "topk_density", None) else []
-    ) + (["--secure-aggregation"] if args.secure_aggregation else []
+    ) + (["--secure-aggregation"] if getattr(args, "secure_aggregation", False) else []
     )  # fmt: skip
 
 

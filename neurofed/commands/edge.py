@@ -103,8 +103,21 @@ def run(args: argparse.Namespace) -> int:
     from neurofed.edge_node.data import discover_cases, training_spacing
 
     # the coordinator sets the spacing; without its --spacing it takes the sites' medians
-    spacing = training_spacing(discover_cases(data))
-    logging.getLogger("neurofed.edge").info("%s: cases' spacing %s", bundle.participant, spacing.describe())
+    # A folder without readable cases does not stop the agent: it stays connected (and healthy)
+    # and says why it cannot take part; the first task it gets fails with the same cause.
+    report: dict = {}
+    try:
+        spacing = training_spacing(discover_cases(data))
+    except EdgeNodeError as exc:
+        logging.getLogger("neurofed.edge").warning(
+            "%s: no spacing to report (%s); check the folder with `neurofed check-data %s`",
+            bundle.participant, str(exc).splitlines()[0], data,
+        )  # fmt: skip
+    else:
+        report["spacing"] = spacing.to_dict()
+        logging.getLogger("neurofed.edge").info(
+            "%s: cases' spacing %s", bundle.participant, spacing.describe()
+        )
     # the run this site last took part in, and the replay window, survive a restart
     endpoint = MqttEndpoint(bundle, run=SiteAgent.saved_run(state), seen_path=state / "seen-messages.log")
     endpoint.start()
@@ -116,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             make_trainer,
             state,
             resend_after=args.resend_after,
-            report={"spacing": spacing.to_dict()},
+            report=report,
             secure_identity=identity,
         ).run()
     finally:
