@@ -700,7 +700,10 @@ class SiteAgent:
             )
             self._save_state()
             del result
-            if not rs.get("metrics_sent"):  # score the round's model while the key exchange runs
+            # the masked input first (the shares usually came in during training), then score the
+            # round's model while the coordinator collects the inputs and unmasks
+            self._secure_progress(stop)
+            if not rs.get("metrics_sent"):
                 self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r), stop)
             self._set_status(state="secure-aggregation", round=r)
         self._secure_progress(stop)
