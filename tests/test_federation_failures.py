@@ -49,21 +49,25 @@ pytestmark = pytest.mark.slow
 SHAPE = (32, 32, 32)
 
 
-@pytest.fixture(scope="module")
-def fed_data(tmp_path_factory):
+def federation_data(tmp_path_factory, name: str, *, sites: int, cases: int):
+    """Synthetic sites at 32^3 and one initial tiny model for every coordinator of a module
+    (building it in each coordinator costs 10-30 s here)."""
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
-    root = tmp_path_factory.mktemp("fed-data")
-    summary = make_data(root, sites=3, cases=12, shape=SHAPE)
-    # one initial model for every test (building it in each coordinator costs 10-30 s here)
     from neurofed.coordinator.init_weights import initial_weights
-    from neurofed.coordinator.state import StateStore
     from neurofed.models.config import ModelConfig
 
+    root = tmp_path_factory.mktemp(name)
+    summary = make_data(root, sites=sites, cases=cases, shape=SHAPE)
     cfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
     StateStore(root / "init").write_round_weights(0, initial_weights(cfg), cfg)
     summary["init"] = str(StateStore(root / "init").round_weights_path(0))
     return root, summary
+
+
+@pytest.fixture(scope="module")
+def fed_data(tmp_path_factory):
+    return federation_data(tmp_path_factory, "fed-data", sites=3, cases=12)
 
 
 class Fed:

@@ -7,31 +7,18 @@ attempt with fresh keys, and the round closes exactly once."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
 
-from neurofed.launch.local import make_data, wait_for
-from tests.test_federation_failures import SHAPE, Fed
+from neurofed.launch.local import wait_for
+from tests.test_federation_failures import Fed, federation_data
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def secure_data(tmp_path_factory):
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
-    root = tmp_path_factory.mktemp("secure-data")
-    summary = make_data(root, sites=4, cases=16, shape=SHAPE)
-    from neurofed.coordinator.init_weights import initial_weights
-    from neurofed.coordinator.state import StateStore
-    from neurofed.models.config import ModelConfig
-
-    cfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
-    StateStore(root / "init").write_round_weights(0, initial_weights(cfg), cfg)
-    summary["init"] = str(StateStore(root / "init").round_weights_path(0))
-    return root, summary
+    """Four sites: secure aggregation needs three survivors after one is killed."""
+    return federation_data(tmp_path_factory, "secure-data", sites=4, cases=16)
 
 
 class SecureFed(Fed):

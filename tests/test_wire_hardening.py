@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from neurofed.launch.local import make_data, wait_for
+from neurofed.launch.local import wait_for
 from neurofed.wire.api import MessageKind
 from neurofed.wire.bundle import load_bundle
 from neurofed.wire.envelope import encode_frame, new_run_id
 from neurofed.wire.receiver import Receiver
 from neurofed.wire.sealing import encode_plaintext_prefix, message_digest, new_msg_id, seal_message
 from neurofed.wire.topics import topic_for
-from tests.test_federation_failures import Fed
+from tests.test_federation_failures import Fed, federation_data
 from tests.wire.helpers import RawClient, flip, forge
 
 pytestmark = pytest.mark.slow
@@ -40,18 +39,7 @@ SHAPE = (32, 32, 32)
 @pytest.fixture(scope="module")
 def wire_data(tmp_path_factory):
     """Two synthetic sites (three cases each) and one initial tiny model for every coordinator."""
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
-    from neurofed.coordinator.init_weights import initial_weights
-    from neurofed.coordinator.state import StateStore
-    from neurofed.models.config import ModelConfig
-
-    root = tmp_path_factory.mktemp("wire-data")
-    summary = make_data(root, sites=2, cases=6, shape=SHAPE)
-    cfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
-    StateStore(root / "init").write_round_weights(0, initial_weights(cfg), cfg)
-    summary["init"] = str(StateStore(root / "init").round_weights_path(0))
-    return root, summary
+    return federation_data(tmp_path_factory, "wire-data", sites=2, cases=6)
 
 
 def _federation(request, tmp_path, wire_data, federation: str):
