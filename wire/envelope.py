@@ -211,7 +211,7 @@ def decode_frame(data: bytes) -> Frame:
     if not isinstance(data, bytes):
         data = bytes(data)
     if data[:4] != MAGIC:
-        if data[:3] == MAGIC[:3]:
+        if len(data) >= 4 and data[:3] == MAGIC[:3]:
             raise _bad(f"frame version {data[3]} is not supported (this node speaks {VERSION})")
         raise _bad("not a neurofed envelope (bad magic)")
     pos = 4

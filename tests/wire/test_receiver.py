@@ -343,7 +343,7 @@ def test_memory_budget_evicts_oldest_incomplete(fed):
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"garbage", b"NFW\x01", b"NFW\x01\x00\x05{}{}{", b"NFW\x02" + b"\x00" * 100],
+    [b"", b"garbage", b"NFW", b"NFW\x01", b"NFW\x01\x00\x05{}{}{", b"NFW\x02" + b"\x00" * 100],
 )
 def test_malformed_header(fed, data):
     r = Receiver(fed.coordinator)
