@@ -526,7 +526,7 @@ def test_the_end_is_published_again_after_a_broker_restart_and_sigterm_waits_for
     """Two gaps at the end of a federation, staged in one run:
 
     - The end is a retained TASK; a broker killed before its autosave (30 s), or replaced without
-      its data, comes back without it. Site c is stopped (SIGSTOP) after round 1 and misses the
+      its data, comes back without it. Site c is stopped (SIGSTOP) once its round-1 update is in and misses the
       end; the broker is then killed and restarted without its data. The coordinator lingers
       while c has not left, publishes the end again on its reconnect, and c ends on it.
     - Then the coordinator waits for its registry (an MLflow that accepts connections and never
@@ -543,9 +543,17 @@ def test_the_end_is_published_again_after_a_broker_restart_and_sigterm_waits_for
         fed.wait_sites_ready()
         a, b, c = fed.sites
         coord = fed.start_coordinator(
-            rounds=1, min_sites=2, timeout=15, mlflow=f"http://127.0.0.1:{mute.getsockname()[1]}"
+            rounds=2, min_sites=2, timeout=8, mlflow=f"http://127.0.0.1:{mute.getsockname()[1]}"
         )
-        fed.wait_round(1)
+        # c is stopped as soon as its round-1 update is in: a tiny federation otherwise finishes
+        # (and c with it) within a few tenths of a second of round 1's close
+        wait_for(
+            lambda: (c, 1) in {(e["site"], e["round"]) for e in fed.events("update")},
+            240,
+            "c's round-1 update",
+            fed.procs,
+            poll=0.02,
+        )
         fed.edges[c].popen.send_signal(signal.SIGSTOP)
         fed.broker.kill()  # c's connection goes; the broker comes back with its state, c stays away
         fed.broker.start()

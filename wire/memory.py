@@ -136,6 +136,8 @@ class MemoryEndpoint(Endpoint):
             if not newer:
                 self._refuse("other-run", msg)
                 return
+        if SENDER_ROLE[msg.kind] == "coordinator":
+            hi = 2**31 - 1  # the coordinator sets the rounds: its later rounds are taken
         if msg.kind is not MessageKind.STATUS and not newer and not lo <= msg.round <= hi:
             self._refuse("stale-or-future-round", msg)
             return

@@ -171,6 +171,17 @@ def test_stale_or_future_round(fed, rnd):
     assert len(feed_all(r, frames_of(seal_message(fed.a, U, 5, {}, payload(500))))) == 1
 
 
+def test_a_site_back_after_several_rounds_takes_the_current_task(fed):
+    """A site whose window is still round 1's takes the coordinator's task of round 5 (the
+    coordinator sets the rounds), and still refuses one of an earlier round."""
+    r = Receiver(fed.a)
+    r.set_round_window(0, 2)
+    assert len(feed_all(r, frames_of(seal_message(fed.coordinator, MessageKind.TASK, 5, {"round": 5})))) == 1
+    r.set_round_window(4, 6)
+    assert feed_all(r, frames_of(seal_message(fed.coordinator, MessageKind.TASK, 3, {"round": 3}))) == []
+    rejected(r, "stale-or-future-round")
+
+
 def test_replayed_message_id(fed):
     fr = frames_of(seal_message(fed.a, U, 1, {}, payload(500)))
     r = Receiver(fed.coordinator)
