@@ -205,12 +205,16 @@ def fed(request, tmp_path, fed_data):
     f = Fed(tmp_path, fed_data)
     yield f
     f.close()
+    print_logs_if_failed(request, f)
+
+
+def print_logs_if_failed(request, f: Fed, lines: int = 60) -> None:
+    """A failure happens in one of several processes: CI shows only what the test printed."""
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
-        # A failure here happens in one of five processes: CI shows only what the test printed.
         for log in sorted(f.logs.glob("*.log")):
-            print(f"----- {log.name} (last 60 lines) -----")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+            print(f"----- {log.name} (last {lines} lines) -----")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
 
 
 def test_site_killed_mid_upload_others_finish_the_round_and_it_rejoins(fed):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from neurofed.launch.local import wait_for
-from tests.test_federation_failures import Fed, federation_data
+from tests.test_federation_failures import Fed, federation_data, print_logs_if_failed
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,7 @@ def sfed(request, tmp_path, secure_data):
     f = SecureFed(tmp_path, secure_data)
     yield f
     f.close()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for log in sorted(f.logs.glob("*.log")):
-            print(f"----- {log.name} (last 40 lines) -----")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    print_logs_if_failed(request, f, lines=40)
 
 
 def _secagg_done(fed: Fed, r: int) -> dict:

@@ -140,3 +140,13 @@ def run_in_thread(coord: Coordinator) -> tuple[threading.Thread, dict]:
     t = threading.Thread(target=target, daemon=True, name="coordinator")
     t.start()
     return t, box
+
+
+def finish(t: threading.Thread, box: dict, stop: threading.Event, timeout: float = 60):
+    """Wait for the coordinator thread, stop the agents, surface its error or return its results."""
+    t.join(timeout)
+    stop.set()
+    assert not t.is_alive(), "coordinator did not finish in time"
+    if "error" in box:
+        raise box["error"]
+    return box["results"]

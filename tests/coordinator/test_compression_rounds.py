@@ -21,6 +21,7 @@ from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.memory import MemoryHub
 from tests.coordinator.helpers import (
     ShiftTrainer,
+    finish,
     initial_weights,
     make_coordinator,
     run_in_thread,
@@ -56,12 +57,7 @@ class NoisyTrainer(ShiftTrainer):
 
 
 def _finish(t, box, stop, timeout=120):
-    t.join(timeout)
-    stop.set()
-    assert not t.is_alive(), "coordinator did not finish in time"
-    if "error" in box:
-        raise box["error"]
-    return box["results"]
+    return finish(t, box, stop, timeout)
 
 
 def _held_digest(path):

@@ -17,6 +17,7 @@ from neurofed.wire.api import MessageKind
 from neurofed.wire.memory import MemoryHub
 from tests.coordinator.helpers import (
     ShiftTrainer,
+    finish,
     initial_weights,
     make_coordinator,
     run_in_thread,
@@ -27,12 +28,7 @@ SITES = ("site-a", "site-b", "site-c")
 
 
 def _finish(t, box, stop, timeout=60):
-    t.join(timeout)
-    stop.set()
-    assert not t.is_alive(), "coordinator did not finish in time"
-    if "error" in box:
-        raise box["error"]
-    return box["results"]
+    return finish(t, box, stop, timeout)
 
 
 def test_full_federation_is_fedavg_and_scored_at_the_end(tmp_path):
