@@ -340,13 +340,14 @@ def _write_broker(ca: _CA, days: int, reissue: bool) -> None:
     central_sites = [s for s in st["sites"] if s not in bridged]
     _write_public(bdir / "acl", _acl(st["federation"], central_sites, st.get("bridges")).encode())
     _write_public(bdir / "mosquitto.conf", _mosquitto_conf(st).encode())
-    _write_public(bdir / "crl.pem", _crl(ca))
+    crl = _crl(ca)  # one list for every broker of the federation
+    _write_public(bdir / "crl.pem", crl)
     (bdir / "data").mkdir(exist_ok=True)
     for region in st.get("bridges", {}):
-        _write_regional_broker(ca, region, days, reissue=False)
+        _write_regional_broker(ca, region, days, reissue=False, crl=crl)
 
 
-def _write_regional_broker(ca: _CA, region: str, days: int, reissue: bool) -> None:
+def _write_regional_broker(ca: _CA, region: str, days: int, reissue: bool, crl: bytes | None = None) -> None:
     """DIR/broker.<region>/: the central broker's listener settings, CRL and ACL for the region's
     sites, plus the bridge to the central broker with the bridge's own certificate."""
     st = ca.state
@@ -373,7 +374,7 @@ def _write_regional_broker(ca: _CA, region: str, days: int, reissue: bool) -> No
         st["federation"], region, st["broker_host"], int(st["broker_port"])
     )
     _write_public(bdir / "mosquitto.conf", conf.encode())
-    _write_public(bdir / "crl.pem", _crl(ca))
+    _write_public(bdir / "crl.pem", crl or _crl(ca))
     (bdir / "data").mkdir(exist_ok=True)
 
 
