@@ -140,3 +140,52 @@ def test_the_command_line(tmp_path, capsys):
     assert main(["provision", "--out", str(out), "--revoke", "a", "--bridge", "east"]) != 0
     assert main(["provision", "--out", str(out), "--bridge-sites", "c"]) != 0
     assert "go with --bridge" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_regional_site_revoked_live_is_cut_off_on_its_own_broker(tmp_path):
+    """``revoke_live`` for a site on a bridged broker: both brokers reloaded (same PIDs), the
+    site's connection on the regional broker closed, its next handshake refused there, nobody
+    else disconnected: not the other regional site, the coordinator, nor the bridge."""
+    from neurofed.launch.local import wait_for
+    from neurofed.procs import free_port
+    from neurofed.wire.broker import start_broker, stop_broker
+    from neurofed.wire.errors import TransportError
+    from neurofed.wire.membership import revoke_live
+    from neurofed.wire.mqtt import MqttEndpoint
+    from tests.fixtures.broker import connection_ends, require_mosquitto
+
+    require_mosquitto()
+    root, p1, p2 = tmp_path / "b", free_port(), free_port()
+    provision(root, "livefed", ["site-a", "site-b", "site-c"], "localhost", p1, days=10)
+    add_bridge(root, "east", ["site-a", "site-b"], "localhost", p2)
+    logs = {n: tmp_path / f"{n}.log" for n in ("central", "east")}
+    with open(logs["central"], "wb") as f1, open(logs["east"], "wb") as f2:
+        central = start_broker(root / "broker", p1, stderr=f1)
+        east = start_broker(root / "broker.east", p2, stderr=f2)
+    eps = []
+    try:
+        wait_for(lambda: "as bridge.east" in logs["central"].read_text(), 30, "the bridge")
+        for who in ("coordinator", "site-a", "site-b"):
+            eps.append(MqttEndpoint(root / who))
+            eps[-1].start(timeout=20)
+        before = {n: len(p.read_text()) for n, p in logs.items()}
+        change = revoke_live(root, "site-a")
+        print(
+            f"regional revocation: reloaded after {change.reloaded_s:.2f} s, closed after {change.closed_s:.2f} s"
+        )
+        assert change.broker_pid == central.pid and change.closed_s < 5.0
+        after = {n: p.read_text(errors="replace")[before[n] :] for n, p in logs.items()}
+        assert "Client site-a already connected, closing old connection" in after["east"], after["east"]
+        for who, log in (("site-b", "east"), ("bridge.east.local", "east"), ("coordinator", "central")):
+            assert not connection_ends(after[log], who), f"{who} was disconnected:\n{after[log]}"
+        assert not connection_ends(after["central"], "bridge.east"), after["central"]
+        assert central.poll() is None and east.poll() is None, "the same broker processes"
+        with pytest.raises(TransportError):
+            MqttEndpoint(root / "site-a").start(timeout=5)
+        assert "certificate verify failed" in logs["east"].read_text(errors="replace")[before["east"] :]
+    finally:
+        for ep in eps:
+            ep.close()
+        stop_broker(east)
+        stop_broker(central)
