@@ -37,8 +37,19 @@ def bridge_data(tmp_path_factory):
     return federation_data(tmp_path_factory, "bridge-data", sites=3, cases=9)
 
 
+class RegionalBroker(Broker):
+    """The regional Mosquitto, from ``bundles/broker.<region>``."""
+
+    def start(self) -> None:
+        from neurofed.wire.broker import start_broker
+
+        with open(self.log, "ab") as fh:
+            self.proc = start_broker(self.root / f"broker.{REGION}", self.port, stderr=fh)
+
+
 class BridgedFed(Fed):
-    """``Fed`` with the sites ``regional`` on a bridged regional broker."""
+    """``Fed`` (its helpers for processes and events) with the sites ``regional`` on a bridged
+    regional broker and the others, and the coordinator, on the central one."""
 
     def __init__(self, tmp: Path, data, regional: list[str]) -> None:
         self.tmp = tmp
@@ -53,21 +64,14 @@ class BridgedFed(Fed):
         self.logs.mkdir()
         self.state = tmp / "coordinator-state"
         self.broker = Broker(self.bundles, self.port, self.logs / "mosquitto.log")
-        self.regional = Broker(self.bundles, self.regional_port, self.logs / "mosquitto-east.log")
+        self.regional = RegionalBroker(self.bundles, self.regional_port, self.logs / "mosquitto-east.log")
         self.broker.start()
-        _start_regional(self.regional, self.bundles / f"broker.{REGION}")
+        self.regional.start()
         self.procs, self.coord, self.edges, self._n = [], None, {}, 0
 
     def close(self) -> None:
         super().close()
         self.regional.kill()
-
-
-def _start_regional(b: Broker, bundle: Path) -> None:
-    from neurofed.wire.broker import start_broker
-
-    with open(b.log, "ab") as fh:
-        b.proc = start_broker(bundle, b.port, stderr=fh)
 
 
 def _bridge_up(log: Path) -> bool:
