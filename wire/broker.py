@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from neurofed.children import ending_with_parent
+from neurofed.wire.bridge import BRIDGE_KEY
 from neurofed.wire.bundle import check_broker_bundle
 from neurofed.wire.errors import TransportError
 
@@ -49,7 +50,11 @@ def prepare_bundle(bundle: Path | str) -> Path:
         except KeyError:
             pw = None
         if pw is not None:
-            for p in (data, *data.iterdir(), bundle / "server.key"):
+            keys = [
+                bundle / "server.key",
+                *([bundle / BRIDGE_KEY] if (bundle / BRIDGE_KEY).is_file() else []),
+            ]
+            for p in (data, *data.iterdir(), *keys):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
             os.chmod(bundle, 0o755)
     return conf

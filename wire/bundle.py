@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from neurofed.wire.bridge import BRIDGE_CERT, BRIDGE_KEY
 from neurofed.wire.errors import ProvisioningError
 from neurofed.wire.roster import Roster, load_verified_roster
 
@@ -180,4 +181,6 @@ def check_broker_bundle(path: Path | str) -> Path:
             f"broker bundle {path} lacks {', '.join(missing)}; copy DIR/broker from `neurofed provision`"
         )
     check_key_matches_certificate(path / "server.crt", path / "server.key")
+    if (path / BRIDGE_CERT).is_file() or (path / BRIDGE_KEY).is_file():  # a regional broker
+        check_key_matches_certificate(path / BRIDGE_CERT, path / BRIDGE_KEY)
     return path / "mosquitto.conf"

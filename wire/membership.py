@@ -16,6 +16,10 @@ admin identity and a JSON state file the broker rewrites, and with ``use_identit
 its client checks do not run at connect, so a kicked certificate would come straight back
 unless the CRL is reloaded anyway. The reload plus a takeover needs neither.
 
+A site on a bridged regional broker (``neurofed.wire.bridge``) is cut off on that broker: both
+brokers are reloaded (the regional one holds the site's ACL and CRL, the central one the bridge's
+rights for that site) and the takeover connects to the regional broker.
+
 Participants learn the change from the coordinator's retained ROSTER message (wire/PROTOCOL.md).
 """
 
@@ -31,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from neurofed.wire import bridge
 from neurofed.wire import provision as pv
 from neurofed.wire.broker import broker_pid as find_broker
 from neurofed.wire.broker import reload_broker
@@ -50,10 +55,30 @@ class LiveChange:
     closed_s: float | None  # from the call to the revoked site's connection closed (revoke only)
 
 
-def _reload(out: Path, broker_pid: int | None) -> int:
+def _reload(out: Path, broker_pid: int | None, regional: tuple[Path, int] | None = None) -> int:
+    """SIGHUP the central broker and, for a change on a bridged site, its regional broker too."""
     pid = reload_broker(out / pv.BROKER, broker_pid)
+    if regional is not None:
+        reload_broker(*regional)
     time.sleep(RELOAD_SETTLE_S)
     return pid
+
+
+def _regional(out: Path, region: str | None) -> tuple[Path, int] | None:
+    """The bundle and PID of ``region``'s running broker (found before anything changes, so a
+    broker this machine cannot signal stops the change with nothing written)."""
+    if region is None:
+        return None
+    bundle = out / bridge.regional_folder(region)
+    try:
+        return bundle, find_broker(bundle)
+    except TransportError as exc:
+        raise TransportError(
+            f"{exc}. The site connects to region {region!r}'s broker: --live signals it from this "
+            f"machine. Where it runs elsewhere, make the change without --live, copy {bundle}/acl "
+            "and crl.pem to it and send it SIGHUP (docker kill -s HUP <container>), then SIGHUP "
+            "the central broker"
+        ) from None
 
 
 def close_connection(
@@ -76,8 +101,9 @@ def close_connection(
         not_before=now - dt.timedelta(minutes=1),
         not_after=now + dt.timedelta(minutes=TAKEOVER_MINUTES),
     )
-    host = host or ca.state["broker_host"]
-    port = int(port or ca.state["broker_port"])
+    site_host, site_port = bridge.broker_address(ca.state, site)  # the broker the site uses
+    host = host or site_host
+    port = int(port or site_port)
     connected = threading.Event()
     refused: list[str] = []
 
@@ -117,7 +143,9 @@ def close_connection(
     finally:
         c.loop_stop()
     ca.state["revoked_serials"].append(cert.serial_number)
-    pv._write_public(ca.out / pv.BROKER / "crl.pem", pv._crl(ca))
+    crl = pv._crl(ca)
+    for folder in (pv.BROKER, *map(bridge.regional_folder, ca.state.get("bridges", {}))):
+        pv._write_public(ca.out / folder / "crl.pem", crl)
     ca.save()
 
 
@@ -135,12 +163,16 @@ def revoke_live(
     out = Path(out)
     t0 = time.monotonic()
     pid = broker_pid or find_broker(out / pv.BROKER)  # before changing anything
+    ca = pv._CA(out)
+    regional = _regional(out, bridge.site_region(ca.state, site))
+    if host is None and port is None:  # the site's broker, as it was before the revocation
+        host, port = bridge.broker_address(ca.state, site)
     pv.revoke(out, site)
-    pid = _reload(out, pid)
+    pid = _reload(out, pid, regional)
     reloaded = time.monotonic() - t0
     close_connection(out, site, host, port)
     closed = time.monotonic() - t0
-    _reload(out, pid)  # the takeover certificate is on the CRL too
+    _reload(out, pid, regional)  # the takeover certificate is on the CRL too
     log.info(
         "revoked %s live: broker %d reloaded in %.2f s, connection closed in %.2f s",
         site,
@@ -152,15 +184,23 @@ def revoke_live(
 
 
 def add_site_live(
-    out: Path | str, site: str, *, days: int | None = None, broker_pid: int | None = None
+    out: Path | str,
+    site: str,
+    *,
+    days: int | None = None,
+    broker_pid: int | None = None,
+    region: str | None = None,
 ) -> LiveChange:
-    """Add ``site`` and reload the running broker's ACL; the coordinator publishes the new roster
-    and the site takes part from the next round."""
+    """Add ``site`` (on ``region``'s bridged broker if given) and reload the running brokers'
+    ACLs; the coordinator publishes the new roster and the site takes part from the next round."""
     out = Path(out)
     t0 = time.monotonic()
+    if region is not None:
+        pv._known_region(pv._CA(out).state, region)
     pid = broker_pid or find_broker(out / pv.BROKER)  # before changing anything
-    pv.add_site(out, site, days)
-    pid = _reload(out, pid)
+    regional = _regional(out, region)
+    pv.add_site(out, site, days, region=region)
+    pid = _reload(out, pid, regional)
     return LiveChange(site, pid, time.monotonic() - t0, None)
 
 

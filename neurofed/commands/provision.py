@@ -14,6 +14,12 @@ examples:
   neurofed provision --out bundles --revoke site-02 --live  # ... and applied to the running broker:
                                                           # its connection closed, nobody restarted
 
+bridged brokers (a region or hospital network with its own Mosquitto, bridged to the central one):
+  neurofed provision --out bundles --bridge east --bridge-sites site-02,site-03 \
+      --bridge-host broker.east.example.org               # writes bundles/broker.east/
+  neurofed provision --out bundles --add-site site-05 --bridge east   # a new site on that broker
+  (also together with --federation/--sites/--broker-host when the federation is created)
+
 Writes bundles/<participant>/ for the coordinator, each site and the broker; the CA private key stays
 in bundles/.ca (keep it offline). Hand each site only its own folder.
 """
@@ -36,6 +42,18 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--add-site", metavar="SITE", help="add one site to an existing federation in --out")
     p.add_argument("--revoke", metavar="SITE", help="revoke one site of the federation in --out")
     p.add_argument(
+        "--bridge",
+        metavar="REGION",
+        help="a regional broker bridged to the central one (bundle DIR/broker.REGION, bridge "
+        "identity bridge.REGION): with --bridge-sites and --bridge-host; with --add-site, the "
+        "region whose broker the new site connects to",
+    )
+    p.add_argument("--bridge-sites", help="comma-separated sites that connect to the regional broker")
+    p.add_argument("--bridge-host", help="host name or IP the regional broker's sites reach it by")
+    p.add_argument(
+        "--bridge-port", type=int, default=8883, help="TLS port of the regional broker (default 8883)"
+    )
+    p.add_argument(
         "--live",
         action="store_true",
         help="with --add-site/--revoke: apply the change to the running broker (SIGHUP: it reloads "
@@ -45,12 +63,14 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--broker-pid",
         type=int,
-        help="with --live: the Mosquitto process to reload (default: DIR/broker/broker.pid)",
+        help="with --live: the central Mosquitto process to reload (default: DIR/broker/broker.pid; "
+        "a regional broker is found by DIR/broker.REGION/broker.pid)",
     )
     p.add_argument(
         "--broker-address",
         metavar="HOST:PORT",
-        help="with --revoke --live: where to reach the broker (default: the provisioned host and port)",
+        help="with --revoke --live: where to reach the broker the site connects to (default: its "
+        "provisioned host and port, the regional broker's for a bridged site)",
     )
     p.set_defaults(func=run)
     return p
@@ -67,18 +87,30 @@ def run(args: argparse.Namespace) -> int:
         raise ProvisioningError("--broker-pid and --broker-address go with --live")
     if args.live and not (args.add_site or args.revoke):
         raise ProvisioningError("--live goes with --add-site or --revoke")
+    if (args.bridge_sites or args.bridge_host) and not args.bridge:
+        raise ProvisioningError("--bridge-sites and --bridge-host go with --bridge REGION")
+    if args.bridge and args.revoke:
+        raise ProvisioningError("--revoke finds the site's broker itself; leave out --bridge")
+    if args.bridge and args.add_site and (args.bridge_sites or args.bridge_host):
+        raise ProvisioningError(
+            "--add-site SITE --bridge REGION adds to an existing regional broker; create a region "
+            "with --bridge REGION --bridge-sites ... --bridge-host HOST first"
+        )
     if args.live:
         return _live(args, out)
     if args.add_site:
-        res = pv.add_site(out, args.add_site, args.days)
+        res = pv.add_site(out, args.add_site, args.days, region=args.bridge)
         print(f"added {args.add_site} to {res.federation}: bundle {out / args.add_site}")
-        print("  roster re-signed and copied into every bundle; restart the broker to load the new ACL")
+        brokers = "the broker" if not args.bridge else f"the central broker and broker.{args.bridge}"
+        print(f"  roster re-signed and copied into every bundle; restart {brokers} to load the new ACL")
         return 0
     if args.revoke:
         res = pv.revoke(out, args.revoke)
         print(f"revoked {args.revoke} in {res.federation}; CRL, ACL and roster updated")
         print(f"  restart the broker (neurofed broker --bundle {out / pv.BROKER}) to refuse it")
         return 0
+    if args.bridge and not args.federation:
+        return _bridge(args, out)
     missing = [f for f in ("federation", "sites", "broker_host") if not getattr(args, f)]
     if missing:
         raise ProvisioningError(
@@ -90,6 +122,31 @@ def run(args: argparse.Namespace) -> int:
     for p in [pv.BROKER, *res.participants]:
         print(f"  {out / p}/")
     print(f"  CA private key in {out / pv.CA_DIR}/ (keep it offline; it is in no bundle)")
+    if args.bridge:
+        _bridge(args, out)
+    return 0
+
+
+def _bridge(args: argparse.Namespace, out: Path) -> int:
+    """A regional broker bridged to the central one, and its sites moved onto it."""
+    from neurofed.wire import bridge
+    from neurofed.wire import provision as pv
+    from neurofed.wire.errors import ProvisioningError
+
+    if not (args.bridge_sites and args.bridge_host):
+        raise ProvisioningError(
+            "--bridge REGION needs --bridge-sites a,b and --bridge-host HOST (or --add-site SITE "
+            "to add a site to an existing region)"
+        )
+    sites = [s.strip() for s in args.bridge_sites.split(",") if s.strip()]
+    pv.add_bridge(out, args.bridge, sites, args.bridge_host, args.bridge_port, args.days)
+    folder = out / bridge.regional_folder(args.bridge)
+    print(
+        f"region {args.bridge}: broker {args.bridge_host}:{args.bridge_port} ({folder}/), "
+        f"bridged to the central broker as {bridge.bridge_identity(args.bridge)}"
+    )
+    print(f"  sites on it: {', '.join(sites)} (their bundle.toml now names it; restart them)")
+    print(f"  run it with `neurofed broker --bundle {folder}`; restart the central broker for its new ACL")
     return 0
 
 
@@ -98,8 +155,12 @@ def _live(args: argparse.Namespace, out: Path) -> int:
     from neurofed.wire.membership import add_site_live, revoke_live
 
     if args.add_site:
-        ch = add_site_live(out, args.add_site, days=args.days, broker_pid=args.broker_pid)
-        print(f"added {args.add_site}: bundle {out / args.add_site}; broker {ch.broker_pid} reloaded its ACL")
+        ch = add_site_live(out, args.add_site, days=args.days, broker_pid=args.broker_pid, region=args.bridge)
+        where = f" and broker.{args.bridge}" if args.bridge else ""
+        print(
+            f"added {args.add_site}: bundle {out / args.add_site}; broker {ch.broker_pid}{where} "
+            "reloaded the ACL"
+        )
         print("  the coordinator publishes the new roster; the site takes part from the next round")
         return 0
     host = port = None

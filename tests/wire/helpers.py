@@ -119,10 +119,18 @@ class RawClient:
     """A raw paho MQTT 5 client with one participant's certificate: what whoever holds that
     certificate can run without this project's code. The broker makes the client id the
     certificate's CN, so while it is connected the participant's own connection is displaced: use
-    a site's certificate while that site's process is not running."""
+    a site's certificate while that site's process is not running. ``cert``/``key``: other files
+    of the folder (a regional broker's ``bridge.crt``/``bridge.key``)."""
 
     def __init__(
-        self, bundle_dir: Path, port: int, *, subscribe: Sequence[str] = (), host: str = "localhost"
+        self,
+        bundle_dir: Path,
+        port: int,
+        *,
+        subscribe: Sequence[str] = (),
+        host: str = "localhost",
+        cert: str = "client.crt",
+        key: str = "client.key",
     ):
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
@@ -135,7 +143,7 @@ class RawClient:
             CallbackAPIVersion.VERSION2, client_id=f"raw-{os.getpid()}", protocol=mqtt.MQTTv5
         )
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(Path(bundle_dir) / "ca.crt"))
-        ctx.load_cert_chain(str(Path(bundle_dir) / "client.crt"), str(Path(bundle_dir) / "client.key"))
+        ctx.load_cert_chain(str(Path(bundle_dir) / cert), str(Path(bundle_dir) / key))
         self.c.tls_set_context(ctx)
         pending_sub: list[int] = []
 
