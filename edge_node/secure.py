@@ -54,7 +54,12 @@ class SiteSecAgg:
     """One site's secure-aggregation state for the current round and attempt."""
 
     def __init__(
-        self, site: str, state_dir: Path, identity: Any, roster_keys: Mapping[str, Any], kem: str | None = None
+        self,
+        site: str,
+        state_dir: Path,
+        identity: Any,
+        roster_keys: Mapping[str, Any],
+        kem: str | None = None,
     ) -> None:
         self.site = site
         self.kem = kem  # the federation's KEM from this site's roster: a config naming another is refused

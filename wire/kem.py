@@ -23,8 +23,6 @@ the roster is the raw ML-KEM-768 public key (1,184 bytes) followed by the raw X2
 
 from __future__ import annotations
 
-from typing import Union
-
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -43,8 +41,8 @@ SUITES = {
 }
 ENC_LEN = {X25519: hpke.KEM.X25519.enc_length(), MLKEM768_X25519: hpke.KEM.MLKEM768_X25519.enc_length()}
 
-PublicKey = Union[X25519PublicKey, hpke.MLKEM768X25519PublicKey]
-PrivateKey = Union[X25519PrivateKey, hpke.MLKEM768X25519PrivateKey]
+PublicKey = X25519PublicKey | hpke.MLKEM768X25519PublicKey
+PrivateKey = X25519PrivateKey | hpke.MLKEM768X25519PrivateKey
 
 _PEM_END = b"-----END PRIVATE KEY-----"
 
@@ -109,7 +107,9 @@ class HybridKeyPair:
         """From ``raw()``: the 64-byte ML-KEM-768 seed and the 32-byte X25519 private key."""
         if len(data) != 96:
             raise ValueError(f"a hybrid private key is 96 raw bytes, got {len(data)}")
-        return cls(MLKEM768PrivateKey.from_seed_bytes(data[:64]), X25519PrivateKey.from_private_bytes(data[64:]))
+        return cls(
+            MLKEM768PrivateKey.from_seed_bytes(data[:64]), X25519PrivateKey.from_private_bytes(data[64:])
+        )
 
     def raw(self) -> bytes:
         return self.mlkem.private_bytes_raw() + self.x25519.private_bytes_raw()

@@ -75,7 +75,9 @@ def test_a_wrap_of_the_other_kem_is_refused_with_a_reason():
     assert e.value.reason == "bad-key-wrap"
 
 
-@pytest.mark.parametrize("where", [0, 500, 1119, 1125, 1160], ids=["mlkem", "mlkem-mid", "x25519-end", "sealed", "tag"])
+@pytest.mark.parametrize(
+    "where", [0, 500, 1119, 1125, 1160], ids=["mlkem", "mlkem-mid", "x25519-end", "sealed", "tag"]
+)
 def test_tampered_hybrid_wrap_does_not_open(where):
     """A flipped bit anywhere (ML-KEM ciphertext, X25519 share, sealed key, tag) fails, as does
     another context: the hybrid KEM needs both halves intact."""
@@ -147,7 +149,9 @@ def test_unknown_kem_and_kem_on_add_site_are_refused(tmp_path, capsys):
 def test_messages_of_a_hybrid_federation_round_trip_and_name_their_kem(pq):
     b = _bundles(pq)
     data = os.urandom(20_000)
-    fr = list(seal_message(b["site-a"], MessageKind.UPDATE, 3, {"num_cases": 2}, data, chunk_size=4000).frames)
+    fr = list(
+        seal_message(b["site-a"], MessageKind.UPDATE, 3, {"num_cases": 2}, data, chunk_size=4000).frames
+    )
     h = decode_frame(fr[0][1])
     assert h.header.kem == PQ and b'"kem":"mlkem768-x25519"' in h.header_bytes
     wrapped = base64.b64decode(json.loads(h.keys_bytes)["coordinator"])
@@ -164,13 +168,17 @@ def test_a_message_sealed_with_the_other_kem_is_refused_as_wrong_kem(pq):
     """Both directions: an x25519-sealed update in the hybrid federation (a downgrade, or a sender
     provisioned for another KEM) and a hybrid-sealed one where the roster says x25519."""
     b = _bundles(pq)
-    downgraded = dataclasses.replace(b["site-a"], roster=dataclasses.replace(b["site-a"].roster, kem=kems.X25519))
+    downgraded = dataclasses.replace(
+        b["site-a"], roster=dataclasses.replace(b["site-a"].roster, kem=kems.X25519)
+    )
     r = Receiver(b["coordinator"])
     assert feed_all(r, list(seal_message(downgraded, MessageKind.UPDATE, 1, {}, b"x").frames)) == []
     assert r.rejections == {"wrong-kem": 1}
     rec = r.drain_rejected()[0]
     assert "sealed with x25519" in rec["detail"] and "seals with mlkem768-x25519" in rec["detail"]
-    coord_x = dataclasses.replace(b["coordinator"], roster=dataclasses.replace(b["coordinator"].roster, kem=kems.X25519))
+    coord_x = dataclasses.replace(
+        b["coordinator"], roster=dataclasses.replace(b["coordinator"].roster, kem=kems.X25519)
+    )
     r = Receiver(coord_x)
     assert feed_all(r, list(seal_message(b["site-a"], MessageKind.UPDATE, 1, {}, b"x").frames)) == []
     assert r.rejections == {"wrong-kem": 1}
@@ -180,7 +188,7 @@ def test_a_header_stripped_of_its_kem_is_refused_before_any_unwrap(pq):
     """Removing ``kem`` from the signed header (so a receiver would try its x25519 key) is caught
     by the header's KEM against the roster's, before the signature or wrap is looked at."""
     b = _bundles(pq)
-    (topic, frame), = list(seal_message(b["site-a"], MessageKind.UPDATE, 1, {}, b"x").frames)
+    ((topic, frame),) = list(seal_message(b["site-a"], MessageKind.UPDATE, 1, {}, b"x").frames)
     r = Receiver(b["coordinator"])
     # remove the kem field and ship the hybrid wraps under an x25519-looking header
     stripped = bytes(frame).replace(b',"kem":"mlkem768-x25519"', b"")

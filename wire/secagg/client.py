@@ -125,7 +125,12 @@ class SecAggClient:
     ) -> SecAggClient:
         """Rebuild a client from ``state()`` (after a restart); it goes on where it stopped."""
         return cls(
-            str(state["site"]), SecAggConfig.from_dict(state["config"]), identity, roster, state=state, kem=kem
+            str(state["site"]),
+            SecAggConfig.from_dict(state["config"]),
+            identity,
+            roster,
+            state=state,
+            kem=kem,
         )
 
     def state(self) -> dict[str, Any]:
