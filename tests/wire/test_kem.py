@@ -253,3 +253,24 @@ def test_a_tampered_hybrid_share_bundle_does_not_open():
         clients[b].mask(np.zeros(64, np.float32), 1, bad)
     assert e.value.reason == "secagg-bad-share-bundle"
     clients[b].mask(np.zeros(64, np.float32), 1, received)  # the genuine ones open
+
+
+def test_a_roster_message_naming_another_kem_is_ignored(pq, caplog):
+    """Even CA-signed and newer, a ROSTER cannot switch a running participant to another KEM: the
+    KEM is fixed at provisioning (a downgrade through the roster is refused with a warning)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from neurofed.wire.api import Message
+    from neurofed.wire.mqtt import MqttEndpoint
+    from neurofed.wire.roster import roster_meta, sign_roster
+
+    site = load_bundle(pq / "pq" / "site-a")
+    ca_key = serialization.load_pem_private_key((pq / "pq" / ".ca" / "ca.key").read_bytes(), None)
+    ep = MqttEndpoint(site)  # not started: nothing connects
+    for kem, version, applied in ((kems.X25519, 50, False), (PQ, 51, True)):
+        r = dataclasses.replace(site.roster, kem=kem, version=version)
+        meta = roster_meta(r.to_json(), sign_roster(r, ca_key))
+        ep._take_roster(Message(MessageKind.ROSTER, "testfed", 0, "coordinator", "m" * 32, meta))
+        assert (ep.bundle.roster.version == version) is applied
+    assert ep.bundle.roster.kem == PQ
+    assert "seals with x25519, this federation with mlkem768-x25519" in caplog.text
