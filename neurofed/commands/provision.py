@@ -9,8 +9,8 @@ NAME = "provision"
 EXAMPLE = """\
 examples:
   neurofed provision --federation demo --sites site-01,site-02,site-03 --broker-host broker.example.org --out bundles
-  neurofed provision --federation demo --sites site-01,site-02 --broker-host broker.example.org \
-      --kem mlkem768-x25519 --out bundles                 # post-quantum sealing (see --kem)
+  neurofed provision --federation demo --sites site-01,site-02 --broker-host broker.example.org \\
+      --kem mlkem768-x25519 --out bundles       # post-quantum sealing of every message (see --kem)
   neurofed provision --out bundles --add-site site-04     # existing bundles stay valid
   neurofed provision --out bundles --revoke site-02       # CRL + roster updated; restart the broker
   neurofed provision --out bundles --revoke site-02 --live  # ... and applied to the running broker:
