@@ -963,6 +963,7 @@ class Coordinator:
             roster_keys=self.roster_keys,
             settings=self.cfg.secure,
             next_attempt=load_next_attempt(path),
+            kem=self.ep.bundle.roster.kem if hasattr(self.ep, "bundle") else "x25519",
             send_relay=relay,
             persist_attempt=persist_attempt,
             event=self._event,

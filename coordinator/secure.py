@@ -147,6 +147,7 @@ class SecureRound:
         roster_keys: Mapping[str, Any],
         settings: SecureSettings,
         next_attempt: int,
+        kem: str = "x25519",
         send_relay: Callable[[str, int, bytes], None],
         persist_attempt: Callable[[int], None],
         event: Callable[..., None],
@@ -157,6 +158,7 @@ class SecureRound:
         self.length = flat_length(weights)
         self.roster_keys = dict(roster_keys)
         self.settings = settings
+        self.kem = kem  # the federation's KEM: share bundles are sealed with it too
         self._send_relay, self._persist_attempt, self._event = send_relay, persist_attempt, event
         self.clock = clock
         self.attempts = 0
@@ -177,6 +179,7 @@ class SecureRound:
                 t=self.settings.t,
                 bits=self.settings.bits,
                 max_total_weight=self.settings.max_total_weight,
+                kem=self.kem,
             )
         except SecAggParameterError as exc:
             raise CoordinatorError(f"secure aggregation: {exc}") from None

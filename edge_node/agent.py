@@ -128,7 +128,7 @@ class SiteAgent:
         resend_after: float = 10.0,
         send_timeout: float = 60.0,
         fp16: bool = False,
-        secure_identity: tuple[Any, Mapping[str, Any]] | None = None,
+        secure_identity: tuple[Any, Mapping[str, Any]] | tuple[Any, Mapping[str, Any], str] | None = None,
         report: Mapping[str, Any] | None = None,
     ) -> None:
         self.ep = endpoint

@@ -53,8 +53,16 @@ def _is_float(v: Any) -> bool:
 class SiteSecAgg:
     """One site's secure-aggregation state for the current round and attempt."""
 
-    def __init__(self, site: str, state_dir: Path, identity: Any, roster_keys: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        site: str,
+        state_dir: Path,
+        identity: Any,
+        roster_keys: Mapping[str, Any],
+        kem: str | None = None,
+    ) -> None:
         self.site = site
+        self.kem = kem  # the federation's KEM from this site's roster: a config naming another is refused
         self.state_dir = Path(state_dir)
         self.identity = identity
         self.roster_keys = dict(roster_keys)
@@ -119,12 +127,12 @@ class SiteSecAgg:
         path = self._state_path(r, attempt)
         if path.is_file():
             state = json.loads(path.read_text())
-            self.client = SecAggClient.from_state(state, self.identity, self.roster_keys)
+            self.client = SecAggClient.from_state(state, self.identity, self.roster_keys, kem=self.kem)
             sent = self._sent_path(r, attempt)
             self.sent = set(sent.read_text().split()) if sent.is_file() else set()
             log.info("%s: resuming secure aggregation round %d attempt %d", self.site, r, attempt)
         else:
-            self.client = SecAggClient(self.site, config, self.identity, self.roster_keys)
+            self.client = SecAggClient(self.site, config, self.identity, self.roster_keys, kem=self.kem)
             self.sent = set()
             log.info("%s: secure aggregation round %d attempt %d: fresh keys", self.site, r, attempt)
         for old in self.state_dir.glob(f"secagg-r{r:04d}-a*.json"):

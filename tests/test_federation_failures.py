@@ -74,12 +74,12 @@ def fed_data(tmp_path_factory):
 class Fed:
     """One federation's processes for a test; everything is killed at the end."""
 
-    def __init__(self, tmp: Path, data, *, federation: str = "testfed") -> None:
+    def __init__(self, tmp: Path, data, *, federation: str = "testfed", kem: str = "x25519") -> None:
         self.tmp = tmp
         self.data_root, self.summary = data
         self.sites = sorted(self.summary["sites"])
         self.port = free_port()
-        self.bundles = provision_sites(tmp / "bundles", federation, self.sites, self.port)
+        self.bundles = provision_sites(tmp / "bundles", federation, self.sites, self.port, kem=kem)
         self.federation = federation
         self.logs = tmp / "logs"
         self.logs.mkdir()

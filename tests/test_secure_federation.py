@@ -88,3 +88,29 @@ def test_coordinator_killed_in_a_secure_round_restarts_it_with_fresh_keys(sfed):
     assert attempts == sorted(set(attempts)) and len(attempts) >= 2  # never the same attempt twice
     assert done["attempt"] == attempts[-1] and len(done["survivors"]) == 4
     assert [e["round"] for e in sfed.events("round") if e.get("train")] == [1]  # closed exactly once
+
+
+def test_a_post_quantum_federation_runs_a_secure_round(request, tmp_path, secure_data):
+    """Provisioned with ``--kem mlkem768-x25519``: the task, the models, the masked updates and
+    the site-to-site share bundles are all sealed with the hybrid KEM (a receiver refuses any
+    message whose KEM is not its roster's, ``wrong-kem``), and a secure round of four real
+    processes completes with every site's input counted."""
+    import json
+
+    f = SecureFed(tmp_path, secure_data, kem="mlkem768-x25519")
+    try:
+        assert json.loads((f.bundles / "coordinator" / "roster.json").read_text())["kem"] == "mlkem768-x25519"
+        for s in f.sites:
+            f.start_site(s)
+        f.wait_sites_ready()
+        coord = f.start_coordinator(rounds=1, min_sites=4, timeout=120)
+        done = _secagg_done(f, 1)
+        assert sorted(done["survivors"]) == f.sites and done["attempt"] == 0
+        closed = f.wait_round(1)
+        assert closed["aggregated"] and sorted(closed["sites"]) == f.sites
+        assert coord.wait(240) == 0, coord.tail()
+        # no wire rejection: nothing sealed with another KEM, no wrap that failed to open
+        assert [e for e in f.events("reject") if e.get("wire")] == []
+    finally:
+        f.close()
+        print_logs_if_failed(request, f, lines=40)

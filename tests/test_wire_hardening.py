@@ -211,6 +211,8 @@ def _rejection_catalogue(bundle, run: str) -> dict[str, list[tuple[str, bytes]]]
         "other-run": update(run=new_run_id()),
         "stale-or-future-round": update(round=7),
         "not-a-recipient": update(recipients=["site-02"]),
+        # a header naming the hybrid KEM in this x25519 federation (the wraps are x25519)
+        "wrong-kem": update(header_changes={"kem": "mlkem768-x25519"}),
         "bad-signature": [(t, flip(d, _sig_pos(d) + 5)) for t, d in update()],
         "tampered-keys": [
             (t0, encode_frame(f0.header_bytes, f0.signature, 0, True, other_keys, bytes(f0.body)))

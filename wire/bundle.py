@@ -5,6 +5,10 @@ file is there, that the roster is signed by the federation CA, that the particip
 keys in the roster match its private keys, that its TLS key belongs to its certificate, and that
 its certificate has not expired, so a broken deployment fails at start with a message naming the
 file, not later with a TLS or AEAD error.
+
+In a federation whose roster names the hybrid KEM ``mlkem768-x25519`` the bundle also holds
+``kem.key`` (the participant's ML-KEM-768+X25519 private key, 0600), checked against the roster
+like the other keys; ``Bundle.open_key`` is the key content keys are unwrapped with.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from neurofed.wire import kem as kems
 from neurofed.wire.bridge import BRIDGE_CERT, BRIDGE_KEY
 from neurofed.wire.errors import ProvisioningError
 from neurofed.wire.roster import Roster, load_verified_roster
@@ -34,6 +39,7 @@ PARTICIPANT_FILES = (
     "roster.json",
     "roster.sig",
 )
+KEM_FILE = "kem.key"
 BROKER_FILES = ("ca.crt", "server.crt", "server.key", "crl.pem", "mosquitto.conf", "acl")
 
 
@@ -54,6 +60,25 @@ class Bundle:
     sign_key: Ed25519PrivateKey
     enc_key: X25519PrivateKey
     cert_not_after: dt.datetime
+    kem_key: kems.HybridKeyPair | None = None
+
+    @property
+    def kem(self) -> str:
+        """The federation's KEM, as its signed roster records it."""
+        return self.roster.kem
+
+    @property
+    def open_key(self) -> kems.PrivateKey:
+        """The private key that opens content keys sealed to this participant under the
+        federation's KEM."""
+        if self.roster.kem == kems.MLKEM768_X25519:
+            if self.kem_key is None:
+                raise ProvisioningError(
+                    f"{self.path}: the federation seals with {self.roster.kem} but this bundle has no "
+                    f"{KEM_FILE}; copy the complete bundle written by `neurofed provision`"
+                )
+            return self.kem_key.private_key()
+        return self.enc_key
 
     def __repr__(self) -> str:
         return (
@@ -127,8 +152,7 @@ def load_bundle(path: Path | str) -> Bundle:  # noqa: C901 - one check per file 
     keys = {}
     for name, kind in (("sign.key", Ed25519PrivateKey), ("enc.key", X25519PrivateKey)):
         kp = path / name
-        if os.name == "posix" and kp.stat().st_mode & 0o077:
-            raise ProvisioningError(f"{kp} is readable by others; run `chmod 600 {kp}`")
+        _check_private_mode(kp)
         try:
             key = serialization.load_pem_private_key(kp.read_bytes(), None)
         except (ValueError, TypeError):
@@ -153,6 +177,7 @@ def load_bundle(path: Path | str) -> Bundle:  # noqa: C901 - one check per file 
         raise ProvisioningError(f"{path}: the private keys do not match the roster; the bundle is mixed up")
     if me.role != role:
         raise ProvisioningError(f"{path}: bundle.toml says role {role!r}, roster says {me.role!r}")
+    kem_key = _load_kem_key(path, roster.kem, me.kem_key)
     return Bundle(
         path=path,
         federation=federation,
@@ -167,7 +192,35 @@ def load_bundle(path: Path | str) -> Bundle:  # noqa: C901 - one check per file 
         sign_key=keys["sign.key"],
         enc_key=keys["enc.key"],
         cert_not_after=not_after,
+        kem_key=kem_key,
     )
+
+
+def _check_private_mode(kp: Path) -> None:
+    if os.name == "posix" and kp.stat().st_mode & 0o077:
+        raise ProvisioningError(f"{kp} is readable by others; run `chmod 600 {kp}`")
+
+
+def _load_kem_key(path: Path, kem: str, roster_public: bytes) -> kems.HybridKeyPair | None:
+    """The participant's hybrid key pair when the roster's KEM needs one (``kem.key``, 0600,
+    matching the roster's ``kem_key``); None for an x25519 federation."""
+    if kem != kems.MLKEM768_X25519:
+        return None
+    kp = path / KEM_FILE
+    if not kp.is_file():
+        raise ProvisioningError(
+            f"{path}: the federation's roster seals with {kem}, but the bundle has no {KEM_FILE} "
+            "(the participant's ML-KEM-768+X25519 private key); copy the complete bundle written by "
+            "`neurofed provision --kem mlkem768-x25519`"
+        )
+    _check_private_mode(kp)
+    try:
+        pair = kems.HybridKeyPair.from_pem(kp.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise ProvisioningError(f"{kp} is not a readable ML-KEM-768+X25519 private key ({exc})") from None
+    if pair.public_bytes() != roster_public:
+        raise ProvisioningError(f"{path}: {KEM_FILE} does not match the roster; the bundle is mixed up")
+    return pair
 
 
 def check_broker_bundle(path: Path | str) -> Path:

@@ -4,8 +4,9 @@ Scheme (see wire/PROTOCOL.md):
 - Each message gets a fresh random 256-bit content key. Its chunks are sealed with AES-256-GCM under
   that key, nonce = chunk index (unique because the key is never reused), associated data = the
   signed header plus the chunk index and final flag (truncation, reordering and splicing fail).
-- The content key is wrapped for each recipient with HPKE base mode, suite X25519 / HKDF-SHA256 /
-  AES-256-GCM (RFC 9180), ``info`` binding federation, round, message id, sender and recipient.
+- The content key is wrapped for each recipient with HPKE base mode (RFC 9180), KEM the
+  federation's (``neurofed.wire.kem``: DHKEM-X25519 by default, or the hybrid ML-KEM-768+X25519)
+  / HKDF-SHA256 / AES-256-GCM, ``info`` binding federation, round, message id, sender and recipient.
   Site -> coordinator: one recipient (the coordinator). Coordinator -> sites: one wrap per site.
 - The sender signs with Ed25519 a SHA-256 digest of the header, which holds the SHA-256 digest of the
   whole plaintext; GCM tags alone would not do, since every recipient of a broadcast holds the key.
@@ -21,15 +22,16 @@ import hashlib
 import os
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, hpke, serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from neurofed.wire import kem as kems
 from neurofed.wire.errors import ProtocolError
 
-SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+SUITE = kems.SUITES[kems.X25519]
 KEY_LEN = 32
 TAG_LEN = 16
 WRAPPED_LEN = 32 + KEY_LEN + TAG_LEN  # HPKE: encapsulated key + sealed content key
@@ -48,13 +50,22 @@ def wrap_info(federation: str, round: int, msg_id: str, sender: str, recipient: 
     return WRAP_CONTEXT + "\x00".join((federation, run, str(round), msg_id, sender, recipient)).encode()
 
 
-def wrap_key(content_key: bytes, recipient: X25519PublicKey, info: bytes) -> bytes:
-    return SUITE.encrypt(content_key, recipient, info=info)
+def wrap_key(content_key: bytes, recipient: kems.PublicKey, info: bytes) -> bytes:
+    """HPKE-seal ``content_key`` to ``recipient`` under the suite of the recipient key's KEM."""
+    return kems.SUITES[kems.kem_of(recipient)].encrypt(content_key, recipient, info=info)
 
 
-def unwrap_key(wrapped: bytes, private_key: X25519PrivateKey, info: bytes) -> bytes:
+def unwrap_key(wrapped: bytes, private_key: kems.PrivateKey, info: bytes) -> bytes:
+    """Open a wrapped content key with our key of the federation's KEM; ProtocolError
+    ``bad-key-wrap`` when it does not open (another recipient, context or KEM, or altered)."""
+    kem = kems.kem_of(private_key)
+    if len(wrapped) != kems.wrapped_len(kem, KEY_LEN):
+        raise ProtocolError(
+            "bad-key-wrap",
+            f"wrapped key is {len(wrapped)} bytes, a {kem} wrap is {kems.wrapped_len(kem, KEY_LEN)}",
+        )
     try:
-        key = SUITE.decrypt(wrapped, private_key, info=info)
+        key = kems.SUITES[kem].decrypt(wrapped, private_key, info=info)
     except (InvalidTag, ValueError, TypeError) as exc:
         raise ProtocolError(
             "bad-key-wrap", f"content key does not open for this recipient ({exc!r})"

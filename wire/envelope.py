@@ -11,7 +11,8 @@ Binary layout (all integers big-endian)::
 
 The header carries: v, fed, run (the federation run), round, sender, kind, msg (id), n (chunk count), size (plaintext bytes),
 digest (SHA-256 hex of the whole plaintext), enc, recips (sorted recipient ids) and keys_digest
-(SHA-256 hex of the keys JSON). The chunk's associated data is the header plus index and flags.
+(SHA-256 hex of the keys JSON), and ``kem`` only for an encrypted message of a federation that seals
+with the hybrid ``mlkem768-x25519`` (absent = ``x25519``). The chunk's associated data is the header plus index and flags.
 ``decode_frame`` only parses and type-checks; every failure is ``ProtocolError("malformed-header")``.
 """
 
@@ -22,6 +23,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from neurofed.wire import kem as kems
 from neurofed.wire.api import MessageKind
 from neurofed.wire.crypto import SIG_LEN
 from neurofed.wire.errors import ProtocolError
@@ -74,6 +76,7 @@ class Header:
     keys_digest: str
     run: str = ""
     v: int = VERSION
+    kem: str = kems.DEFAULT  # the KEM that wrapped the content keys (signed: no downgrade)
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -91,6 +94,8 @@ class Header:
             "recips": list(self.recipients),
             "keys_digest": self.keys_digest,
         }
+        if self.kem != kems.DEFAULT:
+            doc["kem"] = self.kem
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -186,9 +191,14 @@ def parse_header(data: bytes) -> Header:
     enc = _field(doc, "enc", str)
     recips = _field(doc, "recips", list)
     _check_recipients(enc, recips, keys_digest)
-    if len(doc) != 13:
+    kem = kems.DEFAULT
+    if "kem" in doc:
+        kem = _field(doc, "kem", str)
+        if kem == kems.DEFAULT or kem not in kems.KEMS or enc != ENC_AEAD:
+            raise _bad(f"header field 'kem' {kem!r} is not a KEM of an encrypted message")
+    if len(doc) != 13 + ("kem" in doc):
         raise _bad("header has unexpected fields")
-    return Header(fed, rnd, sender, kind, msg, n, size, digest, enc, tuple(recips), keys_digest, run, v)
+    return Header(fed, rnd, sender, kind, msg, n, size, digest, enc, tuple(recips), keys_digest, run, v, kem)
 
 
 def _check_recipients(enc: str, recips: list, keys_digest: str) -> None:

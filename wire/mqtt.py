@@ -486,6 +486,17 @@ class MqttEndpoint(Endpoint):
             log.warning("%s: ROSTER from %s refused: %s", self.participant, msg.sender, exc)
             return
         current = self.bundle.roster
+        if roster.kem != current.kem:
+            log.warning(
+                "%s: ROSTER version %d from %s refused: it seals with %s, this federation with %s "
+                "(the KEM is fixed at provisioning)",
+                self.participant,
+                roster.version,
+                msg.sender,
+                roster.kem,
+                current.kem,
+            )
+            return
         if roster.version <= current.version:
             if roster.version < current.version:
                 log.info(

@@ -10,6 +10,11 @@ provisioning state (never part of any bundle). Each bundle holds only what its p
 - broker.<region> (``add_bridge``): a regional broker bridged to the central one: the broker's
   files plus bridge.crt, bridge.key (the bridge's own client identity, ``neurofed.wire.bridge``)
 
+``kem="mlkem768-x25519"`` makes the federation seal with the hybrid post-quantum KEM
+(``neurofed.wire.kem``): the roster records it and every participant bundle also gets ``kem.key``
+(its ML-KEM-768+X25519 private key). The KEM is fixed for the federation's life: ``add_site``
+gives a new site a key of the federation's KEM.
+
 ``add_site`` adds a participant without touching existing certificates or keys (the roster is
 re-signed and redistributed, the ACL regenerated); ``revoke`` puts the site's certificate on the
 CRL, drops it from the roster and ACL. A running broker takes the new ACL and CRL on SIGHUP
@@ -35,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from neurofed.wire import bridge
+from neurofed.wire import kem as kems
 from neurofed.wire.api import COORDINATOR
 from neurofed.wire.errors import ProvisioningError
 from neurofed.wire.roster import Participant, Roster, sign_roster
@@ -219,12 +225,17 @@ def _write_participant(ca: _CA, pid: str, role: str, days: int) -> Participant:
     _write_private(bdir / "client.key", _pem_private(key))
     _write_private(bdir / "sign.key", _pem_private(sign_key))
     _write_private(bdir / "enc.key", _pem_private(enc_key))
+    kem_public = b""
+    if ca.roster.kem == kems.MLKEM768_X25519:
+        pair = kems.HybridKeyPair.generate()
+        _write_private(bdir / "kem.key", pair.to_pem())
+        kem_public = pair.public_bytes()
     st = ca.state
     _write_bundle_toml(ca, pid, role)
     st["certs"].setdefault(pid, []).append(
         {"serial": cert.serial_number, "not_after": cert.not_valid_after_utc.isoformat()}
     )
-    return Participant(pid, role, _raw_public(sign_key), _raw_public(enc_key))
+    return Participant(pid, role, _raw_public(sign_key), _raw_public(enc_key), kem_public)
 
 
 def _write_bundle_toml(ca: _CA, pid: str, role: str) -> None:
@@ -412,10 +423,16 @@ def provision(
     broker_host: str,
     broker_port: int = 8883,
     days: int = 365,
+    kem: str = kems.DEFAULT,
 ) -> ProvisionResult:
-    """Create a new federation in ``out`` (which must not already hold one)."""
+    """Create a new federation in ``out`` (which must not already hold one), sealing with ``kem``
+    (``x25519`` or the hybrid post-quantum ``mlkem768-x25519``)."""
     out = Path(out)
     _validate_ids(federation, sites)
+    try:
+        kems.check_kem(kem, "--kem")
+    except ValueError as exc:
+        raise ProvisioningError(str(exc)) from None
     if not sites:
         raise ProvisioningError("at least one site is needed (--sites a,b,c)")
     if days < 1:
@@ -439,14 +456,14 @@ def provision(
         "revoked_serials": [],
         "certs": {},
     }
-    empty = Roster(federation, 0, _now().isoformat(), {})
+    empty = Roster(federation, 0, _now().isoformat(), {}, kem=kem)
     _write_private(out / CA_DIR / "state.json", json.dumps(state).encode())
     _write_private(out / CA_DIR / "roster.json", empty.to_json())
     ca = _CA(out)
     parts = {COORDINATOR: _write_participant(ca, COORDINATOR, "coordinator", days)}
     for s in sites:
         parts[s] = _write_participant(ca, s, "site", days)
-    ca.roster = Roster(federation, 1, _now().isoformat(), parts)
+    ca.roster = Roster(federation, 1, _now().isoformat(), parts, kem=kem)
     _write_broker(ca, days, reissue=True)
     _publish_roster(ca)
     return ProvisionResult(out, federation, [COORDINATOR, *sites], [])
@@ -475,6 +492,7 @@ def add_site(
         _now().isoformat(),
         {**ca.roster.participants, site: new},
         ca.roster.revoked,
+        ca.roster.kem,
     )
     _write_broker(ca, int(st["days"]), reissue=False)
     _publish_roster(ca)
@@ -505,6 +523,7 @@ def revoke(out: Path | str, site: str) -> ProvisionResult:
         _now().isoformat(),
         parts,
         (*ca.roster.revoked, site),
+        ca.roster.kem,
     )
     _write_broker(ca, int(st["days"]), reissue=False)
     _publish_roster(ca)

@@ -7,7 +7,7 @@ transport: it never raises, logs each rejection with its reason and counts it in
 
 Checks per chunk, cheapest first: size, envelope syntax, federation, topic agreement (kind, sender,
 round, message id, chunk index), sender in the roster with the role the kind needs, federation run,
-round window, message size limit, recipient, Ed25519 signature (cached per message), replay,
+round window, message size limit, recipient, the KEM the roster names, Ed25519 signature (cached per message), replay,
 conflicting duplicates. On the last chunk: key unwrap, AES-GCM per chunk (associated data = header +
 index + final flag), total size and SHA-256 digest of the whole plaintext.
 
@@ -498,6 +498,13 @@ class Receiver:
             raise ProtocolError(
                 "not-a-recipient", f"{h.kind} {h.msg_id} is not addressed to {self.participant}"
             )
+        if h.enc == ENC_AEAD and h.kem != self.bundle.roster.kem:
+            raise ProtocolError(
+                "wrong-kem",
+                f"{h.kind} {h.msg_id} is sealed with {h.kem}, but federation {self.federation!r} "
+                f"seals with {self.bundle.roster.kem} (its signed roster); the sender was provisioned "
+                "for another federation, or the message was downgraded",
+            )
         return sender
 
     def _check_run(self, h: Header) -> bool:
@@ -585,7 +592,7 @@ class Receiver:
             except (ValueError, KeyError, TypeError, binascii.Error):
                 raise ProtocolError("tampered-keys", f"no readable key for {self.participant}") from None
             info = crypto.wrap_info(h.federation, h.round, h.msg_id, h.sender, self.participant, h.run)
-            p.key = crypto.unwrap_key(wrapped, self.bundle.enc_key, info)
+            p.key = crypto.unwrap_key(wrapped, self.bundle.open_key, info)
         return p.key
 
     def _open_complete(self, p: _Pending) -> Message | None:

@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from neurofed.wire import crypto
+from neurofed.wire import kem as kems
 from neurofed.wire.api import COORDINATOR, SENDER_ROLE, MessageKind
 from neurofed.wire.bundle import Bundle
 from neurofed.wire.chunking import chunk_count, iter_chunks
@@ -89,7 +90,8 @@ def seal_message(
     run: str = "",
 ) -> SealedMessage:
     """Prepare a message of federation run ``run``; its frames are produced (and encrypted)
-    lazily. The run is in the signed header and in every key wrap's context."""
+    lazily. The run is in the signed header and in every key wrap's context; content keys are
+    wrapped with the federation's KEM (its roster's), which the signed header names."""
     kind = MessageKind(kind)
     role = "coordinator" if bundle.role == "coordinator" else "site"
     if SENDER_ROLE[kind] != role:
@@ -113,7 +115,7 @@ def seal_message(
             r: base64.b64encode(
                 crypto.wrap_key(
                     key,
-                    bundle.roster.participants[r].encryption_key(),
+                    bundle.roster.sealing_key(r),
                     crypto.wrap_info(fed, round, msg_id, me, r, run),
                 )
             ).decode()
@@ -136,6 +138,7 @@ def seal_message(
         recipients=tuple(recips),
         keys_digest=keys_digest,
         run=run,
+        kem=bundle.roster.kem if recips else kems.DEFAULT,
     )
     header_bytes = header.to_bytes()
     signature = crypto.sign(bundle.sign_key, header_bytes)

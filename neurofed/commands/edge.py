@@ -122,8 +122,13 @@ def run(args: argparse.Namespace) -> int:
     endpoint = MqttEndpoint(bundle, run=SiteAgent.saved_run(state), seen_path=state / "seen-messages.log")
     endpoint.start()
     try:
-        # secure aggregation: this site signs its key sets and echoes; the roster's keys check others'
-        identity = (bundle.sign_key, {x: bundle.roster.get(x).signing_key() for x in bundle.roster.sites})
+        # secure aggregation: this site signs its key sets and echoes; the roster's keys check others',
+        # and its KEM says how share bundles must be sealed (a task naming another is refused)
+        identity = (
+            bundle.sign_key,
+            {x: bundle.roster.get(x).signing_key() for x in bundle.roster.sites},
+            bundle.roster.kem,
+        )
         SiteAgent(
             endpoint,
             make_trainer,

@@ -9,6 +9,8 @@ NAME = "provision"
 EXAMPLE = """\
 examples:
   neurofed provision --federation demo --sites site-01,site-02,site-03 --broker-host broker.example.org --out bundles
+  neurofed provision --federation demo --sites site-01,site-02 --broker-host broker.example.org \\
+      --kem mlkem768-x25519 --out bundles       # post-quantum sealing of every message (see --kem)
   neurofed provision --out bundles --add-site site-04     # existing bundles stay valid
   neurofed provision --out bundles --revoke site-02       # CRL + roster updated; restart the broker
   neurofed provision --out bundles --revoke site-02 --live  # ... and applied to the running broker:
@@ -39,6 +41,19 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--broker-host", help="host name or IP the participants use to reach the broker")
     p.add_argument("--broker-port", type=int, default=8883, help="TLS port of the broker (default 8883)")
     p.add_argument("--days", type=int, default=365, help="validity of the client certificates in days")
+    p.add_argument(
+        "--kem",
+        choices=("x25519", "mlkem768-x25519"),
+        default=None,
+        help="how every sealed message (tasks, models, updates, secure-aggregation shares) wraps its "
+        "content key, fixed for the federation's life and recorded in the signed roster: "
+        "x25519 (default; HPKE DHKEM-X25519, 80 bytes per recipient) or mlkem768-x25519 (the hybrid "
+        "ML-KEM-768+X25519 HPKE KEM: a recording of today's traffic stays sealed even against a "
+        "future quantum computer, unless ML-KEM-768 and X25519 both fall; 1,168 bytes per recipient, "
+        "a 1,216-byte key per participant; each bundle gets kem.key). It does not change the "
+        "Ed25519 signatures, TLS, or the X25519 agreement of secure aggregation's pairwise masks "
+        "(docs/security.md). --add-site follows the federation's KEM",
+    )
     p.add_argument("--add-site", metavar="SITE", help="add one site to an existing federation in --out")
     p.add_argument("--revoke", metavar="SITE", help="revoke one site of the federation in --out")
     p.add_argument(
@@ -96,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
             "--add-site SITE --bridge REGION adds to an existing regional broker; create a region "
             "with --bridge REGION --bridge-sites ... --bridge-host HOST first"
         )
+    if args.kem and (args.add_site or args.revoke):
+        raise ProvisioningError(
+            "--kem is chosen when the federation is created; --add-site and --revoke keep the "
+            "federation's KEM (its roster records it)"
+        )
     if args.live:
         return _live(args, out)
     if args.add_site:
@@ -117,8 +137,12 @@ def run(args: argparse.Namespace) -> int:
             "a new federation needs " + ", ".join("--" + m.replace("_", "-") for m in missing)
         )
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    res = pv.provision(out, args.federation, sites, args.broker_host, args.broker_port, args.days)
-    print(f"federation {res.federation}: {len(sites)} sites, broker {args.broker_host}:{args.broker_port}")
+    kem = args.kem or "x25519"
+    res = pv.provision(out, args.federation, sites, args.broker_host, args.broker_port, args.days, kem=kem)
+    print(
+        f"federation {res.federation}: {len(sites)} sites, broker {args.broker_host}:{args.broker_port}, "
+        f"sealing KEM {kem}"
+    )
     for p in [pv.BROKER, *res.participants]:
         print(f"  {out / p}/")
     print(f"  CA private key in {out / pv.CA_DIR}/ (keep it offline; it is in no bundle)")

@@ -42,13 +42,18 @@ def make_data(out: Path, sites: int, cases: int, shape: Sequence[int], seed: int
 
 
 def provision_sites(
-    root: Path, federation: str, sites: Sequence[str], port: int, host: str = "localhost"
+    root: Path,
+    federation: str,
+    sites: Sequence[str],
+    port: int,
+    host: str = "localhost",
+    kem: str = "x25519",
 ) -> Path:
     """Bundles for ``sites`` and a coordinator, the broker reached at ``host`` (a shaped run's
-    bridge address, see ``neurofed.launch.links``)."""
+    bridge address, see ``neurofed.launch.links``), sealing with ``kem``."""
     from neurofed.wire.provision import provision
 
-    provision(root, federation, list(sites), host, port, days=30)
+    provision(root, federation, list(sites), host, port, days=30, kem=kem)
     return root
 
 

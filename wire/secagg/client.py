@@ -31,6 +31,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from neurofed.wire import kem as kems
 from neurofed.wire.errors import ProtocolError
 from neurofed.wire.secagg.errors import BothSharesRequested, MaskReuseRefused, SecAggRoundFailed
 from neurofed.wire.secagg.messages import (
@@ -59,14 +60,18 @@ STATE_FORMAT = "neurofed-secagg-client/1"
 PHASES = ("new", "keys", "shared", "masked", "echoed", "revealed")
 
 
-def _fresh_secrets() -> dict[str, str]:
-    """All secrets of one attempt, from the operating system's CSPRNG (``cryptography``/os.urandom)."""
-    return {
+def _fresh_secrets(kem: str) -> dict[str, str]:
+    """All secrets of one attempt, from the operating system's CSPRNG (``cryptography``/os.urandom);
+    with the hybrid KEM also a fresh ML-KEM-768+X25519 key pair that share bundles are sealed to."""
+    secrets = {
         "mask_sk": b64(X25519PrivateKey.generate().private_bytes_raw()),
         "share_sk": b64(X25519PrivateKey.generate().private_bytes_raw()),
         "seed": b64(os.urandom(32)),
         "coin_seed": b64(os.urandom(32)),
     }
+    if kem == kems.MLKEM768_X25519:
+        secrets["share_kem_sk"] = b64(kems.HybridKeyPair.generate().raw())
+    return secrets
 
 
 class SecAggClient:
@@ -80,9 +85,17 @@ class SecAggClient:
         roster: RosterKeys,
         *,
         state: Mapping[str, Any] | None = None,
+        kem: str | None = None,
     ) -> None:
+        """``kem``: the federation's KEM as this site's own roster records it; a config that names
+        another (a coordinator trying to downgrade how shares are sealed) is refused."""
         if site not in config.participants:
             raise ProtocolError("secagg-not-participant", f"{site!r} is not asked to take part")
+        if kem is not None and config.kem != kem:
+            raise ProtocolError(
+                "secagg-wrong-kem",
+                f"the round seals shares with {config.kem}, but this federation's roster says {kem}",
+            )
         self.site = site
         self.config = config
         self._identity = identity
@@ -93,7 +106,7 @@ class SecAggClient:
                 "site": site,
                 "config": config.to_dict(),
                 "phase": "new",
-                **_fresh_secrets(),
+                **_fresh_secrets(config.kem),
             }
         else:
             if state.get("format") != STATE_FORMAT or state.get("site") != site:
@@ -104,10 +117,21 @@ class SecAggClient:
 
     @classmethod
     def from_state(
-        cls, state: Mapping[str, Any], identity: Ed25519PrivateKey, roster: RosterKeys
+        cls,
+        state: Mapping[str, Any],
+        identity: Ed25519PrivateKey,
+        roster: RosterKeys,
+        kem: str | None = None,
     ) -> SecAggClient:
         """Rebuild a client from ``state()`` (after a restart); it goes on where it stopped."""
-        return cls(str(state["site"]), SecAggConfig.from_dict(state["config"]), identity, roster, state=state)
+        return cls(
+            str(state["site"]),
+            SecAggConfig.from_dict(state["config"]),
+            identity,
+            roster,
+            state=state,
+            kem=kem,
+        )
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable copy of everything needed to resume (contains this attempt's secrets)."""
@@ -130,6 +154,7 @@ class SecAggClient:
                 mask_key=raw_public(self._key("mask_sk")),
                 share_key=raw_public(self._key("share_sk")),
                 seed_commit=seed_commitment(self.config, self.site, unb64(st["seed"])),
+                share_kem_key=self._kem_pair().public_bytes() if "share_kem_sk" in st else b"",
             ).signed(self._identity)
             st["keyset"] = b64(ks.to_bytes())
             self._advance("keys")
@@ -165,7 +190,15 @@ class SecAggClient:
         for peer, (i, s_seed), (j, s_key) in zip(order, seed_shares, key_shares, strict=True):
             assert i == j
             bundles[peer] = seal_bundle(
-                self.config, self.site, peer, share_sk, unb64(peers[peer]["share_key"]), i, s_seed, s_key
+                self.config,
+                self.site,
+                peer,
+                share_sk,
+                unb64(peers[peer]["share_key"]),
+                i,
+                s_seed,
+                s_key,
+                unb64(peers[peer].get("share_kem_key", "")),
             )
         st["peers"] = peers
         st["bundles"] = {p: b64(b) for p, b in bundles.items()}
@@ -186,7 +219,7 @@ class SecAggClient:
                 continue
             ks = KeySet.from_bytes(data)
             ks.verify(self.config, self._roster, sender=sender)
-            for key in (ks.mask_key, ks.share_key):
+            for key in (ks.mask_key, ks.share_key, *([ks.share_kem_key] if ks.share_kem_key else [])):
                 if key in seen_keys:
                     raise ProtocolError(
                         "secagg-duplicate-key", f"{sender!r} reuses a public key of another site"
@@ -194,6 +227,8 @@ class SecAggClient:
                 seen_keys.add(key)
             if sender in neighbours:
                 peers[sender] = {"mask_key": b64(ks.mask_key), "share_key": b64(ks.share_key)}
+                if ks.share_kem_key:
+                    peers[sender]["share_kem_key"] = b64(ks.share_kem_key)
         return peers
 
     # --- phase 3: masked input ---------------------------------------------------------------
@@ -253,12 +288,19 @@ class SecAggClient:
     def _open_bundles(self, received: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
         peers = self._state["peers"]
         share_sk = self._key("share_sk")
+        kem_pair = self._kem_pair() if "share_kem_sk" in self._state else None
         out = {}
         for sender, sealed in sorted(received.items()):
             if sender not in peers:
                 raise ProtocolError("secagg-unexpected-bundle", f"bundle from {sender!r}, not a neighbour")
             idx, s_seed, s_key = open_bundle(
-                self.config, bytes(sealed), sender, self.site, share_sk, unb64(peers[sender]["share_key"])
+                self.config,
+                bytes(sealed),
+                sender,
+                self.site,
+                share_sk,
+                unb64(peers[sender]["share_key"]),
+                kem_pair,
             )
             out[sender] = {"index": idx, "seed_share": b64(s_seed), "key_share": b64(s_key)}
         return out
@@ -341,6 +383,9 @@ class SecAggClient:
 
     def _key(self, name: str) -> X25519PrivateKey:
         return X25519PrivateKey.from_private_bytes(unb64(self._state[name]))
+
+    def _kem_pair(self) -> kems.HybridKeyPair:
+        return kems.HybridKeyPair.from_raw(unb64(self._state["share_kem_sk"]))
 
     def _require(self, phase: str) -> None:
         if PHASES.index(self.phase) < PHASES.index(phase):

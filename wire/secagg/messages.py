@@ -9,7 +9,7 @@ to site (the coordinator relays them without being able to read them).
 
 | message | from -> to | what |
 |---|---|---|
-| KeySet | site -> coordinator -> neighbours | two X25519 public keys, a commitment to the self-mask seed, Ed25519 signature |
+| KeySet | site -> coordinator -> neighbours | two X25519 public keys (and, in a federation that seals with ``mlkem768-x25519``, a fresh ML-KEM-768+X25519 public key for the share bundles), a commitment to the self-mask seed, Ed25519 signature |
 | share bundles | site -> coordinator -> each neighbour | ``{recipient: sealed}``: one sealed bundle per neighbour (``pack_bundles``) |
 | MaskedInput | site -> coordinator | case weight, neighbours masked with, the masked vector (binary) |
 | SurvivorList | coordinator -> survivors | who sent masked input |
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from neurofed.wire import kem as kems
 from neurofed.wire.errors import ProtocolError
 from neurofed.wire.secagg.params import DOMAIN, RoundContext, SecAggConfig
 from neurofed.wire.secagg.prg import derive_key
@@ -115,9 +116,10 @@ class KeySet:
     share_key: bytes  # X25519 public key that share bundles are sealed to
     seed_commit: bytes  # seed_commitment() of the self-mask seed
     signature: bytes = b""
+    share_kem_key: bytes = b""  # ML-KEM-768+X25519 public key the bundles are also sealed to (PQ)
 
     def body(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "format": KEYSET_FORMAT,
             "site": self.site,
             "context": self.context.to_dict(),
@@ -126,6 +128,9 @@ class KeySet:
             "share_key": b64(self.share_key),
             "seed_commit": b64(self.seed_commit),
         }
+        if self.share_kem_key:
+            d["share_kem_key"] = b64(self.share_kem_key)
+        return d
 
     def signed_bytes(self) -> bytes:
         return DOMAIN + b"\x00keyset\x00" + canonical(self.body())
@@ -145,6 +150,7 @@ class KeySet:
                 unb64(doc["share_key"], 32),
                 unb64(doc["seed_commit"], 32),
                 unb64(doc["signature"], SIG_LEN),
+                unb64(doc["share_kem_key"], kems.HYBRID_PUBLIC_LEN) if "share_kem_key" in doc else b"",
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise malformed("keyset", exc) from None
@@ -173,6 +179,14 @@ class KeySet:
             ) from None
         if self.mask_key == self.share_key:
             raise ProtocolError("secagg-weak-key", f"{self.site!r} uses one key for both purposes")
+        pq = config.kem == kems.MLKEM768_X25519
+        if pq != bool(self.share_kem_key):
+            raise ProtocolError(
+                "secagg-wrong-kem",
+                f"key set of {self.site!r} "
+                + ("has no ML-KEM-768+X25519 share key" if pq else "carries a share key of another KEM")
+                + f", but this round seals shares with {config.kem}",
+            )
 
 
 # --- share bundles -----------------------------------------------------------------------------
@@ -198,10 +212,16 @@ def seal_bundle(
     index: int,
     seed_share: bytes,
     key_share: bytes,
+    recipient_kem_key: bytes = b"",
 ) -> bytes:
     """Seal the sender's two shares for one neighbour: AES-256-GCM under HKDF(X25519(sender's
     share key, recipient's share key)), context and both ids as HKDF info and associated data.
-    Only the recipient (or the sender) can open it, and it opens only in this attempt."""
+    Only the recipient (or the sender) can open it, and it opens only in this attempt.
+
+    When the round's KEM is ``mlkem768-x25519`` that ciphertext is sealed once more with HPKE to
+    the recipient's fresh hybrid key (``recipient_kem_key``, from its signed key set), the same
+    info: the inner layer authenticates the sender (static X25519 agreement), the outer one keeps
+    the shares secret from whoever records the relayed bundles and later breaks X25519."""
     key, info = _bundle_key(config, own_share_key, recipient_share_key, sender, recipient)
     body = canonical(
         {
@@ -214,7 +234,10 @@ def seal_bundle(
         }
     )
     nonce = os.urandom(NONCE_LEN)
-    return nonce + AESGCM(key).encrypt(nonce, body, info)
+    inner = nonce + AESGCM(key).encrypt(nonce, body, info)
+    if config.kem == kems.MLKEM768_X25519:
+        return kems.SUITES[config.kem].encrypt(inner, kems.hybrid_public_key(recipient_kem_key), info=info)
+    return inner
 
 
 def open_bundle(
@@ -224,10 +247,16 @@ def open_bundle(
     recipient: str,
     own_share_key: X25519PrivateKey,
     sender_share_key: bytes,
+    own_kem_key: kems.HybridKeyPair | None = None,
 ) -> tuple[int, bytes, bytes]:
-    """Open a bundle from ``sender``; return (index, seed share, key share) or raise ProtocolError."""
+    """Open a bundle from ``sender``; return (index, seed share, key share) or raise ProtocolError.
+    ``own_kem_key``: this attempt's hybrid key pair, when the round's KEM is ``mlkem768-x25519``."""
     key, info = _bundle_key(config, own_share_key, sender_share_key, sender, recipient)
     try:
+        if config.kem == kems.MLKEM768_X25519:
+            if own_kem_key is None:
+                raise ProtocolError("secagg-wrong-kem", f"{recipient!r} holds no {config.kem} share key")
+            sealed = kems.SUITES[config.kem].decrypt(sealed, own_kem_key.private_key(), info=info)
         body = AESGCM(key).decrypt(sealed[:NONCE_LEN], sealed[NONCE_LEN:], info)
     except (InvalidTag, ValueError):
         raise ProtocolError(

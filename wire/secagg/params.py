@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from neurofed.wire import kem as kems
 from neurofed.wire.secagg.errors import SecAggParameterError
 
 DOMAIN = b"neurofed-secagg/1"
@@ -224,7 +225,9 @@ class SecAggConfig:
     update vector; ``k``/``t``: degree and threshold; ``clip``: L2 bound every site clips to;
     ``scale_log2``/``bits``: quantization scale 2^scale_log2 and ring Z_2^bits;
     ``max_total_weight``: the most case weight the sum may carry (the coordinator refuses inputs
-    beyond it); ``noise_bound``: per-coordinate bound of noise added after clipping (0 without DP).
+    beyond it); ``noise_bound``: per-coordinate bound of noise added after clipping (0 without DP);
+    ``kem``: the federation's KEM (its roster's), which also seals the share bundles (with
+    ``mlkem768-x25519`` each key set carries a fresh hybrid key the bundles are sealed to).
     """
 
     context: RoundContext
@@ -237,8 +240,11 @@ class SecAggConfig:
     bits: int
     max_total_weight: int = DEFAULT_MAX_TOTAL_WEIGHT
     noise_bound: float = 0.0
+    kem: str = kems.DEFAULT
 
     def __post_init__(self) -> None:
+        if self.kem not in kems.KEMS:
+            raise SecAggParameterError(f"unknown KEM {self.kem!r} (one of {', '.join(kems.KEMS)})")
         if tuple(sorted(set(self.participants))) != tuple(self.participants):
             raise SecAggParameterError("participants must be sorted and distinct")
         n = len(self.participants)
@@ -270,6 +276,7 @@ class SecAggConfig:
         scale_log2: int | None = None,
         max_total_weight: int = DEFAULT_MAX_TOTAL_WEIGHT,
         noise_bound: float = 0.0,
+        kem: str = kems.DEFAULT,
     ) -> SecAggConfig:
         """The coordinator's constructor: defaults for k, t and the ring, checked."""
         parts = tuple(sorted(set(participants)))
@@ -277,7 +284,7 @@ class SecAggConfig:
         k = dk if k is None else k
         t = (dt if k == dk else math.ceil(2 * k / 3)) if t is None else t
         b, e = choose_ring(clip, max_total_weight, bits=bits, scale_log2=scale_log2, noise_bound=noise_bound)
-        return cls(context, parts, int(length), k, t, float(clip), e, b, max_total_weight, noise_bound)
+        return cls(context, parts, int(length), k, t, float(clip), e, b, max_total_weight, noise_bound, kem)
 
     @property
     def n(self) -> int:
@@ -302,7 +309,7 @@ class SecAggConfig:
         return max(self.t, MIN_SITES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "format": CONFIG_FORMAT,
             "context": self.context.to_dict(),
             "participants": list(self.participants),
@@ -315,6 +322,9 @@ class SecAggConfig:
             "max_total_weight": self.max_total_weight,
             "noise_bound": self.noise_bound,
         }
+        if self.kem != kems.DEFAULT:  # absent = x25519 (the digest of such configs is unchanged)
+            d["kem"] = self.kem
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SecAggConfig:
@@ -333,6 +343,7 @@ class SecAggConfig:
                 int(d["bits"]),
                 int(d["max_total_weight"]),
                 float(d["noise_bound"]),
+                str(d.get("kem", kems.DEFAULT)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SecAggParameterError):
