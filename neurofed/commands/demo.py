@@ -82,6 +82,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="SecAgg+: the coordinator sees only the sum of the sites' masked updates (3+ sites)",
     )
+    p.add_argument(
+        "--kem",
+        choices=("x25519", "mlkem768-x25519"),
+        default="x25519",
+        help="how every sealed message wraps its key (see neurofed provision --help; default x25519, "
+        "mlkem768-x25519 is the post-quantum hybrid)",
+    )
     dp = p.add_argument_group("differential privacy (DP-SGD at every site; see neurofed coordinator --help)")
     dp.add_argument("--dp-noise-multiplier", type=float, help="noise std as a multiple of the clip")
     dp.add_argument("--dp-max-grad-norm", type=float, help="per-case gradient clip (default 1.0)")
@@ -108,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             fp16=args.fp16,
             secure_aggregation=args.secure_aggregation,
             compression=args.compression or "none",
+            kem=args.kem,
             site_optimizer=args.site_optimizer,
             mlflow=None if args.no_mlflow else (args.mlflow or "embedded"),
             dp_noise_multiplier=args.dp_noise_multiplier,

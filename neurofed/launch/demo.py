@@ -37,6 +37,7 @@ class DemoSettings:
     fp16: bool = False  # half-precision model broadcast and update deltas
     secure_aggregation: bool = False  # SecAgg+: only the sum of the masked updates is seen
     compression: str = "none"  # neurofed coordinator --compression
+    kem: str = "x25519"  # neurofed provision --kem: how every sealed message wraps its key
     site_optimizer: str = "reset"
     mlflow: str | None = "embedded"  # "embedded", a URI, or None
     federation: str = "demo"
@@ -155,12 +156,14 @@ def run_demo(s: DemoSettings) -> int:
     sites = sorted(summary["sites"])
     run_dir = out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     port = free_port()
-    provision_sites(run_dir / "bundles", s.federation, sites, port)
+    provision_sites(run_dir / "bundles", s.federation, sites, port, kem=s.kem)
     logs = run_dir / "logs"
     broker = Broker(run_dir / "bundles", port, logs / "mosquitto.log")
     logs.mkdir(parents=True, exist_ok=True)
     broker.start()
-    console.print(f"provisioned [bold]{len(sites)}[/] sites; Mosquitto (mTLS + ACL) on port {port}")
+    console.print(
+        f"provisioned [bold]{len(sites)}[/] sites (sealing KEM {s.kem}); Mosquitto (mTLS + ACL) on port {port}"
+    )
 
     mlf = _Mlflow(out / "mlflow") if s.mlflow == "embedded" else None
     mlflow_thread = None

@@ -153,8 +153,15 @@ def test_continue_global_adam_state_crosses_the_real_stack(tmp_path):
 def test_demo_with_int8_compression_sends_a_quarter_of_the_bytes(tmp_path):
     """``neurofed demo --compression int8``: real processes, broker and encryption; each site's
     update is an 8-bit change (about 0.25x the fp32 weights), the evaluation round's model an 8-bit
-    delta, and the sites rebuilt the model the coordinator named (no stale-model rejection)."""
-    text, out = run_demo(tmp_path, "--no-mlflow", "--compression", "int8")
+    delta, and the sites rebuilt the model the coordinator named (no stale-model rejection). The
+    federation is provisioned with the post-quantum hybrid KEM (``--kem``), so every message of
+    the run was sealed with it."""
+    import json
+
+    text, out = run_demo(tmp_path, "--no-mlflow", "--compression", "int8", "--kem", "mlkem768-x25519")
+    assert "sealing KEM mlkem768-x25519" in text, text[-3000:]
+    roster = json.loads((out / "bundles" / "coordinator" / "roster.json").read_text())
+    assert roster["kem"] == "mlkem768-x25519"
     events = read_events(out / "coordinator-state")
     closed = [e for e in events if e["event"] == "round"]
     assert sorted(closed[0]["sites"]) == ["site-01", "site-02"] and closed[0]["aggregated"], text[-3000:]
