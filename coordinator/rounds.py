@@ -88,7 +88,14 @@ from neurofed.coordinator.membership import RosterWatch
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.secure import ENCODING as SECAGG_ENCODING
 from neurofed.coordinator.secure import SecureRound, SecureSettings, load_next_attempt
-from neurofed.coordinator.state import Snapshot, StateStore, atomic_write_json, disk_full, until_saved
+from neurofed.coordinator.state import (
+    Snapshot,
+    StateStore,
+    append_whole,
+    atomic_write_json,
+    disk_full,
+    until_saved,
+)
 from neurofed.coordinator.strategies import Strategy
 from neurofed.models.privacy import BUDGET_SPENT
 from neurofed.wire import compression as compress
@@ -309,12 +316,10 @@ class Coordinator:
         self._unwritten.append(json.dumps(rec, default=str) + "\n")
         try:
             self.events_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.events_path.open("a") as fh:
-                fh.write("".join(self._unwritten))
+            append_whole(self.events_path, "".join(self._unwritten).encode())
         except OSError as exc:
             # Kept and written with the next event that fits (a full disk): the events are the
             # record the sites' audit logs are reconciled against, so none may be dropped.
-            # A partial line is possible; readers skip lines that are not JSON.
             if disk_full(exc) and len(self._unwritten) == 1:
                 log.error("events file %s: disk full; events are kept until it has space", self.events_path)
             elif not disk_full(exc):

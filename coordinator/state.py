@@ -60,6 +60,23 @@ def disk_full(exc: BaseException) -> bool:
     )
 
 
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` whole or not at all: a write cut short (a full disk) is cut
+    back off, so no half line is left for the next append to run into."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            done = os.write(fd, data)
+            if done < len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
 def until_saved(
     write: Callable[[], T],
     what: str,
@@ -85,9 +102,9 @@ def until_saved(
             if since is None:
                 since = time.monotonic()
                 log.error(
-                    "state disk full: cannot save %s in %s (%s); every round before it is saved "
-                    "and nothing is announced until it is: free space there (trying again every "
-                    "%.0f s)",
+                    "state disk full: cannot save %s in %s (%s); free space there: the coordinator "
+                    "waits with it in memory, announces nothing new and loses nothing (trying "
+                    "again every %.0f s)",
                     what,
                     folder,
                     getattr(exc, "strerror", None) or exc,

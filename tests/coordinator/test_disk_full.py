@@ -5,6 +5,7 @@ space, with every round saved and every event written (none dropped while the di
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import subprocess
@@ -78,6 +79,8 @@ def test_a_full_state_disk_holds_the_round_until_there_is_space_and_loses_nothin
     finish(t, box, stop)
     assert "state disk has space again: round 2 saved" in caplog.text
     assert StateStore(state).load().round == 2
+    lines = (state / "events.jsonl").read_text().splitlines()
+    assert all(json.loads(x) for x in lines), "a write cut short by the full disk left half a line"
     events = read_events(state)
     # every update of round 2 (taken while the disk was full) and the round itself are recorded
     assert sorted(e["site"] for e in events if e["event"] == "update" and e["round"] == 2) == list(SITES)
