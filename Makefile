@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the suite runs without it so that a bare `import wire` fails instead of loading a second copy.
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup peer-env demo test test-fast bench bench-links bench-peers lint clean
+.PHONY: setup peer-env demo test test-fast bench bench-links bench-peers soak lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,13 @@ bench: setup
 # none / fp16 / int8 / int8-topk at 20 Mbit/s up, 100 Mbit/s down per site, bandwidth only.
 bench-links: setup
 	$(PY) -m benchmarks.links
+
+# The chaos soak (about 15 minutes; docs/operations.md): 5 sites, 20 rounds, one fault a round,
+# after a fault-free run with the same seeds. Root gives it network namespaces and a tmpfs (the
+# network-cut and full-disk faults; skipped, saying why, without). SELF_CHECK=1 disables the
+# coordinator's resume and must fail; SOAK_ARGS passes more (e.g. --compression int8).
+soak: setup
+	$(PY) -m neurofed.launch.soak $(if $(SELF_CHECK),--self-check) $(SOAK_ARGS)
 
 # Flower / NVIDIA FLARE side by side: a separate environment, never the kit's own .venv.
 bench-peers: setup peer-env

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neurofed.coordinator.faults import fault_point
-from neurofed.coordinator.state import StateStore
+from neurofed.coordinator.state import StateStore, until_saved
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,14 @@ class Registrar:
                     cases=job.data["cases"],
                     tags=job.data["tags"],
                 )
-            self.store.mark_registered([job.round], {job.round: version} if version is not None else None)
+            versions = {job.round: version} if version is not None else None
+            # the version exists now: its ledger line waits for space rather than failing the
+            # job (a restart would find the version by its round tag, but this process would not)
+            until_saved(
+                lambda: self.store.mark_registered([job.round], versions),
+                f"round {job.round}'s registry ledger",
+                self.store.root,
+            )
             if tracker is None:
                 log.info("round %d persisted; no registry configured (--mlflow)", job.round)
             else:
@@ -151,6 +158,10 @@ class Registrar:
                 splits = job.data.get("splits_digest")
                 extra = {"splits_digest": splits} if splits else {}
                 tracker.record_evaluation(job.round, job.data["dice"], job.data["per_site"], **extra)
-                self.store.mark_evaluated(job.round)
+                until_saved(
+                    lambda: self.store.mark_evaluated(job.round),
+                    f"round {job.round}'s evaluation",
+                    self.store.root,
+                )
         else:  # pragma: no cover
             raise ValueError(job.kind)

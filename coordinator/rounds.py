@@ -88,7 +88,14 @@ from neurofed.coordinator.membership import RosterWatch
 from neurofed.coordinator.registration import Registrar
 from neurofed.coordinator.secure import ENCODING as SECAGG_ENCODING
 from neurofed.coordinator.secure import SecureRound, SecureSettings, load_next_attempt
-from neurofed.coordinator.state import Snapshot, StateStore, atomic_write_json
+from neurofed.coordinator.state import (
+    Snapshot,
+    StateStore,
+    append_whole,
+    atomic_write_json,
+    disk_full,
+    until_saved,
+)
 from neurofed.coordinator.strategies import Strategy
 from neurofed.models.privacy import BUDGET_SPENT
 from neurofed.wire import compression as compress
@@ -278,6 +285,7 @@ class Coordinator:
         endpoint.set_run(self.run_id)
         self.clock = clock
         self.events_path = Path(events_path) if events_path else store.root / "events.jsonl"
+        self._unwritten: list[str] = []  # events lines not yet written (a full disk)
         self.weights: dict[str, np.ndarray] = {}
         # continue-global: the federation's averaged Adam state, sent with each model
         self.site_optimizer: dict[str, np.ndarray] = {}
@@ -305,12 +313,19 @@ class Coordinator:
     # -- events for logs and the live view ------------------------------------------------------
     def _event(self, kind: str, **data: Any) -> None:
         rec = {"t": time.time(), "event": kind, **data}
+        self._unwritten.append(json.dumps(rec, default=str) + "\n")
         try:
             self.events_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.events_path.open("a") as fh:
-                fh.write(json.dumps(rec, default=str) + "\n")
-        except OSError as exc:  # pragma: no cover - the events file is a convenience
-            log.debug("events file: %s", exc)
+            append_whole(self.events_path, "".join(self._unwritten).encode())
+        except OSError as exc:
+            # Kept and written with the next event that fits (a full disk): the events are the
+            # record the sites' audit logs are reconciled against, so none may be dropped.
+            if disk_full(exc) and len(self._unwritten) == 1:
+                log.error("events file %s: disk full; events are kept until it has space", self.events_path)
+            elif not disk_full(exc):
+                log.warning("events file %s: %s", self.events_path, exc)
+            return
+        self._unwritten.clear()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def _resume_or_init(self) -> bool:
@@ -373,20 +388,19 @@ class Coordinator:
 
     def _persist(self, round: int, extra: dict[str, Any]) -> None:
         meta, tensors = self.strategy.state()
-        self.store.save(
-            Snapshot(
-                round=round,
-                federation=self.ep.federation,
-                weights=self.weights,
-                model_config=self.model_config,
-                strategy_meta=meta,
-                strategy_tensors=tensors,
-                roster_digest=self.roster_digest,
-                extra=extra,
-                site_optimizer=self.site_optimizer,
-                reconstructed=self.reconstructed,
-            )
+        snap = Snapshot(
+            round=round,
+            federation=self.ep.federation,
+            weights=self.weights,
+            model_config=self.model_config,
+            strategy_meta=meta,
+            strategy_tensors=tensors,
+            roster_digest=self.roster_digest,
+            extra=extra,
+            site_optimizer=self.site_optimizer,
+            reconstructed=self.reconstructed,
         )
+        until_saved(lambda: self.store.save(snap), f"round {round}", self.store.root)
 
     def _extra(self) -> dict[str, Any]:
         extra = dict(self._extra_state)
@@ -917,6 +931,11 @@ class Coordinator:
                 break
             if now >= deadline:
                 if len(have()) >= self._quorum():
+                    log.warning(
+                        "round %d: deadline passed; closing with quorum without %s",
+                        r,
+                        ", ".join(sorted(expected - have())),
+                    )
                     break
                 deadline = self._extend(r, train, digest, res, sorted(have()), now)
             if now - last_receipts >= self.cfg.receipt_interval:
@@ -944,7 +963,11 @@ class Coordinator:
         path = self.store.root / "secagg.json"
 
         def persist_attempt(next_attempt: int) -> None:
-            atomic_write_json(path, {"round": r, "next_attempt": next_attempt})
+            until_saved(
+                lambda: atomic_write_json(path, {"round": r, "next_attempt": next_attempt}),
+                f"round {r}'s secure attempt number",
+                self.store.root,
+            )
 
         def relay(step: str, attempt: int, payload: bytes) -> None:
             self._send_reliably(

@@ -19,14 +19,16 @@ registration worker after each successful registration.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +42,83 @@ META_KEY = "neurofed.snapshot"
 CONFIG_KEY = "neurofed.model_config"
 FORMAT_KEY = "neurofed.format"
 FORMAT = "neurofed-weights-v1"
+# How often a coordinator whose state disk is full tries to save again
+DISK_FULL_RETRY_S = 2.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The write failed for want of space (ENOSPC, or a quota: EDQUOT), not for a bad path.
+    safetensors reports it as a ``SafetensorError`` carrying the OS error's text and number."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return type(exc).__name__ == "SafetensorError" and any(
+        f"os error {n})" in text for n in (errno.ENOSPC, errno.EDQUOT)
+    )
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` whole or not at all: a write cut short (a full disk) is cut
+    back off, so no half line is left for the next append to run into."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            done = os.write(fd, data)
+            if done < len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def until_saved(
+    write: Callable[[], T],
+    what: str,
+    folder: Path,
+    *,
+    interval: float = DISK_FULL_RETRY_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``write`` until it is not refused for want of space, and return what it returned.
+
+    Why wait rather than fail: a full state disk is an operator's problem that does not damage
+    anything (every write here is atomic, so the last saved round is whole), and the coordinator
+    must not announce a round it could not save. Stopping would lose the round the sites just
+    trained; waiting keeps it in memory until the operator frees space, and says so once, with
+    the folder to clean. Any other error is raised at once. SIGTERM still stops the wait."""
+    since: float | None = None
+    while True:
+        try:
+            out = write()
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            if since is None:
+                since = time.monotonic()
+                log.error(
+                    "state disk full: cannot save %s in %s (%s); free space there: the coordinator "
+                    "waits with it in memory, announces nothing new and loses nothing (trying "
+                    "again every %.0f s)",
+                    what,
+                    folder,
+                    getattr(exc, "strerror", None) or exc,
+                    interval,
+                )
+            sleep(interval)
+            continue
+        if since is not None:
+            log.warning(
+                "state disk has space again: %s saved after %.0f s of a full disk",
+                what,
+                time.monotonic() - since,
+            )
+        return out
 
 
 @dataclass

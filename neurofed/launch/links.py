@@ -184,12 +184,21 @@ class ShapedLinks:
                 out[site] = (0, 0)
         return out
 
-    def spawn(self, site: str, args: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
-        """``neurofed ARGS`` inside ``site``'s namespace (``ip netns exec``), as procs.spawn does."""
+    def spawn(
+        self,
+        site: str,
+        args: Sequence[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> Proc:
+        """``neurofed ARGS`` inside ``site``'s namespace (``ip netns exec``), as procs.spawn does
+        (``name``: the process and its log, ``site`` by default)."""
         from neurofed.children import ending_with_parent
 
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = log_dir / f"{site}.log"
+        name = name or site
+        log = log_dir / f"{name}.log"
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it
         popen = subprocess.Popen(
             ["ip", "netns", "exec", self.netns(site), sys.executable, "-m", "neurofed", *args],
@@ -200,4 +209,4 @@ class ShapedLinks:
             preexec_fn=ending_with_parent(),
         )
         fh.close()
-        return Proc(site, popen, log)
+        return Proc(name, popen, log)
