@@ -47,6 +47,7 @@ from typing import Any, Protocol
 from neurofed.edge_node.audit import AuditLog
 from neurofed.edge_node.secure import ENCODING as ENCODING_SECAGG
 from neurofed.edge_node.secure import SiteSecAgg, flat_delta
+from neurofed.models.client_privacy import check_site_task
 from neurofed.wire.api import Endpoint, Message, MessageKind
 from neurofed.wire.errors import ProtocolError, TransportError
 from neurofed.wire.secagg import SecAggRoundFailed
@@ -647,6 +648,16 @@ class SiteAgent:
             lr_scale=float(site_cfg.get("lr_scale", 1.0)),
             **extra,
         )
+        clip = check_site_task(task.get("dp_client"))
+        if clip is not None and not task.get("secagg"):
+            # client-level DP: this site's change is clipped here; only whether it fitted leaves
+            # (under secure aggregation the masking step clips the flat delta and counts the bit)
+            from neurofed.edge_node.privacy import clip_site_update
+
+            result.state_dict, within = clip_site_update(result.state_dict, state_dict, clip)
+            rs["dp_client"] = {"within_clip": within, "clip": clip}
+        else:
+            rs.pop("dp_client", None)
         t1 = time.time()
         self._timeline("train", r, t0, t1)
         return state_dict, result, t0, t1
@@ -977,6 +988,8 @@ class SiteAgent:
             meta["encoding"] = rs["encoding"]
         if rs.get("dp"):
             meta["dp"] = rs["dp"]
+        if rs.get("dp_client"):
+            meta["dp_client"] = rs["dp_client"]
         if status:  # off while scoring beside it: one writer of the status file
             self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r, before=self._wait_for_store)

@@ -246,3 +246,29 @@ class PrivateStep:
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.gsm._close()
+
+
+def clip_site_update(
+    trained: dict[str, Any], start: dict[str, Any], clip: float
+) -> tuple[dict[str, Any], bool]:
+    """Client-level DP at a site: the trained weights with their change from ``start`` scaled down
+    to L2 norm at most ``clip`` (floating tensors, norm over all of them, in float64), and the bit
+    the adaptive clip counts, ``norm <= clip``. Only the bit leaves the site, never the norm."""
+
+    def t(v: Any) -> torch.Tensor:
+        return v.detach() if torch.is_tensor(v) else torch.as_tensor(np.asarray(v))
+
+    names = [k for k, v in trained.items() if t(v).is_floating_point()]
+    deltas = {k: t(trained[k]).double() - t(start[k]).double() for k in names}
+    norm = math.sqrt(sum(float((d * d).sum()) for d in deltas.values()))
+    if not math.isfinite(norm):
+        raise TrainingError("the trained update has non-finite values")
+    within = norm <= clip
+    if within:
+        return dict(trained), True
+    scale = clip / norm
+    out = dict(trained)
+    for k in names:
+        clipped = (t(start[k]).double() + deltas[k] * scale).to(t(trained[k]).dtype)
+        out[k] = clipped if torch.is_tensor(trained[k]) else clipped.numpy()
+    return out, False
