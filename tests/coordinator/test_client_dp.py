@@ -13,6 +13,8 @@ import pytest
 
 from neurofed.coordinator.client_dp import ClientDP
 from neurofed.coordinator.errors import CoordinatorError
+from neurofed.coordinator.registration import Registrar
+from neurofed.coordinator.state import StateStore
 from neurofed.coordinator.strategies import make_strategy
 from neurofed.models.client_privacy import (
     ClientDPConfig,
@@ -171,9 +173,13 @@ def test_a_dp_fedavg_federation_clips_weights_charges_and_stops_at_its_budget(tm
     hub = MemoryHub("testfed")
     stop = threading.Event()
     trainers = {s: ShiftTrainer(shift=2.0, num_train_cases=n) for s, n in zip(SITES, (2, 4, 9), strict=True)}
-    coord = make_coordinator(hub, tmp_path / "c", SITES, rounds=4, timeout=60, dp_client=cfg.to_dict())
+    reg = Registrar(StateStore(tmp_path / "c"), {})
+    coord = make_coordinator(
+        hub, tmp_path / "c", SITES, rounds=4, timeout=60, dp_client=cfg.to_dict(), registrar=reg
+    )
     agents = {s: start_agent(hub, s, tr, tmp_path, stop)[0] for s, tr in trainers.items()}
     results = finish(*run_in_thread(coord), stop)
+    reg.close()
     trained = [r for r in results if r.train]
     assert [r.round for r in trained] == [1, 2]  # round 3 would exceed the budget
     events = [json.loads(x) for x in (tmp_path / "c" / "events.jsonl").read_text().splitlines()]
@@ -183,6 +189,10 @@ def test_a_dp_fedavg_federation_clips_weights_charges_and_stops_at_its_budget(tm
     assert info["epsilon"] == pytest.approx(client_epsilon(z, 1.0, 2, 1e-5), rel=1e-6)
     assert info["epsilon"] <= budget and info["clip"] == 0.5 and info["weights"] == "capped"
     assert coord._tags(2)["dp.client.epsilon"] == str(info["epsilon"])
+    logged = {j.round: j.data["metrics"] for j in reg.done if j.kind == "log"}
+    assert logged[2]["dp_client/epsilon"] == info["epsilon"] and logged[2]["dp_client/clip"] == 0.5
+    assert logged[1]["dp_client/epsilon"] < logged[2]["dp_client/epsilon"]
+    assert [j.round for j in reg.done if j.kind == "register"] == [1, 2]  # the model is kept
     for s in SITES:
         [upd, *_] = [e["fields"] for e in agents[s].audit.entries() if e["kind"] == "update"]
         assert upd["dp_client"] == {"within_clip": False, "clip": 0.5}
