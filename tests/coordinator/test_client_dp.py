@@ -189,7 +189,10 @@ def test_a_dp_fedavg_federation_clips_weights_charges_and_stops_at_its_budget(tm
     assert info["epsilon"] == pytest.approx(client_epsilon(z, 1.0, 2, 1e-5), rel=1e-6)
     assert info["epsilon"] <= budget and info["clip"] == 0.5 and info["weights"] == "capped"
     assert coord._tags(2)["dp.client.epsilon"] == str(info["epsilon"])
-    logged = {j.round: j.data["metrics"] for j in reg.done if j.kind == "log"}
+    logged: dict[int, dict] = {}
+    for j in reg.done:
+        if j.kind == "log":
+            logged.setdefault(j.round, {}).update(j.data["metrics"])
     assert logged[2]["dp_client/epsilon"] == info["epsilon"] and logged[2]["dp_client/clip"] == 0.5
     assert logged[1]["dp_client/epsilon"] < logged[2]["dp_client/epsilon"]
     assert [j.round for j in reg.done if j.kind == "register"] == [1, 2]  # the model is kept
