@@ -841,7 +841,7 @@ class SiteAgent:
         from neurofed.models.privacy import BUDGET_SPENT, DPConfig
 
         cfg = DPConfig.from_task(task.get("dp"))
-        spent = SiteAccountant(dp).epsilon(cfg.delta) if cfg else None
+        spent = SiteAccountant(dp).epsilon(cfg.delta, cfg.accountant) if cfg else None
         why = str(exc) if exc else f"privacy budget spent (epsilon {spent:.3f})"
         log.warning("%s: leaving the federation: %s", self.site, why)
         meta = {"status": "offline", "reason": BUDGET_SPENT, "epsilon": spent}
