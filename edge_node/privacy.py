@@ -281,3 +281,29 @@ def clip_site_update(
         clipped = (t(start[k]).double() + deltas[k] * scale).to(t(trained[k]).dtype)
         out[k] = clipped if torch.is_tensor(trained[k]) else clipped.numpy()
     return out, False
+
+
+def skellam_noise(segments: Sequence[tuple[int, float]], seed: int) -> np.ndarray:
+    """Integer Skellam noise (Poisson(v/2) - Poisson(v/2): symmetric, variance v) for each
+    ``(count, variance)`` segment in turn, as int64: a site's share of the distributed noise
+    under secure aggregation.
+
+    Why Skellam: it is integer, so it lives in the secure sum's ring exactly (no rounding, no
+    floating-point trace of the value it hides), and sums of Skellam noises are Skellam, so the
+    survivors' shares add up to the variance the accountant assumes (Agarwal et al. 2021).
+    Drawn by torch's Poisson sampler from a generator seeded with ``seed``: a secret from
+    ``os.urandom`` kept in the site's secure-aggregation state (0600), so that a restarted site
+    adds the same noise. torch's generator is a Mersenne Twister, not a cryptographic generator
+    (docs/privacy.md); rates are kept at most 2^40, where float64 counts are exact."""
+    g = torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+    parts = []
+    for count, variance in segments:
+        if count <= 0:
+            continue
+        if variance <= 0:
+            parts.append(np.zeros(count, dtype=np.int64))
+            continue
+        rate = torch.full((int(count),), float(variance) / 2.0, dtype=torch.float64)
+        x = torch.poisson(rate, generator=g) - torch.poisson(rate, generator=g)
+        parts.append(x.numpy().astype(np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
