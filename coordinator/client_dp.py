@@ -81,7 +81,7 @@ class ClientDP:
         self.bits, self.weights = {}, {}
 
     def task(self) -> dict[str, Any]:
-        return site_task(self.clip)
+        return site_task(self.clip, self.config.weighting, self.config.weight_cap)
 
     def accept(self, site: str, meta: Mapping[str, Any], num_cases: int) -> float:
         """Check ``site``'s clip report and return its weight in the noisy mean."""
@@ -106,6 +106,28 @@ class ClientDP:
         if self.config.weighting == "uniform":
             return 1
         return max(1, min(int(num_cases), self.config.weight_cap))
+
+    def secure_params(self, sites: int) -> dict[str, Any]:
+        """What a secure round's config needs (coordinator.secure.SecureRound ``dp``): each site
+        clips to the round's clip, adds 1/t of the noise variance (std z_delta * C * the largest
+        ring weight, the most one site moves the weighted sum) and, with the adaptive clip, one
+        centred bit (+1/-1: sensitivity 1, so its noise std is 2 sigma_b, sigma_b in count units)."""
+        cfg = self.config
+        top = 1 if cfg.weighting == "uniform" else cfg.weight_cap
+        out: dict[str, Any] = {
+            "clip": self.clip,
+            "noise_std": cfg.update_noise_multiplier * self.clip * top,
+            "max_total_weight": max(3, sites * top),
+        }
+        if cfg.adaptive:
+            assert cfg.count_noise is not None
+            out.update(counts=1, count_noise_std=2 * cfg.count_noise)
+        return out
+
+    @staticmethod
+    def count_from_centred(centred_sum: int, survivors: int) -> float:
+        """The noisy number of sites within the clip from the sum of their centred bits."""
+        return (centred_sum + survivors) / 2.0
 
     def noise_std(self, total_weight: float) -> float:
         """Std of the noise on each coordinate of the mean: z_delta * C / (sum of weights)."""

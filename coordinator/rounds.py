@@ -1028,6 +1028,9 @@ class Coordinator:
             persist_attempt=persist_attempt,
             event=self._event,
             clock=self.clock,
+            dp=self.client_dp.secure_params(len(self.cfg.expected_sites))
+            if self.client_dp is not None
+            else None,
         )
 
     def _collect_secure(self, r: int, digest: str, res: RoundResult, deadline: float) -> None:
@@ -1131,7 +1134,9 @@ class Coordinator:
             update, total = self._secure.mean_update(self.weights, self.strategy.name)
             self.strategy.add_aggregate(update, total)
             del update
-            res.cases = dict(self._secure.result.weights)
+            # the cases each survivor reported (its ring weight is 1 or capped under client DP)
+            att = self._secure.attempt
+            res.cases = {s: int(att.cases.get(s, w)) for s, w in self._secure.result.weights.items()}
             res.sites = sorted(res.cases)
         new = self.strategy.result()
         if new is None:
@@ -1181,9 +1186,9 @@ class Coordinator:
     def _secure_clip_count(self) -> float | None:
         """Under secure aggregation: the noisy count of sites within the clip, as unmasked."""
         sec = self._secure
-        if sec is None or sec.result is None:
+        if sec is None or sec.result is None or not sec.result.counts:
             return None
-        return getattr(sec.result, "noisy_count", None)
+        return ClientDP.count_from_centred(sec.result.counts[0], len(sec.result.survivors))
 
     def _secure_metrics(self) -> dict[str, float]:
         """Per-phase times (seconds since the attempt started) and attempts of a secure round."""

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 from neurofed.edge_node.audit import AuditLog
 from neurofed.edge_node.secure import ENCODING as ENCODING_SECAGG
 from neurofed.edge_node.secure import SiteSecAgg, flat_delta
-from neurofed.models.client_privacy import check_site_task
+from neurofed.models.client_privacy import check_site_task, ring_weight
 from neurofed.wire.api import Endpoint, Message, MessageKind
 from neurofed.wire.errors import ProtocolError, TransportError
 from neurofed.wire.secagg import SecAggRoundFailed
@@ -748,7 +748,7 @@ class SiteAgent:
                 self._secure_send(MessageKind.SECAGG, r, "shares", sec.shares(p), stop)
             delta = sec.load_delta(r)
             if "update" not in sec.sent and delta is not None and (p := relay("shares")) is not None:
-                masked = sec.masked(p, delta, int(rs["num_cases"]))
+                masked = sec.masked(p, delta, ring_weight(task.get("dp_client"), int(rs["num_cases"])))
                 if masked is None:
                     log.warning(
                         "%s: round %d attempt %d: left out (no share bundles for it)", self.site, r, a

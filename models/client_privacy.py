@@ -228,10 +228,23 @@ class ClientDPConfig:
         )
 
 
-def site_task(clip: float) -> dict[str, Any]:
+def site_task(
+    clip: float, weighting: str = "uniform", weight_cap: int = DEFAULT_WEIGHT_CAP
+) -> dict[str, Any]:
     """What a round's task tells every site (``dp_client``, wire/PROTOCOL.md): clip the update
-    delta to this L2 norm and report whether it was within it."""
-    return {"clip": float(clip)}
+    delta to this L2 norm and report whether it was within it; under secure aggregation, the
+    integer weight to multiply the input by (1, or min(cases, cap))."""
+    return {"clip": float(clip), "weights": weighting, "weight_cap": int(weight_cap)}
+
+
+def ring_weight(task: Any, num_cases: int) -> int:
+    """A site's integer weight in a secure round's sum: its cases without client-level DP, else
+    1 (uniform) or min(cases, cap) (capped)."""
+    if not task:
+        return int(num_cases)
+    if task.get("weights", "uniform") == "uniform":
+        return 1
+    return max(1, min(int(num_cases), int(task.get("weight_cap", DEFAULT_WEIGHT_CAP))))
 
 
 def check_site_task(data: Any) -> float | None:
