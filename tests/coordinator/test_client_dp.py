@@ -207,3 +207,34 @@ def test_a_dp_fedavg_federation_clips_weights_charges_and_stops_at_its_budget(tm
     along = float(delta @ unit)
     assert along == pytest.approx(2 * 0.5, abs=6 * 0.1)  # two rounds of the clip
     assert float(np.linalg.norm(delta - along * unit)) < 6 * 0.1 * math.sqrt(delta.size)
+
+
+def test_a_restarted_coordinator_keeps_the_ledger_and_the_adapted_clip(tmp_path):
+    """Each round is charged in the snapshot that holds its model: a new coordinator process on
+    the same state goes on from round 2 with round 1 charged once and the clip round 1 adapted."""
+    from tests.coordinator.test_rounds import wait_for
+
+    cfg = ClientDPConfig(noise_multiplier=1.0, clip=0.5, adaptive=True, rounds=2).resolved(sites=2)
+    hub = MemoryHub("testfed")
+    stop = threading.Event()
+    state = tmp_path / "c"
+    trainers = [ShiftTrainer(shift=0.01, num_train_cases=1), ShiftTrainer(shift=0.02, num_train_cases=1)]
+    coord = make_coordinator(hub, state, SITES[:2], rounds=1, final_eval=False, dp_client=cfg.to_dict())
+    for s, tr in zip(SITES[:2], trainers, strict=True):
+        start_agent(hub, s, tr, tmp_path, stop)
+    finish(*run_in_thread(coord), threading.Event())
+    ledger = dict(coord._extra_state["dp_client"])
+    assert ledger["rounds"] == 1 and ledger["clip"] != 0.5
+    agents = [
+        start_agent(hub, s, tr, tmp_path / "again", stop)[0]
+        for s, tr in zip(SITES[:2], trainers, strict=True)
+    ]
+    wait_for(lambda: all("note" in a._status for a in agents), 10, "the agents to see the old end")
+    coord2 = make_coordinator(hub, state, SITES[:2], rounds=2, final_eval=False, dp_client=cfg.to_dict())
+    results = finish(*run_in_thread(coord2), stop)
+    assert [r.round for r in results] == [2]
+    second = coord2._extra_state["rounds"]["2"]["dp_client"]
+    assert second["rounds"] == 2 and second["clip"] == ledger["clip"]  # the task carried it
+    assert second["epsilon"] == pytest.approx(client_epsilon(1.0, 1.0, 2, 1e-5), rel=1e-6)
+    sent = [e["fields"]["dp_client"]["clip"] for e in agents[0].audit.entries() if e["kind"] == "update"]
+    assert sent == [ledger["clip"]]
