@@ -82,6 +82,7 @@ from neurofed.coordinator.checks import (
     check_update,
     upcast_half,
 )
+from neurofed.coordinator.client_dp import ClientDP
 from neurofed.coordinator.errors import CoordinatorError, UpdateRejected
 from neurofed.coordinator.faults import fault_point
 from neurofed.coordinator.membership import RosterWatch
@@ -156,6 +157,8 @@ class RoundConfig:
     max_extensions: int = 1000
     secure: SecureSettings | None = None  # --secure-aggregation: only the sum of the updates is seen
     dp: Mapping[str, Any] | None = None  # the task's ``dp`` (neurofed.models.privacy.DPConfig.to_task)
+    # client-level DP (DP-FedAvg): resolved neurofed.models.client_privacy.ClientDPConfig.to_dict()
+    dp_client: Mapping[str, Any] | None = None
     # after the end (TASK done): stay connected up to this long while sites known online have not
     # left, publishing the end again if the broker comes back without it (0: exit at once)
     linger: float = 0.0
@@ -219,6 +222,7 @@ class RoundResult:
     extensions: int = 0
     bytes_received: int = 0
     dp: dict[str, dict[str, Any]] = field(default_factory=dict)  # each site's privacy report
+    dp_client: dict[str, Any] = field(default_factory=dict)  # the round's client-level DP figures
 
     @property
     def num_cases(self) -> int:
@@ -268,6 +272,7 @@ class Coordinator:
         self.ep = endpoint
         self.roster_keys = dict(roster_keys or {})
         self._secure: SecureRound | None = None
+        self.client_dp: ClientDP | None = None  # DP-FedAvg: made once the snapshot is loaded
         self.spacing_from_sites = spacing_from_sites
         self.site_spacing: dict[str, dict[str, Any]] = {}  # site -> its reported spacing summary
         self.strategy = strategy
@@ -384,6 +389,9 @@ class Coordinator:
         dp = self._extra_state.get("rounds", {}).get(str(r), {}).get("dp")
         if dp:
             tags.update({f"dp.{k}": str(v) for k, v in dp.items()})
+        client = self._extra_state.get("rounds", {}).get(str(r), {}).get("dp_client")
+        if client:
+            tags.update({f"dp.client.{k}": str(v) for k, v in client.items()})
         return tags
 
     def _persist(self, round: int, extra: dict[str, Any]) -> None:
@@ -411,6 +419,13 @@ class Coordinator:
     def run(self) -> list[RoundResult]:
         """Run (or resume) the federation to the end; return the rounds run in this process."""
         finished = self._resume_or_init()
+        if self.cfg.dp_client:
+            from neurofed.models.client_privacy import ClientDPConfig
+
+            self.client_dp = ClientDP(
+                ClientDPConfig.from_dict(dict(self.cfg.dp_client)),
+                self._extra_state.setdefault("dp_client", {}),
+            )
         try:
             if self.spacing_from_sites and not self._extra_state.get("spacing_from_sites"):
                 self._choose_spacing()
@@ -424,6 +439,20 @@ class Coordinator:
                             self.completed,
                         )
                         self._event("training-ended", round=self.completed, reason="privacy-budget-spent")
+                        break
+                    if self.client_dp is not None and not self.client_dp.budget_left():
+                        cd = self.client_dp
+                        log.warning(
+                            "client-level privacy budget spent: %d rounds have spent epsilon %.3f of %g "
+                            "(delta %g); another round would reach %.3f. Training ends after round %d and "
+                            "the federation keeps its model",
+                            cd.rounds, cd.epsilon(), cd.config.target_epsilon, cd.config.delta,
+                            cd.epsilon(cd.rounds + 1), self.completed,
+                        )  # fmt: skip
+                        self._event(
+                            "training-ended", round=self.completed, reason="client-privacy-budget-spent",
+                            epsilon=cd.epsilon(),
+                        )  # fmt: skip
                         break
                     self.results.append(self._round(r, train=True))
                 if self.cfg.final_eval:
@@ -591,6 +620,8 @@ class Coordinator:
             self._task_meta["secagg"] = self._secure.task_meta()
         if self.cfg.dp:
             self._task_meta["dp"] = dict(self.cfg.dp)
+        if train and self.client_dp is not None:
+            self._task_meta["dp_client"] = self.client_dp.task()
         if wait:
             self._send_reliably(MessageKind.TASK, r, meta=self._task_meta, retain=True)
         else:
@@ -870,6 +901,12 @@ class Coordinator:
         self.ep.set_round_window(max(0, r - 2), r)
         model_payload, model_meta, digest = self._model_message(r)
         if train:
+            if self.client_dp is not None:
+                # the round's clip bounds every update at the coordinator too; in plain mode the
+                # central noise goes on the mean (under secure aggregation the sites add it)
+                self.client_dp.begin()
+                self.strategy.max_norm = self.client_dp.clip
+                self.strategy.mean_noise = self.client_dp.add_noise if self.cfg.secure is None else None
             self.strategy.begin(r, self.weights)
             if self.cfg.site_optimizer == "continue-global":
                 self._optimizer_mean = WeightedMean()
@@ -991,6 +1028,9 @@ class Coordinator:
             persist_attempt=persist_attempt,
             event=self._event,
             clock=self.clock,
+            dp=self.client_dp.secure_params(len(self.cfg.expected_sites))
+            if self.client_dp is not None
+            else None,
         )
 
     def _collect_secure(self, r: int, digest: str, res: RoundResult, deadline: float) -> None:
@@ -1094,7 +1134,9 @@ class Coordinator:
             update, total = self._secure.mean_update(self.weights, self.strategy.name)
             self.strategy.add_aggregate(update, total)
             del update
-            res.cases = dict(self._secure.result.weights)
+            # the cases each survivor reported (its ring weight is 1 or capped under client DP)
+            att = self._secure.attempt
+            res.cases = {s: int(att.cases.get(s, w)) for s, w in self._secure.result.weights.items()}
             res.sites = sorted(res.cases)
         new = self.strategy.result()
         if new is None:
@@ -1105,11 +1147,15 @@ class Coordinator:
             if self._optimizer_mean is not None:
                 self.site_optimizer = self._optimizer_mean.result() or self.site_optimizer
         self._optimizer_mean = None
+        if self.client_dp is not None and res.aggregated:
+            res.dp_client = self.client_dp.close(len(res.sites), self._secure_clip_count())
         fault_point("after-aggregate", r)
         info: dict[str, Any] = {"sites": res.sites, "cases": res.num_cases}
         dp = self._privacy_summary(res)
         if dp:
             info["dp"] = dp
+        if res.dp_client:
+            info["dp_client"] = res.dp_client
         self._extra_state.setdefault("rounds", {})[str(r)] = info
         self._persist(r, self._extra())
         self.completed = r
@@ -1127,10 +1173,22 @@ class Coordinator:
                     "bytes_received": float(res.bytes_received),
                     **self._secure_metrics(),
                     **self._privacy_metrics(res),
+                    **{
+                        f"dp_client/{k}": float(v)
+                        for k, v in res.dp_client.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    },
                 },
             )
             if res.aggregated:
                 self.registrar.register(r, sites=res.sites, cases=res.num_cases, tags=self._tags(r))
+
+    def _secure_clip_count(self) -> float | None:
+        """Under secure aggregation: the noisy count of sites within the clip, as unmasked."""
+        sec = self._secure
+        if sec is None or sec.result is None or not sec.result.counts:
+            return None
+        return ClientDP.count_from_centred(sec.result.counts[0], len(sec.result.survivors))
 
     def _secure_metrics(self) -> dict[str, float]:
         """Per-phase times (seconds since the attempt started) and attempts of a secure round."""
@@ -1443,12 +1501,15 @@ class Coordinator:
             raise UpdateRejected(
                 "unexpected-tensors", "optimiser state sent, but this federation does not run continue-global"
             )
+        weight: float = num_cases
+        if self.client_dp is not None:
+            weight = self.client_dp.accept(site, msg.meta, num_cases)
         update = upcast_half(update, self.weights)
         check_update(update, self.weights)
         if encoding == UPDATE_ENCODING_FP16_DELTA or encoding in compress.CODEC_OF:
             update = apply_delta(update, self.weights)
             check_update(update, self.weights)  # finite deltas can still overflow the weights
-        self.strategy.add(site, update, num_cases, check_local_steps(msg.meta.get("local_steps")))
+        self.strategy.add(site, update, weight, check_local_steps(msg.meta.get("local_steps")))  # type: ignore[arg-type]
         if self._optimizer_mean is not None:
             self._optimizer_mean.add(optimizer, num_cases)
         del update, optimizer

@@ -152,10 +152,14 @@ class SecureRound:
         persist_attempt: Callable[[int], None],
         event: Callable[..., None],
         clock: Callable[[], float] = time.time,
+        dp: Mapping[str, Any] | None = None,
     ) -> None:
         self.federation, self.run_id, self.round = federation, run_id, round
         self.sites = tuple(sorted(sites))
-        self.length = flat_length(weights)
+        # client-level DP (ClientDP.secure_params): the round's clip, the distributed noise and
+        # the adaptive clip's count coordinate, appended after the update's coordinates
+        self.dp = dict(dp or {})
+        self.length = flat_length(weights) + int(self.dp.get("counts", 0))
         self.roster_keys = dict(roster_keys)
         self.settings = settings
         self.kem = kem  # the federation's KEM: share bundles are sealed with it too
@@ -174,11 +178,14 @@ class SecureRound:
                 RoundContext(self.federation, self.run_id, self.round, number),
                 self.sites,
                 self.length,
-                self.settings.clip,
+                float(self.dp.get("clip", self.settings.clip)),
                 k=self.settings.k,
                 t=self.settings.t,
                 bits=self.settings.bits,
-                max_total_weight=self.settings.max_total_weight,
+                max_total_weight=int(self.dp.get("max_total_weight", self.settings.max_total_weight)),
+                noise_std=float(self.dp.get("noise_std", 0.0)),
+                counts=int(self.dp.get("counts", 0)),
+                count_noise_std=float(self.dp.get("count_noise_std", 0.0)),
                 kem=self.kem,
             )
         except SecAggParameterError as exc:
@@ -193,6 +200,7 @@ class SecureRound:
         self._event(
             "secagg-attempt", round=self.round, attempt=number, k=config.k, threshold=config.t, bits=config.bits,
             scale_log2=config.scale_log2, clip=config.clip, error_bound=config.error_bound,
+            **({"noise_std": config.noise_std, "counts": config.counts} if config.noise_std else {}),
         )  # fmt: skip
         return a
 

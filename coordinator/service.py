@@ -54,7 +54,60 @@ class CoordinatorSettings:
     dp_max_grad_norm: float | None = None
     dp_target_epsilon: float | None = None
     dp_delta: float | None = None
+    dp_accountant: str | None = None
+    # client-level DP (DP-FedAvg); --max-norm is then each site's clip (the initial one if adaptive)
+    dp_client_noise_multiplier: float | None = None
+    dp_client_target_epsilon: float | None = None
+    dp_client_delta: float | None = None
+    dp_client_weights: str = "uniform"
+    dp_client_weight_cap: int | None = None
+    dp_client_adaptive_clip: bool = False
+    dp_client_target_quantile: float | None = None
+    dp_client_clip_lr: float | None = None
+    dp_client_count_noise: float | None = None
     linger: float = 60.0
+
+
+def client_privacy_config(s: CoordinatorSettings, sites: int) -> dict[str, Any] | None:
+    """The federation's resolved DP-FedAvg settings from the ``--dp-client-*`` flags (None: no
+    client-level DP), checked against the strategy before any round starts."""
+    from neurofed.coordinator.client_dp import refuse_unsound
+    from neurofed.models.client_privacy import DEFAULT_CLIP, ClientDPConfig
+    from neurofed.models.privacy import DEFAULT_DELTA, PrivacyConfigError
+
+    if s.dp_client_noise_multiplier is None and s.dp_client_target_epsilon is None:
+        rest = (s.dp_client_delta, s.dp_client_weight_cap, s.dp_client_target_quantile, s.dp_client_clip_lr,
+                s.dp_client_count_noise)  # fmt: skip
+        if any(v is not None for v in rest) or s.dp_client_adaptive_clip or s.dp_client_weights != "uniform":
+            raise CoordinatorError(
+                "--dp-client-* settings need --dp-client-noise-multiplier or --dp-client-target-epsilon"
+            )
+        return None
+    refuse_unsound(s.strategy, site_optimizer=s.site_optimizer, sample_dp=s.dp_noise_multiplier is not None)
+    opt: dict[str, Any] = {}
+    for flag, key in (
+        ("dp_client_weight_cap", "weight_cap"),
+        ("dp_client_target_quantile", "target_quantile"),
+        ("dp_client_clip_lr", "clip_lr"),
+        ("dp_client_count_noise", "count_noise"),
+    ):
+        if getattr(s, flag) is not None:
+            opt[key] = getattr(s, flag)
+    try:
+        cfg = ClientDPConfig(
+            noise_multiplier=s.dp_client_noise_multiplier,
+            target_epsilon=s.dp_client_target_epsilon,
+            delta=DEFAULT_DELTA if s.dp_client_delta is None else s.dp_client_delta,
+            rounds=s.rounds,
+            clip=DEFAULT_CLIP if s.max_norm is None else s.max_norm,
+            weighting=s.dp_client_weights,
+            adaptive=s.dp_client_adaptive_clip,
+            sample_rate=1.0,  # every site is asked every round
+            **opt,
+        ).resolved(sites)
+    except PrivacyConfigError as exc:
+        raise CoordinatorError(str(exc)) from None
+    return cfg.to_dict()
 
 
 def privacy_config(s: CoordinatorSettings, model_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -65,6 +118,8 @@ def privacy_config(s: CoordinatorSettings, model_config: dict[str, Any]) -> dict
 
     given = (s.dp_noise_multiplier, s.dp_max_grad_norm, s.dp_target_epsilon, s.dp_delta)
     if all(v is None for v in given):
+        if s.dp_accountant not in (None, "rdp"):
+            raise CoordinatorError("--dp-accountant is sample-level DP-SGD's; add --dp-target-epsilon")
         return None
     try:
         cfg = DPConfig(
@@ -73,6 +128,7 @@ def privacy_config(s: CoordinatorSettings, model_config: dict[str, Any]) -> dict
             target_epsilon=s.dp_target_epsilon,
             delta=DEFAULT_DELTA if s.dp_delta is None else s.dp_delta,
             rounds=s.rounds,
+            accountant=s.dp_accountant or "rdp",
         )
     except PrivacyConfigError as exc:
         raise CoordinatorError(str(exc)) from None
@@ -191,10 +247,12 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
             sites=len(sites),
             max_norm_at_coordinator=False,
         )
+    dp_client = client_privacy_config(s, len(sites))
     strategy = make_strategy(
         s.strategy,
         mu=s.mu,
-        max_norm=None if s.secure is not None else s.max_norm,
+        # --max-norm is each site's clip under secure aggregation and client-level DP
+        max_norm=None if s.secure is not None or dp_client is not None else s.max_norm,
         spill_dir=state_dir / "spill",
         server_lr=s.server_lr,
         server_momentum=s.server_momentum,
@@ -202,6 +260,7 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
     dp = privacy_config(s, model_config)
     cfg = RoundConfig(
         dp=dp,
+        dp_client=dp_client,
         rounds=s.rounds,
         expected_sites=sites,
         min_sites=s.min_sites or len(sites),
@@ -222,6 +281,11 @@ def run_coordinator(s: CoordinatorSettings) -> list[RoundResult]:
         from neurofed.models.privacy import DPConfig
 
         log.info("%s", DPConfig(**dp).describe())
+    if dp_client is not None:
+        from neurofed.models.client_privacy import ClientDPConfig
+
+        params["dp_client"] = dp_client
+        log.info("%s", ClientDPConfig.from_dict(dp_client).describe())
     factory = None
     if s.mlflow_uri:
 

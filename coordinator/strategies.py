@@ -45,6 +45,8 @@ class Strategy(ABC):
         self.round = 0
         self._global: Weights | None = None
         self.clipped: dict[str, float] = {}
+        # client-level DP in plain mode: noise on the mean before any server step (ClientDP.add_noise)
+        self.mean_noise: Callable[[Weights, float], Weights] | None = None
 
     # -- round configuration -------------------------------------------------------------
     def configure(self, round: int, site: str, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,7 +77,7 @@ class Strategy(ABC):
             self.local_steps[site] = int(local_steps)
         if self.max_norm is not None:
             update, norm = clip_update(update, self._global, self.max_norm)
-            if norm > self.max_norm:
+            if norm > self.max_norm * (1 + 1e-5):  # a site's own clip, off by float32 rounding, is no news
                 self.clipped[site] = norm
                 log.warning(
                     "round %d: update from %s clipped (norm %.4g > bound %.4g)",
@@ -139,7 +141,11 @@ class FedAvg(Strategy):
         self._mean.add(update, float(total_cases))
 
     def result(self) -> Weights | None:
-        return self._mean.result()
+        total = self._mean.total_weight
+        mean = self._mean.result()
+        if mean is not None and self.mean_noise is not None:
+            mean = self.mean_noise(mean, total)
+        return mean
 
 
 class FedProx(FedAvg):

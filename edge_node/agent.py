@@ -47,6 +47,7 @@ from typing import Any, Protocol
 from neurofed.edge_node.audit import AuditLog
 from neurofed.edge_node.secure import ENCODING as ENCODING_SECAGG
 from neurofed.edge_node.secure import SiteSecAgg, flat_delta
+from neurofed.models.client_privacy import check_site_task, ring_weight
 from neurofed.wire.api import Endpoint, Message, MessageKind
 from neurofed.wire.errors import ProtocolError, TransportError
 from neurofed.wire.secagg import SecAggRoundFailed
@@ -647,6 +648,16 @@ class SiteAgent:
             lr_scale=float(site_cfg.get("lr_scale", 1.0)),
             **extra,
         )
+        clip = check_site_task(task.get("dp_client"))
+        if clip is not None and not task.get("secagg"):
+            # client-level DP: this site's change is clipped here; only whether it fitted leaves
+            # (under secure aggregation the masking step clips the flat delta and counts the bit)
+            from neurofed.edge_node.privacy import clip_site_update
+
+            result.state_dict, within = clip_site_update(result.state_dict, state_dict, clip)
+            rs["dp_client"] = {"within_clip": within, "clip": clip}
+        else:
+            rs.pop("dp_client", None)
         t1 = time.time()
         self._timeline("train", r, t0, t1)
         return state_dict, result, t0, t1
@@ -737,7 +748,7 @@ class SiteAgent:
                 self._secure_send(MessageKind.SECAGG, r, "shares", sec.shares(p), stop)
             delta = sec.load_delta(r)
             if "update" not in sec.sent and delta is not None and (p := relay("shares")) is not None:
-                masked = sec.masked(p, delta, int(rs["num_cases"]))
+                masked = sec.masked(p, delta, ring_weight(task.get("dp_client"), int(rs["num_cases"])))
                 if masked is None:
                     log.warning(
                         "%s: round %d attempt %d: left out (no share bundles for it)", self.site, r, a
@@ -830,7 +841,7 @@ class SiteAgent:
         from neurofed.models.privacy import BUDGET_SPENT, DPConfig
 
         cfg = DPConfig.from_task(task.get("dp"))
-        spent = SiteAccountant(dp).epsilon(cfg.delta) if cfg else None
+        spent = SiteAccountant(dp).epsilon(cfg.delta, cfg.accountant) if cfg else None
         why = str(exc) if exc else f"privacy budget spent (epsilon {spent:.3f})"
         log.warning("%s: leaving the federation: %s", self.site, why)
         meta = {"status": "offline", "reason": BUDGET_SPENT, "epsilon": spent}
@@ -977,6 +988,8 @@ class SiteAgent:
             meta["encoding"] = rs["encoding"]
         if rs.get("dp"):
             meta["dp"] = rs["dp"]
+        if rs.get("dp_client"):
+            meta["dp_client"] = rs["dp_client"]
         if status:  # off while scoring beside it: one writer of the status file
             self._set_status(state="uploading", round=r)
         fault_point("site-mid-upload", r, before=self._wait_for_store)

@@ -162,7 +162,19 @@ class SiteSecAgg:
         mine = json.loads(relayed_shares).get(self.site)
         if mine is None:
             return None
-        out = self.client.mask(delta, weight, unpack_bundles(base64.b64decode(mine)))
+        cfg = self.client.config
+        kw: dict[str, Any] = {}
+        if cfg.counts:  # the adaptive clip's centred bit: +1 within the clip, -1 not
+            within = float(np.linalg.norm(np.asarray(delta, dtype=np.float64))) <= cfg.clip
+            kw["counts"] = [1 if within else -1] + [0] * (cfg.counts - 1)
+        if cfg.noise_std or cfg.count_noise_std:  # client-level DP: this site's share of the noise
+            from neurofed.edge_node.privacy import skellam_noise
+
+            kw["noise"] = skellam_noise(
+                [(cfg.length - cfg.counts, cfg.site_noise_variance), (cfg.counts, cfg.site_count_variance)],
+                self.client.noise_seed,
+            )
+        out = self.client.mask(delta, weight, unpack_bundles(base64.b64decode(mine)), **kw)
         self._persist()
         return out
 

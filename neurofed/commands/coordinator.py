@@ -210,6 +210,58 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--dp-noise-multiplier it is the budget instead: a site stops training once it is spent",
     )
     dp.add_argument("--dp-delta", type=float, help="the delta of (epsilon, delta)-DP (default 1e-5)")
+    dp.add_argument(
+        "--dp-accountant",
+        choices=("rdp", "prv"),
+        help="how each site computes its epsilon: rdp (Renyi DP, default) or prv (privacy random "
+        "variables, Gopi et al. 2021: tighter, the same guarantee)",
+    )
+    cdp = p.add_argument_group(
+        "client-level differential privacy (DP-FedAvg: each hospital's whole update is protected; "
+        "--max-norm is each site's L2 clip, default 1; docs/privacy.md)"
+    )
+    cdp.add_argument(
+        "--dp-client-noise-multiplier",
+        type=float,
+        help="Gaussian noise std on the sum of clipped updates, as a multiple of the clip (turns it on)",
+    )
+    cdp.add_argument(
+        "--dp-client-target-epsilon",
+        type=float,
+        help="solve the noise so that --rounds rounds spend at most this epsilon; with "
+        "--dp-client-noise-multiplier it is the budget instead: training ends once it is spent",
+    )
+    cdp.add_argument("--dp-client-delta", type=float, help="client-level delta (default 1e-5)")
+    cdp.add_argument(
+        "--dp-client-weights",
+        choices=("uniform", "capped"),
+        default="uniform",
+        help="each site's weight in the noisy mean: uniform (1 each, default) or capped "
+        "(min(cases / --dp-client-weight-cap, 1))",
+    )
+    cdp.add_argument(
+        "--dp-client-weight-cap", type=int, help="capped weights: cases at which a site weighs 1 (default 64)"
+    )
+    cdp.add_argument(
+        "--dp-client-adaptive-clip",
+        action="store_true",
+        help="move the clip towards a quantile of the sites' update norms (Andrew et al. 2021) from "
+        "a noisy count of sites within it; the count's noise is part of the accounted budget",
+    )
+    cdp.add_argument(
+        "--dp-client-target-quantile",
+        type=float,
+        help="adaptive clip: share of sites whose update should fit within the clip (default 0.5)",
+    )
+    cdp.add_argument(
+        "--dp-client-clip-lr", type=float, help="adaptive clip: geometric learning rate (default 0.2)"
+    )
+    cdp.add_argument(
+        "--dp-client-count-noise",
+        type=float,
+        help="adaptive clip: std of the noise on the count of sites within the clip (default "
+        "max(sites / 20, 1.25 x the noise multiplier))",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the initial model (default 0)")
     p.add_argument("--init-weights", help="start from this neurofed weights file instead of a fresh UNet")
     p.add_argument(
@@ -238,6 +290,16 @@ def secure_settings(args: argparse.Namespace):
         max_total_weight=args.secagg_max_cases,
         phase_timeout=args.secagg_phase_timeout,
     )
+
+
+def client_dp_settings(args: argparse.Namespace) -> dict:
+    """The ``--dp-client-*`` and ``--dp-accountant`` flags as CoordinatorSettings fields."""
+    keys = (
+        "dp_accountant", "dp_client_noise_multiplier", "dp_client_target_epsilon", "dp_client_delta",
+        "dp_client_weights", "dp_client_weight_cap", "dp_client_adaptive_clip", "dp_client_target_quantile",
+        "dp_client_clip_lr", "dp_client_count_noise",
+    )  # fmt: skip
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _compression(args: argparse.Namespace) -> str:
@@ -303,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
             dp_max_grad_norm=args.dp_max_grad_norm,
             dp_target_epsilon=args.dp_target_epsilon,
             dp_delta=args.dp_delta,
+            **client_dp_settings(args),
             linger=args.linger,
         )
     )

@@ -94,6 +94,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     dp.add_argument("--dp-max-grad-norm", type=float, help="per-case gradient clip (default 1.0)")
     dp.add_argument("--dp-target-epsilon", type=float, help="epsilon each site may spend over the rounds")
     dp.add_argument("--dp-delta", type=float, help="delta (default 1e-5)")
+    cdp = p.add_argument_group("client-level DP (DP-FedAvg; see neurofed coordinator --help)")
+    cdp.add_argument("--dp-client-noise-multiplier", type=float, help="noise std on the sum, times the clip")
+    cdp.add_argument("--dp-client-target-epsilon", type=float, help="client-level epsilon over the rounds")
+    cdp.add_argument(
+        "--dp-client-adaptive-clip", action="store_true", help="adapt the clip to the median norm"
+    )
+    cdp.add_argument(
+        "--max-norm", type=float, help="each site's L2 clip of its update (client DP: default 1)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -122,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
             dp_max_grad_norm=args.dp_max_grad_norm,
             dp_target_epsilon=args.dp_target_epsilon,
             dp_delta=args.dp_delta,
+            dp_client_noise_multiplier=args.dp_client_noise_multiplier,
+            dp_client_target_epsilon=args.dp_client_target_epsilon,
+            dp_client_adaptive_clip=args.dp_client_adaptive_clip,
+            max_norm=args.max_norm,
             **prof,
         )
     )

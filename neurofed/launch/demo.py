@@ -46,10 +46,19 @@ class DemoSettings:
     dp_max_grad_norm: float | None = None
     dp_target_epsilon: float | None = None
     dp_delta: float | None = None
+    # client-level DP (DP-FedAvg; None: off) and the sites' L2 clip; see neurofed coordinator --help
+    dp_client_noise_multiplier: float | None = None
+    dp_client_target_epsilon: float | None = None
+    dp_client_adaptive_clip: bool = False
+    max_norm: float | None = None
 
     @property
     def dp(self) -> bool:
         return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
+
+    @property
+    def dp_client(self) -> bool:
+        return self.dp_client_noise_multiplier is not None or self.dp_client_target_epsilon is not None
 
 
 class _Mlflow:
@@ -235,9 +244,14 @@ def _coordinator_args(
         ("--dp-max-grad-norm", s.dp_max_grad_norm),
         ("--dp-target-epsilon", s.dp_target_epsilon),
         ("--dp-delta", s.dp_delta),
+        ("--dp-client-noise-multiplier", s.dp_client_noise_multiplier),
+        ("--dp-client-target-epsilon", s.dp_client_target_epsilon),
+        ("--max-norm", s.max_norm),
     ):
         if value is not None:
             args += [flag, str(value)]
+    if s.dp_client_adaptive_clip:
+        args.append("--dp-client-adaptive-clip")
     return args
 
 
@@ -303,6 +317,8 @@ def _print_results(
         console.print("mean Dice by round: " + ", ".join(f"r{e['round']} {e['dice']:.3f}" for e in evals))
     if s.dp:
         console.print(privacy_summary(events))
+    if s.dp_client:
+        console.print(client_privacy_summary(events))
     console.print(f"finished in {time.time() - t0:.0f} s (exit {code}); logs in {logs}")
     console.print(f"model weights per round: {run_dir / 'coordinator-state' / 'rounds'}")
     if mlf is not None and mlf.uri:
@@ -329,6 +345,27 @@ def privacy_summary(events: list[dict[str, Any]]) -> str:
     )
     if left:
         line += f"; left with their budget spent: {', '.join(sorted(left))}"
+    return line
+
+
+def client_privacy_summary(events: list[dict[str, Any]]) -> str:
+    """One line on what the federation's DP-FedAvg spent after its last aggregated round."""
+    rounds = [e["dp_client"] for e in events if e["event"] == "round" and e.get("dp_client")]
+    if not rounds:
+        return "privacy (client-level DP-FedAvg): no round was aggregated, nothing spent"
+    last = rounds[-1]
+    line = (
+        f"privacy (client-level DP-FedAvg, unit: hospital): epsilon {last['epsilon']:.3f} at delta "
+        f"{last['delta']:g} after {last['rounds']} rounds (noise multiplier {last['noise_multiplier']:.3f}, "
+        f"clip {last['clip']:.4g})"
+    )
+    ended = [
+        e
+        for e in events
+        if e["event"] == "training-ended" and e.get("reason") == "client-privacy-budget-spent"
+    ]
+    if ended:
+        line += "; training ended with the budget spent"
     return line
 
 

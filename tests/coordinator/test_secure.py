@@ -5,6 +5,7 @@ keys, refusals at start, and an attacker holding everything the coordinator hold
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from neurofed.coordinator.secure import SecureSettings, refuse_unsound
 from neurofed.coordinator.state import StateStore
 from neurofed.coordinator.strategies import make_strategy
 from neurofed.edge_node.agent import SiteAgent
+from neurofed.launch.local import read_events
 from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.memory import MemoryEndpoint, MemoryHub
 from neurofed.wire.payload import decode_state
@@ -59,7 +61,13 @@ class DroppingEndpoint(MemoryEndpoint):
 
 
 def _federation(
-    tmp_path: Path, *, drop: dict[str, str] | None = None, strategy="fedavg", rounds=1, **settings
+    tmp_path: Path,
+    *,
+    drop: dict[str, str] | None = None,
+    strategy="fedavg",
+    rounds=1,
+    dp_client=None,
+    **settings,
 ):
     hub = MemoryHub("testfed")
     keys = {s: Ed25519PrivateKey.generate() for s in SITES}
@@ -73,6 +81,7 @@ def _federation(
         round_timeout=settings.pop("round_timeout", 20.0),
         receipt_interval=0.5,
         final_eval=False,
+        dp_client=dp_client,
         secure=SecureSettings(phase_timeout=settings.pop("phase_timeout", 5.0), **settings),
     )
     coord = Coordinator(
@@ -256,4 +265,41 @@ def test_server_optimisers_and_fednova_on_the_secure_mean_match_plaintext(tmp_pa
     # a server optimiser may amplify the bound by its learning rate and normalisation
     _assert_close(
         coord, expected, 1e-3 if strategy == "fedadam" else 10 * coord._secure.attempt.config.error_bound
+    )
+
+
+def test_client_level_dp_under_secure_aggregation_noises_at_the_sites_and_adapts_the_clip(tmp_path):
+    """DP-FedAvg with the adaptive clip under SecAgg+: every site clips to the round's clip and
+    adds its share of Skellam noise, its centred clip bit rides in the masked sum as one more ring
+    element with its own noise, the coordinator adds nothing and learns only the noisy mean and
+    count. Norms 0.4 / 0.8 / 1.2 / 2.0 against clip 0.5: one site of four fits, the clip grows."""
+    from neurofed.models.client_privacy import ClientDPConfig, client_epsilon
+
+    cfg = ClientDPConfig(noise_multiplier=0.05, clip=0.5, adaptive=True, rounds=2).resolved(sites=4)
+    hub, coord, stop = _federation(tmp_path, rounds=2, dp_client=cfg.to_dict())
+    results = _run(coord, stop)
+    assert [r.aggregated for r in results] == [True, True]
+    first = coord._extra_state["rounds"]["1"]["dp_client"]
+    assert first["clip"] == 0.5 and first["next_clip"] > 0.5  # a quarter fit, the target is half
+    assert abs(first["within_clip_fraction"] - 0.25) < 0.5
+    assert coord._extra_state["rounds"]["2"]["dp_client"]["epsilon"] == pytest.approx(
+        client_epsilon(0.05, 1.0, 2, 1e-5), rel=1e-6
+    )
+    assert results[0].cases == CASES  # the cases reported, not the uniform ring weights
+
+    # round 1: uniform mean of the clipped shifts (0.1, 0.125, -0.125, 0.125) = 0.05625 per float
+    # coordinate; round 2 under the larger clip; both within the noise (std ~0.01) and quantization
+    def clipped_mean(clip: float) -> float:
+        return sum(x * min(1.0, clip / (abs(x) * 4)) for x in SHIFTS.values()) / 4  # 16 floats: norm 4|x|
+
+    moved = clipped_mean(0.5) + clipped_mean(first["next_clip"])
+    # the noise all 4 sites add: 4/t = 2 times the target variance per round, over 4 (the mean)
+    std = math.sqrt(sum(2 * (cfg.update_noise_multiplier * c) ** 2 for c in (0.5, first["next_clip"]))) / 4
+    w0 = initial_weights()
+    for k in ("w", "b"):
+        np.testing.assert_allclose(coord.weights[k] - w0[k], moved, atol=5 * std)
+    events = [e for e in read_events(tmp_path / "coordinator") if e["event"] == "secagg-attempt"]
+    assert (
+        events[0]["noise_std"] == pytest.approx(cfg.update_noise_multiplier * 0.5)
+        and events[0]["counts"] == 1
     )

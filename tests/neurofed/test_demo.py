@@ -201,3 +201,35 @@ def test_dp_federation_runs_through_the_cli_and_reports_epsilon(tmp_path):
         assert trained[0]["dp"] == update["dp"] and update["dp"]["noise_multiplier"] > 0
         state = json.loads(next(out.glob(f"**/{site}-state/agent.json")).read_text())
         assert sum(n for _, _, n in state["dp"]["history"]) == update["dp"]["steps"]
+
+
+def test_client_level_dp_federation_runs_through_the_cli(tmp_path):
+    """DP-FedAvg from the demo's flags over real processes: the task carries the round's clip,
+    each site clips its change and reports only whether it fitted, the coordinator adds the noise,
+    adapts the clip and charges each round; epsilon is the accountant's and the summary says it."""
+    import json
+
+    from neurofed.models.client_privacy import client_epsilon, update_noise_multiplier
+
+    text, out = run_demo(
+        tmp_path, "--no-mlflow", "--rounds", "2", "--dp-client-noise-multiplier", "0.8",
+        "--dp-client-adaptive-clip", "--max-norm", "0.05",
+    )  # fmt: skip
+    events = read_events(out / "coordinator-state")
+    assert not [e for e in events if e["event"] == "reject"], events
+    closed = [e for e in events if e["event"] == "round" and e["train"]]
+    assert [e["aggregated"] for e in closed] == [True, True]
+    first, second = (e["dp_client"] for e in closed)
+    assert first["clip"] == 0.05 and second["clip"] == first["next_clip"] != 0.05
+    assert second["epsilon"] == pytest.approx(client_epsilon(0.8, 1.0, 2, 1e-5), rel=1e-5)
+    # 2 sites: the count's noise is 1.25 z, and the update's multiplier makes up the rest of z
+    assert first["count_noise"] == pytest.approx(1.0)
+    assert first["update_noise_multiplier"] == pytest.approx(update_noise_multiplier(0.8, 1.0), rel=1e-5)
+    m = re.search(r"client-level DP-FedAvg, unit: hospital\): epsilon ([0-9.]+)", text)
+    assert m and float(m.group(1)) == pytest.approx(second["epsilon"], abs=1e-3), text[-3000:]
+    for site in ("site-01", "site-02"):
+        [audit] = list(out.glob(f"**/{site}-state/audit.jsonl"))
+        sent = [json.loads(x) for x in audit.read_text().splitlines()]
+        reports = [e["fields"]["dp_client"] for e in sent if e["kind"] == "update"]
+        assert [r["clip"] for r in reports] == [first["clip"], second["clip"]]
+        assert all(set(r) == {"within_clip", "clip"} for r in reports)  # the bit, never the norm

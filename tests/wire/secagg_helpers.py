@@ -44,8 +44,11 @@ class Drops:
     reveal: set[str] = field(default_factory=set)
 
 
-def run_round(fed: Fed, config: SecAggConfig, updates: dict, weights: dict, drops: Drops | None = None):
-    """All phases in memory; returns (result, server, clients, masked inputs by site)."""
+def run_round(
+    fed: Fed, config: SecAggConfig, updates: dict, weights: dict, drops: Drops | None = None, mask_kw=None
+):
+    """All phases in memory; returns (result, server, clients, masked inputs by site).
+    ``mask_kw(site, client)``: extra keyword arguments of that site's ``mask`` (counts, noise)."""
     d = drops or Drops()
     clients = fed.clients(config)
     server = SecAggServer(config, fed.roster)
@@ -60,7 +63,8 @@ def run_round(fed: Fed, config: SecAggConfig, updates: dict, weights: dict, drop
     live = [s for s in live if s not in d.masked]
     masked = {}
     for s in live:
-        masked[s] = clients[s].mask(updates[s], weights[s], server.shares_for(s))
+        extra = mask_kw(s, clients[s]) if mask_kw is not None else {}
+        masked[s] = clients[s].mask(updates[s], weights[s], server.shares_for(s), **extra)
         server.add_masked_input(s, masked[s])
     survivor_list = server.close_inputs()
     live = [s for s in live if s not in d.echo]

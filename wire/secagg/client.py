@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ def _fresh_secrets(kem: str) -> dict[str, str]:
         "share_sk": b64(X25519PrivateKey.generate().private_bytes_raw()),
         "seed": b64(os.urandom(32)),
         "coin_seed": b64(os.urandom(32)),
+        "noise_seed": b64(os.urandom(8)),
     }
     if kem == kems.MLKEM768_X25519:
         secrets["share_kem_sk"] = b64(kems.HybridKeyPair.generate().raw())
@@ -233,23 +234,52 @@ class SecAggClient:
 
     # --- phase 3: masked input ---------------------------------------------------------------
 
-    def mask(self, update: np.ndarray, weight: int, received: Mapping[str, bytes]) -> bytes:
+    @property
+    def noise_seed(self) -> int:
+        """This attempt's secret seed of the site's distributed DP noise (persisted with the
+        state, so a restarted site adds the same noise and re-sends byte-identical input)."""
+        raw = self._state.get("noise_seed")
+        if raw is None:
+            raw = self._state["noise_seed"] = b64(os.urandom(8))
+        return int.from_bytes(unb64(raw), "little")
+
+    def mask(
+        self,
+        update: np.ndarray,
+        weight: int,
+        received: Mapping[str, bytes],
+        *,
+        counts: Sequence[int] = (),
+        noise: np.ndarray | None = None,
+    ) -> bytes:
         """Open the neighbours' share bundles, then clip ``update`` (flat, ``config.length``
         coordinates) to L2 norm ``config.clip``, quantize it with stochastic rounding, multiply
         by ``weight`` (the case count) and add the self mask and one pairwise mask per neighbour
         that sent a bundle. Returns ``MaskedInput`` bytes for the coordinator.
 
+        ``counts`` (``config.counts`` integers) go after the update unweighted; ``noise`` (int64,
+        ``config.length`` values; required when ``config.noise_std`` > 0) is added to the quantized,
+        weighted input before masking: the site's share of the distributed DP noise.
+
         Deterministic given the state: repeating the call (after a restart) with the same update,
-        weight and bundles gives the same bytes; anything else raises MaskReuseRefused."""
+        weight, counts and bundles gives the same bytes; anything else raises MaskReuseRefused."""
         self._require("shared")
         cfg, st = self.config, self._state
         vec = np.ascontiguousarray(update).reshape(-1)
-        if vec.size != cfg.length:
-            raise ValueError(f"update has {vec.size} coordinates, the round expects {cfg.length}")
+        if vec.size != cfg.length - cfg.counts:
+            raise ValueError(
+                f"update has {vec.size} coordinates, the round expects {cfg.length - cfg.counts}"
+            )
+        if len(counts) != cfg.counts:
+            raise ValueError(f"the round expects {cfg.counts} count values, got {len(counts)}")
+        if (noise is None) != (cfg.noise_std == 0 and cfg.count_noise_std == 0):
+            raise ValueError("distributed noise must be given exactly when the round's config asks for it")
+        if noise is not None and (noise.dtype != np.int64 or noise.shape != (cfg.length,)):
+            raise ValueError(f"noise must be {cfg.length} int64 values")
         if int(weight) != weight or not 1 <= weight <= cfg.max_total_weight:
             raise ValueError(f"weight must be an integer in 1..{cfg.max_total_weight}, got {weight}")
         weight = int(weight)
-        digest = self._input_digest(vec, weight, received)
+        digest = self._input_digest(vec, weight, received, counts)
         if "masked_digest" in st and st["masked_digest"] != digest:
             log.error("secagg %s: refused to mask a second, different input in %s", self.site, cfg.context)
             raise MaskReuseRefused(f"{self.site} already masked another input under these keys")
@@ -264,7 +294,14 @@ class SecAggClient:
         clipped *= cfg.scale
         q = stochastic_round(clipped, coin_key(cfg, self.site, unb64(st["coin_seed"])))
         del clipped
-        ring = to_ring(q, weight, cfg.dtype)
+        if cfg.counts or noise is not None:
+            w = np.concatenate([q * np.int64(weight), np.asarray(counts, dtype=np.int64)])
+            if noise is not None:
+                w += noise
+            ring = to_ring(w, 1, cfg.dtype)
+            del w
+        else:
+            ring = to_ring(q, weight, cfg.dtype)
         del q
         apply_stream(ring, self_mask_key(cfg, self.site, unb64(st["seed"])), +1)
         mask_sk = self._key("mask_sk")
@@ -278,9 +315,13 @@ class SecAggClient:
         self._advance("masked")
         return MaskedInput(self.site, cfg.digest, weight, tuple(senders), ring).to_bytes()
 
-    def _input_digest(self, vec: np.ndarray, weight: int, received: Mapping[str, bytes]) -> str:
+    def _input_digest(
+        self, vec: np.ndarray, weight: int, received: Mapping[str, bytes], counts: Sequence[int] = ()
+    ) -> str:
         h = hashlib.sha256(self.config.context.info("input", self.site, vec.dtype.str, weight))
         h.update(memoryview(vec).cast("B"))
+        if counts:
+            h.update(b"counts" + b",".join(str(int(c)).encode() for c in counts))
         for sender in sorted(received):
             h.update(hashlib.sha256(sender.encode() + b"\x00" + bytes(received[sender])).digest())
         return h.hexdigest()

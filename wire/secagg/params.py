@@ -23,6 +23,17 @@ wraps in Z_2^b: the wrap probability is 0 without noise, and below 2^-40 with Ga
 when N comes from ``gaussian_tail_bound``. The unmasked mean then differs from the
 weighted mean of the clipped updates by less than ``1/s`` in every coordinate (stochastic rounding
 moves each input by less than one unit, and the weights average those errors).
+
+Distributed noise (client-level DP): with ``noise_std`` > 0 each site adds Skellam noise (the
+difference of two Poisson draws: integer, symmetric) of variance ``(noise_std * s)^2 / t`` to
+each update coordinate in ring units, so any t survivors together carry at least the variance
+``(noise_std * s)^2`` and the n survivors at most n/t times it. The ring is sized for the most,
+with a Bernstein tail bound (``skellam_tail_bound``; a centred Poisson is sub-exponential) over
+every coordinate: the wrap probability stays below 2^-40. The scale is also capped so that each
+Poisson rate stays at most 2^40, where the sampler's float64 arithmetic is still exact to the
+unit. ``counts`` extra coordinates at the end of the vector are not weighted or scaled: the
+adaptive clip's centred bit (+1 within the clip, -1 not), with its own Skellam noise of
+variance ``count_noise_std^2 / t``.
 """
 
 from __future__ import annotations
@@ -129,6 +140,19 @@ def gaussian_tail_bound(sigma: float, dim: int, log2_failure: int = 40) -> float
     return z * sigma
 
 
+MAX_POISSON_RATE = 2.0**40
+
+
+def skellam_tail_bound(variance: float, dim: int, log2_failure: int = 40) -> float:
+    """A bound on |X| for X the sum of independent Skellam noises of total ``variance`` that every
+    one of ``dim`` coordinates respects except with probability below 2^-log2_failure: Bernstein,
+    P(|X| >= a) <= 2 exp(-a^2 / (2 (variance + a/3)))."""
+    if variance <= 0:
+        return 0.0
+    ln = math.log(2.0 * max(dim, 1)) + log2_failure * math.log(2.0)
+    return ln / 3.0 + math.sqrt((ln / 3.0) ** 2 + 2.0 * variance * ln)
+
+
 def choose_ring(
     clip: float,
     max_total_weight: int,
@@ -136,6 +160,9 @@ def choose_ring(
     bits: int | None = None,
     scale_log2: int | None = None,
     noise_bound: float = 0.0,
+    noise_std: float = 0.0,
+    noise_sites: float = 1.0,
+    dim: int = 1,
 ) -> tuple[int, int]:
     """Return ``(bits, scale_log2)`` such that a sum of weighted quantized inputs cannot wrap.
 
@@ -149,15 +176,22 @@ def choose_ring(
     if max_total_weight < 1:
         raise SecAggParameterError("the maximum total case weight must be at least 1")
 
+    if not (noise_std >= 0 and math.isfinite(noise_std)):
+        raise SecAggParameterError(f"noise std must be finite and >= 0, got {noise_std}")
+
     def fits(b: int, e: int) -> bool:
-        return max_total_weight * ((clip + noise_bound) * 2.0**e + 2) <= 2 ** (b - 1) - 1
+        ring_std = noise_std * 2.0**e  # the noise any t survivors carry, in ring units
+        if ring_std**2 / 2 > MAX_POISSON_RATE:  # a site's rate, var / (2 t), is at most this
+            return False
+        skellam = skellam_tail_bound(noise_sites * ring_std**2, dim)
+        return max_total_weight * ((clip + noise_bound) * 2.0**e + 2) + skellam <= 2 ** (b - 1) - 1
 
     if scale_log2 is None:
         b = bits or 32
         if b not in RING_BITS:
             raise SecAggParameterError(f"ring bits must be one of {RING_BITS}, got {b}")
         room = (2 ** (b - 1) - 1) / max_total_weight - 2
-        e = math.floor(math.log2(room / (clip + noise_bound))) if room > 0 else -64
+        e = math.floor(math.log2(room / (clip + noise_bound + noise_std))) if room > 0 else -64
         while e > -64 and not fits(b, e):
             e -= 1
         if not fits(b, e) or 2.0**-e > clip:
@@ -241,6 +275,9 @@ class SecAggConfig:
     max_total_weight: int = DEFAULT_MAX_TOTAL_WEIGHT
     noise_bound: float = 0.0
     kem: str = kems.DEFAULT
+    noise_std: float = 0.0  # distributed noise: std any t survivors carry per coordinate (clip units)
+    counts: int = 0  # unweighted count coordinates at the end of the vector (the clip bit)
+    count_noise_std: float = 0.0  # distributed noise on each count: std any t survivors carry
 
     def __post_init__(self) -> None:
         if self.kem not in kems.KEMS:
@@ -253,12 +290,19 @@ class SecAggConfig:
             raise SecAggParameterError("the update vector must have at least one coordinate")
         if self.max_total_weight < n:
             raise SecAggParameterError(f"max total weight {self.max_total_weight} is below n={n}")
+        if not 0 <= self.counts < self.length:
+            raise SecAggParameterError(f"counts must be in [0, length), got {self.counts}")
+        if self.count_noise_std < 0 or (self.count_noise_std > 0 and not self.counts):
+            raise SecAggParameterError("count noise needs count coordinates")
         if choose_ring(
             self.clip,
             self.max_total_weight,
             bits=self.bits,
             scale_log2=self.scale_log2,
             noise_bound=self.noise_bound,
+            noise_std=self.noise_std,
+            noise_sites=self.n / self.t,
+            dim=self.length,
         ) != (self.bits, self.scale_log2):
             raise SecAggParameterError("ring does not hold the scale")
 
@@ -277,14 +321,24 @@ class SecAggConfig:
         max_total_weight: int = DEFAULT_MAX_TOTAL_WEIGHT,
         noise_bound: float = 0.0,
         kem: str = kems.DEFAULT,
+        noise_std: float = 0.0,
+        counts: int = 0,
+        count_noise_std: float = 0.0,
     ) -> SecAggConfig:
-        """The coordinator's constructor: defaults for k, t and the ring, checked."""
+        """The coordinator's constructor: defaults for k, t and the ring, checked. ``length``
+        counts the ``counts`` coordinates too."""
         parts = tuple(sorted(set(participants)))
         dk, dt = default_k_t(len(parts))
         k = dk if k is None else k
         t = (dt if k == dk else math.ceil(2 * k / 3)) if t is None else t
-        b, e = choose_ring(clip, max_total_weight, bits=bits, scale_log2=scale_log2, noise_bound=noise_bound)
-        return cls(context, parts, int(length), k, t, float(clip), e, b, max_total_weight, noise_bound, kem)
+        b, e = choose_ring(
+            clip, max_total_weight, bits=bits, scale_log2=scale_log2, noise_bound=noise_bound,
+            noise_std=noise_std, noise_sites=len(parts) / t, dim=int(length),
+        )  # fmt: skip
+        return cls(
+            context, parts, int(length), k, t, float(clip), e, b, max_total_weight, noise_bound, kem,
+            float(noise_std), int(counts), float(count_noise_std),
+        )  # fmt: skip
 
     @property
     def n(self) -> int:
@@ -304,6 +358,16 @@ class SecAggConfig:
         return 1.0 / self.scale
 
     @property
+    def site_noise_variance(self) -> float:
+        """Each site's Skellam variance per update coordinate, in ring units: 1/t of the target."""
+        return (self.noise_std * self.scale) ** 2 / self.t
+
+    @property
+    def site_count_variance(self) -> float:
+        """Each site's Skellam variance on each count coordinate: 1/t of the target."""
+        return self.count_noise_std**2 / self.t
+
+    @property
     def min_survivors(self) -> int:
         """The coordinator never unmasks fewer inputs than this: max(t, 3)."""
         return max(self.t, MIN_SITES)
@@ -321,6 +385,10 @@ class SecAggConfig:
             "bits": self.bits,
             "max_total_weight": self.max_total_weight,
             "noise_bound": self.noise_bound,
+            # only when used: a config without distributed noise keeps its digest
+            **({"noise_std": self.noise_std} if self.noise_std else {}),
+            **({"counts": self.counts} if self.counts else {}),
+            **({"count_noise_std": self.count_noise_std} if self.count_noise_std else {}),
         }
         if self.kem != kems.DEFAULT:  # absent = x25519 (the digest of such configs is unchanged)
             d["kem"] = self.kem
@@ -344,6 +412,9 @@ class SecAggConfig:
                 int(d["max_total_weight"]),
                 float(d["noise_bound"]),
                 str(d.get("kem", kems.DEFAULT)),
+                float(d.get("noise_std", 0.0)),
+                int(d.get("counts", 0)),
+                float(d.get("count_noise_std", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, SecAggParameterError):

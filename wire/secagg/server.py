@@ -78,6 +78,7 @@ class SecAggResult:
     error_bound: float
     bytes_in: dict[str, int] = field(default_factory=dict)
     bytes_out: dict[str, int] = field(default_factory=dict)
+    counts: tuple[int, ...] = ()  # the sums of the config's count coordinates (with their noise)
 
     @property
     def weighted_sum(self) -> np.ndarray:
@@ -356,7 +357,10 @@ class SecAggServer:
                     shared = sk.exchange(X25519PublicKey.from_public_bytes(self._keysets[u].mask_key))
                     apply_stream(acc, pair_mask_key(cfg, u, v, shared), -pair_sign(u, v))
         total = self._total_weight
-        mean = from_ring(acc).astype(np.float64) / (cfg.scale * total)
+        values = from_ring(acc)
+        counts = tuple(int(c) for c in values[cfg.length - cfg.counts :]) if cfg.counts else ()
+        mean = values[: cfg.length - cfg.counts].astype(np.float64) / (cfg.scale * total)
+        del values
         self._acc = None
         self.phase = "done"
         return SecAggResult(
@@ -369,6 +373,7 @@ class SecAggServer:
             error_bound=cfg.error_bound,
             bytes_in=dict(self.bytes_in),
             bytes_out=dict(self.bytes_out),
+            counts=counts,
         )
 
     def _reconstruct(self, site: str, shares: Mapping[int, bytes], check: Callable[[bytes], bool]) -> bytes:
