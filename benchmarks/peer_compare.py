@@ -15,6 +15,15 @@ multi-process deployment on this machine:
   process; FLARE's FedAvg controller and the Client API script in ``peers/flare_app`` (via
   ``benchmarks.peers.flare_run``).
 
+With ``--secure-aggregation`` each side's secure arm runs next to its plaintext one, on the same
+data and initial weights: ``neurofed-secure`` (``--secure-aggregation``: SecAgg+ with the
+consistency round, ChaCha20 masks, sealed Shamir shares) and ``flower-secagg`` (Flower's
+``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with ``secaggplus_mod`` on the legacy
+NumPyClient/Strategy API, ``peers/flower_secagg_app``; every client a neighbour of every other,
+threshold about two thirds, ``max_weight`` the largest case count). Each secure aggregate is checked
+against the float64 case-weighted mean within its own quantization bound; the figures add
+neurofed-secure / Flower-SecAgg+ and each framework's secure / plain round time.
+
 A peer whose environment is missing is reported as skipped, with the reason, never left out.
 
 Before a framework's timings are reported, its averaging is checked: its global weights after a
@@ -24,6 +33,7 @@ share, the summed peak memory of all its processes, and the ratios neurofed / pe
 
     scripts/peer_env.sh [--no-flare]                 # the peers' own virtual environments, once
     .venv/bin/python -m benchmarks.peer_compare [--sites 10] [--rounds 3] [--peers flower,flare]
+    .venv/bin/python -m benchmarks.peer_compare --peers flower --secure-aggregation   # make bench-peers-secagg
 
 Prints one JSON object and writes ``benchmarks/results/peer_compare.json``. The machine is shared:
 treat single timings as +-30 %.
