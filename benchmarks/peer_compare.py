@@ -231,7 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "frameworks": results,
         "ratios": {f"neurofed_vs_{k}": ratios(nf, v) for k, v in results.items() if k in ("flower", "flare")},
-        **({"secure_aggregation": secure_figures(results)} if a.secure_aggregation else {}),
+        **(
+            {"secure_aggregation": secure_figures(results)}
+            if any(arm in results for arm in SECURE_ARMS.values())
+            else {}
+        ),
         "total_s": round(time.time() - t0, 1),
         "note": "2-core machine shared with other work while measured: single timings are noisy (+-30 %)",
     }

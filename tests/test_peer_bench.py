@@ -141,7 +141,7 @@ def _tiny_peer_compare(tmp_path, name: str, *which: str, sites: int = 2) -> dict
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1480,
+        timeout=880,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -237,31 +237,21 @@ def test_secure_figures_pair_each_secure_arm_with_its_plain_one():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(flower_run.available() is not None, reason=f"{flower_run.available()}")
-def test_tiny_secure_side_by_side_with_flower_secagg(tmp_path):
-    """3 sites x 1 round: neurofed plain and --secure-aggregation, Flower plain and SecAgg+; each
-    secure aggregate is the clients' case-weighted mean within its own quantization bound."""
+def test_tiny_flower_secagg_arm_aggregates_fedavg_within_its_bound(tmp_path):
+    """3 sites x 1 round through Flower's SecAggPlusWorkflow + secaggplus_mod: the unmasked
+    aggregate is the clients' case-weighted mean within SecAgg+'s quantization bound (neurofed's
+    own secure arm is tested with real processes in tests/test_secure_federation.py)."""
     res = _tiny_peer_compare(
-        tmp_path,
-        "peer_compare_secagg_test",
-        "--frameworks",
-        "neurofed,flower",
-        "--secure-aggregation",
-        sites=3,
+        tmp_path, "peer_compare_secagg_test", "--frameworks", "neurofed,flower-secagg", sites=3
     )
-    res_fw = res["frameworks"]
-    assert set(res_fw) == {"neurofed", "neurofed-secure", "flower", "flower-secagg"}
-    fl = res_fw["flower-secagg"]
+    assert set(res["frameworks"]) == {"neurofed", "flower-secagg"}
+    fl = res["frameworks"]["flower-secagg"]
     assert fl["ok"], fl
     check = fl["averaging_check"]
-    assert check["ok"] and check["clients"] == 3 and check["max_abs_diff"] <= check["tolerance"] < 1e-4
+    assert check["ok"] and check["clients"] == 3 and check["mean_differs_from_first_client"]
+    assert check["max_abs_diff"] <= check["tolerance"] < 1e-4
     assert "SecAggPlusWorkflow" in fl["deployment"] and fl["secagg"]["num-shares"] == 3
-    nf = res_fw["neurofed-secure"]
-    assert nf["ok"], nf
-    nf_check = nf["averaging_check"]
-    assert nf_check["clients"] == 3 and nf_check["max_abs_diff"] <= nf_check["tolerance"]
-    assert nf["secagg"] and nf["secagg"][0]["phase_s"]
-    sec = res["secure_aggregation"]
-    assert sec["neurofed_secure_vs_flower_secagg"]["round_wall_round1"] > 0
-    assert sec["flower_secure_over_plain"]["round_wall_round1"] > 0
+    assert len(fl["round_wall_s"]) == 1 and fl["memory"]["peak_sum_rss_gb"] > 0
+    assert "neurofed_secure_vs_flower_secagg" not in res["secure_aggregation"]  # no neurofed-secure arm
