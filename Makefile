@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # the suite runs without it so that a bare `import wire` fails instead of loading a second copy.
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup peer-env demo test test-fast bench bench-links bench-peers soak lint clean
+.PHONY: setup peer-env demo test test-fast bench bench-links bench-peers bench-peers-secagg soak lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,11 @@ soak: setup
 # Flower / NVIDIA FLARE side by side: a separate environment, never the kit's own .venv.
 bench-peers: setup peer-env
 	$(PY) -m benchmarks.peer_compare
+
+# Secure aggregation side by side: neurofed --secure-aggregation against Flower's SecAggPlusWorkflow
+# + secaggplus_mod, each next to its own plaintext FedAvg (10 sites, 2 rounds).
+bench-peers-secagg: setup peer-env
+	$(PY) -m benchmarks.peer_compare --peers flower --secure-aggregation --rounds 2 --name peer_compare_secagg
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -15,6 +15,15 @@ multi-process deployment on this machine:
   process; FLARE's FedAvg controller and the Client API script in ``peers/flare_app`` (via
   ``benchmarks.peers.flare_run``).
 
+With ``--secure-aggregation`` each side's secure arm runs next to its plaintext one, on the same
+data and initial weights: ``neurofed-secure`` (``--secure-aggregation``: SecAgg+ with the
+consistency round, ChaCha20 masks, sealed Shamir shares) and ``flower-secagg`` (Flower's
+``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with ``secaggplus_mod`` on the legacy
+NumPyClient/Strategy API, ``peers/flower_secagg_app``; every client a neighbour of every other,
+threshold about two thirds, ``max_weight`` the largest case count). Each secure aggregate is checked
+against the float64 case-weighted mean within its own quantization bound; the figures add
+neurofed-secure / Flower-SecAgg+ and each framework's secure / plain round time.
+
 A peer whose environment is missing is reported as skipped, with the reason, never left out.
 
 Before a framework's timings are reported, its averaging is checked: its global weights after a
@@ -24,6 +33,7 @@ share, the summed peak memory of all its processes, and the ratios neurofed / pe
 
     scripts/peer_env.sh [--no-flare]                 # the peers' own virtual environments, once
     .venv/bin/python -m benchmarks.peer_compare [--sites 10] [--rounds 3] [--peers flower,flare]
+    .venv/bin/python -m benchmarks.peer_compare --peers flower --secure-aggregation   # make bench-peers-secagg
 
 Prints one JSON object and writes ``benchmarks/results/peer_compare.json``. The machine is shared:
 treat single timings as +-30 %.
@@ -40,7 +50,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-FRAMEWORKS = ("neurofed", "flower", "flare")
+FRAMEWORKS = ("neurofed", "flower", "flare", "neurofed-secure", "flower-secagg")
+# what --secure-aggregation adds: each side's secure arm next to its plain one
+SECURE_ARMS = {"neurofed": "neurofed-secure", "flower": "flower-secagg"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -60,11 +72,30 @@ def ratios(nf: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _neurofed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
+def secure_figures(results: dict[str, Any]) -> dict[str, Any]:
+    """The secure-aggregation side by side: neurofed's secure round against Flower SecAgg+'s
+    (goal <= 0.1), and each framework's secure round against its own plaintext one."""
+    out: dict[str, Any] = {}
+    nf, fl = results.get("neurofed-secure"), results.get("flower-secagg")
+    if nf is not None and fl is not None:
+        out["neurofed_secure_vs_flower_secagg"] = ratios(nf, fl)
+    for plain, secure in SECURE_ARMS.items():
+        if plain in results and secure in results:
+            out[f"{plain}_secure_over_plain"] = ratios(results[secure], results[plain])
+    return out
+
+
+def _neurofed(work: Path, a: argparse.Namespace, secure: bool = False) -> dict[str, Any]:
     from benchmarks.peers import neurofed_run
 
     res = neurofed_run.run(
-        work, sites=a.sites, cases_per_site=a.cases_per_site, rounds=a.rounds, shape=a.shape, model=a.model
+        work,
+        sites=a.sites,
+        cases_per_site=a.cases_per_site,
+        rounds=a.rounds,
+        shape=a.shape,
+        model=a.model,
+        secure=secure,
     )
     fo = res.pop("federation_overhead")
     res["memory"] = {
@@ -73,7 +104,11 @@ def _neurofed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
         "processes_seen": fo["processes"],
     }
     res["setup_s"] = fo["setup_s"]
-    res["deployment"] = "coordinator + 1 edge process per site + private Mosquitto (mTLS, sealed+signed)"
+    res["deployment"] = "coordinator + 1 edge process per site + private Mosquitto (mTLS, sealed+signed)" + (
+        "; --secure-aggregation (SecAgg+ with the consistency round)" if secure else ""
+    )
+    if secure:
+        res["secagg"] = fo.get("secagg", [])
     res["ok"] = (
         fo["coordinator_exit"] == 0
         and res["averaging_check"].get("ok", False)
@@ -111,6 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="FLARE simulator threads (default: one per site, every client in its own worker process)",
     )
+    ap.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="also run each framework's secure aggregation next to its plaintext FedAvg: "
+        "neurofed --secure-aggregation and Flower's SecAggPlusWorkflow + secaggplus_mod (3+ sites)",
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each peer's whole run")
     ap.add_argument("--out", help="work folder (kept); default: a temporary one, removed afterwards")
     ap.add_argument("--name", default="peer_compare", help="results file name (benchmarks/results/NAME.json)")
@@ -119,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--frameworks and --peers: give one of them")
     spec = f"neurofed,{a.peers}" if a.peers else a.frameworks or ",".join(FRAMEWORKS)
     wanted = [f.strip() for f in spec.split(",") if f.strip()]
+    if a.secure_aggregation:
+        wanted += [SECURE_ARMS[f] for f in wanted if f in SECURE_ARMS and SECURE_ARMS[f] not in wanted]
     bad = [f for f in wanted if f not in FRAMEWORKS]
     if bad or "neurofed" not in wanted:
         ap.error(
@@ -142,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             file=sys.stderr,
         )
         results["neurofed"] = _neurofed(work / "neurofed", a)
+        if "neurofed-secure" in wanted:
+            print("[peer_compare] neurofed --secure-aggregation", file=sys.stderr)
+            results["neurofed-secure"] = _neurofed(work / "neurofed-secure", a, secure=True)
         data = work / "neurofed" / "data"
         init = neurofed_run.init_weights_path(work / "neurofed")
         common = dict(
@@ -157,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("[peer_compare] Flower", file=sys.stderr)
             results["flower"] = flower_run.run(work / "flower", **common)
             _say_if_skipped("Flower", results["flower"])
+        if "flower-secagg" in wanted:
+            print("[peer_compare] Flower SecAgg+", file=sys.stderr)
+            settings = flower_run.secagg_settings(a.sites, a.cases_per_site)
+            results["flower-secagg"] = flower_run.run(work / "flower-secagg", secagg=settings, **common)
+            _say_if_skipped("Flower SecAgg+", results["flower-secagg"])
         if "flare" in wanted:
             from benchmarks.peers import flare_run
 
@@ -179,7 +230,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch_threads_per_process": 1,
         },
         "frameworks": results,
-        "ratios": {f"neurofed_vs_{k}": ratios(nf, v) for k, v in results.items() if k != "neurofed"},
+        "ratios": {f"neurofed_vs_{k}": ratios(nf, v) for k, v in results.items() if k in ("flower", "flare")},
+        **(
+            {"secure_aggregation": secure_figures(results)}
+            if any(arm in results for arm in SECURE_ARMS.values())
+            else {}
+        ),
         "total_s": round(time.time() - t0, 1),
         "note": "2-core machine shared with other work while measured: single timings are noisy (+-30 %)",
     }

@@ -117,15 +117,15 @@ def test_tree_memory_sees_children():
         child.wait(10)
 
 
-def _tiny_peer_compare(tmp_path, name: str, *which: str) -> dict:
-    """2 sites x 1 round of 32^3 volumes with the tiny UNet through ``benchmarks.peer_compare``."""
+def _tiny_peer_compare(tmp_path, name: str, *which: str, sites: int = 2) -> dict:
+    """``sites`` x 1 round of 32^3 volumes with the tiny UNet through ``benchmarks.peer_compare``."""
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "benchmarks.peer_compare",
             "--sites",
-            "2",
+            str(sites),
             "--rounds",
             "1",
             "--shape",
@@ -177,3 +177,81 @@ def test_tiny_side_by_side_with_flare(tmp_path):
     assert len(fw["round_wall_s"]) == 1 and 0 <= fw["overhead"][0] < 1
     assert fw["memory"]["peak_sum_rss_gb"] > 0 and fw["memory"]["processes_seen"] >= 3
     assert res["ratios"]["neurofed_vs_flare"]["round_wall_round1"] > 0
+
+
+def test_flower_secagg_settings_match_neurofeds_graph_and_refuse_two_clients():
+    s = flower_run.secagg_settings(10, 4)
+    # n shares (Flower counts the client's own) is neurofed's complete graph at 10 sites
+    assert s["num-shares"] == 10 and s["reconstruction-threshold"] == 7 and s["max-weight"] == 4.0
+    assert flower_run.secagg_settings(3, 2)["reconstruction-threshold"] == 2
+    with pytest.raises(ValueError, match="at least 3"):
+        flower_run.secagg_settings(2, 4)
+
+
+def test_flower_secagg_bound_is_what_its_quantization_can_reach():
+    s = flower_run.secagg_settings(10, 4)
+    step = 2 * 8.0 / 2**22
+    # ten clients of 4 cases: ten steps of (w/max_weight) x, divided by the summed ratios (10)
+    assert flower_run.secagg_error_bound(s, [4.0] * 10) == pytest.approx(step + 1e-6)
+    # Flower's default max_weight of 1000 for the same clients is 250x coarser
+    coarse = {**s, "max-weight": 1000.0}
+    assert flower_run.secagg_error_bound(coarse, [4.0] * 10) > 200 * step
+
+
+def test_weighted_mean_check_takes_a_stated_tolerance():
+    rng = np.random.default_rng(3)
+    ups = _clients(rng)
+    total = sum(w for _, w in ups)
+    mean = sum(u["w"].astype(np.float64) * w for u, w in ups) / total
+    off = {"w": (mean + 3e-5).astype(np.float32)}  # SecAgg+-sized quantization error
+    assert not weighted_mean_error(off, ups)["ok"]
+    assert weighted_mean_error(off, ups, tol=5e-5)["ok"]
+    assert not weighted_mean_error({"w": ups[0][0]["w"]}, ups, tol=5e-5)["ok"]
+
+
+def test_secure_figures_pair_each_secure_arm_with_its_plain_one():
+    from benchmarks.peer_compare import secure_figures
+
+    def arm(wall):
+        return {
+            "ok": True,
+            "wall_steady_mean_s": wall,
+            "wall_round1_s": wall,
+            "wall_total_s": 3 * wall,
+            "overhead_steady_mean": 0.1,
+            "memory": {"peak_sum_rss_gb": 1.0},
+        }
+
+    res = {
+        "neurofed": arm(2.0),
+        "neurofed-secure": arm(2.2),
+        "flower": arm(10.0),
+        "flower-secagg": arm(40.0),
+    }
+    out = secure_figures(res)
+    assert out["neurofed_secure_vs_flower_secagg"]["round_wall_steady"] == pytest.approx(0.055)
+    assert out["neurofed_secure_over_plain"]["round_wall_steady"] == pytest.approx(1.1)
+    assert out["flower_secure_over_plain"]["round_wall_steady"] == pytest.approx(4.0)
+    res["flower-secagg"] = {"ok": False, "error": "x"}
+    assert "skipped" in secure_figures(res)["neurofed_secure_vs_flower_secagg"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(flower_run.available() is not None, reason=f"{flower_run.available()}")
+def test_tiny_flower_secagg_arm_aggregates_fedavg_within_its_bound(tmp_path):
+    """3 sites x 1 round through Flower's SecAggPlusWorkflow + secaggplus_mod: the unmasked
+    aggregate is the clients' case-weighted mean within SecAgg+'s quantization bound (neurofed's
+    own secure arm is tested with real processes in tests/test_secure_federation.py)."""
+    res = _tiny_peer_compare(
+        tmp_path, "peer_compare_secagg_test", "--frameworks", "neurofed,flower-secagg", sites=3
+    )
+    assert set(res["frameworks"]) == {"neurofed", "flower-secagg"}
+    fl = res["frameworks"]["flower-secagg"]
+    assert fl["ok"], fl
+    check = fl["averaging_check"]
+    assert check["ok"] and check["clients"] == 3 and check["mean_differs_from_first_client"]
+    assert check["max_abs_diff"] <= check["tolerance"] < 1e-4
+    assert "SecAggPlusWorkflow" in fl["deployment"] and fl["secagg"]["num-shares"] == 3
+    assert len(fl["round_wall_s"]) == 1 and fl["memory"]["peak_sum_rss_gb"] > 0
+    assert "neurofed_secure_vs_flower_secagg" not in res["secure_aggregation"]  # no neurofed-secure arm

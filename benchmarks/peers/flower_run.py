@@ -14,6 +14,7 @@ global weights are the case-weighted mean of what the clients sent.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -36,6 +37,7 @@ from benchmarks.peers.measure import (
 
 REPO = Path(__file__).resolve().parents[2]
 APP = Path(__file__).resolve().parent / "flower_app"
+SECAGG_APP = Path(__file__).resolve().parent / "flower_secagg_app"
 VENV = Path(os.environ.get("NEUROFED_PEER_VENV", REPO / ".cache" / "peer-venv"))
 
 
@@ -66,9 +68,47 @@ def _env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def secagg_settings(sites: int, max_cases: int) -> dict[str, Any]:
+    """SecAgg+ settings matched to neurofed's defaults: every client a neighbour of every other
+    (Flower's ``num_shares`` counts the client's own share, so n shares is the complete graph that
+    neurofed uses up to 10 sites), a threshold of about two thirds, and ``max_weight`` the largest
+    case count (the finest quantization Flower offers without overflow warnings)."""
+    if sites < 3:
+        raise ValueError(f"Flower's SecAgg+ needs at least 3 clients (num_shares > 2), got {sites}")
+    shares = sites
+    return {
+        "num-shares": shares,
+        "reconstruction-threshold": min(shares - 1, max(2, math.ceil(2 * shares / 3))),
+        "max-weight": float(max_cases),
+        "clipping-range": 8.0,  # Flower's defaults
+        "quantization-range": 2**22,
+    }
+
+
+def secagg_error_bound(settings: dict[str, Any], cases: list[float]) -> float:
+    """Per-coordinate bound on |SecAgg+ mean - exact case-weighted mean| for Flower's quantization.
+
+    Each client quantizes ``(w_i / max_weight) * x_i`` (x_i clipped to +-C) to steps of
+    ``2C / Q`` with stochastic rounding (error < one step); the server divides the sum by
+    ``sum_i w_i / max_weight``. So the mean is off by less than
+    ``n * (2C / Q) * max_weight / sum_i w_i`` (plus float32 storage of the result)."""
+    step = 2 * settings["clipping-range"] / settings["quantization-range"]
+    return len(cases) * step * settings["max-weight"] / sum(cases) + 1e-6
+
+
 def run(
-    work: Path, *, data: Path, init: Path, sites: int, rounds: int, timeout: float = 900, **_: Any
+    work: Path,
+    *,
+    data: Path,
+    init: Path,
+    sites: int,
+    rounds: int,
+    timeout: float = 900,
+    secagg: dict[str, Any] | None = None,
+    **_: Any,
 ) -> dict[str, Any]:
+    """Flower's deployment on this task; with ``secagg`` (see :func:`secagg_settings`) the
+    ``flower_secagg_app`` (``SecAggPlusWorkflow`` + ``secaggplus_mod``) instead of plain FedAvg."""
     why = available()
     if why:
         return {"ok": False, "skipped": why}
@@ -138,11 +178,11 @@ def run(
                 [
                     str(bin_ / "flwr"),
                     "run",
-                    str(APP),
+                    str(SECAGG_APP if secagg else APP),
                     "deployment",
                     "--stream",
                     "--run-config",
-                    f"task-file='{task_file}'",
+                    " ".join([f"task-file='{task_file}'", *_secagg_config(secagg)]),
                 ],
                 logs / "flwr-run.log",
                 env,
@@ -180,19 +220,38 @@ def run(
     total = time.time() - t0
     bounds = read_marks(work / "rounds.jsonl")
     rows = round_figures(bounds, read_intervals(sorted(timeline.glob("*.jsonl"))))
+    check_res = check_round1(check, site_names)
+    if secagg:
+        cases = [float((check / f"client-r1-{s}.cases").read_text()) for s in site_names
+                 if (check / f"client-r1-{s}.cases").is_file()]  # fmt: skip
+        bound = secagg_error_bound(secagg, cases) if cases else 0.0
+        check_res = check_round1(check, site_names, tol=bound)
+        check_res["tolerance"] = bound
     res: dict[str, Any] = {
         "version": flwr_version(),
         "deployment": f"flower-superlink + {len(site_names)} flower-supernode (insecure, loopback) + flwr run; "
-        "a ServerApp process and a ClientApp process per message",
+        "a ServerApp process and a ClientApp process per message"
+        + ("; SecAggPlusWorkflow + secaggplus_mod (legacy NumPyClient/Strategy API)" if secagg else ""),
+        **({"secagg": secagg} if secagg else {}),
         "rounds": rows,
         **summarise(rows),
         "memory": mem.figures(),
         "startup_s": round(bounds[1][0] - started, 2) if 1 in bounds else None,
         "total_s": round(total, 1),
-        "averaging_check": check_round1(check, site_names),
+        "averaging_check": check_res,
     }
     res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds
     return res
+
+
+def _secagg_config(secagg: dict[str, Any] | None) -> list[str]:
+    if not secagg:
+        return []
+    return [
+        f"num-shares={int(secagg['num-shares'])}",
+        f"reconstruction-threshold={int(secagg['reconstruction-threshold'])}",
+        f"max-weight={float(secagg['max-weight'])}",
+    ]
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:

@@ -102,7 +102,7 @@ def read_marks(marks: Path) -> dict[int, tuple[float, float]]:
     return {r: (start[r], start.get(r + 1, stop_[r])) for r in sorted(start) if r in stop_}
 
 
-def check_round1(check: Path, sites: list[str]) -> dict[str, Any]:
+def check_round1(check: Path, sites: list[str], tol: float = 1e-5) -> dict[str, Any]:
     """Round 1's global weights (``CHECK/global-r1.safetensors``) against the float64
     case-weighted mean of what each client logged sending (``client-r1-SITE.safetensors`` and
     ``.cases``)."""
@@ -118,7 +118,7 @@ def check_round1(check: Path, sites: list[str]) -> dict[str, Any]:
         f = check / f"client-r1-{s}.safetensors"
         if f.is_file():
             updates.append((load_file(str(f)), float((check / f"client-r1-{s}.cases").read_text())))
-    out = weighted_mean_error(load_file(str(g)), updates)
+    out = weighted_mean_error(load_file(str(g)), updates, tol=tol)
     out["round"] = 1
     if len(updates) != len(sites):
         out.update(

@@ -165,7 +165,9 @@ class TreeMemory:
 
 # -- did it really average? -------------------------------------------------------------------------
 def weighted_mean_error(
-    global_weights: Mapping[str, np.ndarray], updates: Sequence[tuple[Mapping[str, np.ndarray], float]]
+    global_weights: Mapping[str, np.ndarray],
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    tol: float = 1e-5,
 ) -> dict:
     """Largest absolute and relative difference between ``global_weights`` and the float64
     case-weighted mean of the clients' ``updates`` (floating tensors only). A framework that
@@ -198,7 +200,7 @@ def weighted_mean_error(
         max_rel = max(max_rel, float(diff.max(initial=0.0) / (np.abs(acc).max(initial=0.0) + 1e-12)))
         checked += g.size
         moved += int(np.count_nonzero(np.asarray(first[name], dtype=np.float64) != acc))
-    ok = checked > 0 and max_abs <= 1e-5 and moved > 0 and not missing
+    ok = checked > 0 and max_abs <= tol and moved > 0 and not missing
     return {
         "ok": bool(ok),
         **(

@@ -23,8 +23,9 @@ def init_weights_path(work: Path) -> Path:
 
 
 def run(
-    work: Path, *, sites: int, cases_per_site: int, rounds: int, shape: int, model: str
+    work: Path, *, sites: int, cases_per_site: int, rounds: int, shape: int, model: str, secure: bool = False
 ) -> dict[str, Any]:
+    """The federation (``secure``: with ``--secure-aggregation``) and its figures."""
     from benchmarks import federation_overhead
 
     argv = [
@@ -40,13 +41,14 @@ def run(
         model,
         "--out",
         str(work),
+        *(["--secure-aggregation", "--name", "federation_overhead_peers_secagg"] if secure else []),
     ]
     with contextlib.redirect_stdout(sys.stderr):  # its JSON goes to our log, ours to stdout
         fo = federation_overhead.main(argv)
-    return {"federation_overhead": fo, **measure(work, rounds)}
+    return {"federation_overhead": fo, **measure(work, rounds, secure=secure)}
 
 
-def measure(work: Path, rounds: int) -> dict[str, Any]:
+def measure(work: Path, rounds: int, secure: bool = False) -> dict[str, Any]:
     from neurofed.launch.local import read_events
 
     events = read_events(work / "coordinator-state")
@@ -59,7 +61,59 @@ def measure(work: Path, rounds: int) -> dict[str, Any]:
     site_states = sorted(p for p in work.glob("*-state") if p.name != "coordinator-state")
     intervals = read_intervals(p / "timeline.jsonl" for p in site_states)
     rows = round_figures(bounds, intervals)
-    return {"rounds": rows, **summarise(rows), "averaging_check": check_average(work, site_states, rounds)}
+    check = check_secure_average(work, site_states, rounds, events) if secure else None
+    return {
+        "rounds": rows,
+        **summarise(rows),
+        "averaging_check": check or check_average(work, site_states, rounds),
+    }
+
+
+def check_secure_average(
+    work: Path, site_states: list[Path], rnd: int, events: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Under secure aggregation no plaintext update leaves a site: each keeps its round's
+    (unclipped) float delta until the next round. Round ``rnd``'s model change must equal the
+    case-weighted mean of those deltas within the round's stated quantization bound (the
+    coordinator's ``secagg-done`` event), plus float32 storage of the model."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from neurofed.edge_node.secure import flat_delta
+
+    rounds_dir = work / "coordinator-state" / "rounds"
+    before, after = (rounds_dir / f"global-r{r:04d}.safetensors" for r in (rnd - 1, rnd))
+    if not (before.is_file() and after.is_file()):
+        return {"ok": False, "reason": f"{before.name} or {after.name} missing"}
+    done = [e for e in events if e.get("event") == "secagg-done" and e.get("round") == rnd]
+    if not done:
+        return {"ok": False, "reason": f"no secagg-done event for round {rnd}"}
+    g0, g1 = load_file(str(before)), load_file(str(after))
+    change = flat_delta(g1, g0).astype(np.float64)
+    deltas = []
+    for st in site_states:
+        f = st / f"secure-delta-r{rnd:04d}.npy"
+        rec = json.loads((st / "agent.json").read_text())["rounds"].get(str(rnd), {})
+        if f.is_file() and rec.get("num_cases"):
+            deltas.append((np.load(f, allow_pickle=False).astype(np.float64), float(rec["num_cases"])))
+    if not deltas:
+        return {"ok": False, "reason": "no site kept its secure delta"}
+    total = sum(w for _, w in deltas)
+    mean = sum(d * (w / total) for d, w in deltas)
+    # the stored model is float32: one ulp of the largest weight on top of the quantization bound
+    ulp = float(np.spacing(np.float32(max(np.abs(v).max(initial=0.0) for v in g1.values()))))
+    tol = float(done[-1]["error_bound"]) + 2 * ulp
+    err = float(np.abs(change - mean).max(initial=0.0))
+    ok = err <= tol and len(deltas) == len(site_states) and float(np.abs(mean).max(initial=0.0)) > 0
+    return {
+        "ok": bool(ok),
+        "round": rnd,
+        "clients": len(deltas),
+        "max_abs_diff": err,
+        "tolerance": tol,
+        "error_bound": done[-1]["error_bound"],
+        "checked": "model change vs case-weighted mean of the sites' float deltas",
+    }
 
 
 def check_average(work: Path, site_states: list[Path], rnd: int) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""neurofed's peer benchmark task under Flower's SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``)."""
