@@ -66,6 +66,10 @@ class Profile:
     dp_target_epsilons: tuple[float, ...] = ()
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
+    # the DP arms' expected cases per DP-SGD step (sampling rate = this / training cases, at every
+    # site and pooled); None: the trainer's batch (2). Noise is added once per step, so larger
+    # batches carry less noise per case (docs/study/privacy-utility.md)
+    dp_batch_size: int | None = None
 
     @property
     def training_seed(self) -> int:
@@ -145,7 +149,7 @@ class Arms:
         self.model_config = model_config_for(self.cases, profile.model_size)
         self.train_config = TrainConfig(seed=profile.training_seed, split_seed=profile.seed)
 
-    def _trainer(self, sites: Sequence[str] | None):
+    def _trainer(self, sites: Sequence[str] | None, batch_size: int | None = None):
         from neurofed.edge_node.training import CaseTrainer
 
         by_split = {
@@ -153,7 +157,8 @@ class Arms:
             "val": self.select("val", sites),
             "test": self.select("test"),
         }
-        return CaseTrainer(by_split, self.model_config, self.train_config, self.device)
+        tc = self.train_config if batch_size is None else replace(self.train_config, batch_size=batch_size)
+        return CaseTrainer(by_split, self.model_config, tc, self.device)
 
     def train(
         self,
@@ -218,7 +223,7 @@ class Arms:
         from neurofed.models.privacy import DPConfig
 
         p = self.profile
-        trainer = self._trainer(sites)
+        trainer = self._trainer(sites, p.dp_batch_size)
         if not trainer.num_train_cases:
             raise ValueError(f"no training cases for sites {sites}")
         cfg = DPConfig(
@@ -233,7 +238,7 @@ class Arms:
         curve: list[dict[str, float]] = []
         step = None
         for r in range(1, p.rounds + 1):
-            step = acc.plan(cfg, trainer.num_train_cases, self.train_config.batch_size, p.local_epochs)
+            step = acc.plan(cfg, trainer.num_train_cases, trainer.train_config.batch_size, p.local_epochs)
             acc.charge(step)
             self._set_epoch_lr(optimizer, math.floor((r - 1) * p.local_epochs))
             trainer.run_dp_steps(model, optimizer, step)
@@ -311,6 +316,7 @@ def run_federated_arm(
     timeout: float = 3600.0,
     coordinator_args: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    site_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """FL through the real stack: provisioning, a private Mosquitto (mTLS + ACL), one ``neurofed
     edge`` process per site and ``neurofed coordinator``, exactly as a deployment runs them.
@@ -350,7 +356,9 @@ def run_federated_arm(
     try:
         for site in sites:
             procs.append(
-                spawn_site(site, bundles, data, out, logs, extra=["--seed", str(profile.training_seed)])
+                spawn_site(
+                    site, bundles, data, out, logs, extra=["--seed", str(profile.training_seed), *site_args]
+                )
             )
         wait_for(
             lambda: all((out / f"{x}-state" / "status.json").is_file() for x in sites),
@@ -841,6 +849,7 @@ def run_dp_federated_arms(
                 tracking_uri,
                 coordinator_args=[*coordinator_args, *dp_coordinator_args(profile, eps)],
                 progress=say,
+                site_args=["--batch-size", str(profile.dp_batch_size)] if profile.dp_batch_size else [],
             ),
         )
         results["arms"][name] = a.evaluate_state(run["state"]) | {

@@ -133,6 +133,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     dp.add_argument(
         "--dp-max-grad-norm", type=float, help="the DP arms' per-case gradient clip (default 1.0)"
     )
+    dp.add_argument(
+        "--dp-batch-size",
+        type=_positive_int,
+        help="the DP arms' expected cases per DP-SGD step, at every site and pooled (sampling rate = this "
+        "/ training cases; default the trainer's 2): the noise is added once per step, so a larger "
+        "batch carries less noise per case",
+    )
     p.add_argument("--mlflow", help="MLflow tracking URI to log the experiment to")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=run)
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     # site processes and the arms' worker processes are stopped on the way out, not orphaned
     exit_on_sigterm()
 
+    from neurofed.errors import NeurofedError
     from neurofed.experiment import PROFILES, run_experiment, with_overrides
 
     profile = with_overrides(
@@ -168,18 +176,25 @@ def run(args: argparse.Namespace) -> int:
         dp_target_epsilons=args.dp_target_epsilon,
         dp_delta=args.dp_delta,
         dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_batch_size=args.dp_batch_size,
     )
-    if (args.dp_delta is not None or args.dp_max_grad_norm is not None) and not args.dp_target_epsilon:
-        from neurofed.errors import NeurofedError
-
+    dp_set = (args.dp_delta, args.dp_max_grad_norm, args.dp_batch_size)
+    if any(v is not None for v in dp_set) and not args.dp_target_epsilon:
         raise NeurofedError(
-            "--dp-delta and --dp-max-grad-norm set the DP arms; add --dp-target-epsilon 1,2,4,8"
+            "--dp-delta, --dp-max-grad-norm and --dp-batch-size set the DP arms; "
+            "add --dp-target-epsilon 1,2,4,8"
         )
     if args.dp_target_epsilon:
         from neurofed.models.privacy import DPConfig
 
         for eps in args.dp_target_epsilon:  # a bad delta or clip is said now, not after the other arms
             DPConfig(max_grad_norm=profile.dp_max_grad_norm, target_epsilon=eps, delta=profile.dp_delta)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - {"threshold", "cds", "single", "fl", "ciil", "cds_dp", "fl_dp"})
+    if unknown:
+        raise NeurofedError(f"unknown arm(s) {', '.join(unknown)}: see neurofed experiment --help")
+    if {"cds_dp", "fl_dp"} & set(arms) and not args.dp_target_epsilon:
+        raise NeurofedError("the arms cds_dp and fl_dp need --dp-target-epsilon (e.g. 1,2,4,8)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.data:
@@ -206,16 +221,6 @@ def run(args: argparse.Namespace) -> int:
         if not (data / "sites.csv").is_file():
             print(f"synthesizing {profile.cases} cases for {profile.sites} sites into {data} ...")
             synthesize(data, sites=profile.sites, cases=profile.cases, seed=profile.seed, shape=profile.shape)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = sorted(set(arms) - {"threshold", "cds", "single", "fl", "ciil", "cds_dp", "fl_dp"})
-    if unknown:
-        from neurofed.errors import NeurofedError
-
-        raise NeurofedError(f"unknown arm(s) {', '.join(unknown)}: see neurofed experiment --help")
-    if {"cds_dp", "fl_dp"} & set(arms) and not args.dp_target_epsilon:
-        from neurofed.errors import NeurofedError
-
-        raise NeurofedError("the arms cds_dp and fl_dp need --dp-target-epsilon (e.g. 1,2,4,8)")
     results = run_experiment(
         data,
         out,
