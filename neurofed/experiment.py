@@ -588,10 +588,15 @@ def plot_privacy_utility(table: Mapping[str, Any], out: Path) -> Path:
         pts = [pt for pt in table["points"] if kind in pt]
         if not pts:
             continue
-        xs = [inf_x if pt["target_epsilon"] is None else pt["target_epsilon"] for pt in pts]
-        ys = [pt[kind]["dice"] for pt in pts]
+        dp = [pt for pt in pts if pt["target_epsilon"] is not None]
         label = {"fl": "FL, DP-SGD at every site", "cds": "CDS (pooled), DP-SGD"}[kind]
-        ax.plot(xs, ys, style, label=label)
+        line = ax.plot(
+            [pt["target_epsilon"] for pt in dp], [pt[kind]["dice"] for pt in dp], style, label=label
+        )
+        color = line[0].get_color()
+        for pt in pts:
+            if pt["target_epsilon"] is None:  # no DP: a point apart, not on the curve
+                ax.plot([inf_x], [pt[kind]["dice"]], style[0], color=color, mfc="none", ms=9)
     ax.set_xscale("log", base=2)
     ticks = [*finite, inf_x]
     ax.set_xticks(ticks)
@@ -602,7 +607,7 @@ def plot_privacy_utility(table: Mapping[str, Any], out: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left")
     ax.set_title("Privacy against utility: sample-level DP-SGD, unit the patient")
     fig.tight_layout()
     p = out / "privacy_utility.png"
