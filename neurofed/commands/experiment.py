@@ -185,10 +185,13 @@ def run(args: argparse.Namespace) -> int:
             "add --dp-target-epsilon 1,2,4,8"
         )
     if args.dp_target_epsilon:
-        from neurofed.models.privacy import DPConfig
+        from neurofed.models.privacy import DPConfig, PrivacyConfigError
 
-        for eps in args.dp_target_epsilon:  # a bad delta or clip is said now, not after the other arms
-            DPConfig(max_grad_norm=profile.dp_max_grad_norm, target_epsilon=eps, delta=profile.dp_delta)
+        try:  # a bad delta or clip is said now, not after the other arms have trained
+            for eps in args.dp_target_epsilon:
+                DPConfig(max_grad_norm=profile.dp_max_grad_norm, target_epsilon=eps, delta=profile.dp_delta)
+        except PrivacyConfigError as exc:
+            raise NeurofedError(str(exc)) from None
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - {"threshold", "cds", "single", "fl", "ciil", "cds_dp", "fl_dp"})
     if unknown:

@@ -81,3 +81,37 @@ def test_demo_summary_gives_epsilon_with_its_delta_and_the_sites_that_left():
     line = privacy_summary(events)
     assert "epsilon 3.250 (largest of any site; a 2.500, b 3.250) at delta 1e-05 (RDP accountant)" in line
     assert line.endswith("left with their budget spent: b")
+
+
+def test_dp_fl_arms_pass_flags_the_coordinator_takes_and_use_fedavg_for_a_fedprox_profile():
+    """The DP-FL arm's flags parse as ``neurofed coordinator``'s own, and the full profile's
+    FedProx (refused under DP-SGD) becomes FedAvg for its DP arms only."""
+    from neurofed.cli import build_parser
+    from neurofed.experiment import PROFILES, dp_coordinator_args, dp_federation_profile, with_overrides
+
+    profile = with_overrides(PROFILES["full"], dp_target_epsilons=(8.0,), dp_delta=1e-6, dp_max_grad_norm=0.5)
+    parser, _ = build_parser()
+    args = parser.parse_args(["coordinator", "--bundle", "b", *dp_coordinator_args(profile, 8.0)])
+    assert (args.dp_target_epsilon, args.dp_delta, args.dp_max_grad_norm) == (8.0, 1e-6, 0.5)
+    fed = dp_federation_profile(profile)
+    assert (fed.fl_strategy, fed.fl_mu, fed.rounds) == ("fedavg", None, 200)
+    assert profile.fl_strategy == "fedprox"  # the plain FL arm keeps the profile's
+    assert dp_federation_profile(PROFILES["quick"]) == PROFILES["quick"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--dp-batch-size", "8"], "add --dp-target-epsilon"),
+        (["--arms", "cds,fl_dp"], "need --dp-target-epsilon"),
+        (["--arms", "cds,fl-dp"], "unknown arm(s) fl-dp"),
+        (["--dp-target-epsilon", "8", "--dp-delta", "2"], "--dp-delta must be in (0, 1)"),
+    ],
+)
+def test_experiment_refuses_dp_settings_it_cannot_use_before_any_work(tmp_path, capsys, argv, says):
+    from neurofed.cli import main
+
+    out = tmp_path / "out"
+    assert main(["experiment", "--out", str(out), *argv]) == 1
+    assert says in capsys.readouterr().err
+    assert not out.exists()  # said before synthesising data or training an arm
