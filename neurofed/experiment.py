@@ -60,6 +60,16 @@ class Profile:
     # (channels-last; 25 % in NCDHW) more per second than one two-thread process on this 2-core
     # machine (measured); 1 runs them one after another in this process.
     workers: int | None = None
+    # differential privacy: for each target epsilon, an FL arm with sample-level DP-SGD at every
+    # site and a CDS arm with DP-SGD on the pooled cases, both at (epsilon, dp_delta) over the
+    # same rounds and steps (docs/privacy.md); empty: no DP arms
+    dp_target_epsilons: tuple[float, ...] = ()
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    # the DP arms' expected cases per DP-SGD step (sampling rate = this / training cases, at every
+    # site and pooled); None: the trainer's batch (2). Noise is added once per step, so larger
+    # batches carry less noise per case (docs/study/privacy-utility.md)
+    dp_batch_size: int | None = None
 
     @property
     def training_seed(self) -> int:
@@ -139,7 +149,7 @@ class Arms:
         self.model_config = model_config_for(self.cases, profile.model_size)
         self.train_config = TrainConfig(seed=profile.training_seed, split_seed=profile.seed)
 
-    def _trainer(self, sites: Sequence[str] | None):
+    def _trainer(self, sites: Sequence[str] | None, batch_size: int | None = None):
         from neurofed.edge_node.training import CaseTrainer
 
         by_split = {
@@ -147,7 +157,8 @@ class Arms:
             "val": self.select("val", sites),
             "test": self.select("test"),
         }
-        return CaseTrainer(by_split, self.model_config, self.train_config, self.device)
+        tc = self.train_config if batch_size is None else replace(self.train_config, batch_size=batch_size)
+        return CaseTrainer(by_split, self.model_config, tc, self.device)
 
     def train(
         self,
@@ -192,6 +203,54 @@ class Arms:
                     progress(f"epoch {done}/{epochs}: val Dice {val.dice:.3f}")
         test = trainer.evaluate_module(model, "test")
         return summarise(test.per_case) | {"per_case": test.per_case}, curve, model.state_dict()
+
+    def train_dp(
+        self,
+        sites: Sequence[str] | None,
+        target_epsilon: float,
+        *,
+        progress: Callable[[str], None] | None = None,
+    ) -> tuple[dict[str, Any], list[dict[str, float]], dict[str, Any]]:
+        """Train on ``sites`` (None: pooled) with DP-SGD at ``target_epsilon``, through the sites'
+        own DP path: the kit's accountant plans each of the profile's rounds of ``local_epochs``
+        over these cases (Poisson sampling rate batch / cases, round(epochs x cases / batch)
+        steps), solves the noise for all rounds at once and charges each round before it runs,
+        exactly as a site does; one Adam runs across the rounds, as in the CDS arm. Returns the
+        test result, the validation curve per round and the accountant's report."""
+        import torch
+
+        from neurofed.edge_node.privacy import SiteAccountant
+        from neurofed.models.privacy import DPConfig
+
+        p = self.profile
+        trainer = self._trainer(sites, p.dp_batch_size)
+        if not trainer.num_train_cases:
+            raise ValueError(f"no training cases for sites {sites}")
+        cfg = DPConfig(
+            max_grad_norm=p.dp_max_grad_norm, target_epsilon=target_epsilon, delta=p.dp_delta, rounds=p.rounds
+        )
+        acc = SiteAccountant({})
+        torch.manual_seed(p.training_seed)
+        model = trainer.model()
+        optimizer = trainer.make_optimizer(model)
+        pooled_val = self._trainer(None)
+        every = max(1, round(1 / p.local_epochs))  # the CDS curve's grid: whole epochs
+        curve: list[dict[str, float]] = []
+        step = None
+        for r in range(1, p.rounds + 1):
+            step = acc.plan(cfg, trainer.num_train_cases, trainer.train_config.batch_size, p.local_epochs)
+            acc.charge(step)
+            self._set_epoch_lr(optimizer, math.floor((r - 1) * p.local_epochs))
+            trainer.run_dp_steps(model, optimizer, step)
+            if r % every == 0 or r == p.rounds:
+                val = pooled_val.evaluate_module(model, "val", hd95=False)
+                curve.append({"round": r, "epoch": r * p.local_epochs, "dice": val.dice})
+                if progress:
+                    eps = acc.epsilon(cfg.delta)
+                    progress(f"round {r}/{p.rounds}: val Dice {val.dice:.3f}, epsilon {eps:.3f}")
+        test = trainer.evaluate_module(model, "test")
+        report = acc.report(cfg, step) | {"level": "sample", "unit": "patient"}
+        return summarise(test.per_case) | {"per_case": test.per_case}, curve, report
 
     def epoch_lr_scale(self, epoch: int) -> float:
         """The learning-rate factor of 0-based ``epoch``: that of the federated round it falls in
@@ -257,6 +316,7 @@ def run_federated_arm(
     timeout: float = 3600.0,
     coordinator_args: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
+    site_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """FL through the real stack: provisioning, a private Mosquitto (mTLS + ACL), one ``neurofed
     edge`` process per site and ``neurofed coordinator``, exactly as a deployment runs them.
@@ -296,7 +356,9 @@ def run_federated_arm(
     try:
         for site in sites:
             procs.append(
-                spawn_site(site, bundles, data, out, logs, extra=["--seed", str(profile.training_seed)])
+                spawn_site(
+                    site, bundles, data, out, logs, extra=["--seed", str(profile.training_seed), *site_args]
+                )
             )
         wait_for(
             lambda: all((out / f"{x}-state" / "status.json").is_file() for x in sites),
@@ -340,12 +402,40 @@ def run_federated_arm(
     curve = [{"round": r, "dice": d} for r, d in sorted(scored.items())]
     rounds = [e for e in events if e.get("event") == "round" and e.get("train")]
     return {
+        "privacy": federation_privacy(events),
         "state": state,
         "curve": curve,
         "sites": sites,
         "round_seconds": [e.get("seconds") for e in rounds],
         "update_bytes": [int(e["bytes"]) for e in events if e.get("event") == "update"],
     }
+
+
+def federation_privacy(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What a DP federation's sites spent, from the coordinator's events: each site's largest
+    epsilon and its noise multiplier and sampling rate, and the federation's figure (the largest
+    epsilon of any site, the one that bounds every patient). Empty for a federation without DP."""
+    per_site: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.get("event") != "round":
+            continue
+        for site, d in (e.get("dp") or {}).items():
+            if isinstance(d, dict) and isinstance(d.get("epsilon"), (int, float)):
+                prev = per_site.get(site, {})
+                if float(d["epsilon"]) >= float(prev.get("epsilon", -1.0)):
+                    per_site[site] = dict(d)
+    if not per_site:
+        return {}
+    worst = max(per_site.values(), key=lambda d: float(d["epsilon"]))
+    out = {k: worst[k] for k in ("delta", "accountant", "max_grad_norm", "target_epsilon") if k in worst}
+    out |= {
+        "level": "sample",
+        "unit": "patient",
+        "epsilon": max(float(d["epsilon"]) for d in per_site.values()),
+        "noise_multiplier": min(float(d.get("noise_multiplier", math.inf)) for d in per_site.values()),
+        "per_site": per_site,
+    }
+    return out
 
 
 def round_line(events: Sequence[Mapping[str, Any]], index: int, rounds: int, elapsed: float) -> str:
@@ -443,10 +533,96 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def dp_arm(kind: str, target_epsilon: float) -> str:
+    """The name of the DP arm of ``kind`` (fl, cds) at ``target_epsilon``: ``fl_dp_eps8``."""
+    return f"{kind}_dp_eps{target_epsilon:g}"
+
+
+def privacy_utility(results: Mapping[str, Any], within: float = 0.03) -> dict[str, Any]:
+    """The privacy-utility table: test Dice of FL and CDS at each target epsilon (with what the
+    accountant says each spent) and without DP (epsilon infinite, ``target_epsilon`` None), and
+    the smallest target epsilon at which DP-FL comes within ``within`` Dice of FL without DP."""
+    arms = results["arms"]
+    prof = results["profile"]
+    points: list[dict[str, Any]] = []
+    for eps in [*sorted(prof["dp_target_epsilons"]), None]:
+        point: dict[str, Any] = {"target_epsilon": eps, "label": "inf" if eps is None else f"{eps:g}"}
+        for kind in ("fl", "cds"):
+            arm = arms.get(kind if eps is None else dp_arm(kind, eps))
+            if not arm:
+                continue
+            point[kind] = {"dice": arm["dice"]["mean"], "dice_sd": arm["dice"]["std"]}
+            dp = arm.get("dp") or {}
+            for k in ("epsilon", "noise_multiplier", "sample_rate", "steps"):
+                if dp.get(k) is not None:
+                    point[kind][k] = dp[k]
+        points.append(point)
+    out: dict[str, Any] = {
+        "delta": prof["dp_delta"],
+        "max_grad_norm": prof["dp_max_grad_norm"],
+        "points": points,
+        "within": within,
+    }
+    if "fl" in arms:
+        base = arms["fl"]["dice"]["mean"]
+        close = [
+            pt["target_epsilon"]
+            for pt in points
+            if pt["target_epsilon"] is not None and "fl" in pt and pt["fl"]["dice"] >= base - within
+        ]
+        out["fl_smallest_epsilon_within"] = min(close) if close else None
+    return out
+
+
+def plot_privacy_utility(table: Mapping[str, Any], out: Path) -> Path:
+    """Test Dice against epsilon (log axis; no DP drawn at the right as infinity), FL and CDS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [pt["target_epsilon"] for pt in table["points"] if pt["target_epsilon"] is not None]
+    inf_x = 2 * max(finite) if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("fl", "o-"), ("cds", "s--")):
+        pts = [pt for pt in table["points"] if kind in pt]
+        if not pts:
+            continue
+        dp = [pt for pt in pts if pt["target_epsilon"] is not None]
+        label = {"fl": "FL, DP-SGD at every site", "cds": "CDS (pooled), DP-SGD"}[kind]
+        line = ax.plot(
+            [pt["target_epsilon"] for pt in dp], [pt[kind]["dice"] for pt in dp], style, label=label
+        )
+        color = line[0].get_color()
+        for pt in pts:
+            if pt["target_epsilon"] is None:  # no DP: a point apart, not on the curve
+                ax.plot([inf_x], [pt[kind]["dice"]], style[0], color=color, mfc="none", ms=9)
+    ax.set_xscale("log", base=2)
+    ticks = [*finite, inf_x]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in finite] + ["inf\n(no DP)"])
+    ax.minorticks_off()
+    ax.set_xlabel(f"epsilon (delta {table['delta']:g}; clip {table['max_grad_norm']:g})")
+    ax.set_ylabel("test Dice (whole tumour)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left")
+    ax.set_title("Privacy against utility: sample-level DP-SGD, unit the patient")
+    fig.tight_layout()
+    p = out / "privacy_utility.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return p
+
+
 def arm_jobs(a: Arms, arms: Sequence[str]) -> list[str]:
     """The non-federated arms to run, longest first (so two processes finish close together):
-    CDS, CIIL, each single site by its training cases, then the threshold baseline."""
-    jobs = ["cds"] if "cds" in arms else []
+    CDS with DP-SGD at each target epsilon (a DP-SGD step costs 3-4 plain ones), CDS, CIIL, each
+    single site by its training cases, then the threshold baseline."""
+    with_dp = "cds" in arms or "cds_dp" in arms  # cds_dp: the DP arms without CDS itself
+    jobs = [f"cds_dp:{e:g}" for e in a.profile.dp_target_epsilons] if with_dp else []
+    jobs += ["cds"] if "cds" in arms else []
     if "ciil" in arms or a.profile.ciil:
         jobs.append("ciil")
     if "single" in arms:
@@ -467,6 +643,9 @@ def run_arm(a: Arms, job: str, progress: Callable[[str], None] | None = None) ->
         return {"result": res, "curve": curve}
     if job == "ciil":
         return {"result": a.ciil(p.epochs)}
+    if job.startswith("cds_dp:"):
+        res, curve, dp = a.train_dp(None, float(job.split(":", 1)[1]), progress=progress)
+        return {"result": res | {"dp": dp}, "curve": curve}
     if job.startswith("single:"):
         return {"result": a.train([job.split(":", 1)[1]], p.epochs)[0]}
     raise ValueError(f"unknown arm {job!r}")
@@ -602,6 +781,7 @@ def run_experiment(
         results["arms"]["best_single_site"] = singles[best] | {"site": best}
     if "ciil" in done:
         results["arms"]["ciil"] = done["ciil"]["result"]
+    collect_dp_arms(results, done, profile)
     if "fl" in arms:
         fl = timed(
             "fl",
@@ -617,18 +797,87 @@ def run_experiment(
         )
         results["arms"]["fl"] = a.evaluate_state(fl["state"])
         results["curves"]["fl"] = fl.get("curve", [])
-        results["federation"] = {k: v for k, v in fl.items() if k not in ("state", "curve")}
+        results["federation"] = {k: v for k, v in fl.items() if k not in ("state", "curve", "privacy")}
+    if "fl" in arms or "fl_dp" in arms:  # fl_dp: the DP arms without FL itself
+        run_dp_federated_arms(results, a, data, out, tracking_uri, coordinator_args, timed, progress)
     arms_ = results["arms"]
     if "fl" in arms_ and "cds" in arms_:
         results["fl_over_cds"] = arms_["fl"]["dice"]["mean"] / arms_["cds"]["dice"]["mean"]
         results["fl_minus_cds"] = paired_difference(arms_["fl"], arms_["cds"])
+    if profile.dp_target_epsilons:
+        results["privacy_utility"] = privacy_utility(results)
     results["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     slim = json.loads(json.dumps(results, default=float))
     (out / "results.json").write_text(json.dumps(slim, indent=2, sort_keys=True, allow_nan=True) + "\n")
     results["plots"] = [str(p) for p in plot_results(results, out)]
+    if profile.dp_target_epsilons:
+        results["plots"].append(str(plot_privacy_utility(results["privacy_utility"], out)))
     if tracking_uri:
         log_to_mlflow(results, out, tracking_uri)
     return results
+
+
+def collect_dp_arms(results: dict[str, Any], done: Mapping[str, Any], profile: Profile) -> None:
+    """The CDS arms with DP-SGD from the workers' results into ``results``, by their arm names."""
+    for eps in profile.dp_target_epsilons:
+        job = done.get(f"cds_dp:{eps:g}")
+        if job is not None:
+            results["arms"][dp_arm("cds", eps)] = job["result"]
+            results["curves"][dp_arm("cds", eps)] = job["curve"]
+
+
+def run_dp_federated_arms(
+    results: dict[str, Any],
+    a: Arms,
+    data: Path,
+    out: Path,
+    tracking_uri: str | None,
+    coordinator_args: Sequence[str],
+    timed: Callable[[str, Callable[[], Any]], Any],
+    progress: Callable[[str], None],
+) -> None:
+    """One DP-FL arm per target epsilon, through the real stack like the FL arm (the coordinator
+    sets DP-SGD in the task; each site solves its noise and keeps its ledger), scored on the
+    shared test cases, with what the sites spent, into ``results``."""
+    profile = a.profile
+    fed = dp_federation_profile(profile)
+    for eps in profile.dp_target_epsilons:
+        name = dp_arm("fl", eps)
+        say = lambda m, name=name: progress(f"[{name}] {m}")  # noqa: E731
+        run = timed(
+            name,
+            lambda eps=eps, say=say: run_federated_arm(
+                data,
+                out / f"federation-dp-eps{eps:g}",
+                fed,
+                a.model_config,
+                tracking_uri,
+                coordinator_args=[*coordinator_args, *dp_coordinator_args(profile, eps)],
+                progress=say,
+                site_args=["--batch-size", str(profile.dp_batch_size)] if profile.dp_batch_size else [],
+            ),
+        )
+        results["arms"][name] = a.evaluate_state(run["state"]) | {
+            "dp": run["privacy"] | {"fl_strategy": fed.fl_strategy}
+        }
+        results["curves"][name] = run.get("curve", [])
+
+
+def dp_federation_profile(profile: Profile) -> Profile:
+    """The profile the DP-FL arms federate with: FedProx's proximal term has no DP analysis (the
+    coordinator refuses it with DP-SGD), so a FedProx profile's DP arms use FedAvg, its mean."""
+    if profile.fl_strategy == "fedprox":
+        return replace(profile, fl_strategy="fedavg", fl_mu=None)
+    return profile
+
+
+def dp_coordinator_args(profile: Profile, target_epsilon: float) -> list[str]:
+    """``neurofed coordinator``'s DP-SGD flags for one DP-FL arm."""
+    return [
+        "--dp-target-epsilon", repr(float(target_epsilon)),
+        "--dp-delta", repr(float(profile.dp_delta)),
+        "--dp-max-grad-norm", repr(float(profile.dp_max_grad_norm)),
+    ]  # fmt: skip
 
 
 def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -666,6 +915,12 @@ def log_to_mlflow(results: dict[str, Any], out: Path, tracking_uri: str) -> None
                     mlflow.log_metric(f"{arm}.dice_std", r["dice"]["std"])
                     if math.isfinite(r["hd95"]["mean"]):
                         mlflow.log_metric(f"{arm}.hd95_mean", r["hd95"]["mean"])
+                for k, v in ((r.get("dp") or {}) if isinstance(r, dict) else {}).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        mlflow.log_metric(f"{arm}.dp_{k}", float(v))
+            pu = results.get("privacy_utility", {})
+            if pu.get("fl_smallest_epsilon_within") is not None:
+                mlflow.log_metric("dp.fl_smallest_epsilon_within", pu["fl_smallest_epsilon_within"])
             if "fl_over_cds" in results:
                 mlflow.log_metric("fl_over_cds", results["fl_over_cds"])
             diff = results.get("fl_minus_cds", {})

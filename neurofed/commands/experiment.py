@@ -12,8 +12,11 @@ examples:
   neurofed experiment --profile full --out results-full         # 10 sites, 165 cases, 200 half-epoch rounds (under 60 min on 2 cores)
   neurofed experiment --data /brats2021 --site-map sites.csv --out results-brats   # real BraTS folders
 
-Writes OUT/results.json (Dice and HD95 per arm and site, FL/CDS ratio), OUT/dice_per_round.png and
-OUT/arms.png; with --mlflow, logs them to the experiment 'neurofed-experiment'.
+  neurofed experiment --dp-target-epsilon 1,2,4,8 --dp-delta 1e-5 --out results-dp   # + DP arms
+
+Writes OUT/results.json (Dice and HD95 per arm and site, FL/CDS ratio; with DP arms each one's
+epsilon, delta, noise and clip), OUT/dice_per_round.png, OUT/arms.png and, with DP arms,
+OUT/privacy_utility.png; with --mlflow, logs them to the experiment 'neurofed-experiment'.
 """
 
 
@@ -22,6 +25,21 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
     return n
+
+
+def _epsilons(text: str) -> tuple[float, ...]:
+    """``1,2,4,8``: the target epsilons of the DP arms, each positive and finite."""
+    import math
+
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma list of numbers such as 1,2,4,8, got {text!r}") from None
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"target epsilons must be positive and finite (the arms without DP are infinity), got {text!r}"
+        )
+    return tuple(sorted(set(values)))
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -80,7 +98,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         default="threshold,cds,single,fl",
-        help="comma list of threshold, cds, single, fl, ciil (default: all but ciil)",
+        help="comma list of threshold, cds, single, fl, ciil (default: all but ciil); with "
+        "--dp-target-epsilon, cds and fl bring their DP arms, and cds_dp, fl_dp run those alone",
     )
     p.add_argument(
         "--train-seed",
@@ -100,6 +119,27 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="the FL arm runs SecAgg+ (neurofed coordinator --secure-aggregation; 3+ sites)",
     )
+    dp = p.add_argument_group(
+        "differential privacy (DP arms beside the others; docs/privacy.md, docs/study/privacy-utility.md)"
+    )
+    dp.add_argument(
+        "--dp-target-epsilon",
+        type=_epsilons,
+        help="comma list (1,2,4,8): for each epsilon, an FL arm with DP-SGD at every site through the "
+        "real stack and a CDS arm with DP-SGD on the pooled cases, both spending at most that epsilon "
+        "over the same rounds; with several, OUT/privacy_utility.png plots test Dice against epsilon",
+    )
+    dp.add_argument("--dp-delta", type=float, help="the DP arms' delta (default 1e-5)")
+    dp.add_argument(
+        "--dp-max-grad-norm", type=float, help="the DP arms' per-case gradient clip (default 1.0)"
+    )
+    dp.add_argument(
+        "--dp-batch-size",
+        type=_positive_int,
+        help="the DP arms' expected cases per DP-SGD step, at every site and pooled (sampling rate = this "
+        "/ training cases; default the trainer's 2): the noise is added once per step, so a larger "
+        "batch carries less noise per case",
+    )
     p.add_argument("--mlflow", help="MLflow tracking URI to log the experiment to")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=run)
@@ -117,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     # site processes and the arms' worker processes are stopped on the way out, not orphaned
     exit_on_sigterm()
 
+    from neurofed.errors import NeurofedError
     from neurofed.experiment import PROFILES, run_experiment, with_overrides
 
     profile = with_overrides(
@@ -132,7 +173,31 @@ def run(args: argparse.Namespace) -> int:
         train_seed=args.train_seed,
         lr_schedule=args.lr_schedule,
         workers=args.workers,
+        dp_target_epsilons=args.dp_target_epsilon,
+        dp_delta=args.dp_delta,
+        dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_batch_size=args.dp_batch_size,
     )
+    dp_set = (args.dp_delta, args.dp_max_grad_norm, args.dp_batch_size)
+    if any(v is not None for v in dp_set) and not args.dp_target_epsilon:
+        raise NeurofedError(
+            "--dp-delta, --dp-max-grad-norm and --dp-batch-size set the DP arms; "
+            "add --dp-target-epsilon 1,2,4,8"
+        )
+    if args.dp_target_epsilon:
+        from neurofed.models.privacy import DPConfig, PrivacyConfigError
+
+        try:  # a bad delta or clip is said now, not after the other arms have trained
+            for eps in args.dp_target_epsilon:
+                DPConfig(max_grad_norm=profile.dp_max_grad_norm, target_epsilon=eps, delta=profile.dp_delta)
+        except PrivacyConfigError as exc:
+            raise NeurofedError(str(exc)) from None
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - {"threshold", "cds", "single", "fl", "ciil", "cds_dp", "fl_dp"})
+    if unknown:
+        raise NeurofedError(f"unknown arm(s) {', '.join(unknown)}: see neurofed experiment --help")
+    if {"cds_dp", "fl_dp"} & set(arms) and not args.dp_target_epsilon:
+        raise NeurofedError("the arms cds_dp and fl_dp need --dp-target-epsilon (e.g. 1,2,4,8)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.data:
@@ -159,7 +224,6 @@ def run(args: argparse.Namespace) -> int:
         if not (data / "sites.csv").is_file():
             print(f"synthesizing {profile.cases} cases for {profile.sites} sites into {data} ...")
             synthesize(data, sites=profile.sites, cases=profile.cases, seed=profile.seed, shape=profile.shape)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     results = run_experiment(
         data,
         out,
@@ -176,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
                 "dice": rows,
                 "fl_over_cds": results.get("fl_over_cds"),
                 "fl_minus_cds": results.get("fl_minus_cds"),
+                **(
+                    {"privacy_utility": results["privacy_utility"]["points"]}
+                    if "privacy_utility" in results
+                    else {}
+                ),
             },
             indent=2,
         )

@@ -338,11 +338,17 @@ def privacy_summary(events: list[dict[str, Any]]) -> str:
     if not spent:
         return "privacy: DP-SGD on, but no site reported what it spent"
     worst = max(spent.values())
+    # the delta and accountant behind the figure, from the rounds' privacy reports
+    reports = [d for e in events if e["event"] == "round" for d in (e.get("dp") or {}).values()]
+    delta = next((d["delta"] for d in reversed(reports) if isinstance(d, dict) and "delta" in d), None)
     line = (
         f"privacy (sample-level DP-SGD, unit: patient): epsilon {worst:.3f} (largest of any site; "
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(spent.items()))
         + ")"
     )
+    if delta is not None:
+        acc = next((d.get("accountant") for d in reversed(reports) if isinstance(d, dict)), None) or "rdp"
+        line += f" at delta {float(delta):g} ({acc.upper()} accountant)"
     if left:
         line += f"; left with their budget spent: {', '.join(sorted(left))}"
     return line

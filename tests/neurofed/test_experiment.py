@@ -332,3 +332,69 @@ def test_stopping_the_experiment_stops_the_arms_worker_processes(tmp_path, how):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_dp_arms_spend_at_most_their_epsilon_and_plot_privacy_against_utility(tmp_path):
+    """``--dp-target-epsilon`` adds an FL arm with DP-SGD at every site (through the real
+    coordinator and edge processes) and a pooled CDS arm with DP-SGD on the same accounting; each
+    reports what Google's dp-accounting RDP accountant computes for its noise, sampling rate and
+    steps, at most the target, and the privacy-utility plot is written beside results.json."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+    from opacus.accountants.rdp import RDPAccountant
+
+    from neurofed.edge_node.synth import synthesize
+    from neurofed.experiment import PROFILES, run_experiment, with_overrides
+
+    profile = with_overrides(
+        PROFILES["quick"],
+        sites=2,
+        cases=12,
+        rounds=2,
+        local_epochs=1,
+        workers=1,
+        dp_target_epsilons=(4.0,),
+        dp_delta=1e-4,
+        dp_max_grad_norm=0.5,
+    )
+    data = tmp_path / "data"
+    synthesize(data, sites=profile.sites, cases=profile.cases, seed=0, shape=profile.shape)
+    out = tmp_path / "results"
+    # the DP-FL arm without the plain FL arm (one federation fewer); CDS stands for no DP
+    res = run_experiment(data, out, profile, arms=("cds", "fl_dp"), progress=lambda m: None)
+
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["arms"]) == {"cds", "cds_dp_eps4", "fl_dp_eps4"}
+    fl_dp, cds_dp = saved["arms"]["fl_dp_eps4"]["dp"], saved["arms"]["cds_dp_eps4"]["dp"]
+    # the DP-FL arm went through the coordinator: both sites reported their ledger, the
+    # federation's figure is the largest, and every site trained both rounds under DP-SGD
+    assert set(fl_dp["per_site"]) == set(saved["sites"])
+    assert fl_dp["epsilon"] == max(d["epsilon"] for d in fl_dp["per_site"].values())
+    ledgers = [(d, d["steps"]) for d in fl_dp["per_site"].values()] + [(cds_dp, cds_dp["steps"])]
+    # Poisson sampling rate = batch (2) / training cases: each site's own, the pooled arm's over all
+    splits = json.loads((data / "splits.json").read_text())["sites"]
+    n_train = {site: len(parts["train"]) for site, parts in splits.items()}
+    for site, d in fl_dp["per_site"].items():
+        assert d["sample_rate"] == pytest.approx(min(1.0, 2 / n_train[site]))
+    assert cds_dp["sample_rate"] == pytest.approx(2 / sum(n_train.values()))
+    for d, steps in ledgers:
+        assert d["delta"] == 1e-4 and d["max_grad_norm"] == 0.5 and d["target_epsilon"] == 4.0
+        ref = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+        ref.compose(
+            SelfComposedDpEvent(
+                PoissonSampledDpEvent(d["sample_rate"], GaussianDpEvent(d["noise_multiplier"])), steps
+            )
+        )
+        expected = ref.get_epsilon(1e-4)
+        assert d["epsilon"] == pytest.approx(expected, rel=0.01)
+        assert expected <= 4.0 * 1.001
+        assert d["epsilon"] > 2.0  # the noise was solved for the budget, not set far above it
+    for arm in ("cds_dp_eps4", "fl_dp_eps4"):
+        assert saved["arms"][arm]["dice"]["n"] == saved["test_cases"]
+    pu = saved["privacy_utility"]
+    assert [p["label"] for p in pu["points"]] == ["4", "inf"]
+    assert pu["points"][0]["fl"]["epsilon"] == fl_dp["epsilon"]
+    assert pu["points"][1]["cds"]["dice"] == saved["arms"]["cds"]["dice"]["mean"]
+    png = out / "privacy_utility.png"
+    assert str(png) in res["plots"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
