@@ -10,8 +10,8 @@ runs one secure round while processes die:
 - ``after-masked-input``: 3 sites die right after sending their masked input;
 - ``after-echo``: 3 sites die in the unmask step (consistency echo sent, no reveal);
 - ``after-echo-5-of-10``: 5 sites die there: fewer reveals than the threshold t = 6, so the
-  round is retried with fresh keys (over the whole roster: with 5 of 10 sites left below t, every
-  retry fails and the round keeps the previous model, which is checked);
+  attempt fails and the round is retried with fresh keys over the 5 sites still answering
+  (k = 4, t = 3), which completes with their FedAvg;
 - ``coordinator-after-keysets`` / ``coordinator-after-inputs``: the coordinator dies at its two
   secure fault points and is started again; the round restarts under a new attempt.
 
@@ -66,7 +66,7 @@ PHASES: dict[str, Phase] = {
     "after-shares": Phase("secagg-after-shares", 3),
     "after-masked-input": Phase("secagg-after-update", 3),
     "after-echo": Phase("secagg-after-echo", 3),
-    "after-echo-5-of-10": Phase("secagg-after-echo", 5, min_attempts=2, below_threshold=True),
+    "after-echo-5-of-10": Phase("secagg-after-echo", 5, min_attempts=2),
     "coordinator-after-keysets": Phase(coordinator_fault="secagg-after-keysets", min_attempts=2),
     "coordinator-after-inputs": Phase(coordinator_fault="secagg-after-inputs", min_attempts=2),
 }

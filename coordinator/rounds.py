@@ -1031,6 +1031,7 @@ class Coordinator:
             dp=self.client_dp.secure_params(len(self.cfg.expected_sites))
             if self.client_dp is not None
             else None,
+            quorum=self._quorum(),
         )
 
     def _collect_secure(self, r: int, digest: str, res: RoundResult, deadline: float) -> None:

@@ -8,7 +8,12 @@ messages every site needs for the next phase, and ends with the weighted mean of
 clipped update deltas, never with one site's update. An attempt that cannot finish (too few
 survivors, reveals or echoes) is abandoned and the round retried with fresh keys under the next
 attempt number, which is persisted before it is announced, so a restarted coordinator never
-reuses one.
+reuses one. A retry is built over the sites that answered the failed attempt's last phase and
+are not offline (``retry_participants``), with k and t for that many sites: sites that died in an
+attempt would otherwise fail every retry the same way. Only when fewer than max(3, the round's
+quorum) are left, or the operator's own threshold does not fit them, is it built over the whole
+roster again. A site left out of an attempt is neither asked for input nor counted; if it comes
+back it waits for the next round.
 
 The update vector is the float tensors' change from the round's global model, flattened in the
 order of their sorted names (``flat_names``); FedNova sites divide it by their local steps first
@@ -20,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +45,11 @@ from neurofed.wire.secagg import (
     SecAggResult,
     SecAggRoundFailed,
     SecAggServer,
+    default_k_t,
     pack_bundles,
     unpack_bundles,
 )
+from neurofed.wire.secagg.params import MIN_SITES, check_k_t
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +161,13 @@ class SecureRound:
         event: Callable[..., None],
         clock: Callable[[], float] = time.time,
         dp: Mapping[str, Any] | None = None,
+        quorum: int = MIN_SITES,
     ) -> None:
         self.federation, self.run_id, self.round = federation, run_id, round
         self.sites = tuple(sorted(sites))
+        # a retry over the sites still answering needs at least this many of them (--min-sites)
+        self.quorum = max(MIN_SITES, int(quorum))
+        self._offline: set[str] = set()  # known offline at the latest advance()
         # client-level DP (ClientDP.secure_params): the round's clip, the distributed noise and
         # the adaptive clip's count coordinate, appended after the update's coordinates
         self.dp = dict(dp or {})
@@ -168,19 +180,20 @@ class SecureRound:
         self.attempts = 0
         self.result: SecAggResult | None = None
         self.failed = False
-        self.attempt = self._new_attempt(next_attempt)
+        self.attempt = self._new_attempt(next_attempt, self.sites)
 
     # -- attempts -----------------------------------------------------------------------------
-    def _new_attempt(self, number: int) -> Attempt:
+    def _new_attempt(self, number: int, participants: Sequence[str], left_out: Sequence[str] = ()) -> Attempt:
         self._persist_attempt(number + 1)  # never announce the same attempt twice
+        k, t = (self.settings.k, self.settings.t) if not left_out else self._narrowed_k_t(len(participants))
         try:
             config = SecAggConfig.create(
                 RoundContext(self.federation, self.run_id, self.round, number),
-                self.sites,
+                participants,
                 self.length,
                 float(self.dp.get("clip", self.settings.clip)),
-                k=self.settings.k,
-                t=self.settings.t,
+                k=k,
+                t=t,
                 bits=self.settings.bits,
                 max_total_weight=int(self.dp.get("max_total_weight", self.settings.max_total_weight)),
                 noise_std=float(self.dp.get("noise_std", 0.0)),
@@ -197,8 +210,14 @@ class SecureRound:
             "round %d: secure aggregation attempt %d (%d sites, k=%d, t=%d, %d-bit ring, clip %.3g)",
             self.round, number, config.n, config.k, config.t, config.bits, config.clip,
         )  # fmt: skip
+        if left_out:
+            log.warning(
+                "round %d: attempt %d over %d sites (k=%d, t=%d); left out: %s",
+                self.round, number, config.n, config.k, config.t, ", ".join(left_out),
+            )  # fmt: skip
         self._event(
-            "secagg-attempt", round=self.round, attempt=number, k=config.k, threshold=config.t, bits=config.bits,
+            "secagg-attempt", round=self.round, attempt=number, sites=list(config.participants),
+            left_out=list(left_out), k=config.k, threshold=config.t, bits=config.bits,
             scale_log2=config.scale_log2, clip=config.clip, error_bound=config.error_bound,
             **({"noise_std": config.noise_std, "counts": config.counts} if config.noise_std else {}),
         )  # fmt: skip
@@ -227,8 +246,61 @@ class SecureRound:
             "attempt %d",
             self.round, self.number, reason, self.number + 1,
         )  # fmt: skip
-        self.attempt = self._new_attempt(self.number + 1)
+        participants = self.retry_participants()
+        left_out = tuple(s for s in self.sites if s not in participants)
+        self.attempt = self._new_attempt(self.number + 1, participants, left_out)
         return True
+
+    def answered(self) -> set[str]:
+        """The sites that answered the current attempt's open phase (the one that failed)."""
+        s = self.attempt.server
+        return set(
+            {
+                "keys": s._keysets,
+                "shares": s._bundles,
+                "inputs": s._inputs,
+                "echoes": s._echoes,
+                "reveals": s._revealed,
+            }.get(self.attempt.phase, self.attempt.config.participants)
+        )
+
+    def retry_participants(self) -> tuple[str, ...]:
+        """Who the next attempt is built over: the sites that answered the failed attempt's last
+        phase and are not known offline, when at least max(3, quorum) of them are left and a
+        sound k and t exist for them; otherwise the whole roster (sites may have come back)."""
+        alive = tuple(sorted(self.answered() - self._offline))
+        if len(alive) == len(self.sites):
+            return self.sites
+        if len(alive) < self.quorum:
+            log.warning(
+                "round %d: only %d sites answered attempt %d (%s), fewer than the %d a retry needs; "
+                "retrying over the whole roster",
+                self.round, len(alive), self.number, ", ".join(alive) or "none", self.quorum,
+            )  # fmt: skip
+            return self.sites
+        if self._narrowed_k_t(len(alive)) is None:
+            log.warning(
+                "round %d: the threshold t=%s does not fit the %d sites that answered attempt %d; "
+                "retrying over the whole roster",
+                self.round, self.settings.t, len(alive), self.number,
+            )  # fmt: skip
+            return self.sites
+        return alive
+
+    def _narrowed_k_t(self, n: int) -> tuple[int, int] | None:
+        """k and t for an attempt over n of the roster's sites: the operator's when they fit n,
+        else the defaults for n; a threshold the operator set is kept (with the default degree
+        for n when that is sound, else the smallest sound one), None when it cannot be."""
+        dk, dt = default_k_t(n)
+        k, t = self.settings.k, self.settings.t
+        if t is None:
+            if k is not None and _sound(n, k, math.ceil(2 * k / 3)):
+                return k, math.ceil(2 * k / 3)
+            return dk, dt
+        for cand in (k, dk, *range(t, n)):
+            if cand is not None and _sound(n, cand, t):
+                return cand, t
+        return None
 
     # -- messages -----------------------------------------------------------------------------
     def on_step(self, msg: Message) -> None:
@@ -276,6 +348,7 @@ class SecureRound:
         unmasked (``result``) or the round gave up (``failed``)."""
         if self.result is not None or self.failed:
             return True
+        self._offline = set(offline)
         try:
             self._advance(offline, round_deadline)
         except SecAggRoundFailed as exc:
@@ -287,7 +360,7 @@ class SecureRound:
         a, now = self.attempt, self.clock()
         s = a.server
         if a.phase == "keys":
-            waiting = set(self.sites) - set(s._keysets) - offline
+            waiting = set(a.config.participants) - set(s._keysets) - offline
             if waiting and now < a.phase_deadline:
                 return
             keysets = s.close_keysets()
@@ -373,6 +446,14 @@ class SecureRound:
             w = np.asarray(weights[k])
             out[k] = (w.astype(np.float64) + factor * d).astype(w.dtype)
         return out, int(res.total_weight)
+
+
+def _sound(n: int, k: int, t: int) -> bool:
+    try:
+        check_k_t(n, k, t)
+    except SecAggParameterError:
+        return False
+    return True
 
 
 def fednova_scale(cases: Mapping[str, int], steps: Mapping[str, int], survivors: Sequence[str]) -> float:

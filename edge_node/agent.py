@@ -686,7 +686,8 @@ class SiteAgent:
         if roster is not None:  # the roster as it stands now (a live change adds or removes sites)
             sec.roster_keys = {x: roster.get(x).signing_key() for x in roster.sites}
         try:
-            sec.begin(r, task["secagg"])
+            if not sec.begin(r, task["secagg"]):
+                return  # left out of this attempt: no keys, no training, no input
             sec.prune(r)
             if "keyset" not in sec.sent:
                 self._secure_send(MessageKind.SECAGG, r, "keyset", sec.keyset(), stop)

@@ -70,6 +70,7 @@ class SiteSecAgg:
         self.round = -1
         self.attempt = -1
         self.sent: set[str] = set()
+        self.left_out = False  # the current attempt's config does not include this site
 
     # -- files ----------------------------------------------------------------------------------
     def _state_path(self, r: int, attempt: int) -> Path:
@@ -115,16 +116,30 @@ class SiteSecAgg:
                 p.unlink(missing_ok=True)
 
     # -- the attempt ----------------------------------------------------------------------------
-    def begin(self, r: int, secagg: Mapping[str, Any]) -> None:
-        """The TASK's attempt: restore this site's client for it, or start a fresh one."""
+    def begin(self, r: int, secagg: Mapping[str, Any]) -> bool:
+        """The TASK's attempt: restore this site's client for it, or start a fresh one. False
+        when the attempt's config leaves this site out (the coordinator retried over the sites
+        that still answered): the site takes no part and waits for the next round."""
         attempt = int(secagg["attempt"])
-        if (r, attempt) == (self.round, self.attempt) and self.client is not None:
-            return
+        if (r, attempt) == (self.round, self.attempt) and (self.client is not None or self.left_out):
+            return not self.left_out
         config = SecAggConfig.from_dict(secagg["config"])
         if config.context.round != r or config.context.attempt != attempt:
             raise ValueError(f"secure config names round {config.context.round}, the task {r}")
         self.round, self.attempt = r, attempt
         path = self._state_path(r, attempt)
+        for old in self.state_dir.glob(f"secagg-r{r:04d}-a*.json"):
+            if old != path:
+                old.unlink(missing_ok=True)  # an abandoned attempt's secrets
+        self.left_out = self.site not in config.participants
+        if self.left_out:
+            self.client, self.sent = None, set()
+            log.warning(
+                "%s: round %d attempt %d is built over %d other sites and leaves this one out; "
+                "it takes part again from the next round",
+                self.site, r, attempt, config.n,
+            )  # fmt: skip
+            return False
         if path.is_file():
             state = json.loads(path.read_text())
             self.client = SecAggClient.from_state(state, self.identity, self.roster_keys, kem=self.kem)
@@ -135,9 +150,7 @@ class SiteSecAgg:
             self.client = SecAggClient(self.site, config, self.identity, self.roster_keys, kem=self.kem)
             self.sent = set()
             log.info("%s: secure aggregation round %d attempt %d: fresh keys", self.site, r, attempt)
-        for old in self.state_dir.glob(f"secagg-r{r:04d}-a*.json"):
-            if old != path:
-                old.unlink(missing_ok=True)  # an abandoned attempt's secrets
+        return True
 
     def keyset(self) -> bytes:
         assert self.client is not None

@@ -40,6 +40,10 @@ class StepTrainer(ShiftTrainer):
 
 SHIFTS = {"site-a": 0.1, "site-b": 0.2, "site-c": -0.3, "site-d": 0.5}
 CASES = {"site-a": 1, "site-b": 2, "site-c": 3, "site-d": 4}
+SIX = (*SITES, "site-e", "site-f")
+ALL_SHIFTS = SHIFTS | {"site-e": -0.2, "site-f": 0.4}
+ALL_CASES = CASES | {"site-e": 2, "site-f": 5}
+ALL_STEPS = STEPS | {"site-e": 4, "site-f": 6}
 
 
 class DroppingEndpoint(MemoryEndpoint):
@@ -48,6 +52,11 @@ class DroppingEndpoint(MemoryEndpoint):
     def __init__(self, hub: MemoryHub, participant: str, after: str) -> None:
         super().__init__(hub, participant)
         self.after, self.dead = after, False
+
+    def revive(self) -> None:
+        """The site is back (same process, same state): it gets the retained TASK again."""
+        self.dead = False
+        self.hub._register(self)
 
     def send(self, kind, round, **kw):  # noqa: A002 - the Endpoint signature
         if self.dead:
@@ -67,16 +76,18 @@ def _federation(
     strategy="fedavg",
     rounds=1,
     dp_client=None,
+    sites=SITES,
+    endpoints: dict | None = None,
     **settings,
 ):
     hub = MemoryHub("testfed")
-    keys = {s: Ed25519PrivateKey.generate() for s in SITES}
+    keys = {s: Ed25519PrivateKey.generate() for s in sites}
     roster = {s: k.public_key() for s, k in keys.items()}
     ep = hub.endpoint(COORDINATOR)
     ep.start()
     cfg = RoundConfig(
         rounds=rounds,
-        expected_sites=SITES,
+        expected_sites=sites,
         min_sites=3,
         round_timeout=settings.pop("round_timeout", 20.0),
         receipt_interval=0.5,
@@ -95,11 +106,13 @@ def _federation(
     )
     stop = threading.Event()
     agents = {}
-    for s in SITES:
+    for s in sites:
         sep = DroppingEndpoint(hub, s, drop[s]) if drop and s in drop else hub.endpoint(s)
         sep.start()
-        trainer = StepTrainer(shift=SHIFTS[s], num_train_cases=CASES[s])
-        trainer.steps = STEPS[s]
+        if endpoints is not None:
+            endpoints[s] = sep
+        trainer = StepTrainer(shift=ALL_SHIFTS[s], num_train_cases=ALL_CASES[s])
+        trainer.steps = ALL_STEPS[s]
         agent = SiteAgent(sep, trainer, tmp_path / s, secure_identity=(keys[s], roster))
         threading.Thread(target=agent.run, kwargs={"stop": stop}, daemon=True, name=s).start()
         agents[s] = agent
@@ -127,8 +140,8 @@ def _run(coord: Coordinator, stop: threading.Event, timeout: float = 60.0):
 
 def _fedavg(sites) -> dict[str, np.ndarray]:
     w0 = initial_weights()
-    n = sum(CASES[s] for s in sites)
-    mean_shift = sum(CASES[s] * SHIFTS[s] for s in sites) / n
+    n = sum(ALL_CASES[s] for s in sites)
+    mean_shift = sum(ALL_CASES[s] * ALL_SHIFTS[s] for s in sites) / n
     return {k: (v + mean_shift if v.dtype.kind == "f" else v) for k, v in w0.items()}
 
 
@@ -176,6 +189,80 @@ def test_too_few_survivors_retry_with_fresh_keys_then_keep_the_model(tmp_path):
     assert sorted({m.meta["secagg"]["attempt"] for m in tasks}) == [0, 1]  # fresh keys, never reused
     # the attempt counter is persisted: a restarted coordinator would start at attempt 2
     assert (tmp_path / "coordinator" / "secagg.json").read_text().count('"next_attempt": 2') == 1
+
+
+def test_a_retry_is_built_over_the_sites_still_answering(tmp_path, caplog):
+    """6 sites (k=5, t=4): 3 die after their echo, so the first attempt gets 3 reveals, fewer than
+    t, and fails. The retry is built over the 3 sites that revealed (k=2, t=2; still never fewer
+    than 3 inputs unmasked) and completes with their FedAvg; over the whole roster it would fail
+    the same way. A dropped site that comes back during the retry is not in its config: it sends
+    nothing for it and is not counted."""
+    dead = ("site-d", "site-e", "site-f")
+    eps: dict = {}
+    hub, coord, stop = _federation(
+        tmp_path,
+        sites=SIX,
+        drop=dict.fromkeys(dead, "echo"),
+        phase_timeout=2.0,
+        max_attempts=2,
+        endpoints=eps,
+    )
+
+    def revive_on_retry() -> None:  # site-d is back once the retry is announced
+        while not stop.is_set():
+            if any(
+                m.kind is MessageKind.TASK and m.meta.get("secagg", {}).get("attempt") == 1 for m in hub.sent
+            ):
+                eps["site-d"].revive()
+                return
+            stop.wait(0.05)
+
+    threading.Thread(target=revive_on_retry, daemon=True).start()
+    with caplog.at_level("WARNING"):
+        [res] = _run(coord, stop)
+    alive = SITES[:3]
+    assert res.aggregated and res.sites == list(alive)
+    sec = coord._secure
+    cfg = sec.attempt.config
+    assert cfg.context.attempt == 1 and cfg.participants == alive and (cfg.k, cfg.t) == (2, 2)
+    assert cfg.min_survivors == 3
+    assert sec.result.survivors == alive and not sec.result.recovered
+    _assert_close(coord, _fedavg(alive), cfg.error_bound)
+    retry_tasks = [
+        m for m in hub.sent if m.kind is MessageKind.TASK and m.meta.get("secagg", {}).get("attempt") == 1
+    ]
+    assert retry_tasks and all(m.meta["secagg"]["config"]["participants"] == list(alive) for m in retry_tasks)
+    # the left-out sites sent nothing for the retry, site-d although it was back
+    assert eps["site-d"].dead is False
+    assert not [m for m in hub.sent if m.sender in dead and (m.meta or {}).get("attempt") == 1]
+    assert "round 1: attempt 1 over 3 sites (k=2, t=2); left out: site-d, site-e, site-f" in caplog.text
+    assert "site-d: round 1 attempt 1 is built over 3 other sites and leaves this one out" in caplog.text
+    events = [e for e in read_events(tmp_path / "coordinator") if e["event"] == "secagg-attempt"]
+    assert [e["left_out"] for e in events] == [[], list(dead)]
+
+
+@pytest.mark.parametrize(
+    ("k", "t", "n", "expected"),
+    [
+        (None, None, 5, (4, 3)),  # the defaults for 5 sites
+        (None, None, 3, (2, 2)),
+        (9, None, 5, (4, 3)),  # the operator's degree does not fit 5 sites: the defaults
+        (None, 6, 5, None),  # the operator's threshold never drops: no retry over 5 sites
+        (None, 6, 8, (7, 6)),
+        (4, 3, 6, (4, 3)),  # the operator's k and t fit: kept
+    ],
+)
+def test_a_narrowed_retry_takes_k_and_t_for_its_sites_never_below_the_operators_threshold(k, t, n, expected):
+    from neurofed.coordinator.secure import SecureRound
+
+    sites = tuple(f"s{i:02d}" for i in range(10))
+    sec = SecureRound(
+        federation="f", run_id="r", round=1, sites=sites, weights=initial_weights(),
+        roster_keys={s: Ed25519PrivateKey.generate().public_key() for s in sites},
+        settings=SecureSettings(k=k, t=t),
+        next_attempt=0, send_relay=lambda *a: None, persist_attempt=lambda n: None, event=lambda *a, **kw: None,
+    )  # fmt: skip
+    assert sec._narrowed_k_t(n) == expected
 
 
 def sec_done(coord: Coordinator):
