@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of flower, flare: Flower 1.42 under the same shaping; FLARE's shaping status",
     )
     ap.add_argument("--peer-timeout", type=float, default=1800, help="seconds allowed to a peer's whole run")
+    ap.add_argument("--out", default=None, help="work folder, kept (default: a temporary one, removed)")
     ap.add_argument("--name", default=None, help="results file (default links_<model>_<sites>sites)")
     return ap.parse_args(argv)
 
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     fp32_model = len(canonical(initial_weights(preset(args.model, patch_size=(args.shape,) * 3).to_dict())))
     load_before = os.getloadavg()
     t_start = time.time()
-    root = Path(tempfile.mkdtemp(prefix="nf-links-"))
+    root = Path(args.out).resolve() if args.out else Path(tempfile.mkdtemp(prefix="nf-links-"))
     runs: dict[str, dict] = {}
     peer_runs: dict[str, dict] = {}
     try:
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
 
             peer_runs["flare"] = flare_links.status()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.out:
+            shutil.rmtree(root, ignore_errors=True)
     base = runs.get("none")
     for r in [*runs.values(), *(x for x in peer_runs.values() if "steady_round_s" in x)]:
         if "steady_bytes_down" not in r:

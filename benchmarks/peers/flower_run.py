@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -254,10 +255,14 @@ def run(
         "total_s": round(total, 1),
         "averaging_check": check_res,
     }
+    res["replies"] = replies(logs / "flwr-run.log")
+    failed = [x for x in res["replies"] if x["failures"]]
+    if failed:
+        res["error"] = f"Flower reported failed client replies: {failed}"
     if links is not None:
         res["links"] = wire_rows(sampler.samples, bounds, links.uplink_mbit, links.downlink_mbit)
         res.update(steady(res["links"]))
-    res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds
+    res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds and not failed
     return res
 
 
@@ -268,6 +273,20 @@ def _secagg_config(secagg: dict[str, Any] | None) -> list[str]:
         f"num-shares={int(secagg['num-shares'])}",
         f"reconstruction-threshold={int(secagg['reconstruction-threshold'])}",
         f"max-weight={float(secagg['max-weight'])}",
+    ]
+
+
+def replies(log: Path) -> list[dict[str, Any]]:
+    """Flower's own count of client replies and failures per train/evaluate step, in order, from
+    the ``flwr run`` log (a round whose replies failed or timed out is not a full round)."""
+    pat = re.compile(r"aggregate_(train|fit|evaluate): received (\d+) results and (\d+) failures", re.I)
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [
+        {"step": m.group(1), "results": int(m.group(2)), "failures": int(m.group(3))}
+        for m in pat.finditer(text)
     ]
 
 
