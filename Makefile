@@ -27,10 +27,11 @@ test-fast: setup
 bench: setup
 	$(PY) -m benchmarks.run_all
 
-# Rounds over shaped links (a network namespace and tc-tbf veth per site; needs root):
-# none / fp16 / int8 / int8-topk at 20 Mbit/s up, 100 Mbit/s down per site, bandwidth only.
-bench-links: setup
-	$(PY) -m benchmarks.links
+# Rounds over shaped links (a network namespace and tc-tbf veth per site; needs root), 10 sites:
+# none / fp16 / int8 / int8-topk at 20 Mbit/s up, 100 Mbit/s down per site, bandwidth only, and
+# Flower 1.42 under the same shaping in the same run (NVIDIA FLARE: why not, and its filters).
+bench-links: setup peer-env
+	$(PY) -m benchmarks.links --peers flower,flare
 
 # The chaos soak (about 15 minutes; docs/operations.md): 5 sites, 20 rounds, one fault a round,
 # after a fault-free run with the same seeds. Root gives it network namespaces and a tmpfs (the

@@ -218,8 +218,10 @@ def compression_of(args: argparse.Namespace) -> str:
 
 def link_rows(run: FederationRun, events: list[dict]) -> list[dict]:
     """Per round: bytes down to and up from the sites, read from the veth counters from the
-    previous round's close to the next announcement, and the time the links carried traffic (any site's link above 5 % of its
-    rate in a 0.1-s sample)."""
+    previous round's close to this round's close (the round's model out, its updates in: windows
+    that do not overlap, so no byte counts twice), and the time the links carried traffic in that
+    window (any site's link above 5 % of its rate in a 0.1-s sample). ``round_s`` runs from the
+    round's announcement to the next one."""
     samples = run.link_samples or []
     if not samples or run.links is None:
         return []
@@ -239,13 +241,14 @@ def link_rows(run: FederationRun, events: list[dict]) -> list[dict]:
         if r not in announce:
             continue
         a, end = announce[r], announce.get(r + 1, closed[r])
-        # bytes from the previous round's close: the announcement event is written once the
-        # model is out, so round r's model travels before it
-        c0, c1 = at(closed.get(r - 1, samples[0][0])), at(end)
+        # from the previous round's close: the announcement event is written once the model is
+        # out, so round r's model travels before it; the next model goes after this close
+        w0, w1 = closed.get(r - 1, samples[0][0]), closed[r]
+        c0, c1 = at(w0), at(w1)
         down = sum(c1[s][0] - c0[s][0] for s in c1)
         up = sum(c1[s][1] - c0[s][1] for s in c1)
         busy = 0.0
-        window = [s for s in samples if closed.get(r - 1, samples[0][0]) <= s[0] <= end]
+        window = [s for s in samples if w0 <= s[0] <= w1]
         for (t0, x0), (t1, x1) in zip(window, window[1:], strict=False):
             dt = t1 - t0
             if dt <= 0:

@@ -747,6 +747,7 @@ def run_experiment(
             "local_epochs": profile.local_epochs,
             "centralized_epochs": profile.epochs,
         },
+        "fl_coordinator_args": list(coordinator_args),
         "arms": {},
         "curves": {},
         "seconds": {},

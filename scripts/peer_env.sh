@@ -60,4 +60,6 @@ case "${1:-}" in
 esac
 # pytest: tests/coordinator/test_aggregate.py checks FedAvg against flwr's own aggregate here
 if [ "$flower" = 1 ]; then make_env .cache/peer-venv "flwr>=1.20,<2" pytest; fi
-if [ "$flare" = 1 ]; then make_env .cache/flare-venv --framework-first "nvflare>=2.9,<2.10"; fi
+# bitsandbytes: FLARE's quantization filters import it (even its fp16 one); benchmarks/links.py
+# checks which of them run on a CPU
+if [ "$flare" = 1 ]; then make_env .cache/flare-venv --framework-first "nvflare>=2.9,<2.10" bitsandbytes; fi

@@ -10,12 +10,18 @@ The ServerApp stamps each round's start and end; each ClientApp appends its trai
 intervals; this module samples the memory of every process under the SuperLink, the SuperNodes
 and ``flwr run`` (ServerApp and ClientApp processes included), then checks that the round-1
 global weights are the case-weighted mean of what the clients sent.
+
+With ``links`` (an open ``neurofed.launch.links.ShapedLinks``), every SuperNode runs in its site's
+network namespace behind the site's shaped veth (its ClientApp processes, its children, with it),
+the SuperLink on the host listening on the bridge address; the veth counters are sampled and each
+round gets its bytes each way and its time on the wire (``benchmarks.peers.wire``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -34,6 +40,7 @@ from benchmarks.peers.measure import (
     round_figures,
     summarise,
 )
+from benchmarks.peers.wire import LinkSampler, steady, wire_rows
 
 REPO = Path(__file__).resolve().parents[2]
 APP = Path(__file__).resolve().parent / "flower_app"
@@ -105,6 +112,7 @@ def run(
     rounds: int,
     timeout: float = 900,
     secagg: dict[str, Any] | None = None,
+    links: Any = None,
     **_: Any,
 ) -> dict[str, Any]:
     """Flower's deployment on this task; with ``secagg`` (see :func:`secagg_settings`) the
@@ -125,16 +133,20 @@ def run(
     )
 
     port = _free_port()  # Flower 1.42: one HTTP API (Fleet, Control, ServerAppIO) on the SuperLink
+    host = links.broker_host if links is not None else "127.0.0.1"
+    if links is not None and list(links.sites) != site_names:
+        raise ValueError(f"shaped links are for {links.sites}, the data has {site_names}")
     (flwr_home / "config.toml").write_text(
         '[superlink]\ndefault = "deployment"\n\n'
-        f'[superlink.deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink.deployment]\naddress = "{host}:{port}"\ninsecure = true\n'
     )
     env = _env(flwr_home)
     bin_ = VENV / "bin"
     procs: list[subprocess.Popen] = []
     t0 = time.time()
     runp: subprocess.Popen | None = None
-    with TreeMemory(lambda: [p.pid for p in procs] + ([runp.pid] if runp else [])) as mem:
+    sampler = LinkSampler(links.counters if links is not None else dict)
+    with TreeMemory(lambda: [p.pid for p in procs] + ([runp.pid] if runp else [])) as mem, sampler:
         try:
             procs.append(
                 _spawn(
@@ -142,7 +154,7 @@ def run(
                         str(bin_ / "flower-superlink"),
                         "--insecure",
                         "--host",
-                        "127.0.0.1",
+                        host,
                         "--port",
                         str(port),
                         "--disable-runtime-dependency-installation",
@@ -152,22 +164,24 @@ def run(
                     work,
                 )
             )
-            _wait_port(port, 120, procs[0], logs / "superlink.log")
+            _wait_port(host, port, 120, procs[0], logs / "superlink.log")
             for s in site_names:
+                node = [
+                    str(bin_ / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"{host}:{port}",
+                    # the ClientAppIo API, inside the site's namespace when shaped
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(_free_port()),
+                    "--node-config",
+                    f"site='{s}'",
+                ]
                 procs.append(
                     _spawn(
-                        [
-                            str(bin_ / "flower-supernode"),
-                            "--insecure",
-                            "--superlink",
-                            f"127.0.0.1:{port}",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(_free_port()),
-                            "--node-config",
-                            f"site='{s}'",
-                        ],
+                        links.command(s, node) if links is not None else node,
                         logs / f"supernode-{s}.log",
                         env,
                         work,
@@ -229,8 +243,9 @@ def run(
         check_res["tolerance"] = bound
     res: dict[str, Any] = {
         "version": flwr_version(),
-        "deployment": f"flower-superlink + {len(site_names)} flower-supernode (insecure, loopback) + flwr run; "
-        "a ServerApp process and a ClientApp process per message"
+        "deployment": f"flower-superlink + {len(site_names)} flower-supernode (insecure, "
+        + ("each in its site's network namespace behind the shaped veth" if links is not None else "loopback")
+        + ") + flwr run; a ServerApp process and a ClientApp process per message"
         + ("; SecAggPlusWorkflow + secaggplus_mod (legacy NumPyClient/Strategy API)" if secagg else ""),
         **({"secagg": secagg} if secagg else {}),
         "rounds": rows,
@@ -240,7 +255,14 @@ def run(
         "total_s": round(total, 1),
         "averaging_check": check_res,
     }
-    res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds
+    res["replies"] = replies(logs / "flwr-run.log")
+    failed = [x for x in res["replies"] if x["failures"]]
+    if failed:
+        res["error"] = f"Flower reported failed client replies: {failed}"
+    if links is not None:
+        res["links"] = wire_rows(sampler.samples, bounds, links.uplink_mbit, links.downlink_mbit)
+        res.update(steady(res["links"]))
+    res["ok"] = bool(res["averaging_check"].get("ok")) and len(rows) == rounds and not failed
     return res
 
 
@@ -254,14 +276,28 @@ def _secagg_config(secagg: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+def replies(log: Path) -> list[dict[str, Any]]:
+    """Flower's own count of client replies and failures per train/evaluate step, in order, from
+    the ``flwr run`` log (a round whose replies failed or timed out is not a full round)."""
+    pat = re.compile(r"aggregate_(train|fit|evaluate): received (\d+) results and (\d+) failures", re.I)
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [
+        {"step": m.group(1), "results": int(m.group(2)), "failures": int(m.group(3))}
+        for m in pat.finditer(text)
+    ]
+
+
+def _wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with {proc.returncode}:\n{_tail(log)}")
         with socket.socket() as s:
             s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.3)
     raise TimeoutError(f"flower-superlink did not listen on {port} within {timeout:.0f} s:\n{_tail(log)}")

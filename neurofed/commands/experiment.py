@@ -140,10 +140,36 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "/ training cases; default the trainer's 2): the noise is added once per step, so a larger "
         "batch carries less noise per case",
     )
+    p.add_argument(
+        "--compression",
+        choices=("none", "fp16", "int8", "int8-topk"),
+        default=None,
+        help="the FL arm's update and model encoding (neurofed coordinator --compression; default none): "
+        "rerun with the same --train-seed and without it to see what compression costs in Dice",
+    )
+    p.add_argument(
+        "--topk-density",
+        type=float,
+        help="int8-topk: share of each tensor's values sent (coordinator default)",
+    )
     p.add_argument("--mlflow", help="MLflow tracking URI to log the experiment to")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=run)
     return p
+
+
+def fl_coordinator_args(args: argparse.Namespace) -> list[str]:
+    """The ``neurofed coordinator`` options the FL arm gets from this command's flags."""
+    if args.topk_density is not None and args.compression != "int8-topk":
+        raise SystemExit(
+            "--topk-density applies to --compression int8-topk only: add --compression int8-topk"
+        )
+    out = ["--secure-aggregation"] if args.secure_aggregation else []
+    if args.compression:
+        out += ["--compression", args.compression]
+    if args.topk_density is not None:
+        out += ["--topk-density", str(args.topk_density)]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     # SIGTERM (a scheduler, `timeout`, `kill`) unwinds like Ctrl-C: the FL arm's broker and
     # site processes and the arms' worker processes are stopped on the way out, not orphaned
     exit_on_sigterm()
+    fl_args = fl_coordinator_args(args)  # a wrong combination fails here, not after the other arms
 
     from neurofed.errors import NeurofedError
     from neurofed.experiment import PROFILES, run_experiment, with_overrides
@@ -231,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         arms=arms,
         tracking_uri=args.mlflow,
         device=args.device,
-        coordinator_args=("--secure-aggregation",) if args.secure_aggregation else (),
+        coordinator_args=fl_args,
     )
     rows = {k: v["dice"]["mean"] for k, v in results["arms"].items() if isinstance(v, dict) and "dice" in v}
     print(

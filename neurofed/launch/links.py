@@ -184,6 +184,11 @@ class ShapedLinks:
                 out[site] = (0, 0)
         return out
 
+    def command(self, site: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside ``site``'s namespace (``ip netns exec`` execs it: same pid, same
+        environment), for programs that are not ``neurofed`` (a peer framework's client)."""
+        return ["ip", "netns", "exec", self.netns(site), *argv]
+
     def spawn(
         self,
         site: str,
@@ -201,7 +206,7 @@ class ShapedLinks:
         log = log_dir / f"{name}.log"
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it
         popen = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns(site), sys.executable, "-m", "neurofed", *args],
+            self.command(site, [sys.executable, "-m", "neurofed", *args]),
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env or child_env(),

@@ -398,3 +398,17 @@ def test_dp_arms_spend_at_most_their_epsilon_and_plot_privacy_against_utility(tm
     png = out / "privacy_utility.png"
     assert str(png) in res["plots"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_passes_compression_to_the_fl_arms_coordinator():
+    from neurofed.cli import build_parser
+    from neurofed.commands.experiment import fl_coordinator_args
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        ["experiment", "--out", "x", "--compression", "int8-topk", "--topk-density", "0.05"]
+    )
+    assert fl_coordinator_args(args) == ["--compression", "int8-topk", "--topk-density", "0.05"]
+    assert fl_coordinator_args(parser.parse_args(["experiment", "--out", "x"])) == []
+    with pytest.raises(SystemExit, match="int8-topk only"):
+        fl_coordinator_args(parser.parse_args(["experiment", "--out", "x", "--topk-density", "0.05"]))
