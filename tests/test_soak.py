@@ -50,3 +50,29 @@ def test_short_soak_one_fault_per_round_loses_nothing(tmp_path, mlflow_server): 
     for o in rep.chaos.outcomes:
         assert o.skipped or (o.injected and o.landed_ok and o.evidence and o.survived and o.lost == 0)
     assert not math.isnan(rep.chaos.dice)
+
+
+def test_a_coordinator_that_started_the_federation_over_fails_the_soak(tmp_path):
+    """A restarted coordinator that lost its state starts a new federation run: the soak must
+    say so from its state and from the registry's run tags, whatever the registry's round tags
+    look like (the first run may not have registered anything before it was killed)."""
+    import json
+
+    from neurofed.launch.soak import Federation
+
+    data = tmp_path / "data"
+    for s in ("site-01", "site-02"):
+        (data / s).mkdir(parents=True)
+    fed = Federation(SoakConfig.short(tmp_path), tmp_path / "run", data, lambda: tmp_path, 1.0, "f", [])
+    fed.mlflow = "http://registry"
+    fed.run_id = "run-a"
+    fed.state.mkdir(parents=True)
+    (fed.state / "run.json").write_text(json.dumps({"run": "run-a"}))
+    fed.registry_runs = ["run-a"]
+    fed.check_run()
+    assert fed.failures == []
+    (fed.state / "run.json").write_text(json.dumps({"run": "run-b"}))
+    fed.registry_runs = ["run-b"]
+    fed.check_run()
+    assert len(fed.failures) == 2
+    assert "started the federation over" in fed.failures[0] and "run-b" in fed.failures[1]
