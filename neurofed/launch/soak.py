@@ -14,7 +14,8 @@ persistence file; a tampered chunk and a replayed update published with a site's
 certificate; a site's link down for longer than the deadline; the state disk full for a while.
 
 At the end it checks, and prints:
-- the registry holds exactly one version per round, rounds 1..N (no gap, no duplicate);
+- the registry holds exactly one version per round, rounds 1..N (no gap, no duplicate), all of
+  one federation run: a restarted coordinator resumed the run it was in, it did not start over;
 - every fault is matched by a log line that names it, written by a process that survived it
   (the coordinator, the broker), never by the soak itself;
 - every fault landed in the phase it targeted (exit status, times against the round's events);
