@@ -6,8 +6,8 @@ a site SIGKILLed and restarted, the coordinator SIGKILLed at a fault point and r
 broker SIGKILLed and restarted without its saved state, a tampered chunk and a replayed update
 with a site's certificate, a site's link down past the deadline, the state disk full.
 
-It passes only if the registry holds exactly rounds 1..6 once each, every fault landed where it
-was aimed and a surviving process logged it, and every site's audit log reconciles with the
+It passes only if the registry holds exactly rounds 1..6 once each, all of the run the first
+coordinator started (the restarted one resumed it), every fault landed where it was aimed and a surviving process logged it, and every site's audit log reconciles with the
 coordinator's events. The fault-free comparison of the test Dice is left to ``make soak`` (a
 second federation does not fit this test's time); the Dice is checked to be a number here."""
 
@@ -25,13 +25,14 @@ from tests.fixtures.mlflow import mlflow_server, mlflow_server_handle  # noqa: F
 pytestmark = pytest.mark.slow
 
 
-def test_the_schedule_is_seeded_covers_every_kind_and_spares_round_one_from_coordinator_kills():
+def test_the_schedule_is_seeded_covers_every_kind_and_spares_the_first_and_last_rounds():
     sites = [f"site-{i:02d}" for i in range(1, 6)]
     for seed in range(30):
         plan = chaos.schedule(6, sites, seed)
         assert plan == chaos.schedule(6, sites, seed)
         assert sorted(f.kind for f in plan) == sorted(chaos.KINDS)
         assert plan[0].kind != "coordinator-kill"
+        assert plan[-1].kind != "tamper-replay"
     long = chaos.schedule(20, sites, 1)
     assert {f.kind for f in long} == set(chaos.KINDS) and len(long) == 20
     variants = [f.variant for f in long if f.kind == "broker-kill"]

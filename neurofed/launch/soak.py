@@ -471,6 +471,9 @@ class Federation:
             o.skipped = self.no_links
         if kind == "disk-full" and self.no_disk:
             o.skipped = self.no_disk
+        if kind == "tamper-replay" and "--secure-aggregation" in self.cfg.coordinator_args:
+            # a secure round's site keeps no plain update to seal again, only its masked input
+            o.skipped = "secure aggregation: the injector cannot forge masked inputs yet"
         if o.skipped:
             return
         if kind == "coordinator-kill":
