@@ -130,10 +130,13 @@ def set_link(veth: str, up: bool) -> None:
 # -- messages with a site's own certificate --------------------------------------------------------
 def site_update(state: Path, round: int) -> tuple[dict[str, Any], bytes] | None:
     """The meta block and payload of ``round``'s update as the site sent it (its state keeps the
-    payload until the round closes and the meta in ``agent.json``), or None if not there."""
+    payload until the round closes and the meta in ``agent.json``), or None if not there yet
+    (``update_stored``, which the site records once the file is whole, comes first)."""
     try:
-        payload = (state / f"update-r{round:04d}.safetensors").read_bytes()
         rs = json.loads((state / "agent.json").read_text())["rounds"][str(round)]
+        if not rs.get("update_stored"):
+            return None
+        payload = (state / f"update-r{round:04d}.safetensors").read_bytes()
     except (OSError, KeyError, ValueError):
         return None
     meta = {k: rs.get(k) for k in ("num_cases", "model_digest", "loss", "train_seconds", "local_steps")}

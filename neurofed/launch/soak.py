@@ -529,22 +529,30 @@ class Federation:
         )
 
     def _tamper_replay(self, o: Outcome, ann: dict) -> None:
-        """As soon as the coordinator took a round-``r`` update (the drawn site's, or the first
-        one taken when the drawn site is not sending this round: just restarted, cut off), that
-        site's certificate publishes the tampered and the replayed copies of it."""
+        """Once the coordinator took a round-``r`` update (the drawn site's, or another's when the
+        drawn site is not sending this round: just restarted, cut off), that site's certificate
+        publishes the tampered and the replayed copies of it. The update is read from the site's
+        state as soon as the site wrote it: the site deletes it when the round closes, which can
+        be a moment after the coordinator took it."""
         f, r = o.fault, o.fault.round
+        held: dict[str, tuple[dict[str, Any], bytes]] = {}
 
         def taken() -> list[str]:
             return [e["site"] for e in self.events("update") if e["round"] == r]
 
-        self.wait(
-            lambda: self.closed(r) or f.site in taken() or len(taken()) >= self.cfg.min_sites,
-            3 * self.cfg.round_timeout + 120,
-            f"round {r}'s updates",
-        )
-        if f.site not in taken() and taken():
-            f.site = taken()[0]
-        got = chaos.site_update(self.site_state(f.site), r)
+        def poll() -> bool:
+            for site in self.sites:
+                if site not in held and (got := chaos.site_update(self.site_state(site), r)) is not None:
+                    held[site] = got
+            done = set(taken()) & set(held)
+            return (
+                bool(self.closed(r)) or f.site in done or (bool(done) and len(taken()) >= self.cfg.min_sites)
+            )
+
+        self.wait(poll, 3 * self.cfg.round_timeout + 120, f"round {r}'s updates")
+        if f.site not in set(taken()) & set(held):
+            f.site = next((s for s in taken() if s in held), f.site)
+        got = held.get(f.site)
         if got is None:
             o.landed = f"{f.site}'s round-{r} update was not in its state"
             return
