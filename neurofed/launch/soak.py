@@ -481,8 +481,9 @@ class Federation:
                 lambda: o.injected, 3 * self.cfg.round_timeout + 240, f"the coordinator's {f.point} kill"
             )
             return
-        # a cut right at the announcement: the site cannot have uploaded yet
-        time.sleep(f.delay if kind != "net-cut" else min(f.delay, 0.2))
+        # a cut right at the announcement: the site cannot have uploaded yet; a full disk likewise,
+        # before the round's save (a quick round closes and saves within a second or two)
+        time.sleep(f.delay if kind not in ("net-cut", "disk-full") else min(f.delay, 0.2))
         {
             "site-kill": self._site_kill,
             "broker-kill": self._broker_kill,
@@ -591,7 +592,7 @@ class Federation:
         o.injected = True
         try:
             line = self.wait(
-                lambda: find_line(self.coordinator_logs(), r"state disk full: cannot save round \d+ ", o.at),
+                lambda: find_line(self.coordinator_logs(), r"state disk full: cannot save round \d+", o.at),
                 3 * self.cfg.round_timeout + 120,
                 "the coordinator to report the full disk",
             )
