@@ -356,6 +356,17 @@ class SecureRound:
                 return True
         return self.result is not None or self.failed
 
+    def _went_without(self, waiting: set[str]) -> None:
+        """A phase closed at its deadline without answers from sites not known to be offline (cut
+        off, stuck): name them, as a plaintext round names the sites it closed without."""
+        if waiting:
+            log.warning(
+                "round %d: deadline passed in the secure aggregation's %s phase; going on without %s",
+                self.round,
+                self.attempt.phase,
+                ", ".join(sorted(waiting)),
+            )
+
     def _advance(self, offline: set[str], round_deadline: float) -> None:  # noqa: C901 - one branch per phase
         a, now = self.attempt, self.clock()
         s = a.server
@@ -363,6 +374,7 @@ class SecureRound:
             waiting = set(a.config.participants) - set(s._keysets) - offline
             if waiting and now < a.phase_deadline:
                 return
+            self._went_without(waiting)
             keysets = s.close_keysets()
             self._relay("keysets", json.dumps({k: _b64(v) for k, v in sorted(keysets.items())}).encode())
             fault_point("secagg-after-keysets", self.round)
@@ -371,6 +383,7 @@ class SecureRound:
             waiting = set(s._u1) - set(s._bundles) - offline
             if waiting and now < a.phase_deadline:
                 return
+            self._went_without(waiting)
             s.close_shares()
             sharing = sorted(s._u2)
             relayed = {site: _b64(pack_bundles(s.shares_for(site))) for site in sharing}
@@ -381,6 +394,7 @@ class SecureRound:
             waiting = set(s._u2) - set(s._inputs) - offline
             if waiting and now < a.phase_deadline:
                 return
+            self._went_without(waiting)
             self._relay("survivors", s.close_inputs())
             fault_point("secagg-after-inputs", self.round)
             self._next("echoes", now + self.settings.phase_timeout)
@@ -389,6 +403,7 @@ class SecureRound:
             waiting = survivors - set(s._echoes) - offline
             if waiting and now < a.phase_deadline:
                 return
+            self._went_without(waiting)
             self._relay("unmask", s.unmask_request())
             self._next("reveals", now + self.settings.phase_timeout)
         elif a.phase == "reveals":

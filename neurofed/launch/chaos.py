@@ -56,7 +56,9 @@ def schedule(
 ) -> list[Fault]:
     """One fault per round, every kind at least once when ``rounds`` allows, the rest drawn at
     random; reproducible from ``seed``. A coordinator kill never lands in round 1 (a kill there
-    leaves nothing registered to lose, so it would test less). Broker kills alternate between
+    leaves nothing registered to lose, so it would test less), nor a tamper-replay in the last
+    round (its copies go out once the round took the site's update; after the last round the
+    federation ends at once, so nothing would be left to refuse them). Broker kills alternate between
     keeping and dropping its saved state, starting with dropping it (the harder case)."""
     rng = random.Random(seed)  # a test schedule, never a secret
     kinds = list(KINDS)
@@ -67,6 +69,9 @@ def schedule(
     order = order[: len(kinds)] + tail
     if order and order[0] == "coordinator-kill" and rounds > 1:
         order[0], order[1] = order[1], order[0]
+    if rounds > 2 and order[-1] == "tamper-replay":
+        swap = max(i for i in range(1, rounds - 1) if order[i] != "tamper-replay")
+        order[-1], order[swap] = order[swap], order[-1]
     points = SECURE_POINTS if secure else PLAIN_POINTS
     out, brokers = [], 0
     for r, kind in enumerate(order, start=1):
@@ -101,9 +106,18 @@ def unmount(folder: Path) -> None:
 
 
 def fill_disk(folder: Path) -> Path:
-    """Write zeros to ``folder/.filler`` until the file system refuses another byte."""
+    """Write zeros to ``folder/.filler`` until the file system refuses another byte (the bulk
+    reserved in one call, so the disk is full within milliseconds, not after seconds of writes)."""
     path = folder / ".filler"
     with open(path, "wb", buffering=0) as fh:
+        st = os.statvfs(folder)
+        bulk = st.f_bavail * st.f_frsize - (1 << 20)
+        if bulk > 0:
+            try:
+                os.posix_fallocate(fh.fileno(), 0, bulk)
+                fh.seek(bulk)
+            except OSError:
+                fh.seek(0)
         for size in (1 << 20, 1 << 12, 1):
             try:
                 while True:
@@ -125,10 +139,13 @@ def set_link(veth: str, up: bool) -> None:
 # -- messages with a site's own certificate --------------------------------------------------------
 def site_update(state: Path, round: int) -> tuple[dict[str, Any], bytes] | None:
     """The meta block and payload of ``round``'s update as the site sent it (its state keeps the
-    payload until the round closes and the meta in ``agent.json``), or None if not there."""
+    payload until the round closes and the meta in ``agent.json``), or None if not there yet
+    (``update_stored``, which the site records once the file is whole, comes first)."""
     try:
-        payload = (state / f"update-r{round:04d}.safetensors").read_bytes()
         rs = json.loads((state / "agent.json").read_text())["rounds"][str(round)]
+        if not rs.get("update_stored"):
+            return None
+        payload = (state / f"update-r{round:04d}.safetensors").read_bytes()
     except (OSError, KeyError, ValueError):
         return None
     meta = {k: rs.get(k) for k in ("num_cases", "model_digest", "loss", "train_seconds", "local_steps")}

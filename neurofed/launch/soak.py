@@ -14,7 +14,8 @@ persistence file; a tampered chunk and a replayed update published with a site's
 certificate; a site's link down for longer than the deadline; the state disk full for a while.
 
 At the end it checks, and prints:
-- the registry holds exactly one version per round, rounds 1..N (no gap, no duplicate);
+- the registry holds exactly one version per round, rounds 1..N (no gap, no duplicate), all of
+  one federation run: a restarted coordinator resumed the run it was in, it did not start over;
 - every fault is matched by a log line that names it, written by a process that survived it
   (the coordinator, the broker), never by the soak itself;
 - every fault landed in the phase it targeted (exit status, times against the round's events);
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -123,6 +125,9 @@ class RunResult:
     outcomes: list[Outcome] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     audit: dict[str, Any] = field(default_factory=dict)
+    run: str = ""  # the federation run the coordinator started (its state's run.json)
+    registry_runs: list[str] = field(default_factory=list)  # the run tag of every registered version
+    phases: dict[str, float] = field(default_factory=dict)  # seconds spent in each part of the run
     seconds: float = 0.0
 
 
@@ -134,6 +139,7 @@ class SoakReport:
     failures: list[str]
     seconds: float
     machine: str
+    phases: dict[str, float] = field(default_factory=dict)  # seconds outside the chaos run
 
     @property
     def ok(self) -> bool:
@@ -153,6 +159,10 @@ class SoakReport:
             "seconds": round(self.seconds, 1),
             "machine": self.machine,
             "config": self.config,
+            "phases": self.phases,
+            "chaos_phases": self.chaos.phases,
+            "run": self.chaos.run,
+            "registry_runs": self.chaos.registry_runs,
             "rounds_registered": self.chaos.rounds_registered,
             "dice": self.chaos.dice,
             "baseline_dice": self.baseline_dice,
@@ -211,14 +221,15 @@ def find_line(paths: Sequence[Path], pattern: str, since: float = 0.0) -> str:
 
 # -- one federation --------------------------------------------------------------------------------
 class Federation:
-    """One federation's processes under a fault schedule (empty: the fault-free run)."""
+    """One federation's processes under a fault schedule (empty: the fault-free run). ``init``
+    gives the initial weights' file, waiting for it if it is still being written."""
 
     def __init__(
         self,
         cfg: SoakConfig,
         root: Path,
         data: Path,
-        init: Path,
+        init: Callable[[], Path],
         spacing: float,
         name: str,
         plan: list[Fault],
@@ -241,6 +252,8 @@ class Federation:
         self.edge_n: dict[str, int] = {}
         self.killing: set[str] = set()
         self.over = False
+        self.run_id = ""
+        self.registry_runs: list[str] = []
 
     # paths
     @property
@@ -277,10 +290,12 @@ class Federation:
             self.start_site(site)
 
     def close(self) -> None:
-        for p in self.edges.values():
+        procs = [*self.edges.values(), *([self.coord] if self.coord is not None else [])]
+        for p in procs:  # all at once: each may take seconds to leave
+            if p.alive():
+                p.popen.terminate()
+        for p in procs:  # past the end the coordinator ignores SIGTERM while the registry catches up
             p.stop(timeout=10)
-        if self.coord is not None:  # past the end it ignores SIGTERM while the registry catches up
-            self.coord.stop(timeout=10)
         self.broker.stop()
         if self.links is not None:
             self.links.close()
@@ -334,7 +349,7 @@ class Federation:
             "--model-size", "tiny",
             "--patch-size", str(SHAPE[0]),
             "--spacing", str(self.spacing),
-            "--init-weights", str(self.init),
+            "--init-weights", str(self.init()),
             "--linger", "5",
             "--local-epochs", str(self.cfg.local_epochs),
             *(["--mlflow", self.mlflow] if self.mlflow else []),
@@ -393,6 +408,14 @@ class Federation:
         t0 = time.time()
         self.mlflow = mlflow
         budget = 3 * self.cfg.round_timeout + 240
+        phases: dict[str, float] = {}
+        mark = [t0]
+
+        def lap(name: str) -> None:
+            now = time.time()
+            phases[name] = round(now - mark[0], 1)
+            mark[0] = now
+
         self.open()
         try:
             self.wait(
@@ -400,7 +423,11 @@ class Federation:
                 300,
                 "the edge agents to start",
             )
+            lap("broker and sites up")
             self.start_coordinator()
+            self.wait(lambda: self.announced(1), budget, "round 1's announcement")
+            self.run_id = json.loads((self.state / "run.json").read_text())["run"]
+            lap("coordinator up")
             for o in self.outcomes or [None]:
                 if o is None:
                     break
@@ -410,6 +437,7 @@ class Federation:
             self.wait(
                 lambda: self.closed(self.cfg.rounds), budget * max(1, self.cfg.rounds), "the last round"
             )
+            lap("rounds")
             self.over = True
             code = self.wait(
                 lambda: self.coord is not None and not self.coord.alive() and (self.coord.popen.returncode,),
@@ -418,14 +446,20 @@ class Federation:
             )[0]
             if code != 0:
                 self.failures.append(f"the coordinator ended with {code}:\n{self.coord.tail(30)}")
-            result = RunResult(outcomes=self.outcomes, failures=self.failures)
+            lap("registry catch-up and exit")
+            result = RunResult(outcomes=self.outcomes, failures=self.failures, run=self.run_id)
             result.rounds_registered = self.registered_rounds()
+            result.registry_runs = self.registry_runs
+            self.check_run()
             for o in self.outcomes:
                 self.judge(o)
             result.audit = self.reconcile()
             result.dice = self.test_dice()
+            lap("checks")
         finally:
             self.close()
+        lap("shutdown")
+        result.phases = phases
         result.seconds = time.time() - t0
         return result
 
@@ -437,6 +471,9 @@ class Federation:
             o.skipped = self.no_links
         if kind == "disk-full" and self.no_disk:
             o.skipped = self.no_disk
+        if kind == "tamper-replay" and "--secure-aggregation" in self.cfg.coordinator_args:
+            # a secure round's site keeps no plain update to seal again, only its masked input
+            o.skipped = "secure aggregation: the injector cannot forge masked inputs yet"
         if o.skipped:
             return
         if kind == "coordinator-kill":
@@ -444,8 +481,9 @@ class Federation:
                 lambda: o.injected, 3 * self.cfg.round_timeout + 240, f"the coordinator's {f.point} kill"
             )
             return
-        # a cut right at the announcement: the site cannot have uploaded yet
-        time.sleep(f.delay if kind != "net-cut" else min(f.delay, 0.2))
+        # a cut right at the announcement: the site cannot have uploaded yet; a full disk likewise,
+        # before the round's save (a quick round closes and saves within a second or two)
+        time.sleep(f.delay if kind not in ("net-cut", "disk-full") else min(f.delay, 0.2))
         {
             "site-kill": self._site_kill,
             "broker-kill": self._broker_kill,
@@ -492,22 +530,30 @@ class Federation:
         )
 
     def _tamper_replay(self, o: Outcome, ann: dict) -> None:
-        """As soon as the coordinator took a round-``r`` update (the drawn site's, or the first
-        one taken when the drawn site is not sending this round: just restarted, cut off), that
-        site's certificate publishes the tampered and the replayed copies of it."""
+        """Once the coordinator took a round-``r`` update (the drawn site's, or another's when the
+        drawn site is not sending this round: just restarted, cut off), that site's certificate
+        publishes the tampered and the replayed copies of it. The update is read from the site's
+        state as soon as the site wrote it: the site deletes it when the round closes, which can
+        be a moment after the coordinator took it."""
         f, r = o.fault, o.fault.round
+        held: dict[str, tuple[dict[str, Any], bytes]] = {}
 
         def taken() -> list[str]:
             return [e["site"] for e in self.events("update") if e["round"] == r]
 
-        self.wait(
-            lambda: self.closed(r) or f.site in taken() or len(taken()) >= self.cfg.min_sites,
-            3 * self.cfg.round_timeout + 120,
-            f"round {r}'s updates",
-        )
-        if f.site not in taken() and taken():
-            f.site = taken()[0]
-        got = chaos.site_update(self.site_state(f.site), r)
+        def poll() -> bool:
+            for site in self.sites:
+                if site not in held and (got := chaos.site_update(self.site_state(site), r)) is not None:
+                    held[site] = got
+            done = set(taken()) & set(held)
+            return (
+                bool(self.closed(r)) or f.site in done or (bool(done) and len(taken()) >= self.cfg.min_sites)
+            )
+
+        self.wait(poll, 3 * self.cfg.round_timeout + 120, f"round {r}'s updates")
+        if f.site not in set(taken()) & set(held):
+            f.site = next((s for s in taken() if s in held), f.site)
+        got = held.get(f.site)
         if got is None:
             o.landed = f"{f.site}'s round-{r} update was not in its state"
             return
@@ -546,7 +592,7 @@ class Federation:
         o.injected = True
         try:
             line = self.wait(
-                lambda: find_line(self.coordinator_logs(), r"state disk full: cannot save round \d+ ", o.at),
+                lambda: find_line(self.coordinator_logs(), r"state disk full: cannot save round \d+", o.at),
                 3 * self.cfg.round_timeout + 120,
                 "the coordinator to report the full disk",
             )
@@ -617,12 +663,34 @@ class Federation:
             return []
         import mlflow
 
+        from neurofed.mlflow_server.names import TAG_ROUND, TAG_RUN
         from neurofed.mlflow_server.registry import model_name
 
         client = mlflow.MlflowClient(tracking_uri=self.mlflow, registry_uri=self.mlflow)
         versions = client.search_model_versions(f"name = '{model_name(self.name)}'")
-        self.rounds_tags = sorted(int(v.tags.get("round", -1)) for v in versions)
+        self.rounds_tags = sorted(int(v.tags.get(TAG_ROUND, -1)) for v in versions)
+        self.registry_runs = sorted({v.tags.get(TAG_RUN, "") for v in versions})
         return self.rounds_tags
+
+    def check_run(self) -> None:
+        """One federation run from start to end: a restarted coordinator resumes the run it was
+        in, it never starts over (which would train the first rounds again and register them as
+        another run's versions)."""
+        try:
+            now = json.loads((self.state / "run.json").read_text())["run"]
+        except (OSError, ValueError, KeyError):
+            now = ""
+        if now != self.run_id:
+            self.failures.append(
+                f"the coordinator's state holds run {now or '(none)'}, not {self.run_id}: "
+                "a restarted coordinator started the federation over instead of resuming it"
+            )
+        other = [r for r in self.registry_runs if r != self.run_id]
+        if self.mlflow and other:
+            self.failures.append(
+                f"the registry holds versions of run(s) {', '.join(other) or '(untagged)'}, "
+                f"not only of the federation's run {self.run_id}"
+            )
 
     def reconcile(self) -> dict[str, Any]:
         """Every update the coordinator took is one its site sent (same round and SHA-256), and
@@ -689,47 +757,8 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, load {os.getloadavg()[0]:.1f}"
 
 
-def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakReport:
-    """Prepare data and a registry, run the fault-free federation (unless ``--no-baseline``) and
-    the chaotic one, check everything and return the report."""
-    from neurofed.coordinator.init_weights import initial_weights
-    from neurofed.coordinator.state import StateStore
-    from neurofed.models.config import ModelConfig
-
-    t0 = time.time()
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    summary = make_data(data, sites=cfg.sites, cases=cfg.cases, shape=SHAPE, seed=cfg.seed)
-    spacing = float(summary["spacing"][0])
-    mcfg = ModelConfig.tiny(patch_size=SHAPE, spacing=tuple(summary["spacing"])).to_dict()
-    StateStore(out / "init").write_round_weights(0, initial_weights(mcfg, seed=cfg.seed), mcfg)
-    init = StateStore(out / "init").round_weights_path(0)
-    sites = sorted(summary["sites"])
-    secure = "--secure-aggregation" in cfg.coordinator_args
-    plan = chaos.schedule(cfg.rounds, sites, cfg.seed, secure=secure)
-    say("schedule: " + ", ".join(f"r{f.round} {f.label()}" for f in plan))
-
-    server = None
-    uri = cfg.mlflow
-    if uri is None:
-        from neurofed.mlflow_server.server import MlflowServer
-
-        server = MlflowServer(port=free_port(), state_dir=out / "mlflow", startup_timeout=300).start()
-        uri = server.url
-    try:
-        baseline = None
-        if cfg.baseline:
-            say("fault-free run with the same seeds ...")
-            base = Federation(cfg, out / "baseline", data, init, spacing, "soakbase", []).run(uri)
-            baseline = base.dice
-            say(f"fault-free: test Dice {baseline:.4f} in {base.seconds:.0f} s")
-        say("chaos run ...")
-        fed_name = f"soak{int(time.time()) % 100000}"
-        result = Federation(cfg, out / "chaos", data, init, spacing, fed_name, plan).run(uri)
-    finally:
-        if server is not None:
-            server.stop()
+def verdict(cfg: SoakConfig, result: RunResult, baseline: float | None) -> list[str]:
+    """Every way the chaos run fell short of "nothing lost", one line each (empty: it passed)."""
     failures = list(result.failures)
     want = list(range(1, cfg.rounds + 1))
     if result.rounds_registered != want:
@@ -752,10 +781,87 @@ def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakReport:
         )
     if result.dice != result.dice:
         failures.append("the final model's test Dice could not be measured")
+    return failures
+
+
+def prepare(cfg: SoakConfig) -> tuple[Path, tuple[float, ...], list[Fault]]:
+    """The sites' synthetic cases and the schedule: (data folder, voxel spacing, faults)."""
+    data = cfg.out / "data"
+    summary = make_data(data, sites=cfg.sites, cases=cfg.cases, shape=SHAPE, seed=cfg.seed)
+    secure = "--secure-aggregation" in cfg.coordinator_args
+    plan = chaos.schedule(cfg.rounds, sorted(summary["sites"]), cfg.seed, secure=secure)
+    return data, tuple(float(x) for x in summary["spacing"]), plan
+
+
+def initial_model(cfg: SoakConfig, spacing: tuple[float, ...]) -> Path:
+    """The seeded initial weights both runs start from, built as ``neurofed.coordinator.init_weights``
+    builds them (seed, then the UNet). Built here rather than in that module's child process: the
+    soak imports torch and MONAI anyway for the final Dice, and a second import costs tens of
+    seconds on a loaded machine; it runs while the broker and the sites start."""
+    import torch
+
+    from neurofed.coordinator.state import StateStore
+    from neurofed.models.config import ModelConfig
+    from neurofed.models.unet import build_unet
+
+    mcfg = ModelConfig.tiny(patch_size=SHAPE, spacing=spacing)
+    torch.manual_seed(int(cfg.seed))
+    weights = {k: v.detach().cpu().numpy() for k, v in build_unet(mcfg).state_dict().items()}
+    store = StateStore(cfg.out / "init")
+    store.write_round_weights(0, weights, mcfg.to_dict())
+    # what the final checks use (MLflow's client, the trainer that scores the test Dice), imported
+    # while the federation runs rather than at the end
+    import mlflow  # noqa: F401
+
+    import neurofed.edge_node.centralized  # noqa: F401
+    import neurofed.edge_node.training  # noqa: F401
+
+    return store.round_weights_path(0)
+
+
+def run_soak(cfg: SoakConfig, say: Callable[[str], None] = print) -> SoakReport:
+    """Prepare data and a registry, run the fault-free federation (unless ``--no-baseline``) and
+    the chaotic one, check everything and return the report."""
+    t0 = time.time()
+    phases: dict[str, float] = {}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data, spacings, plan = prepare(cfg)
+    spacing = spacings[0]
+    out = cfg.out
+    say("schedule: " + ", ".join(f"r{f.round} {f.label()}" for f in plan))
+    phases["data"] = round(time.time() - t0, 1)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="soak-prep")
+    init = pool.submit(initial_model, cfg, spacings).result
+    pool.shutdown(wait=False)
+
+    server = None
+    uri = cfg.mlflow
+    if uri is None:
+        from neurofed.mlflow_server.server import MlflowServer
+
+        t1 = time.time()
+        server = MlflowServer(port=free_port(), state_dir=out / "mlflow", startup_timeout=300).start()
+        uri = server.url
+        phases["MLflow server"] = round(time.time() - t1, 1)
+    try:
+        baseline = None
+        if cfg.baseline:
+            say("fault-free run with the same seeds ...")
+            base = Federation(cfg, out / "baseline", data, init, spacing, "soakbase", []).run(uri)
+            baseline = base.dice
+            phases["fault-free run"] = round(base.seconds, 1)
+            say(f"fault-free: test Dice {baseline:.4f} in {base.seconds:.0f} s")
+        say("chaos run ...")
+        fed_name = f"soak{int(time.time()) % 100000}"
+        result = Federation(cfg, out / "chaos", data, init, spacing, fed_name, plan).run(uri)
+    finally:
+        if server is not None:
+            server.stop()
+    failures = verdict(cfg, result, baseline)
     conf = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k not in ("mlflow",)
     }
-    return SoakReport(conf, result, baseline, failures, time.time() - t0, machine())
+    return SoakReport(conf, result, baseline, failures, time.time() - t0, machine(), phases)
 
 
 def print_report(rep: SoakReport, say: Callable[[str], None] = print) -> None:
@@ -769,6 +875,8 @@ def print_report(rep: SoakReport, say: Callable[[str], None] = print) -> None:
         f"registry rounds: {rep.chaos.rounds_registered}; audit: {a.get('updates_taken')} updates taken, "
         f"{a.get('updates_sent')} sent, {len(a.get('problems', []))} problems"
     )
+    spent = {**rep.phases, **{f"chaos run: {k}": v for k, v in rep.chaos.phases.items()}}
+    say("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()))
     base = "not run" if rep.baseline_dice is None else f"{rep.baseline_dice:.4f}"
     say(f"test Dice {rep.chaos.dice:.4f} (fault-free {base}); {rep.seconds:.0f} s on {rep.machine}")
     say("SOAK PASSED" if rep.ok else "SOAK FAILED:\n- " + "\n- ".join(rep.failures))
