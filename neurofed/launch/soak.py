@@ -894,6 +894,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--self-check", action="store_true", help="disable the coordinator's resume: must fail")
     p.add_argument("--secure-aggregation", action="store_true")
     p.add_argument("--compression", choices=("none", "fp16", "int8", "int8-topk"))
+    p.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        help="sample-level DP-SGD at every site, this epsilon over the rounds (neurofed coordinator "
+        "--dp-target-epsilon)",
+    )
     p.add_argument("--json", help="also write the report as JSON here")
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="neurofed-soak-"))
@@ -902,6 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra.append("--secure-aggregation")
     if a.compression:
         extra += ["--compression", a.compression]
+    if a.dp_target_epsilon:
+        extra += ["--dp-target-epsilon", str(a.dp_target_epsilon)]
     kw: dict[str, Any] = {
         "sites": a.sites,
         "seed": a.seed,
