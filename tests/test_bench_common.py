@@ -19,6 +19,14 @@ def test_gaps_are_the_parts_of_the_window_no_interval_covers():
     assert gaps((2, 5), [(0, 3), (4, 9)]) == [(3, 4)]
 
 
+def _kernel_cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc (fields 14 and 15), in seconds."""
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_cpu_trace_sees_a_busy_process_use_cpu_and_a_sleeping_one_not():
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -26,15 +34,25 @@ def test_cpu_trace_sees_a_busy_process_use_cpu_and_a_sleeping_one_not():
         trace = CpuTrace()
         groups = {busy.pid: "busy", idle.pid: "idle"}
         t0 = time.time()
+        kernel = {}  # the kernel's own count at the window's edges, read here independently
         while time.time() - t0 < 1.5:
-            trace.sample(time.time(), groups)
+            now = time.time()
+            trace.sample(now, groups)
+            if now >= t0 + 0.5 and "start" not in kernel:
+                kernel["start"] = (now, _kernel_cpu_s(busy.pid))
             time.sleep(0.05)
         t1 = time.time()
-        used = trace.used([(t0 + 0.5, t1)])
-        # the spinning process had most of a core (the machine has at least one to give)
-        assert used["busy"] > 0.4 * (t1 - t0 - 0.5)
+        trace.sample(t1, groups)
+        kernel["end"] = (t1, _kernel_cpu_s(busy.pid))
+        (ts, cs), (te, ce) = kernel["start"], kernel["end"]
+        used = trace.used([(ts, te)])
+        # what the trace charges the spinning process is what the kernel gave it (however loaded
+        # the machine is), within a clock tick; the sleeping one gets nothing
+        assert ce - cs > 0.02, "the spinning process got no CPU at all"
+        assert used["busy"] == pytest.approx(ce - cs, abs=0.015)
         assert used["idle"] < 0.05
-        halves = trace.used([(t0 + 0.5, t0 + 1.0), (t0 + 1.0, t1)])
+        mid = (ts + te) / 2
+        halves = trace.used([(ts, mid), (mid, te)])
         assert halves["busy"] == pytest.approx(used["busy"], abs=1e-9)  # windows add up
     finally:
         busy.kill()
