@@ -483,7 +483,14 @@ class Federation:
             return
         # a cut right at the announcement: the site cannot have uploaded yet; a full disk likewise,
         # before the round's save (a quick round closes and saves within a second or two)
-        time.sleep(f.delay if kind not in ("net-cut", "disk-full") else min(f.delay, 0.2))
+        if kind in ("net-cut", "disk-full"):
+            time.sleep(min(f.delay, 0.2))
+        elif kind in ("site-kill", "broker-kill"):
+            # a moment while the sites train: a tiny model's round closes about a second after its
+            # announcement, so the schedule's delay is held to the first half second
+            time.sleep(min(f.delay, 0.5))
+        else:
+            time.sleep(f.delay)
         {
             "site-kill": self._site_kill,
             "broker-kill": self._broker_kill,
@@ -496,11 +503,11 @@ class Federation:
         f, r = o.fault, o.fault.round
         p = self.edges[f.site]
         self.killing.add(f.site)
+        closed = self.closed(r)  # read before the kill: a site lost mid-round may close it at once
         o.at = time.time()
         p.popen.send_signal(signal.SIGKILL)
         rc = p.popen.wait(10)
         o.injected = True
-        closed = self.closed(r)
         o.landed_ok = rc == -signal.SIGKILL and closed is None
         o.landed = f"exit {rc}, {o.at - ann['t']:.1f} s after round {r}'s announcement" + (
             "" if closed is None else ", after the round closed"
@@ -513,6 +520,7 @@ class Federation:
         proc = self.broker.proc
         db = self.bundles / "broker" / "data" / "mosquitto.db"
         saved = db.stat().st_size if db.is_file() else 0
+        closed = self.closed(r)  # before the kill, as for a site
         o.at = time.time()
         proc.send_signal(signal.SIGKILL)
         rc = proc.wait(10)
@@ -521,7 +529,6 @@ class Federation:
             db.unlink(missing_ok=True)
         self.broker.start()
         o.injected = True
-        closed = self.closed(r)
         o.landed_ok = rc == -signal.SIGKILL and closed is None
         o.landed = (
             f"exit {rc}, {o.at - ann['t']:.1f} s into round {r}; saved state {saved} bytes, "
