@@ -612,8 +612,14 @@ class Federation:
             3 * self.cfg.round_timeout + 120,
             f"round {r + 1}",
         )
-        saved = re.search(r"cannot save round (\d+) ", line)
-        o.landed_ok = nxt.get("t", freed) >= freed and bool(saved) and int(saved.group(1)) == r
+        # the round's own save met the full disk (the first line may be another write's, e.g. an
+        # earlier round's registry ledger; the round's save then says so when it finally succeeds)
+        own = find_line(
+            self.coordinator_logs(),
+            rf"cannot save round {r} in |round {r} saved after \d+ s of a full disk",
+            o.at,
+        )
+        o.landed_ok = nxt.get("t", freed) >= freed and bool(own)
         o.landed = f"disk full at {o.at - ann['t']:.1f} s into round {r} for {freed - o.at:.0f} s; {line}"
 
     def judge(self, o: Outcome) -> None:
