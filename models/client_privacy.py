@@ -38,7 +38,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from neurofed.models.privacy import DEFAULT_DELTA, PrivacyConfigError
+from neurofed.models.privacy import DEFAULT_DELTA, PrivacyConfigError, settings_from_object
 
 WEIGHTINGS = ("uniform", "capped")
 PRIVACY_UNIT = "hospital: one site's clipped update per round (zero-out adjacency)"
@@ -203,13 +203,7 @@ class ClientDPConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> ClientDPConfig:
-        if not isinstance(data, dict):
-            raise PrivacyConfigError(f"client DP settings must be an object, got {type(data).__name__}")
-        known = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise PrivacyConfigError(f"client DP settings are malformed ({exc})") from None
+        return settings_from_object(cls, data, set(cls.__dataclass_fields__), "client DP settings")
 
     def describe(self) -> str:
         noise = (

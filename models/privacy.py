@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 ACCOUNTANTS = ("rdp", "prv")
 DEFAULT_DELTA = 1e-5
@@ -32,6 +32,21 @@ BUDGET_SPENT = "privacy-budget-spent"
 
 class PrivacyConfigError(ValueError):
     """DP settings that cannot be used as given (the message says what to change)."""
+
+
+T = TypeVar("T")
+
+
+def settings_from_object(cls: type[T], data: Any, known: set[str], what: str) -> T:
+    """``cls`` built from the ``known`` fields of a JSON object, others ignored (a newer
+    coordinator may add some); a non-object or a field of the wrong kind is a
+    ``PrivacyConfigError`` naming ``what``, never a half-configured DP setting."""
+    if not isinstance(data, dict):
+        raise PrivacyConfigError(f"{what} must be an object, got {type(data).__name__}")
+    try:
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise PrivacyConfigError(f"{what}: malformed ({exc})") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,13 +94,8 @@ class DPConfig:
         ``PrivacyConfigError`` on a malformed object (a site must not train without the DP it was asked for)."""
         if data in (None, False):
             return None
-        if not isinstance(data, dict):
-            raise PrivacyConfigError(f"task dp must be an object, got {type(data).__name__}")
         known = {"max_grad_norm", "noise_multiplier", "target_epsilon", "delta", "rounds", "accountant"}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise PrivacyConfigError(f"task dp is malformed ({exc})") from None
+        return settings_from_object(cls, data, known, "task dp")
 
     def describe(self) -> str:
         noise = (
