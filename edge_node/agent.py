@@ -53,7 +53,6 @@ from neurofed.wire.errors import ProtocolError, TransportError
 from neurofed.wire.secagg import SecAggRoundFailed
 
 log = logging.getLogger(__name__)
-KEYSETS_WAIT_S = 10.0  # how long a site waits for the key sets before it trains anyway
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -155,6 +154,8 @@ class SiteAgent:
         self._storing: tuple[int, Future[None]] | None = None  # (round, its update file's write)
         self._writer: ThreadPoolExecutor | None = None  # writes update files beside the send
         self._send_pool: ThreadPoolExecutor | None = None  # sends the update beside the scoring
+        # trains and scores a secure round beside this thread, which answers the protocol's relays
+        self._work_pool: ThreadPoolExecutor | None = None
         self.done = False
         # --compression int8|int8-topk: the last model this site reconstructed (digest, canonical
         # fp32 bytes; STATE/model.safetensors), the base of the next MODEL's delta, and when it
@@ -626,8 +627,10 @@ class SiteAgent:
         r: int,
         trainer: Trainer,
         rs: dict[str, Any],
+        run: Callable[[Callable[[], Any]], Any] | None = None,
     ) -> tuple[Any, Any, float, float]:
-        """Train from the round's model as the task says: (its weights, the result, start, end)."""
+        """Train from the round's model as the task says: (its weights, the result, start, end).
+        ``run`` runs the trainer's call (on this thread when ``None``)."""
         self._set_status(state="training", round=r)
         site_cfg = dict(task.get("sites", {}).get(self.site, {}))
         state_dict, optimizer_state = self._decode_model(model[2])
@@ -640,14 +643,17 @@ class SiteAgent:
             extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
         if task.get("dp"):
             extra["dp"] = self._charge_privacy(task, trainer, epochs, rs)
-        result = trainer.train(
-            state_dict,
-            epochs,
-            prox_mu=mu,
-            keep_optimizer=treatment == "continue-local",
-            lr_scale=float(site_cfg.get("lr_scale", 1.0)),
-            **extra,
-        )
+        def train() -> Any:
+            return trainer.train(
+                state_dict,
+                epochs,
+                prox_mu=mu,
+                keep_optimizer=treatment == "continue-local",
+                lr_scale=float(site_cfg.get("lr_scale", 1.0)),
+                **extra,
+            )
+
+        result = run(train) if run is not None else train()
         clip = check_site_task(task.get("dp_client"))
         if clip is not None and not task.get("secagg"):
             # client-level DP: this site's change is clipped here; only whether it fitted leaves
@@ -673,33 +679,26 @@ class SiteAgent:
         stop: threading.Event | None,
     ) -> None:
         """A secure round: send this attempt's key set, train once (the delta stays on this
-        site's disk), score the model, then follow the coordinator's relays step by step."""
+        site's disk), score the model, then follow the coordinator's relays step by step.
+
+        Training and scoring run on a worker thread while this one keeps answering the relays:
+        the key shares go out as soon as every site's key set is relayed, the survivor echo and
+        the reveal as soon as they are asked for, so the protocol's round trips hide behind the
+        training and the round closes while the site still scores the model."""
+        if not self._secure_join(task, r, stop):
+            return
         sec = self._secagg
-        if sec is None:
-            if not rs.get("secagg_refused"):
-                rs["secagg_refused"] = True
-                log.error(
-                    "%s: the round runs secure aggregation, but this agent has no signing identity", self.site
-                )
-            return
-        roster = getattr(getattr(self.ep, "bundle", None), "roster", None)
-        if roster is not None:  # the roster as it stands now (a live change adds or removes sites)
-            sec.roster_keys = {x: roster.get(x).signing_key() for x in roster.sites}
-        try:
-            if not sec.begin(r, task["secagg"]):
-                return  # left out of this attempt: no keys, no training, no input
-            sec.prune(r)
-            if "keyset" not in sec.sent:
-                self._secure_send(MessageKind.SECAGG, r, "keyset", sec.keyset(), stop)
-        except (ProtocolError, SecAggRoundFailed, ValueError, KeyError) as exc:
-            self._secure_refused(r, exc)
-            return
+        assert sec is not None
         if sec.load_delta(r) is None:
-            # the key sets of every site come back within a broker round trip or two: share before
-            # training, so that once trained only the masked input is left to send
-            self._await_relay(r, sec.attempt, "keysets", KEYSETS_WAIT_S, stop)
-            self._secure_progress(stop)
-            state_dict, result, _, _ = self._train_local(task, model, r, trainer, rs)
+            from neurofed.edge_node.privacy import BudgetSpent
+
+            beside = self._beside_relays(stop)
+            try:
+                state_dict, result, _, _ = self._train_local(task, model, r, trainer, rs, run=beside)
+            except BudgetSpent as exc:
+                sec.mark_sent("failed")
+                self._leave_spent(task, exc)
+                return
             steps = int(getattr(result, "steps", 0)) or None
             scale = 1.0 / steps if task.get("strategy") == "fednova" and steps else 1.0
             sec.save_delta(r, flat_delta(result.state_dict, state_dict, scale))
@@ -716,20 +715,66 @@ class SiteAgent:
             # round's model while the coordinator collects the inputs and unmasks
             self._secure_progress(stop)
             if not rs.get("metrics_sent"):
-                self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r), stop)
-            self._set_status(state="secure-aggregation", round=r)
+                self._set_status(state="evaluating", round=r)
+                self._report(r, rs, model[1], self._evaluate(trainer, state_dict, r, run=beside), stop)
+            self._set_status(state="sent" if "reveal" in sec.sent else "secure-aggregation", round=r)
         self._secure_progress(stop)
 
-    def _await_relay(
-        self, r: int, attempt: int, step: str, seconds: float, stop: threading.Event | None
-    ) -> None:
-        """Take in messages until the coordinator's ``step`` relay of this attempt is here, or
-        ``seconds`` passed (the site then goes on and answers it later)."""
-        end = time.time() + seconds
-        while (r, attempt, step) not in self._relays and time.time() < end:
-            if stop is not None and stop.is_set():
-                return
-            self._take_in(0.05)
+    def _secure_join(self, task: Mapping[str, Any], r: int, stop: threading.Event | None) -> bool:
+        """Take up the task's secure attempt (restored or with fresh keys) and send its key set
+        if it has not gone yet. False when this site takes no part in it."""
+        sec = self._secagg
+        if sec is None:
+            rs = self._round_state(r)
+            if not rs.get("secagg_refused"):
+                rs["secagg_refused"] = True
+                log.error(
+                    "%s: the round runs secure aggregation, but this agent has no signing identity", self.site
+                )
+            return False
+        roster = getattr(getattr(self.ep, "bundle", None), "roster", None)
+        if roster is not None:  # the roster as it stands now (a live change adds or removes sites)
+            sec.roster_keys = {x: roster.get(x).signing_key() for x in roster.sites}
+        try:
+            if not sec.begin(r, task["secagg"]):
+                return False  # left out of this attempt: no keys, no training, no input
+            sec.prune(r)
+            if "keyset" not in sec.sent:
+                self._secure_send(MessageKind.SECAGG, r, "keyset", sec.keyset(), stop)
+        except (ProtocolError, SecAggRoundFailed, ValueError, KeyError) as exc:
+            self._secure_refused(r, exc)
+            return False
+        return True
+
+    def _beside_relays(self, stop: threading.Event | None) -> Callable[[Callable[[], Any]], Any]:
+        """A runner for long work (training, scoring) on a worker thread while this thread takes
+        in messages and answers the secure relays: a newer attempt's key set and the current
+        attempt's shares, echo and reveal never wait for the work to end."""
+
+        def run(work: Callable[[], Any]) -> Any:
+            if self._work_pool is None:
+                self._work_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.site}-work")
+            future = self._work_pool.submit(work)
+            while not future.done():
+                self._take_in(0.05)
+                task = self.task
+                if (
+                    task
+                    and task.get("secagg")
+                    and not task.get("done")
+                    and task.get("train", True)
+                    and self._secagg is not None
+                    and (int(task["round"]), int(task["secagg"].get("attempt", -1)))
+                    != (self._secagg.round, self._secagg.attempt)
+                    and not (self._state.get("dp", {}).get("spent") and task.get("dp"))
+                ):
+                    # the coordinator retried the attempt, or the round closed without this site:
+                    # its key set goes now, not once the work is done
+                    self._secure_join(task, int(task["round"]), stop)
+                self._secure_progress(stop)
+            return future.result()
+
+        return run
 
     def _secure_progress(self, stop: threading.Event | None) -> None:
         """Answer the relays of the current attempt that this site has not answered yet."""
@@ -747,8 +792,8 @@ class SiteAgent:
         try:
             if "shares" not in sec.sent and (p := relay("keysets")) is not None:
                 self._secure_send(MessageKind.SECAGG, r, "shares", sec.shares(p), stop)
-            delta = sec.load_delta(r)
-            if "update" not in sec.sent and delta is not None and (p := relay("shares")) is not None:
+            ready = "update" not in sec.sent and (p := relay("shares")) is not None
+            if ready and (delta := sec.load_delta(r)) is not None:
                 masked = sec.masked(p, delta, ring_weight(task.get("dp_client"), int(rs["num_cases"])))
                 if masked is None:
                     log.warning(
@@ -889,10 +934,21 @@ class SiteAgent:
             state_dict, _ = self._decode_model(model[2])
         return self._evaluate(trainer, state_dict, r)
 
-    def _evaluate(self, trainer: Trainer, state_dict: Any, r: int) -> Any:
-        """Score the global model (model r-1) on the local validation split."""
+    def _evaluate(
+        self,
+        trainer: Trainer,
+        state_dict: Any,
+        r: int,
+        run: Callable[[Callable[[], Any]], Any] | None = None,
+    ) -> Any:
+        """Score the global model (model r-1) on the local validation split (``run`` runs the
+        trainer's call; on this thread when ``None``)."""
         t0 = time.time()
-        ev = trainer.evaluate(state_dict, split="val")
+
+        def score() -> Any:
+            return trainer.evaluate(state_dict, split="val")
+
+        ev = run(score) if run is not None else score()
         self._timeline("evaluate", r, t0, time.time())
         if not ev.num_cases and not self._said_no_val:
             self._said_no_val = True

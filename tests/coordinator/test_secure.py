@@ -78,6 +78,8 @@ def _federation(
     dp_client=None,
     sites=SITES,
     endpoints: dict | None = None,
+    trainer_cls=None,
+    endpoint_cls=None,
     **settings,
 ):
     hub = MemoryHub("testfed")
@@ -107,12 +109,17 @@ def _federation(
     stop = threading.Event()
     agents = {}
     for s in sites:
-        sep = DroppingEndpoint(hub, s, drop[s]) if drop and s in drop else hub.endpoint(s)
+        if drop and s in drop:
+            sep = DroppingEndpoint(hub, s, drop[s])
+        elif endpoint_cls is not None:
+            sep = endpoint_cls(hub, s)
+        else:
+            sep = hub.endpoint(s)
         sep.start()
         if endpoints is not None:
             endpoints[s] = sep
-        trainer = StepTrainer(shift=ALL_SHIFTS[s], num_train_cases=ALL_CASES[s])
-        trainer.steps = ALL_STEPS[s]
+        trainer = (trainer_cls or StepTrainer)(shift=ALL_SHIFTS[s], num_train_cases=ALL_CASES[s])
+        trainer.steps, trainer.site = ALL_STEPS[s], s
         agent = SiteAgent(sep, trainer, tmp_path / s, secure_identity=(keys[s], roster))
         threading.Thread(target=agent.run, kwargs={"stop": stop}, daemon=True, name=s).start()
         agents[s] = agent
@@ -161,6 +168,47 @@ def test_the_unmasked_sum_is_plaintext_fedavg_within_the_quantization_bound(tmp_
     assert 0 < bound < 1e-4
     _assert_close(coord, _fedavg(SITES), bound)
     assert not [m for m in hub.sent if m.kind is MessageKind.UPDATE and m.meta.get("encoding") != "secagg"]
+
+
+def test_sites_answer_the_protocol_while_they_train_and_score(tmp_path):
+    """Training and scoring run beside the relays, so the protocol's round trips hide behind the
+    work: three sites start training before the fourth's key set is in, and the round's sum is
+    unmasked while every site is still scoring the model (a site that trained or scored on the
+    thread that answers the relays would hold both up, here for the gates' 10 s)."""
+    training = {s: threading.Event() for s in SITES}
+    unmasked = threading.Event()
+    seen: dict[str, bool] = {}
+
+    class GatedTrainer(StepTrainer):
+        def train(self, state_dict, epochs, **kw):
+            training[self.site].set()
+            return super().train(state_dict, epochs, **kw)
+
+        def evaluate(self, state_dict, split="val"):
+            seen[self.site] = unmasked.wait(10.0)
+            return super().evaluate(state_dict, split)
+
+    class LateKeys(MemoryEndpoint):
+        """site-d's key set goes once the other three train."""
+
+        def send(self, kind, round, **kw):  # noqa: A002 - the Endpoint signature
+            if self.participant == "site-d" and (kw.get("meta") or {}).get("step") == "keyset":
+                seen["others trained first"] = all(training[s].wait(10.0) for s in SITES[:3])
+            return super().send(kind, round, **kw)
+
+    hub, coord, stop = _federation(tmp_path, trainer_cls=GatedTrainer, endpoint_cls=LateKeys)
+
+    def watch() -> None:
+        while not stop.is_set() and not unmasked.is_set():
+            if coord._secure is not None and coord._secure.result is not None:
+                unmasked.set()
+            stop.wait(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    [res] = _run(coord, stop)
+    assert res.aggregated and res.sites == sorted(SITES)
+    assert seen == {"others trained first": True, **dict.fromkeys(SITES, True)}
+    _assert_close(coord, _fedavg(SITES), coord._secure.attempt.config.error_bound)
 
 
 def test_a_site_lost_after_its_masked_input_is_recovered_from_shares(tmp_path):
