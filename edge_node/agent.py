@@ -98,6 +98,15 @@ def fault_point(point: str, round: int, before: Callable[[], None] | None = None
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else ``None`` (JSON's null)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
 def weight_delta(trained: Mapping[str, Any], start: Mapping[str, Any]) -> dict[str, Any]:
     """``trained - start`` for floating tensors; other tensors (counters) travel as they are."""
     return {k: (v - start[k] if v.is_floating_point() else v) for k, v in trained.items()}
@@ -1037,7 +1046,9 @@ class SiteAgent:
         meta = {
             "num_cases": int(rs["num_cases"]),
             "model_digest": rs["model_digest"],
-            "loss": rs.get("loss"),
+            # no loss (null) when no step took a case: a DP-SGD round whose Poisson sampling drew
+            # none (a small site's expected batch is a fraction of a step), as JSON has no NaN
+            "loss": _finite(rs.get("loss")),
             "train_seconds": rs.get("train_seconds"),
             "local_steps": rs.get("local_steps"),
         }

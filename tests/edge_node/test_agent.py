@@ -304,3 +304,24 @@ def test_receipts_that_arrive_during_a_long_scoring_replace_the_stale_ones_taken
     assert kinds.count(MessageKind.UPDATE) == 1, f"sent again on stale receipts: {kinds}"
     assert [e["resend"] for e in agent.audit.entries() if e["kind"] == "update"] == [False]
     assert agent.receipts is not None and agent.receipts["held"] == ["site-a"]
+
+
+def test_a_round_whose_steps_took_no_case_sends_its_update_with_no_loss(tmp_path):
+    """A small site's DP-SGD round can draw no case in any Poisson-sampled step: the mean loss of
+    no step is NaN, which JSON cannot carry; the update goes with ``loss`` null, not a crash."""
+
+    class NoCaseTrainer(ShiftTrainer):
+        def train(self, state_dict, epochs, **kw):
+            out = super().train(state_dict, epochs, **kw)
+            out.loss = float("nan")
+            return out
+
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    _publish_round(coord, 1, initial_weights())
+    agent = _agent(hub, tmp_path, NoCaseTrainer(shift=0.0, num_train_cases=1))
+    for _ in range(3):
+        agent.step(timeout=0.2)
+    [upd] = [m for m in _drain(coord) if m.kind is MessageKind.UPDATE]
+    assert upd.meta["loss"] is None and upd.meta["num_cases"] == 1
