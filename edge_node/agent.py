@@ -652,6 +652,7 @@ class SiteAgent:
             extra = {"optimizer_state": optimizer_state or None, "export_optimizer": True}
         if task.get("dp"):
             extra["dp"] = self._charge_privacy(task, trainer, epochs, rs)
+
         def train() -> Any:
             return trainer.train(
                 state_dict,

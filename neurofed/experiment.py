@@ -386,7 +386,9 @@ def run_federated_arm(
         args += list(coordinator_args)  # e.g. --fp16 (benchmarks/fp16_updates.py)
         coord = spawn("coordinator", args, logs, child_env())
         procs.append(coord)
-        code = watch_federation(coord, out / "coordinator-state", profile.rounds, timeout, progress)
+        code = watch_federation(
+            coord, out / "coordinator-state", profile.rounds, timeout, progress, sites=procs[:-1]
+        )
         if code != 0:
             raise RuntimeError(f"coordinator exited with {code}; see {logs}\n{coord.tail()}")
     finally:
@@ -458,9 +460,18 @@ def round_line(events: Sequence[Mapping[str, Any]], index: int, rounds: int, ela
 
 
 def watch_federation(
-    coord: Any, state: Path, rounds: int, timeout: float, progress: Callable[[str], None] | None
+    coord: Any,
+    state: Path,
+    rounds: int,
+    timeout: float,
+    progress: Callable[[str], None] | None,
+    *,
+    sites: Sequence[Any] = (),
 ) -> int:
-    """Wait for the coordinator to exit, saying each closed round as it happens."""
+    """Wait for the coordinator to exit, saying each closed round as it happens. A site process
+    that exits first ends the wait with its log's tail: the study needs every site, and the
+    coordinator would otherwise wait out its deadlines for it (a site ends with 0 only when
+    the coordinator announced the end)."""
     from neurofed.launch.local import read_events
 
     t0 = time.perf_counter()
@@ -479,6 +490,12 @@ def watch_federation(
         time.sleep(1.0)
         if progress is not None:
             say_new()
+        for site in sites:
+            if not site.alive() and site.popen.returncode != 0:  # 0: the federation's end
+                raise RuntimeError(
+                    f"{site.name} exited with {site.popen.returncode} during the federation; "
+                    f"see {site.log}\n{site.tail()}"
+                )
     code = coord.wait(max(1.0, end - time.perf_counter()))
     if progress is not None:
         say_new()

@@ -198,6 +198,35 @@ def test_round_line_says_round_sites_dice_and_time_left():
     assert round_line(events, 2, 2, 30.0).startswith("final evaluation of round 2's model: 2 sites")
 
 
+def test_a_site_process_that_dies_ends_the_federations_wait_with_its_log(tmp_path):
+    """A site that crashes stalls a study that needs every site until the coordinator's deadlines
+    run out: the wait ends at once instead, naming the site and quoting its log."""
+    import subprocess
+    import sys
+    import time
+
+    from neurofed.experiment import watch_federation
+    from neurofed.procs import Proc
+
+    def proc(name: str, code: str) -> Proc:
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as fh:
+            popen = subprocess.Popen([sys.executable, "-c", code], stdout=fh, stderr=subprocess.STDOUT)
+        return Proc(name, popen, log)
+
+    coord = proc("coordinator", "import time; time.sleep(60)")
+    done = proc("site-01", "pass")  # a site that ended with the federation (0) is no failure
+    dead = proc("site-07", "import sys; print('ValueError: bad meta'); sys.exit(1)")
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(RuntimeError, match=r"site-07 exited with 1 during the federation") as err:
+            watch_federation(coord, tmp_path, 3, 60.0, None, sites=[done, dead])
+    finally:
+        coord.kill()
+    assert "ValueError: bad meta" in str(err.value) and str(dead.log) in str(err.value)
+    assert time.perf_counter() - t0 < 10
+
+
 def test_paired_difference_pairs_by_case_and_says_its_standard_error():
     """A constant gap over cases of very different difficulty: pairing sees the gap exactly (se 0)
     where the arms' own spreads are large; cases only one arm scored are left out."""
