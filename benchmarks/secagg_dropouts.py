@@ -6,7 +6,7 @@ runs one secure round while processes die:
 
 - ``before-keys``: 3 sites SIGKILLed once ready, before the round is announced;
 - ``after-keyset``: 3 sites die right after sending their key sets;
-- ``after-shares``: 3 sites die right after sending their sealed shares (before training);
+- ``after-shares``: 3 sites die right after sending their sealed shares (while they train);
 - ``after-masked-input``: 3 sites die right after sending their masked input;
 - ``after-echo``: 3 sites die in the unmask step (consistency echo sent, no reveal);
 - ``after-echo-5-of-10``: 5 sites die there: fewer reveals than the threshold t = 6, so the
