@@ -174,51 +174,35 @@ def test_demo_with_int8_compression_sends_a_quarter_of_the_bytes(tmp_path):
     assert announced[1]["model_bytes"] <= 0.3 * fp32
 
 
-def test_dp_federation_runs_through_the_cli_and_reports_epsilon(tmp_path):
-    """Sample-level DP-SGD from the demo's flags: the task carries dp, every site solves its noise,
+def test_dp_for_patients_and_hospitals_runs_through_the_cli_and_reports_both(tmp_path):
+    """Sample-level DP-SGD and client-level DP-FedAvg from the demo's flags, together, over real
+    processes. Patients: the task carries dp, every site solves its noise for the planned rounds,
     reports epsilon with its UPDATE and METRICS (the coordinator rejects an update without it),
-    and the demo's summary gives the largest epsilon; every step is in the site's ledger."""
-    import json
-
-    text, out = run_demo(
-        tmp_path, "--no-mlflow", "--rounds", "1", "--dp-target-epsilon", "8", "--dp-max-grad-norm", "1.0"
-    )
-    events = read_events(out / "coordinator-state")
-    closed = [e for e in events if e["event"] == "round"]
-    assert closed[0]["aggregated"] and len(closed[0]["sites"]) == 2
-    assert not [e for e in events if e["event"] == "reject"], events
-    spent = {e["site"]: e["epsilon"] for e in events if e["event"] == "update"}
-    assert set(spent) == {"site-01", "site-02"} and all(7.0 < v <= 8.0 for v in spent.values()), spent
-    m = re.search(r"epsilon ([0-9.]+) \(largest of any site", text)
-    assert m and float(m.group(1)) == pytest.approx(max(spent.values()), abs=1e-3), text[-3000:]
-    for site in ("site-01", "site-02"):
-        [audit] = list(out.glob(f"**/{site}-state/audit.jsonl"))
-        sent = [json.loads(x) for x in audit.read_text().splitlines()]
-        [update] = [e["fields"] for e in sent if e["kind"] == "update"]
-        assert update["dp"]["epsilon"] == pytest.approx(spent[site])
-        # the METRICS sent after the round's training carry the same report
-        trained = [e["fields"] for e in sent if e["kind"] == "metrics" and e["round"] == 1]
-        assert trained[0]["dp"] == update["dp"] and update["dp"]["noise_multiplier"] > 0
-        state = json.loads(next(out.glob(f"**/{site}-state/agent.json")).read_text())
-        assert sum(n for _, _, n in state["dp"]["history"]) == update["dp"]["steps"]
-
-
-def test_client_level_dp_federation_runs_through_the_cli(tmp_path):
-    """DP-FedAvg from the demo's flags over real processes: the task carries the round's clip,
-    each site clips its change and reports only whether it fitted, the coordinator adds the noise,
-    adapts the clip and charges each round; epsilon is the accountant's and the summary says it."""
+    every step is in the site's ledger, and the summary gives the largest epsilon. Hospitals: the
+    task carries the round's clip, each site clips its change and reports only whether it fitted,
+    the coordinator adds the noise, adapts the clip and charges each round; the summary says the
+    accountant's epsilon."""
     import json
 
     from neurofed.models.client_privacy import client_epsilon, update_noise_multiplier
 
     text, out = run_demo(
-        tmp_path, "--no-mlflow", "--rounds", "2", "--dp-client-noise-multiplier", "0.8",
-        "--dp-client-adaptive-clip", "--max-norm", "0.05",
+        tmp_path, "--no-mlflow", "--rounds", "2", "--dp-target-epsilon", "8", "--dp-max-grad-norm", "1.0",
+        "--dp-client-noise-multiplier", "0.8", "--dp-client-adaptive-clip", "--max-norm", "0.05",
     )  # fmt: skip
     events = read_events(out / "coordinator-state")
     assert not [e for e in events if e["event"] == "reject"], events
     closed = [e for e in events if e["event"] == "round" and e["train"]]
     assert [e["aggregated"] for e in closed] == [True, True]
+    assert all(sorted(e["sites"]) == ["site-01", "site-02"] for e in closed)
+
+    # patients: each site spent its budget over the two planned rounds, not more
+    spent = {e["site"]: e["epsilon"] for e in events if e["event"] == "update"}  # the last round's
+    assert set(spent) == {"site-01", "site-02"} and all(7.0 < v <= 8.0 for v in spent.values()), spent
+    m = re.search(r"epsilon ([0-9.]+) \(largest of any site", text)
+    assert m and float(m.group(1)) == pytest.approx(max(spent.values()), abs=1e-3), text[-3000:]
+
+    # hospitals: the clip adapted after round 1, epsilon is the accountant's after 2 rounds
     first, second = (e["dp_client"] for e in closed)
     assert first["clip"] == 0.05 and second["clip"] == first["next_clip"] != 0.05
     assert second["epsilon"] == pytest.approx(client_epsilon(0.8, 1.0, 2, 1e-5), rel=1e-5)
@@ -227,9 +211,19 @@ def test_client_level_dp_federation_runs_through_the_cli(tmp_path):
     assert first["update_noise_multiplier"] == pytest.approx(update_noise_multiplier(0.8, 1.0), rel=1e-5)
     m = re.search(r"client-level DP-FedAvg, unit: hospital\): epsilon ([0-9.]+)", text)
     assert m and float(m.group(1)) == pytest.approx(second["epsilon"], abs=1e-3), text[-3000:]
+
     for site in ("site-01", "site-02"):
         [audit] = list(out.glob(f"**/{site}-state/audit.jsonl"))
         sent = [json.loads(x) for x in audit.read_text().splitlines()]
-        reports = [e["fields"]["dp_client"] for e in sent if e["kind"] == "update"]
-        assert [r["clip"] for r in reports] == [first["clip"], second["clip"]]
-        assert all(set(r) == {"within_clip", "clip"} for r in reports)  # the bit, never the norm
+        updates = [e["fields"] for e in sent if e["kind"] == "update"]
+        assert len(updates) == 2 and updates[-1]["dp"]["epsilon"] == pytest.approx(spent[site])
+        assert updates[0]["dp"]["epsilon"] < updates[1]["dp"]["epsilon"]  # every round is charged
+        # the METRICS sent after each round's training carry that round's report
+        for r, update in enumerate(updates, start=1):
+            trained = [e["fields"] for e in sent if e["kind"] == "metrics" and e["round"] == r]
+            assert trained[0]["dp"] == update["dp"] and update["dp"]["noise_multiplier"] > 0
+        state = json.loads(next(out.glob(f"**/{site}-state/agent.json")).read_text())
+        assert sum(n for _, _, n in state["dp"]["history"]) == updates[-1]["dp"]["steps"]
+        # the hospital's report is the bit, never the norm
+        assert [u["dp_client"]["clip"] for u in updates] == [first["clip"], second["clip"]]
+        assert all(set(u["dp_client"]) == {"within_clip", "clip"} for u in updates)
