@@ -211,6 +211,39 @@ def test_sites_answer_the_protocol_while_they_train_and_score(tmp_path):
     _assert_close(coord, _fedavg(SITES), coord._secure.attempt.config.error_bound)
 
 
+def test_a_retry_announced_while_sites_train_gets_their_fresh_key_sets_at_once(tmp_path):
+    """Two sites die after their key sets, so the shares phase fails and the coordinator retries
+    with fresh keys while the other two still train: they take up the new attempt and send its
+    key set before their training ends (a site that trained on the thread that answers the
+    coordinator would read the retry only afterwards, and on a slow site miss its keys phase)."""
+    keyed = {s: threading.Event() for s in SITES[:2]}
+    seen: dict[str, bool] = {}
+
+    class SlowTrainer(StepTrainer):
+        def train(self, state_dict, epochs, **kw):
+            if self.site in keyed:
+                seen[self.site] = keyed[self.site].wait(10.0)
+            return super().train(state_dict, epochs, **kw)
+
+    class Keys(MemoryEndpoint):
+        def send(self, kind, round, **kw):  # noqa: A002 - the Endpoint signature
+            out = super().send(kind, round, **kw)
+            meta = kw.get("meta") or {}
+            if meta.get("step") == "keyset" and meta.get("attempt") == 1:
+                keyed[self.participant].set()
+            return out
+
+    drop = dict.fromkeys(SITES[2:], "keyset")
+    hub, coord, stop = _federation(
+        tmp_path, drop=drop, trainer_cls=SlowTrainer, endpoint_cls=Keys, phase_timeout=1.0, max_attempts=2
+    )
+    [res] = _run(coord, stop)
+    assert seen == dict.fromkeys(SITES[:2], True)
+    assert not res.aggregated  # two sites cannot make a secure sum: the model stays
+    retry = [m for m in hub.sent if m.kind is MessageKind.SECAGG and m.meta.get("attempt") == 1]
+    assert {m.sender for m in retry if m.meta["step"] == "keyset"} == set(SITES[:2])
+
+
 def test_a_site_lost_after_its_masked_input_is_recovered_from_shares(tmp_path):
     hub, coord, stop = _federation(tmp_path, drop={"site-d": "update"}, phase_timeout=2.0)
     [res] = _run(coord, stop)
