@@ -49,6 +49,22 @@ class DPStep:
     steps: int
 
 
+def merged_history(history: Iterable[Sequence[float]]) -> History:
+    """``history`` with the stretches of equal noise and sampling rate added up, in order of
+    first appearance (steps of none dropped). A site's ledger grows by one stretch a round, all
+    alike under a target epsilon; the accountants compute each stretch on its own (Opacus's RDP
+    evaluates its series per stretch, about 0.25 s at a small site's rate 0.33 and noise 4.35),
+    so over 200 rounds an unmerged ledger costs about a minute per epsilon. Composition is
+    additive in RDP, so the merge gives the same epsilon; the PRV accountant composes the same
+    distributions the same number of times."""
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        if int(n) > 0:
+            key = (float(s), float(q))
+            steps[key] = steps.get(key, 0) + int(n)
+    return [(s, q, n) for (s, q), n in steps.items()]
+
+
 def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` spent by ``history`` (0 for no steps): Opacus's RDP accountant, or its
     PRV accountant (Gopi et al. 2021: the privacy loss distribution composed numerically; tighter
@@ -56,7 +72,7 @@ def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = 
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    acc.history = merged_history(history)
     if not acc.history:
         return 0.0
     with warnings.catch_warnings():  # PRV at sampling rate 1: log(0) in a branch it does not take
