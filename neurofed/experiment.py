@@ -313,7 +313,7 @@ def run_federated_arm(
     profile: Profile,
     model_config,
     tracking_uri: str | None,
-    timeout: float = 3600.0,
+    timeout: float = 3600.0,  # each round's deadline
     coordinator_args: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
     site_args: Sequence[str] = (),
@@ -386,8 +386,14 @@ def run_federated_arm(
         args += list(coordinator_args)  # e.g. --fp16 (benchmarks/fp16_updates.py)
         coord = spawn("coordinator", args, logs, child_env())
         procs.append(coord)
+        # each round may take up to its deadline (a long DP run takes hours in all)
         code = watch_federation(
-            coord, out / "coordinator-state", profile.rounds, timeout, progress, sites=procs[:-1]
+            coord,
+            out / "coordinator-state",
+            profile.rounds,
+            timeout * (profile.rounds + 1),
+            progress,
+            sites=procs[:-1],
         )
         if code != 0:
             raise RuntimeError(f"coordinator exited with {code}; see {logs}\n{coord.tail()}")
