@@ -6,6 +6,7 @@ keys, refusals at start, and an attacker holding everything the coordinator hold
 from __future__ import annotations
 
 import math
+import os
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from neurofed.coordinator.rounds import Coordinator, RoundConfig
 from neurofed.coordinator.secure import SecureSettings, refuse_unsound
 from neurofed.coordinator.state import StateStore
 from neurofed.coordinator.strategies import make_strategy
-from neurofed.edge_node.agent import SiteAgent
+from neurofed.edge_node.agent import WORK_NICE, SiteAgent
 from neurofed.launch.local import read_events
 from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.memory import MemoryEndpoint, MemoryHub
@@ -179,8 +180,14 @@ def test_sites_answer_the_protocol_while_they_train_and_score(tmp_path):
     unmasked = threading.Event()
     seen: dict[str, bool] = {}
 
+    nice: dict[str, int] = {}
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
     class GatedTrainer(StepTrainer):
         def train(self, state_dict, epochs, **kw):
+            nice[self.site] = own_nice()
             training[self.site].set()
             return super().train(state_dict, epochs, **kw)
 
@@ -208,6 +215,8 @@ def test_sites_answer_the_protocol_while_they_train_and_score(tmp_path):
     [res] = _run(coord, stop)
     assert res.aggregated and res.sites == sorted(SITES)
     assert seen == {"others trained first": True, **dict.fromkeys(SITES, True)}
+    # the work runs below the priority of the thread that answers the protocol
+    assert nice == dict.fromkeys(SITES, own_nice() + WORK_NICE)
     _assert_close(coord, _fedavg(SITES), coord._secure.attempt.config.error_bound)
 
 
