@@ -508,8 +508,21 @@ def watch_federation(
     return code
 
 
+def curve_series(results: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """The validation curves to draw per round, as (label, line style, points): FL and CDS, then
+    each DP arm (a run of DP arms alone still gets its curves)."""
+    curves = results.get("curves", {})
+    out = [
+        (arm.upper(), style, curves[arm]) for arm, style in (("fl", "o-"), ("cds", "s--")) if curves.get(arm)
+    ]
+    for arm in sorted(a for a in curves if "_dp_eps" in a and curves[a]):
+        kind, eps = arm.split("_dp_eps")
+        out.append((f"{kind.upper()}, DP-SGD, epsilon {eps}", "^-" if kind == "fl" else "v--", curves[arm]))
+    return out
+
+
 def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
-    """Dice per round (FL against CDS) and a bar chart of the arms, as PNG."""
+    """Dice per round (FL against CDS, and any DP arms) and a bar chart of the arms, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -517,10 +530,8 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, style in (("fl", "o-"), ("cds", "s--")):
-        curve = results.get("curves", {}).get(arm) or []
-        if curve:
-            ax.plot([p["round"] for p in curve], [p["dice"] for p in curve], style, label=arm.upper())
+    for label, style, curve in curve_series(results):
+        ax.plot([p["round"] for p in curve], [p["dice"] for p in curve], style, label=label, markersize=3)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -539,6 +550,7 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
 
     arms = results["arms"]
     names = [n for n in ("cds", "fl", "ciil", "best_single_site", "threshold") if n in arms]
+    names += sorted(n for n in arms if "_dp_eps" in n)
     means = [arms[n]["dice"]["mean"] for n in names]
     stds = [arms[n]["dice"]["std"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 4))

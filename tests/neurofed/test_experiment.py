@@ -227,6 +227,26 @@ def test_a_site_process_that_dies_ends_the_federations_wait_with_its_log(tmp_pat
     assert time.perf_counter() - t0 < 10
 
 
+def test_dp_arms_curves_are_drawn_beside_fl_and_cds_and_alone(tmp_path):
+    """The per-round plot draws each DP arm's validation curve: a run of DP arms alone
+    (``--arms fl_dp``) gets its curve instead of an empty plot."""
+    from neurofed.experiment import curve_series, plot_results
+
+    pts = [{"round": 0, "dice": 0.1}, {"round": 1, "dice": 0.2}]
+    both = {"curves": {"fl": pts, "cds": pts, "fl_dp_eps8": pts, "cds_dp_eps8": pts, "fl_dp_eps2": []}}
+    assert [label for label, _, _ in curve_series(both)] == [
+        "FL", "CDS", "CDS, DP-SGD, epsilon 8", "FL, DP-SGD, epsilon 8"
+    ]  # fmt: skip
+    alone = {
+        "curves": {"fl_dp_eps8": pts},
+        "arms": {"fl_dp_eps8": {"dice": {"mean": 0.1, "std": 0.05}}},
+        "test_cases": 3,
+        "sites": ["a", "b"],
+    }
+    assert [label for label, _, _ in curve_series(alone)] == ["FL, DP-SGD, epsilon 8"]
+    assert all(p.stat().st_size > 5_000 for p in plot_results(alone, tmp_path))
+
+
 def test_paired_difference_pairs_by_case_and_says_its_standard_error():
     """A constant gap over cases of very different difficulty: pairing sees the gap exactly (se 0)
     where the arms' own spreads are large; cases only one arm scored are left out."""
