@@ -546,7 +546,7 @@ class SiteAgent:
         if ready is None:
             return
         task, model, r, rs = ready
-        if self._state.get("dp", {}).get("spent") and task.get("dp"):
+        if self._budget_spent(task):
             self._leave_spent(task, None)  # left the federation: neither trains nor scores
             return
         trainer = self._trainer_for(task)
@@ -799,7 +799,7 @@ class SiteAgent:
                     and self._secagg is not None
                     and (int(task["round"]), int(task["secagg"].get("attempt", -1)))
                     != (self._secagg.round, self._secagg.attempt)
-                    and not (self._state.get("dp", {}).get("spent") and task.get("dp"))
+                    and not self._budget_spent(task)
                 ):
                     # the coordinator retried the attempt, or the round closed without this site:
                     # its key set goes now, not once the work is done
@@ -908,6 +908,10 @@ class SiteAgent:
         )
         return step
 
+    def _budget_spent(self, task: Mapping[str, Any]) -> bool:
+        """The task runs DP-SGD and this site's privacy budget is spent: it takes no part."""
+        return bool(self._state.get("dp", {}).get("spent") and task.get("dp"))
+
     def _leave_spent(self, task: Mapping[str, Any], exc: Exception | None) -> None:
         """The site's privacy budget is spent: it trains no more, says so in its log and status,
         and tells the coordinator once per coordinator session (a STATUS ``offline`` with the
@@ -997,9 +1001,9 @@ class SiteAgent:
         """Send METRICS r: this site's score of model r-1, the per-institution figure."""
         meta = {
             # No validation cases (a very small site): nothing to score, said as null.
-            "dice": float(ev.dice) if ev.num_cases and math.isfinite(float(ev.dice)) else None,
+            "dice": _finite(ev.dice) if ev.num_cases else None,
             # HD95 is undefined when a mask is empty (an untrained model): null, as JSON has no NaN.
-            "hd95": float(ev.hd95) if ev.hd95 is not None and math.isfinite(float(ev.hd95)) else None,
+            "hd95": _finite(ev.hd95),
             "num_cases": int(ev.num_cases),
             "evaluated_round": r - 1,
             "model_digest": digest,
