@@ -375,6 +375,9 @@ def _add_breakdown(
     # updates and the next model), not waiting.
     used = cpu.used(idle_windows)
     idle_s = wall - busy
+    # the whole round's CPU per group: where a mode's extra work goes on a machine whose
+    # cores the sites' training already fills
+    row["cpu_s"] = {g: round(v, 3) for g, v in sorted(cpu.used([(a, nxt)]).items())}
     row["idle_cpu_s"] = {g: round(v, 3) for g, v in sorted(used.items())}
     row["idle_cpu_cores"] = round(sum(used.values()) / idle_s, 2) if idle_s > 0.05 else None
     # from the close until the first site trains the next round: no site can work, the

@@ -31,27 +31,77 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", type=int, default=64)
     ap.add_argument("--model", choices=("tiny", "small", "default"), default="small")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--repeat", type=int, default=1,
+        help="run the pair (plaintext, then secure) this many times, alternating, and report the "
+        "median over every steady round of each mode: one pair on a shared 2-core machine varies by "
+        "several percent",
+    )  # fmt: skip
+    ap.add_argument(
+        "--name", default="secagg_rounds", help="results file name (benchmarks/results/NAME.json)"
+    )
     args = ap.parse_args(argv)
     common = [
         "--sites", str(args.sites), "--cases-per-site", str(args.cases_per_site), "--shape", str(args.shape),
         "--model", args.model, "--rounds", str(args.rounds),
     ]  # fmt: skip
-    plain = overhead(common)
-    secure = overhead([*common, "--secure-aggregation"])
-    p, s = steady_round_s(plain), steady_round_s(secure)
+    pairs = []
+    for _ in range(max(1, args.repeat)):
+        plain = overhead([*common, "--name", f"{args.name}_plain"])
+        secure = overhead([*common, "--secure-aggregation", "--name", f"{args.name}_secure"])
+        pairs.append((plain, secure))
+    plain_steady = [w for plain, _ in pairs for w in steady_rounds(plain)]
+    secure_steady = [w for _, secure in pairs for w in steady_rounds(secure)]
+    p = round(statistics.median(plain_steady), 3) if plain_steady else None
+    s = round(statistics.median(secure_steady), 3) if secure_steady else None
+    plain, secure = pairs[-1]
     result = {
         "benchmark": "secagg_rounds",
         "machine": plain["machine"],
         "config": plain["config"],
+        "repeat": len(pairs),
         "plain_round_s": p,
         "secure_round_s": s,
         "secure_over_plain": round(s / p, 3) if p and s else None,
-        "plain_rounds": [r["wall_s"] for r in plain["rounds"] if r["train"]],
-        "secure_rounds": [r["wall_s"] for r in secure["rounds"] if r["train"]],
+        # each pair's own steady medians and ratio: how much one pair alone can be trusted
+        "pairs": [
+            {
+                "plain_round_s": steady_round_s(a),
+                "secure_round_s": steady_round_s(b),
+                "secure_over_plain": round(steady_round_s(b) / steady_round_s(a), 3)
+                if steady_round_s(a) and steady_round_s(b)
+                else None,
+                "plain_rounds": [r["wall_s"] for r in a["rounds"] if r["train"]],
+                "secure_rounds": [r["wall_s"] for r in b["rounds"] if r["train"]],
+                # CPU seconds per process group in each training round: the secure mode's extra work
+                "plain_cpu_s": [r.get("cpu_s") for r in a["rounds"] if r["train"]],
+                "secure_cpu_s": [r.get("cpu_s") for r in b["rounds"] if r["train"]],
+            }
+            for a, b in pairs
+        ],
+        "steady_cpu_s_median": {
+            mode: _median_cpu([r.get("cpu_s") for run in runs for r in _steady(run)])
+            for mode, runs in (("plain", [a for a, _ in pairs]), ("secure", [b for _, b in pairs]))
+        },
         "secagg": secure.get("secagg", []),
         "peak_sum_rss_gb": {"plain": plain["peak_sum_rss_gb"], "secure": secure["peak_sum_rss_gb"]},
     }
-    return emit("secagg_rounds", result)
+    return emit(args.name, result)
+
+
+def _steady(result: dict) -> list[dict]:
+    train = [r for r in result["rounds"] if r["train"]]
+    return train[1:] or train
+
+
+def steady_rounds(result: dict) -> list[float]:
+    """Wall seconds of the steady rounds (every training round after the first)."""
+    return [r["wall_s"] for r in _steady(result)]
+
+
+def _median_cpu(rows: list[dict | None]) -> dict[str, float]:
+    groups = sorted({g for row in rows if row for g in row})
+    return {g: round(statistics.median(row.get(g, 0.0) for row in rows if row), 3) for g in groups}
 
 
 if __name__ == "__main__":

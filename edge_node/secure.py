@@ -29,13 +29,23 @@ ENCODING = "secagg"
 
 
 def flat_delta(trained: Mapping[str, Any], start: Mapping[str, Any], scale: float = 1.0) -> np.ndarray:
-    """The float tensors' change ``trained - start``, flattened in sorted-name order (float32)."""
+    """The float tensors' change ``trained - start``, flattened in sorted-name order (float32).
+
+    float32 tensors are subtracted in float32 straight into the output (IEEE subtraction rounds
+    the exact difference once, as the float64 route does); anything else, or a FedNova scale,
+    goes through float64."""
     names = sorted(k for k, v in start.items() if _is_float(v))
-    parts = []
-    for k in names:
-        a, b = _np(trained[k]), _np(start[k])
-        parts.append(((a.astype(np.float64) - b.astype(np.float64)) * scale).astype(np.float32).reshape(-1))
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    pairs = [(_np(trained[k]), _np(start[k])) for k in names]
+    out = np.empty(sum(b.size for _, b in pairs), dtype=np.float32)
+    at = 0
+    for a, b in pairs:
+        part = out[at : at + b.size]
+        if scale == 1.0 and a.dtype == b.dtype == np.float32 and a.size == b.size:
+            np.subtract(a.reshape(-1), b.reshape(-1), out=part)
+        else:
+            part[:] = ((a.astype(np.float64) - b.astype(np.float64)) * scale).reshape(-1)
+        at += b.size
+    return out
 
 
 def _np(v: Any) -> np.ndarray:
@@ -71,6 +81,7 @@ class SiteSecAgg:
         self.attempt = -1
         self.sent: set[str] = set()
         self.left_out = False  # the current attempt's config does not include this site
+        self._delta: tuple[int, np.ndarray] | None = None  # the saved delta of one round, at hand
 
     # -- files ----------------------------------------------------------------------------------
     def _state_path(self, r: int, attempt: int) -> Path:
@@ -83,13 +94,21 @@ class SiteSecAgg:
         return self.state_dir / f"secure-delta-r{r:04d}.npy"
 
     def save_delta(self, r: int, vec: np.ndarray) -> None:
+        """Keep round ``r``'s delta on disk (a restarted site masks the same one) and at hand."""
         tmp = self.delta_path(r).with_suffix(".tmp.npy")
         np.save(tmp, vec, allow_pickle=False)
         os.replace(tmp, self.delta_path(r))
+        self._delta = (r, vec)
 
     def load_delta(self, r: int) -> np.ndarray | None:
+        if self._delta is not None and self._delta[0] == r:
+            return self._delta[1]
         path = self.delta_path(r)
-        return np.load(path, allow_pickle=False) if path.is_file() else None
+        if not path.is_file():
+            return None
+        vec = np.load(path, allow_pickle=False)
+        self._delta = (r, vec)
+        return vec
 
     def _persist(self) -> None:
         assert self.client is not None
@@ -114,6 +133,8 @@ class SiteSecAgg:
         for p in self.state_dir.glob("secure-delta-r*.npy"):
             if p != self.delta_path(keep_round):
                 p.unlink(missing_ok=True)
+        if self._delta is not None and self._delta[0] != keep_round:
+            self._delta = None
 
     # -- the attempt ----------------------------------------------------------------------------
     def begin(self, r: int, secagg: Mapping[str, Any]) -> bool:

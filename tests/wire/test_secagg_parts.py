@@ -26,8 +26,9 @@ from neurofed.wire.secagg import (
     default_k_t,
     gaussian_tail_bound,
 )
-from neurofed.wire.secagg.prg import apply_stream, stream_words
-from neurofed.wire.secagg.quantize import from_ring, stochastic_round, to_ring
+from neurofed.wire.secagg.masking import clip_factor, l2_norm, masked_ring
+from neurofed.wire.secagg.prg import BLOCK_WORDS, apply_stream, apply_streams, stream_words
+from neurofed.wire.secagg.quantize import clip_l2, from_ring, stochastic_round, to_ring
 from neurofed.wire.secagg.shamir import combine_secret, split_secret
 from tests.wire.secagg_helpers import Fed
 
@@ -169,6 +170,54 @@ def test_prg_is_chacha20_keystream_and_cancels():
     apply_stream(acc, key, -1)
     assert np.array_equal(acc, np.arange(n, dtype=np.uint32))
     assert not np.array_equal(stream_words(os.urandom(32), 100), stream_words(os.urandom(32), 100))
+
+
+def test_streams_side_by_side_add_up_to_the_streams_one_after_the_other():
+    n = 3 * BLOCK_WORDS + 77  # a short last block
+    keys = [(os.urandom(32), +1), (os.urandom(32), -1), (os.urandom(32), +1)]
+    for dtype in ("<u4", "<u8"):
+        one_by_one = np.arange(n, dtype=dtype)
+        for key, sign in keys:
+            apply_stream(one_by_one, key, sign)
+        together = np.arange(n, dtype=dtype)
+        apply_streams(together, keys)
+        assert np.array_equal(together, one_by_one)
+        apply_streams(together, [(k, -s) for k, s in keys])
+        assert np.array_equal(together, np.arange(n, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", ["<u4", "<u8"])
+@pytest.mark.parametrize("clip", [1e9, 0.5])  # within the clip, and clipped
+@pytest.mark.parametrize("tail", [(), (1, -3)])
+def test_the_one_pass_masked_input_equals_the_steps_done_apart(dtype, clip, tail):
+    """``masked_ring`` (clip, quantize, weight, tail, noise and masks block by block) gives the
+    same ring words as the readable steps one after the other (``quantize`` and ``apply_stream``)."""
+    rng = np.random.default_rng(7)  # test data, not secrets
+    m = 2 * BLOCK_WORDS + 1001
+    vec = (rng.standard_normal(m) * 1e-2).astype(np.float32)
+    coin, scale, weight = os.urandom(32), 2.0**15, 37
+    masks = [(os.urandom(32), +1), (os.urandom(32), -1)]
+    noise = rng.integers(-50, 50, m + len(tail)) if tail else None
+
+    v, norm = clip_l2(vec, clip)
+    assert l2_norm(vec) == pytest.approx(norm, rel=1e-12)
+    v *= scale
+    q = stochastic_round(v, coin)
+    w = np.concatenate([q * np.int64(weight), np.asarray(tail, dtype=np.int64)])
+    if noise is not None:
+        w = w + noise
+    want = to_ring(w, 1, np.dtype(dtype))
+    for key, sign in masks:
+        apply_stream(want, key, sign)
+
+    got = masked_ring(
+        vec, factor=clip_factor(norm, clip), scale=scale, weight=weight, coin_key=coin,
+        dtype=np.dtype(dtype), masks=masks, tail=tail, noise=noise,
+    )  # fmt: skip
+    assert got.dtype == np.dtype(dtype)
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="non-finite"):
+        clip_factor(float("nan"), clip)
 
 
 # --- key sets ----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from neurofed.wire import kem as kems
 from neurofed.wire.errors import ProtocolError
 from neurofed.wire.secagg.errors import BothSharesRequested, MaskReuseRefused, SecAggRoundFailed
+from neurofed.wire.secagg.masking import clip_factor, l2_norm, masked_ring
 from neurofed.wire.secagg.messages import (
     KeySet,
     MaskedInput,
@@ -50,8 +51,7 @@ from neurofed.wire.secagg.messages import (
     verify_echoes,
 )
 from neurofed.wire.secagg.params import SecAggConfig
-from neurofed.wire.secagg.prg import apply_stream, coin_key, pair_mask_key, pair_sign, self_mask_key
-from neurofed.wire.secagg.quantize import clip_l2, stochastic_round, to_ring
+from neurofed.wire.secagg.prg import coin_key, pair_mask_key, pair_sign, self_mask_key
 from neurofed.wire.secagg.shamir import split_secret
 
 log = logging.getLogger(__name__)
@@ -290,24 +290,22 @@ class SecAggClient:
             )
         shares = self._open_bundles(received)
 
-        clipped, _norm = clip_l2(vec, cfg.clip)
-        clipped *= cfg.scale
-        q = stochastic_round(clipped, coin_key(cfg, self.site, unb64(st["coin_seed"])))
-        del clipped
-        if cfg.counts or noise is not None:
-            w = np.concatenate([q * np.int64(weight), np.asarray(counts, dtype=np.int64)])
-            if noise is not None:
-                w += noise
-            ring = to_ring(w, 1, cfg.dtype)
-            del w
-        else:
-            ring = to_ring(q, weight, cfg.dtype)
-        del q
-        apply_stream(ring, self_mask_key(cfg, self.site, unb64(st["seed"])), +1)
         mask_sk = self._key("mask_sk")
+        masks = [(self_mask_key(cfg, self.site, unb64(st["seed"])), +1)]
         for peer in senders:
             shared = mask_sk.exchange(X25519PublicKey.from_public_bytes(unb64(st["peers"][peer]["mask_key"])))
-            apply_stream(ring, pair_mask_key(cfg, self.site, peer, shared), pair_sign(self.site, peer))
+            masks.append((pair_mask_key(cfg, self.site, peer, shared), pair_sign(self.site, peer)))
+        ring = masked_ring(
+            vec,
+            factor=clip_factor(l2_norm(vec), cfg.clip),
+            scale=cfg.scale,
+            weight=weight,
+            coin_key=coin_key(cfg, self.site, unb64(st["coin_seed"])),
+            dtype=cfg.dtype,
+            masks=masks,
+            tail=counts,
+            noise=noise,
+        )
 
         st["received"] = shares
         st["masked_digest"] = digest

@@ -315,7 +315,8 @@ class MaskedInput:
 
     def to_bytes(self) -> bytes:
         head = self.header()
-        return MASKED_MAGIC + struct.pack(">I", len(head)) + head + self.vector.tobytes()
+        vec = np.ascontiguousarray(self.vector)
+        return b"".join((MASKED_MAGIC, struct.pack(">I", len(head)), head, memoryview(vec).cast("B")))
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> MaskedInput:

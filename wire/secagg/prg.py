@@ -11,7 +11,7 @@ at a time, so no second model-sized buffer is needed. Nothing here uses numpy's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -22,7 +22,8 @@ from neurofed.wire.secagg.params import SecAggConfig
 
 KEY_LEN = 32
 CHUNK_BYTES = 1 << 20  # 1 MiB of keystream at a time: in cache, and few Python round trips
-_ZEROS = bytes(CHUNK_BYTES)
+BLOCK_WORDS = 1 << 15  # words per block when several streams go on one vector (``Streams``)
+_ZEROS = bytes(max(CHUNK_BYTES, BLOCK_WORDS * 8))
 
 
 def derive_key(secret: bytes, info: bytes) -> bytes:
@@ -57,6 +58,62 @@ def apply_stream(acc: np.ndarray, key: bytes, sign: int) -> None:
     op = np.add if sign > 0 else np.subtract
     for start, stop, words in stream_chunks(key, acc.size, acc.dtype):
         op(acc[start:stop], words, out=acc[start:stop])
+
+
+class Keystream:
+    """One key's keystream as ring words, read in order, a block at a time."""
+
+    def __init__(self, key: bytes, dtype: np.dtype | str) -> None:
+        self.dtype = np.dtype(dtype)
+        self._enc = _encryptor(key)
+        self._buf = bytearray(BLOCK_WORDS * self.dtype.itemsize)
+        self._words = np.frombuffer(self._buf, dtype=self.dtype)
+
+    def read(self, count: int) -> np.ndarray:
+        """The next ``count`` (at most ``BLOCK_WORDS``) words: a view valid until the next read."""
+        if count > BLOCK_WORDS:
+            raise ValueError("read at most BLOCK_WORDS words at a time")
+        nbytes = count * self.dtype.itemsize
+        self._enc.update_into(memoryview(_ZEROS)[:nbytes], memoryview(self._buf)[:nbytes])
+        return self._words[:count]
+
+
+class Streams:
+    """Several keystreams read side by side, one block of the vector at a time.
+
+    ``add_block(acc, start, stop)`` adds each key's words ``start..stop`` (times its sign) to
+    ``acc[start:stop]``: walking the vector block by block with every stream open keeps the block
+    in cache while all masks go on it, instead of one pass over the whole vector per mask. The
+    sum is the same ring element as adding the streams one after the other (addition in Z_2^b
+    commutes), so a site or coordinator may use either. Blocks must come in order, from 0."""
+
+    def __init__(self, keys: Sequence[tuple[bytes, int]], dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self._encs = [(_encryptor(key), np.add if sign > 0 else np.subtract) for key, sign in keys]
+        self._buf = bytearray(BLOCK_WORDS * self.dtype.itemsize)
+        self._words = np.frombuffer(self._buf, dtype=self.dtype)
+        self._at = 0
+
+    def add_block(self, acc: np.ndarray, start: int, stop: int) -> None:
+        if start != self._at or stop - start > BLOCK_WORDS:
+            raise ValueError("blocks must come in order and hold at most BLOCK_WORDS words")
+        nbytes = (stop - start) * self.dtype.itemsize
+        src, dst = memoryview(_ZEROS)[:nbytes], memoryview(self._buf)[:nbytes]
+        words, part = self._words[: stop - start], acc[start:stop]
+        for enc, op in self._encs:
+            enc.update_into(src, dst)
+            op(part, words, out=part)
+        self._at = stop
+
+
+def apply_streams(acc: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> None:
+    """``acc += sum(sign * ChaCha20(key))`` over ``keys`` ((key, sign) pairs), in place, block by
+    block (``Streams``): the same result as ``apply_stream`` for each key in turn, in one pass."""
+    if acc.dtype.kind != "u" or not acc.flags.c_contiguous or acc.ndim != 1:
+        raise ValueError("apply_streams needs a contiguous 1-D unsigned array")
+    streams = Streams(keys, acc.dtype)
+    for start in range(0, acc.size, BLOCK_WORDS):
+        streams.add_block(acc, start, min(acc.size, start + BLOCK_WORDS))
 
 
 def stream_words(key: bytes, count: int, dtype: np.dtype | str = "<u4") -> np.ndarray:

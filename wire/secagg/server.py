@@ -51,7 +51,7 @@ from neurofed.wire.secagg.messages import (
     verify_echoes,
 )
 from neurofed.wire.secagg.params import SecAggConfig
-from neurofed.wire.secagg.prg import apply_stream, pair_mask_key, pair_sign, self_mask_key
+from neurofed.wire.secagg.prg import apply_streams, pair_mask_key, pair_sign, self_mask_key
 from neurofed.wire.secagg.quantize import from_ring
 from neurofed.wire.secagg.shamir import combine_secret
 
@@ -342,12 +342,13 @@ class SecAggServer:
             self._fail("secagg-too-few-shares", f"shares missing for {self.missing()}")
         survivors = self._list.survivors
         dropped = tuple(sorted(set(self._u2) - set(survivors)))
+        masks = []  # every mask still in the sum, removed together in one pass over it
         for u in survivors:
             ks = self._keysets[u]
             seed = self._reconstruct(
                 u, self._seed_shares[u], lambda s, u=u, ks=ks: seed_commitment(cfg, u, s) == ks.seed_commit
             )
-            apply_stream(acc, self_mask_key(cfg, u, seed), -1)
+            masks.append((self_mask_key(cfg, u, seed), -1))
         for v in dropped:
             ks = self._keysets[v]
             raw = self._reconstruct(v, self._key_shares[v], lambda s, ks=ks: _public_of(s) == ks.mask_key)
@@ -355,7 +356,8 @@ class SecAggServer:
             for u in survivors:
                 if v in cfg.neighbours(u):
                     shared = sk.exchange(X25519PublicKey.from_public_bytes(self._keysets[u].mask_key))
-                    apply_stream(acc, pair_mask_key(cfg, u, v, shared), -pair_sign(u, v))
+                    masks.append((pair_mask_key(cfg, u, v, shared), -pair_sign(u, v)))
+        apply_streams(acc, masks)
         total = self._total_weight
         values = from_ring(acc)
         counts = tuple(int(c) for c in values[cfg.length - cfg.counts :]) if cfg.counts else ()
