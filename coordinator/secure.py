@@ -334,7 +334,9 @@ class SecureRound:
                 "secagg-other-attempt", f"input of attempt {meta.get('attempt')}, this is {self.number}"
             )
         try:
-            self.attempt.server.add_masked_input(msg.sender, msg.payload)
+            # the wire verified the message's signed digest: it names the input without a second hash
+            digest = msg.digest.encode() if msg.digest else None
+            self.attempt.server.add_masked_input(msg.sender, msg.payload, digest=digest)
         except ProtocolError as exc:
             raise UpdateRejected(exc.reason, exc.detail) from None
         self.attempt.cases[msg.sender] = num_cases

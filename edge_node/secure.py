@@ -81,7 +81,7 @@ class SiteSecAgg:
         self.attempt = -1
         self.sent: set[str] = set()
         self.left_out = False  # the current attempt's config does not include this site
-        self._delta: tuple[int, np.ndarray] | None = None  # the saved delta of one round, at hand
+        self._delta: tuple[int, np.ndarray | None] | None = None  # one round's delta (or none yet)
 
     # -- files ----------------------------------------------------------------------------------
     def _state_path(self, r: int, attempt: int) -> Path:
@@ -101,12 +101,12 @@ class SiteSecAgg:
         self._delta = (r, vec)
 
     def load_delta(self, r: int) -> np.ndarray | None:
+        """Round ``r``'s delta: the one this process saved, else the disk's (looked for once a
+        round: only ``save_delta`` makes one afterwards, and the agent asks at every poll)."""
         if self._delta is not None and self._delta[0] == r:
             return self._delta[1]
         path = self.delta_path(r)
-        if not path.is_file():
-            return None
-        vec = np.load(path, allow_pickle=False)
+        vec = np.load(path, allow_pickle=False) if path.is_file() else None
         self._delta = (r, vec)
         return vec
 
@@ -114,9 +114,10 @@ class SiteSecAgg:
         assert self.client is not None
         path = self._state_path(self.round, self.attempt)
         tmp = path.with_suffix(".tmp")
+        data = json.dumps(self.client.state()).encode()  # one shot: json's C encoder
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.client.state(), fh)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

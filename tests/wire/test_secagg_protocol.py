@@ -319,6 +319,19 @@ def test_server_refuses_bad_messages():
     good = clients["site-01"].mask(ups["site-01"], ws["site-01"], server.shares_for("site-01"))
     server.add_masked_input("site-01", good)
     server.add_masked_input("site-01", good)  # duplicate: ignored, not added twice
+    other = bytearray(good)
+    other[-1] ^= 1  # the same header, another vector
+    with pytest.raises(ProtocolError) as ei:
+        server.add_masked_input("site-01", bytes(other))
+    assert ei.value.reason == "secagg-duplicate"
+    # a digest the caller verified names the input instead of a hash here: the same digest is a
+    # repeat, another one a different input
+    good3 = clients["site-03"].mask(ups["site-03"], ws["site-03"], server.shares_for("site-03"))
+    server.add_masked_input("site-03", good3, digest=b"signed digest of the message")
+    server.add_masked_input("site-03", good3, digest=b"signed digest of the message")
+    with pytest.raises(ProtocolError) as ei:
+        server.add_masked_input("site-03", good3, digest=b"signed digest of another message")
+    assert ei.value.reason == "secagg-duplicate"
     with pytest.raises(ValueError):  # a site refuses a weight beyond the budget itself
         clients["site-02"].mask(ups["site-02"], cfg.max_total_weight + 1, server.shares_for("site-02"))
 

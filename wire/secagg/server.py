@@ -193,8 +193,12 @@ class SecAggServer:
 
     # --- masked inputs -----------------------------------------------------------------------
 
-    def add_masked_input(self, sender: str, data: bytes | memoryview) -> None:
-        """Check ``sender``'s masked input and add it to the running sum in the ring."""
+    def add_masked_input(self, sender: str, data: bytes | memoryview, digest: bytes | None = None) -> None:
+        """Check ``sender``'s masked input and add it to the running sum in the ring.
+
+        ``digest`` identifies the input when ``sender`` sends again (a repeat is ignored, a
+        different input refused): a digest the caller already verified over the message that
+        carried it (the wire's signed SHA-256), or None to hash the input here."""
         self._in_phase("masked", "masked input")
         cfg = self.config
         msg = MaskedInput.from_bytes(data)
@@ -212,7 +216,8 @@ class SecAggServer:
                 "secagg-wrong-mask-set",
                 f"{sender!r} masked with {list(msg.masked_with)}, expected {list(expected)}",
             )
-        digest = hashlib.sha256(memoryview(data)).digest()
+        if digest is None:
+            digest = hashlib.sha256(memoryview(data)).digest()
         if sender in self._inputs:
             if self._inputs[sender][1] != digest:
                 log.error("secagg: %s sent two different inputs in %s", sender, cfg.context)
