@@ -90,6 +90,13 @@ def proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_idle_s() -> float:
+    """Seconds the machine's cores have spent idle (idle + iowait, summed over cores), from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = fh.readline().split()
+    return (int(fields[4]) + int(fields[5])) / _TICK
+
+
 def gaps(window: tuple[float, float], intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     """The parts of ``window`` that no interval covers (when no site works)."""
     a, b = window
@@ -116,8 +123,13 @@ class CpuTrace:
         self._times: list[float] = []
         self._last: dict[int, float] = {}
         self._total: dict[str, float] = {}
+        self._base: dict[str, float] = {}
 
-    def sample(self, t: float, groups: dict[int, str]) -> None:
+    def sample(self, t: float, groups: dict[int, str], totals: dict[str, float] | None = None) -> None:
+        """Add the CPU each group's processes used since the last sample; ``totals`` are other
+        cumulative seconds (the machine's idle time) kept from their first sample on."""
+        for name, value in (totals or {}).items():
+            self._total[name] = value - self._base.setdefault(name, value)
         for pid, group in groups.items():
             cpu = proc_cpu_s(pid)
             if cpu is None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import CpuTrace, emit, gaps
+from benchmarks.common import CpuTrace, emit, gaps, machine_idle_s
 from benchmarks.common import proc_status_kb as _rss_kb
 from benchmarks.common import union_seconds as _union
 
@@ -155,7 +155,7 @@ def run_federation(args: argparse.Namespace) -> FederationRun:
             }
             if broker.proc:
                 groups[broker.proc.pid] = "broker"
-            cpu.sample(time.time(), groups)
+            cpu.sample(time.time(), groups, {"machine_idle": machine_idle_s()})
             if links is not None and (not link_samples or time.time() - link_samples[-1][0] >= 0.1):
                 link_samples.append((time.time(), links.counters()))
             time.sleep(0.05)
@@ -374,9 +374,11 @@ def _add_breakdown(
     # that kept busy: near all of them says the idle time is work (moving and opening
     # updates and the next model), not waiting.
     used = cpu.used(idle_windows)
+    used.pop("machine_idle", None)
     idle_s = wall - busy
     # the whole round's CPU per group: where a mode's extra work goes on a machine whose
     # cores the sites' training already fills
+    # ("machine_idle": core-seconds no process used; near 0 says the round is CPU-bound)
     row["cpu_s"] = {g: round(v, 3) for g, v in sorted(cpu.used([(a, nxt)]).items())}
     row["idle_cpu_s"] = {g: round(v, 3) for g, v in sorted(used.items())}
     row["idle_cpu_cores"] = round(sum(used.values()) / idle_s, 2) if idle_s > 0.05 else None

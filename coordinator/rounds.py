@@ -1400,6 +1400,8 @@ class Coordinator:
         self.online.add(msg.sender)
         try:
             if msg.kind is MessageKind.SECAGG:
+                if self._late_unmask_step(msg, r):
+                    return
                 self._round_gate(msg, r)
                 if self._secure is None:
                     raise UpdateRejected("not-a-secure-round", f"round {r} does not run secure aggregation")
@@ -1421,6 +1423,20 @@ class Coordinator:
                     self._on_metrics(msg, r, res, closing and not train)
         except UpdateRejected as exc:
             self._reject(res, msg.sender, msg.kind.value, msg.round, exc)
+
+    def _late_unmask_step(self, msg: Message, r: int) -> bool:
+        """An echo or reveal that comes after the sum was unmasked (the coordinator goes on as soon
+        as the shares it holds remove every mask, and the slower survivors' answers follow):
+        expected, not a fault, so it is logged quietly rather than counted as a rejection."""
+        if msg.meta.get("step") not in ("echo", "reveal"):
+            return False
+        done = self._secure is not None and self._secure.result is not None and msg.round == r
+        if done or (msg.round == self.closed_round == r - 1 and msg.round >= 1):
+            log.debug(
+                "round %d: %s's %s came after the sum was unmasked", msg.round, msg.sender, msg.meta["step"]
+            )
+            return True
+        return False
 
     @staticmethod
     def _closing_gate(r: int, closing: bool) -> None:

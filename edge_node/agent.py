@@ -200,6 +200,9 @@ class SiteAgent:
             SiteSecAgg(self.site, self.state_dir, *secure_identity) if secure_identity is not None else None
         )
         self._relays: dict[tuple[int, int, str], bytes] = {}
+        # a message was taken in since the last work started (during the work, or right after
+        # it): the next step acts on it at once instead of waiting for another message first
+        self._unworked = False
         if self._state.get("run"):  # the run this site last took part in (before a restart)
             endpoint.set_run(self._state["run"])
 
@@ -288,6 +291,7 @@ class SiteAgent:
 
     # -- message intake -----------------------------------------------------------------------------
     def _accept(self, msg: Message) -> None:
+        self._unworked = True
         if msg.kind is MessageKind.TASK:
             if msg.meta.get("done") and (self.task is None or self.task.get("done")):
                 # an end this process took no part in (even of the run its state served: a
@@ -1165,13 +1169,18 @@ class SiteAgent:
 
     def step(self, timeout: float = 1.0, stop: threading.Event | None = None) -> bool:
         """Take in every queued message (waiting up to ``timeout`` for the first), then do the work
-        they call for. Returns False once the federation is done."""
-        self._take_in(timeout)
+        they call for. Returns False once the federation is done.
+
+        Messages taken in while the last work ran (a secure round's relays, the next round's task
+        and model arriving while this site scored) or right after it are acted on without waiting:
+        waiting for a first message that already came would hold the next round up by ``timeout``."""
+        self._take_in(0 if self._unworked else timeout)
         if self.done:
             self._set_status(state="done")
             return False
         if self.task is not None:
             self.ep.set_round_window(max(0, int(self.task["round"]) - 1), int(self.task["round"]) + 1)
+        self._unworked = False
         self._work(stop)
         # Receipts that came in while this site trained and scored are fresher than those taken
         # in before: acting on a stale one after a long scoring read a held update as overdue.

@@ -171,6 +171,18 @@ def test_the_unmasked_sum_is_plaintext_fedavg_within_the_quantization_bound(tmp_
     assert not [m for m in hub.sent if m.kind is MessageKind.UPDATE and m.meta.get("encoding") != "secagg"]
 
 
+def test_answers_that_come_after_the_sum_is_unmasked_are_not_rejections(tmp_path):
+    """6 sites (k=5, t=4): the sum is unmasked as soon as the reveals held remove every mask, and
+    the slower survivors' reveals follow. They are expected, not faults: no round counts them as
+    rejected (an operator read "rejected" in every secure round's summary)."""
+    hub, coord, stop = _federation(tmp_path, sites=SIX, rounds=5)
+    results = _run(coord, stop)
+    assert [r.aggregated for r in results] == [True] * 5
+    reveals = [m for m in hub.sent if m.kind is MessageKind.SECAGG and m.meta.get("step") == "reveal"]
+    assert len(reveals) == 5 * len(SIX), "every survivor revealed, some after the unmasking"
+    assert [r.rejected for r in results] == [[]] * 5
+
+
 def test_sites_answer_the_protocol_while_they_train_and_score(tmp_path):
     """Training and scoring run beside the relays, so the protocol's round trips hide behind the
     work: three sites start training before the fourth's key set is in, and the round's sum is

@@ -306,6 +306,35 @@ def test_receipts_that_arrive_during_a_long_scoring_replace_the_stale_ones_taken
     assert agent.receipts is not None and agent.receipts["held"] == ["site-a"]
 
 
+def test_the_next_round_that_came_in_while_the_site_scored_starts_at_once(tmp_path):
+    """Round 2's model and task arrive while the site still scores round 1's model. The site took
+    them in during or right after that work; its next step trains round 2 at once instead of first
+    waiting (up to its timeout) for another message, which held such a site up by a second a round."""
+    hub = MemoryHub("f")
+    coord = hub.endpoint(COORDINATOR)
+    coord.start()
+    published: list[int] = []
+
+    class ScorerDuringWhichTheNextRoundComes(ShiftTrainer):
+        def evaluate(self, state_dict, split="val"):
+            if not published:
+                time.sleep(0.2)
+                published.append(_publish_round(coord, 2, initial_weights(), session="s1") and 2)
+                time.sleep(0.2)
+            return super().evaluate(state_dict, split)
+
+    agent = _agent(hub, tmp_path, ScorerDuringWhichTheNextRoundComes(shift=1.0, num_train_cases=4))
+    _publish_round(coord, 1, initial_weights())
+    agent.step(timeout=0.2)
+    assert published == [2]
+    t0 = time.monotonic()
+    agent.step(timeout=5.0)  # nothing more will come: waiting for a message first would take 5 s
+    took = time.monotonic() - t0
+    updates = [m for m in _drain(coord) if m.kind is MessageKind.UPDATE]
+    assert sorted(m.round for m in updates) == [1, 2]
+    assert took < 2.5, f"round 2 waited {took:.1f} s for a message that had already come"
+
+
 def test_a_round_whose_steps_took_no_case_sends_its_update_with_no_loss(tmp_path):
     """A small site's DP-SGD round can draw no case in any Poisson-sampled step: the mean loss of
     no step is NaN, which JSON cannot carry; the update goes with ``loss`` null, not a crash."""
