@@ -123,6 +123,12 @@ class Endpoint(ABC):
         Rejected messages never come out of here: they are logged and counted in ``rejections``."""
 
     @abstractmethod
+    def wake(self) -> None:
+        """Make a ``receive`` waiting in another thread return None now (or the next one, if none
+        waits): a participant that waits for messages *or* for its own work to end is woken by the
+        work's end instead of polling for it."""
+
+    @abstractmethod
     def set_round_window(self, lowest: int, highest: int) -> None:
         """Accept only messages whose round lies in [lowest, highest] (replay/stale protection)."""
 

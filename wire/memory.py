@@ -19,6 +19,8 @@ from neurofed.wire.envelope import run_started_ms
 from neurofed.wire.errors import TransportError
 from neurofed.wire.sealing import message_digest
 
+_WAKE = object()  # what ``wake`` queues: ``receive`` returns None for it
+
 
 class MemoryHub:
     """The 'broker': create one per federation, then ``hub.endpoint(participant)``."""
@@ -162,9 +164,13 @@ class MemoryEndpoint(Endpoint):
 
     def receive(self, timeout: float | None = None) -> Message | None:
         try:
-            return self._queue.get(timeout=timeout)
+            msg = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        return None if msg is _WAKE else msg
+
+    def wake(self) -> None:
+        self._queue.put(_WAKE)  # type: ignore[arg-type] - a marker, never handed out
 
     def set_round_window(self, lowest: int, highest: int) -> None:
         self._window = (lowest, highest)

@@ -136,6 +136,7 @@ class MqttEndpoint(Endpoint):
         self._inbox: queue.Queue[tuple[str, bytes, bool, bool, int, int, int] | None] = queue.Queue()
         self._generation = 0
         self._arrival = threading.Condition()
+        self._woken = False  # ``wake`` was called: the waiting (or next) ``receive`` returns None
         self._outbox: queue.Queue[Message] = queue.Queue()
         self._connected = threading.Event()
         self._subscribed = threading.Event()
@@ -456,10 +457,18 @@ class MqttEndpoint(Endpoint):
             with self._arrival:
                 if self._outbox.qsize() or self.receiver.ready_count:
                     continue
+                if self._woken:
+                    self._woken = False
+                    return None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._arrival.wait(left if left is not None else 1.0)
+
+    def wake(self) -> None:
+        with self._arrival:
+            self._woken = True
+            self._arrival.notify_all()
 
     def set_round_window(self, lowest: int, highest: int) -> None:
         self.receiver.set_round_window(lowest, highest)

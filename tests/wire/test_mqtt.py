@@ -336,3 +336,31 @@ def test_closing_while_messages_stream_in_says_goodbye_cleanly(broker, coord):
     while len(ends()) < 5 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(ends()) == 5 and all(line.endswith(" disconnected.") for line in ends()), ends()
+
+
+def test_wake_ends_a_wait_for_messages_at_once_and_messages_still_come(coord, site_a):
+    """``wake`` (a site's training or scoring ended) makes a ``receive`` blocked in another thread
+    return None at once; one called after the wake returns None once; messages are unaffected."""
+    import threading
+    import time
+
+    while coord.receive(timeout=0.5) is not None:  # the site's online status
+        pass
+    box: dict[str, float] = {}
+
+    def wait() -> None:
+        t0 = time.monotonic()
+        box["got"] = coord.receive(timeout=20)
+        box["took"] = time.monotonic() - t0
+
+    th = threading.Thread(target=wait)
+    th.start()
+    time.sleep(0.3)
+    coord.wake()
+    th.join(5)
+    assert not th.is_alive() and box["got"] is None and box["took"] < 5
+    coord.wake()  # nobody waits: the next receive returns None once, then waits as usual
+    assert coord.receive(timeout=20) is None
+    site_a.send(MessageKind.UPDATE, 1, meta={"num_cases": 1}, payload=b"x")
+    m = receive_kind(coord, MessageKind.UPDATE)
+    assert m is not None and m.payload == b"x"
