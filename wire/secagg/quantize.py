@@ -1,5 +1,9 @@
 """Clip, quantize with stochastic rounding, weight, and map to and from the ring Z_2^b.
 
+These are the steps one at a time, as the protocol defines them: a site computes them together
+with its masks in one pass (``masking.masked_ring``, checked against these in the tests); the
+coordinator maps the unmasked sum back with ``from_ring``.
+
 The stochastic rounding draws its coins from a ChaCha20 keystream (``prg.stream_words``) keyed by
 a per-attempt random seed that the site persists, so a restarted site rounds exactly as before and
 re-sends byte-identical input. The coins are not secret, but they must be unpredictable by others
