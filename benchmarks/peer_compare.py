@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 FRAMEWORKS = ("neurofed", "flower", "flare", "neurofed-secure", "flower-secagg")
+PLAIN_FRAMEWORKS = FRAMEWORKS[:3]
 # what --secure-aggregation adds: each side's secure arm next to its plain one
 SECURE_ARMS = {"neurofed": "neurofed-secure", "flower": "flower-secagg"}
 
@@ -70,6 +71,16 @@ def ratios(nf: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
         "overhead_steady": _ratio(nf["overhead_steady_mean"], peer["overhead_steady_mean"]),
         "peak_sum_rss": _ratio(nf["memory"]["peak_sum_rss_gb"], peer["memory"]["peak_sum_rss_gb"]),
     }
+
+
+def chosen_frameworks(frameworks: str | None, peers: str | None, secure: bool) -> list[str]:
+    """The arms to run: ``--peers`` next to neurofed, else ``--frameworks``, else the three plain
+    frameworks; ``--secure-aggregation`` adds each one's secure arm."""
+    spec = f"neurofed,{peers}" if peers else frameworks or ",".join(PLAIN_FRAMEWORKS)
+    wanted = [f.strip() for f in spec.split(",") if f.strip()]
+    if secure:
+        wanted += [SECURE_ARMS[f] for f in wanted if f in SECURE_ARMS and SECURE_ARMS[f] not in wanted]
+    return wanted
 
 
 def secure_figures(results: dict[str, Any]) -> dict[str, Any]:
@@ -158,10 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     if a.frameworks and a.peers:
         ap.error("--frameworks and --peers: give one of them")
-    spec = f"neurofed,{a.peers}" if a.peers else a.frameworks or ",".join(FRAMEWORKS)
-    wanted = [f.strip() for f in spec.split(",") if f.strip()]
-    if a.secure_aggregation:
-        wanted += [SECURE_ARMS[f] for f in wanted if f in SECURE_ARMS and SECURE_ARMS[f] not in wanted]
+    wanted = chosen_frameworks(a.frameworks, a.peers, a.secure_aggregation)
     bad = [f for f in wanted if f not in FRAMEWORKS]
     if bad or "neurofed" not in wanted:
         ap.error(

@@ -209,6 +209,19 @@ def test_weighted_mean_check_takes_a_stated_tolerance():
     assert not weighted_mean_error({"w": ups[0][0]["w"]}, ups, tol=5e-5)["ok"]
 
 
+def test_make_bench_peers_runs_the_plain_frameworks_and_secure_arms_only_when_asked():
+    from benchmarks.peer_compare import chosen_frameworks
+
+    assert chosen_frameworks(None, None, False) == ["neurofed", "flower", "flare"]
+    assert chosen_frameworks(None, "flower", True) == [
+        "neurofed",
+        "flower",
+        "neurofed-secure",
+        "flower-secagg",
+    ]
+    assert chosen_frameworks("neurofed,flare", None, True) == ["neurofed", "flare", "neurofed-secure"]
+
+
 def test_secure_figures_pair_each_secure_arm_with_its_plain_one():
     from benchmarks.peer_compare import secure_figures
 
