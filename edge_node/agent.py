@@ -486,6 +486,8 @@ class SiteAgent:
             self._update_path(int(key)).unlink(missing_ok=True)
         for path in self.state_dir.glob("residual-r*.safetensors"):
             path.unlink(missing_ok=True)  # another run's compression error
+        if self._secagg is not None:
+            self._secagg.forget()  # another run's secure deltas and keys
         self._state.update(run=run, rounds={}, took_task=False)
         self.task = None
         self.receipts = self._fresh_receipts = None
@@ -594,6 +596,8 @@ class SiteAgent:
             # same round number, another global model: the federation started over; so do we
             log.warning("%s: round %d now comes with another model; forgetting the old one", self.site, r)
             self._update_path(r).unlink(missing_ok=True)
+            if self._secagg is not None:
+                self._secagg.forget()  # a secure delta trained from the old model
             rs.clear()
             self._save_state()
         self._prune(r)

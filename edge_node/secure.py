@@ -137,6 +137,15 @@ class SiteSecAgg:
         if self._delta is not None and self._delta[0] != keep_round:
             self._delta = None
 
+    def forget(self) -> None:
+        """Drop every round's secure state and delta: the coordinator started a new federation run
+        (or a round over with another model), and a delta trained for the old one must never be
+        masked for the new one."""
+        for p in [*self.state_dir.glob("secagg-r*-a*.*"), *self.state_dir.glob("secure-delta-r*.npy")]:
+            p.unlink(missing_ok=True)
+        self.client, self.round, self.attempt = None, -1, -1
+        self.sent, self.left_out, self._delta = set(), False, None
+
     # -- the attempt ----------------------------------------------------------------------------
     def begin(self, r: int, secagg: Mapping[str, Any]) -> bool:
         """The TASK's attempt: restore this site's client for it, or start a fresh one. False

@@ -354,3 +354,28 @@ def test_a_round_whose_steps_took_no_case_sends_its_update_with_no_loss(tmp_path
         agent.step(timeout=0.2)
     [upd] = [m for m in _drain(coord) if m.kind is MessageKind.UPDATE]
     assert upd.meta["loss"] is None and upd.meta["num_cases"] == 1
+
+
+def test_a_new_federation_run_drops_the_old_runs_secure_deltas_and_keys(tmp_path):
+    """A secure delta kept for round 1 of one run must never be masked in round 1 of the next: the
+    site would skip training, mask an update of the old model and (with the new run's empty round
+    state) fail. Following a new run drops every secure delta and attempt state."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    hub = MemoryHub("f")
+    key = Ed25519PrivateKey.generate()
+    ep = hub.endpoint("site-a")
+    ep.start()
+    agent = SiteAgent(
+        ep, ShiftTrainer(shift=1.0, num_train_cases=4), tmp_path / "site-a",
+        secure_identity=(key, {"site-a": key.public_key()}),
+    )  # fmt: skip
+    sec = agent._secagg
+    sec.save_delta(1, np.ones(8, np.float32))
+    (tmp_path / "site-a" / "secagg-r0001-a0.json").write_text("{}")
+    assert sec.load_delta(1) is not None
+    agent._follow_run("a-later-run")
+    assert sec.load_delta(1) is None
+    assert not list((tmp_path / "site-a").glob("secure-delta-r*")) + list(
+        (tmp_path / "site-a").glob("secagg-r*")
+    )
