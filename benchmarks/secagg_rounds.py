@@ -18,9 +18,8 @@ from benchmarks.federation_overhead import main as overhead
 
 
 def steady_round_s(result: dict) -> float | None:
-    walls = [r["wall_s"] for r in result["rounds"] if r["train"]][1:] or [
-        r["wall_s"] for r in result["rounds"] if r["train"]
-    ]
+    """Median wall seconds of the steady rounds (every training round after the first)."""
+    walls = steady_rounds(result)
     return round(statistics.median(walls), 3) if walls else None
 
 

@@ -4,14 +4,14 @@ Every mask is the ChaCha20 keystream (RFC 8439 block function, 256-bit key, coun
 nonce: each key is used for one stream only) of a key derived with HKDF-SHA256 from a 32-byte
 secret (a self-mask seed, an X25519 shared secret, a rounding seed) with ``info`` naming the
 federation, run, round, attempt, purpose and both parties (``RoundContext.info``). The keystream
-is read as little-endian ring words and added to (or subtracted from) a vector in place, a chunk
+is read as little-endian ring words and added to (or subtracted from) a vector in place, a block
 at a time, so no second model-sized buffer is needed. Nothing here uses numpy's or Python's
 ``random``: numpy only adds the words.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -21,9 +21,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from neurofed.wire.secagg.params import SecAggConfig
 
 KEY_LEN = 32
-CHUNK_BYTES = 1 << 20  # 1 MiB of keystream at a time: in cache, and few Python round trips
-BLOCK_WORDS = 1 << 15  # words per block when several streams go on one vector (``Streams``)
-_ZEROS = bytes(max(CHUNK_BYTES, BLOCK_WORDS * 8))
+BLOCK_WORDS = 1 << 15  # keystream words read at a time: in cache, and few Python round trips
+_ZEROS = bytes(BLOCK_WORDS * 8)
 
 
 def derive_key(secret: bytes, info: bytes) -> bytes:
@@ -35,29 +34,6 @@ def _encryptor(key: bytes):
     if len(key) != KEY_LEN:
         raise ValueError("ChaCha20 needs a 256-bit key")
     return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-
-
-def stream_chunks(key: bytes, count: int, dtype: np.dtype) -> Iterator[tuple[int, int, np.ndarray]]:
-    """The keystream of ``key`` as ``count`` words of ``dtype``, one chunk at a time:
-    ``(start, stop, words)``; ``words`` is a view of one reused buffer, valid until the next chunk."""
-    enc = _encryptor(key)
-    buf = bytearray(CHUNK_BYTES)
-    words = np.frombuffer(buf, dtype=dtype)
-    per_chunk = CHUNK_BYTES // dtype.itemsize
-    for start in range(0, count, per_chunk):
-        stop = min(count, start + per_chunk)
-        nbytes = (stop - start) * dtype.itemsize
-        enc.update_into(memoryview(_ZEROS)[:nbytes], memoryview(buf)[:nbytes])
-        yield start, stop, words[: stop - start]
-
-
-def apply_stream(acc: np.ndarray, key: bytes, sign: int) -> None:
-    """``acc += sign * ChaCha20(key)`` in the ring of acc's unsigned dtype (wraps), in place."""
-    if acc.dtype.kind != "u" or not acc.flags.c_contiguous or acc.ndim != 1:
-        raise ValueError("apply_stream needs a contiguous 1-D unsigned array")
-    op = np.add if sign > 0 else np.subtract
-    for start, stop, words in stream_chunks(key, acc.size, acc.dtype):
-        op(acc[start:stop], words, out=acc[start:stop])
 
 
 class Keystream:
@@ -88,32 +64,31 @@ class Streams:
     commutes), so a site or coordinator may use either. Blocks must come in order, from 0."""
 
     def __init__(self, keys: Sequence[tuple[bytes, int]], dtype: np.dtype) -> None:
-        self.dtype = np.dtype(dtype)
-        self._encs = [(_encryptor(key), np.add if sign > 0 else np.subtract) for key, sign in keys]
-        self._buf = bytearray(BLOCK_WORDS * self.dtype.itemsize)
-        self._words = np.frombuffer(self._buf, dtype=self.dtype)
+        self._streams = [(Keystream(key, dtype), np.add if sign > 0 else np.subtract) for key, sign in keys]
         self._at = 0
 
     def add_block(self, acc: np.ndarray, start: int, stop: int) -> None:
         if start != self._at or stop - start > BLOCK_WORDS:
             raise ValueError("blocks must come in order and hold at most BLOCK_WORDS words")
-        nbytes = (stop - start) * self.dtype.itemsize
-        src, dst = memoryview(_ZEROS)[:nbytes], memoryview(self._buf)[:nbytes]
-        words, part = self._words[: stop - start], acc[start:stop]
-        for enc, op in self._encs:
-            enc.update_into(src, dst)
-            op(part, words, out=part)
+        part = acc[start:stop]
+        for stream, op in self._streams:
+            op(part, stream.read(stop - start), out=part)
         self._at = stop
 
 
 def apply_streams(acc: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> None:
-    """``acc += sum(sign * ChaCha20(key))`` over ``keys`` ((key, sign) pairs), in place, block by
-    block (``Streams``): the same result as ``apply_stream`` for each key in turn, in one pass."""
+    """``acc += sum(sign * ChaCha20(key))`` over ``keys`` ((key, sign) pairs), in place, in the ring
+    of acc's unsigned dtype (wraps), block by block (``Streams``): one pass for every key."""
     if acc.dtype.kind != "u" or not acc.flags.c_contiguous or acc.ndim != 1:
         raise ValueError("apply_streams needs a contiguous 1-D unsigned array")
     streams = Streams(keys, acc.dtype)
     for start in range(0, acc.size, BLOCK_WORDS):
         streams.add_block(acc, start, min(acc.size, start + BLOCK_WORDS))
+
+
+def apply_stream(acc: np.ndarray, key: bytes, sign: int) -> None:
+    """``acc += sign * ChaCha20(key)`` in the ring of acc's unsigned dtype (wraps), in place."""
+    apply_streams(acc, [(key, sign)])
 
 
 def stream_words(key: bytes, count: int, dtype: np.dtype | str = "<u4") -> np.ndarray:

@@ -4,7 +4,7 @@ These are the steps one at a time, as the protocol defines them: a site computes
 with its masks in one pass (``masking.masked_ring``, checked against these in the tests); the
 coordinator maps the unmasked sum back with ``from_ring``.
 
-The stochastic rounding draws its coins from a ChaCha20 keystream (``prg.stream_words``) keyed by
+The stochastic rounding draws its coins from a ChaCha20 keystream (``prg.Keystream``) keyed by
 a per-attempt random seed that the site persists, so a restarted site rounds exactly as before and
 re-sends byte-identical input. The coins are not secret, but they must be unpredictable by others
 and reproducible by the site itself; numpy's generators are never used. Rounding up happens with
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from neurofed.wire.secagg.prg import stream_chunks
+from neurofed.wire.secagg.prg import BLOCK_WORDS, Keystream
 
 
 def clip_l2(x: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
@@ -32,16 +32,18 @@ def clip_l2(x: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
 
 def stochastic_round(v: np.ndarray, coin_key: bytes) -> np.ndarray:
     """Round each value down or up (up with probability equal to its fractional part), as int64.
-    Works a keystream chunk at a time (in cache) and overwrites ``v`` with scratch values."""
+    Works a keystream block at a time (in cache) and overwrites ``v`` with scratch values."""
     q = np.empty(v.size, dtype=np.int64)
-    for start, stop, coins in stream_chunks(coin_key, v.size, np.dtype("<u4")):
+    coins = Keystream(coin_key, "<u4")
+    for start in range(0, v.size, BLOCK_WORDS):
+        stop = min(v.size, start + BLOCK_WORDS)
         seg = v[start:stop]
         fl = np.floor(seg)
         np.subtract(seg, fl, out=seg)
         np.multiply(seg, 4294967296.0, out=seg)  # fractional part in units of 2^-32, in [0, 2^32)
         out = q[start:stop]
         out[:] = fl
-        out += coins < seg  # uint32 against float64: numpy compares exactly
+        out += coins.read(stop - start) < seg  # uint32 against float64: numpy compares exactly
     return q
 
 
