@@ -17,7 +17,7 @@ multi-process deployment on this machine:
 
 With ``--secure-aggregation`` each side's secure arm runs next to its plaintext one, on the same
 data and initial weights: ``neurofed-secure`` (``--secure-aggregation``: SecAgg+ with the
-consistency round, ChaCha20 masks, sealed Shamir shares) and ``flower-secagg`` (Flower's
+consistency round, AES-256-CTR masks, sealed Shamir shares) and ``flower-secagg`` (Flower's
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with ``secaggplus_mod`` on the legacy
 NumPyClient/Strategy API, ``peers/flower_secagg_app``; every client a neighbour of every other,
 threshold about two thirds, ``max_weight`` the largest case count). Each secure aggregate is checked

@@ -4,7 +4,7 @@ For each model size (1.2 M and 4.8 M parameters: the two UNets of the study; 5 M
 reference figure) a 10-site round with default k and t runs every phase in memory, once with all
 sites and once with 3 of 10 dropped after sharing. Reported: per-site time of each phase (median
 over sites; ``mask_s`` is the whole masked input: clip, quantize, weight, self mask and k pairwise
-ChaCha20 masks), the mask-generation part alone, the coordinator's fold per input and its
+AES-256-CTR masks), the mask-generation part alone, the coordinator's fold per input and its
 unmasking, bytes per phase per site against the float32 update, and the error against plaintext
 FedAvg next to its stated bound.
 
@@ -108,7 +108,7 @@ def run(length: int, n: int, dropped: int, clip: float = 10.0) -> dict:
 
 
 def mask_generation(length: int, masks: int, bits: int = 32) -> float:
-    """Seconds to add ``masks`` ChaCha20 masks to a vector of ``length`` ring words (best of 3)."""
+    """Seconds to add ``masks`` AES-256-CTR masks to a vector of ``length`` ring words (best of 3)."""
     acc = np.zeros(length, dtype=np.dtype(f"<u{bits // 8}"))
     keys = [derive_key(bytes([i]) * 32, b"bench") for i in range(masks)]
     best = float("inf")

@@ -1,5 +1,5 @@
 """Secure aggregation's building blocks: Shamir, parameters and graph, ring bound, quantization,
-the ChaCha20 PRG, key-set signatures, and a source check that no secret comes from numpy or random."""
+the AES-256-CTR PRG, key-set signatures, and a source check that no secret comes from numpy or random."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 import neurofed.wire.secagg as secagg_pkg
 from neurofed.wire.errors import ProtocolError, WireError
@@ -137,6 +137,9 @@ def test_config_round_trip_and_site_side_check():
         SecAggConfig.from_dict(bad)
     with pytest.raises(SecAggParameterError):
         SecAggConfig.from_dict(cfg.to_dict() | {"scale_log2": 40})  # would wrap a 32-bit ring
+    # a coordinator of the ChaCha20 format: its masks would not cancel against these, refused by name
+    with pytest.raises(SecAggParameterError, match="secagg-config/1"):
+        SecAggConfig.from_dict(cfg.to_dict() | {"format": "neurofed-secagg-config/1"})
 
 
 # --- quantization and PRG ----------------------------------------------------------------------
@@ -159,11 +162,11 @@ def test_ring_round_trip_of_negative_values():
         assert list(from_ring(r)) == [-15, 0, 21, -3 * 2**20]
 
 
-def test_prg_is_chacha20_keystream_and_cancels():
+def test_prg_is_the_aes256_ctr_keystream_and_cancels():
     key = os.urandom(32)
-    n = (1 << 20) // 4 * 2 + 123  # crosses chunk boundaries
+    n = (1 << 20) // 4 * 2 + 123  # crosses block boundaries
     words = stream_words(key, n, "<u4")
-    ref = Cipher(algorithms.ChaCha20(key, bytes(16)), None).encryptor().update(bytes(4 * n))
+    ref = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4 * n))
     assert words.tobytes() == ref
     acc = np.arange(n, dtype=np.uint32)
     apply_stream(acc, key, +1)
@@ -287,7 +290,7 @@ def test_unsigned_or_garbled_keyset_bytes():
 
 def test_no_secret_comes_from_numpy_random_or_random():
     """The library's source never calls numpy.random, Python's random, or a seeded numpy Generator:
-    keys come from cryptography/os.urandom, shares from pycryptodome, masks from ChaCha20."""
+    keys come from cryptography/os.urandom, shares from pycryptodome, masks from AES-256-CTR."""
     folder = Path(secagg_pkg.__file__).parent
     sources = sorted(folder.glob("*.py"))
     assert len(sources) >= 8

@@ -1,6 +1,6 @@
 """A site's masked input in one pass: clip, quantize, weight and mask its update block by block.
 
-The steps are those of ``quantize`` (clip to the L2 bound, scale, stochastic rounding with ChaCha20
+The steps are those of ``quantize`` (clip to the L2 bound, scale, stochastic rounding with PRG
 coins, times the case weight, two's complement into Z_2^b) followed by the self mask and one
 pairwise mask per neighbour (``prg``). Done one after the other over a whole model they cost a pass
 over the vector each (a dozen and more for ten sites); here every step and every mask goes on one

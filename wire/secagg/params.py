@@ -53,7 +53,8 @@ from neurofed.wire import kem as kems
 from neurofed.wire.secagg.errors import SecAggParameterError
 
 DOMAIN = b"neurofed-secagg/1"
-CONFIG_FORMAT = "neurofed-secagg-config/1"
+# format 2: masks and rounding coins from AES-256-CTR (format 1 sites, ChaCha20, refuse it by name)
+CONFIG_FORMAT = "neurofed-secagg-config/2"
 RING_BITS = (32, 64)
 DEFAULT_MAX_TOTAL_WEIGHT = 4096
 MIN_SITES = 3
