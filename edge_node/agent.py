@@ -203,6 +203,9 @@ class SiteAgent:
         # a message was taken in since the last work started (during the work, or right after
         # it): the next step acts on it at once instead of waiting for another message first
         self._unworked = False
+        # the secure attempt (run, round, attempt) this site refused to join: said once, not at
+        # every step while the coordinator waits for key sets
+        self._refused_attempt: tuple[Any, int, Any] | None = None
         if self._state.get("run"):  # the run this site last took part in (before a restart)
             endpoint.set_run(self._state["run"])
 
@@ -774,6 +777,9 @@ class SiteAgent:
         roster = getattr(getattr(self.ep, "bundle", None), "roster", None)
         if roster is not None:  # the roster as it stands now (a live change adds or removes sites)
             sec.roster_keys = {x: roster.get(x).signing_key() for x in roster.sites}
+        attempt = (self._state.get("run"), r, task["secagg"].get("attempt"))
+        if attempt == self._refused_attempt:
+            return False  # said once; the coordinator's next attempt is the next chance
         try:
             if not sec.begin(r, task["secagg"]):
                 return False  # left out of this attempt: no keys, no training, no input
@@ -781,6 +787,7 @@ class SiteAgent:
             if "keyset" not in sec.sent:
                 self._secure_send(MessageKind.SECAGG, r, "keyset", sec.keyset(), stop)
         except (ProtocolError, SecAggRoundFailed, ValueError, KeyError) as exc:
+            self._refused_attempt = attempt
             self._secure_refused(r, exc)
             return False
         return True

@@ -287,6 +287,33 @@ def test_a_site_lost_before_its_masked_input_is_left_out_and_its_masks_removed(t
     _assert_close(coord, _fedavg(SITES[:3]), coord._secure.attempt.config.error_bound)
 
 
+def test_a_site_that_refuses_an_attempt_says_so_once_and_the_round_goes_on_without_it(
+    tmp_path, monkeypatch, caplog
+):
+    """A site that cannot join an attempt (here: a config of a format it does not speak) says
+    why once, not at every step while the coordinator waits out the key phase (a site logged
+    the same warning every second until the phase's deadline)."""
+    from neurofed.edge_node.secure import SiteSecAgg
+    from neurofed.wire.secagg.errors import SecAggParameterError
+
+    begin = SiteSecAgg.begin
+
+    def refusing(self, r, secagg):
+        if self.site == "site-d":
+            raise SecAggParameterError("config format 'neurofed-secagg-config/9', expected ...")
+        return begin(self, r, secagg)
+
+    monkeypatch.setattr(SiteSecAgg, "begin", refusing)
+    hub, coord, stop = _federation(tmp_path, phase_timeout=2.0, round_timeout=6.0)
+    with caplog.at_level("WARNING", logger="neurofed.edge_node.agent"):
+        [res] = _run(coord, stop)
+    assert res.aggregated and res.sites == sorted(SITES[:3])
+    refusals = [r for r in caplog.records if "step refused" in r.getMessage() and "site-d" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
+    assert "secagg-config/9" in refusals[0].getMessage()
+    _assert_close(coord, _fedavg(SITES[:3]), coord._secure.attempt.config.error_bound)
+
+
 def test_too_few_survivors_retry_with_fresh_keys_then_keep_the_model(tmp_path):
     drop = {"site-c": "shares", "site-d": "shares"}
     hub, coord, stop = _federation(tmp_path, drop=drop, phase_timeout=1.0, round_timeout=2.0, max_attempts=2)
