@@ -299,7 +299,7 @@ def test_a_site_that_refuses_an_attempt_says_so_once_and_the_round_goes_on_witho
     begin = SiteSecAgg.begin
 
     def refusing(self, r, secagg):
-        if self.site == "site-d":
+        if self.site == "site-d" and self.state_dir.is_relative_to(tmp_path):  # not an earlier test's
             raise SecAggParameterError("config format 'neurofed-secagg-config/9', expected ...")
         return begin(self, r, secagg)
 
@@ -308,9 +308,15 @@ def test_a_site_that_refuses_an_attempt_says_so_once_and_the_round_goes_on_witho
     with caplog.at_level("WARNING", logger="neurofed.edge_node.agent"):
         [res] = _run(coord, stop)
     assert res.aggregated and res.sites == sorted(SITES[:3])
-    refusals = [r for r in caplog.records if "step refused" in r.getMessage() and "site-d" in r.getMessage()]
-    assert len(refusals) == 1, [r.getMessage() for r in refusals]
-    assert "secagg-config/9" in refusals[0].getMessage()
+    refusals = [
+        r for r in caplog.records if "site-d: round 1: secure aggregation step refused" in r.getMessage()
+    ]
+    # once per attempt it was asked to join (a loaded machine may need a retry: a second attempt)
+    attempts = {
+        m.meta["secagg"]["attempt"] for m in hub.sent if m.kind is MessageKind.TASK and m.meta.get("secagg")
+    }
+    assert 1 <= len(refusals) == len(attempts), [r.getMessage() for r in refusals]
+    assert all("secagg-config/9" in r.getMessage() for r in refusals)
     _assert_close(coord, _fedavg(SITES[:3]), coord._secure.attempt.config.error_bound)
 
 
