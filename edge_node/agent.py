@@ -205,7 +205,7 @@ class SiteAgent:
         self._unworked = False
         # the secure attempt (run, round, attempt) this site refused to join: said once, not at
         # every step while the coordinator waits for key sets
-        self._refused_attempt: tuple[Any, int, Any] | None = None
+        self._refused_attempt: tuple[str | None, int, int | None] | None = None
         if self._state.get("run"):  # the run this site last took part in (before a restart)
             endpoint.set_run(self._state["run"])
 

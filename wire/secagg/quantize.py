@@ -5,11 +5,11 @@ with its masks in one pass (``masking.masked_ring``, checked against these in th
 coordinator maps the unmasked sum back with ``from_ring``.
 
 The stochastic rounding draws its coins from the masks' PRG (an AES-256-CTR keystream,
-``prg.Keystream``) keyed by a per-attempt random seed that the site persists, so a restarted site rounds exactly as before and
-re-sends byte-identical input. The coins are not secret, but they must be unpredictable by others
-and reproducible by the site itself; numpy's generators are never used. Rounding up happens with
-probability ``frac`` to within 2^-32 (32-bit coins), so the rounding is unbiased to that precision
-and always moves a value by less than one unit. See ``params`` for the wrap bound.
+``prg.Keystream``) keyed by a per-attempt random seed that the site persists, so a restarted site
+rounds exactly as before and re-sends byte-identical input. The coins are not secret, but they
+must be unpredictable by others and reproducible by the site itself; numpy's generators are never
+used. Rounding up happens with probability ``frac`` to within 2^-32 (32-bit coins), so the
+rounding is unbiased to that precision and always moves a value by less than one unit. See ``params`` for the wrap bound.
 """
 
 from __future__ import annotations
