@@ -1,5 +1,5 @@
-"""The federation benchmark's accounting: idle windows and CPU per process group, read from a
-real process's /proc entries."""
+"""The federation benchmarks' accounting: idle windows and CPU per process group, read from a
+real process's /proc entries, and how the secure-round benchmark pairs its runs."""
 
 from __future__ import annotations
 
@@ -60,3 +60,32 @@ def test_cpu_trace_sees_a_busy_process_use_cpu_and_a_sleeping_one_not():
         busy.wait()
         idle.wait()
     assert proc_cpu_s(busy.pid) is None  # gone: no figure rather than a stale one
+
+
+def test_secure_round_pairs_alternate_which_mode_runs_first(monkeypatch, tmp_path):
+    """The pairs run plaintext-secure, secure-plaintext, ...: a host whose speed drifts during the
+    run would otherwise favour the mode that always runs second. The federation runs are stood in
+    for by their result rows (the orchestration is what is tested here; the runs themselves are
+    the real-stack benchmark's)."""
+    from benchmarks import secagg_rounds
+
+    calls = []
+
+    def fake_run(argv):
+        secure = "--secure-aggregation" in argv
+        calls.append("secure" if secure else "plain")
+        wall = 1.2 if secure else 1.0
+        rounds = [{"train": True, "wall_s": 5.0}] + [{"train": True, "wall_s": wall} for _ in range(3)]
+        return {"machine": {}, "config": {}, "rounds": rounds, "peak_sum_rss_gb": 1.0}
+
+    monkeypatch.setattr(secagg_rounds, "overhead", fake_run)
+    monkeypatch.setattr(secagg_rounds, "RESULTS", tmp_path)
+    monkeypatch.setattr(secagg_rounds, "emit", lambda name, result: result)
+    for mode in ("plain", "secure"):
+        (tmp_path / f"t_{mode}.json").write_text("{}")
+    out = secagg_rounds.main(["--repeat", "4", "--name", "t"])
+    assert calls == ["plain", "secure", "secure", "plain", "plain", "secure", "secure", "plain"]
+    assert [p["order"] for p in out["pairs"]] == ["plain-secure", "secure-plain"] * 2
+    assert out["secure_over_plain"] == out["pair_ratio_median"] == 1.2
+    assert out["pair_ratio_range"] == [1.2, 1.2]
+    assert not list(tmp_path.glob("t_*.json"))  # the single runs' files: their figures are in the pairs
