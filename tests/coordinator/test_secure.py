@@ -320,6 +320,25 @@ def test_a_site_that_refuses_an_attempt_says_so_once_and_the_round_goes_on_witho
     _assert_close(coord, _fedavg(SITES[:3]), coord._secure.attempt.config.error_bound)
 
 
+class GarblingEndpoint(MemoryEndpoint):
+    """A malicious site-d: its share bundles go out truncated, under its own valid signature."""
+
+    def send(self, kind, round, **kw):  # noqa: A002 - the Endpoint signature
+        if self.participant == "site-d" and (kw.get("meta") or {}).get("step") == "shares":
+            kw["payload"] = kw["payload"][:40]
+        return super().send(kind, round, **kw)
+
+
+def test_a_site_sending_garbage_is_rejected_with_the_reason_and_the_round_goes_on(tmp_path):
+    hub, coord, stop = _federation(
+        tmp_path, endpoint_cls=GarblingEndpoint, phase_timeout=2.0, round_timeout=6.0
+    )
+    [res] = _run(coord, stop)
+    assert ("site-d", "secagg-malformed") in res.rejected, res.rejected
+    assert res.aggregated and res.sites == sorted(SITES[:3])
+    _assert_close(coord, _fedavg(SITES[:3]), coord._secure.attempt.config.error_bound)
+
+
 def test_too_few_survivors_retry_with_fresh_keys_then_keep_the_model(tmp_path):
     drop = {"site-c": "shares", "site-d": "shares"}
     hub, coord, stop = _federation(tmp_path, drop=drop, phase_timeout=1.0, round_timeout=2.0, max_attempts=2)
