@@ -10,7 +10,13 @@ high-water mark is restarted; peak is the high-water mark from there on (the tra
 the evaluation round). Start-up's own peak (loading, encoding and sealing the first model) is
 reported apart as ``startup_peak_mb``.
 
+With ``--secure-aggregation`` the coordinator runs SecAgg+ rounds and each site is a real site
+agent (``SiteAgent``, threads in the sender processes, over the same broker) whose "training" adds
+a little noise to the weights: the whole protocol runs (key sets, shares, masked inputs, echoes,
+reveals), and the peak covers the ring sum, the unmasking and the new weights.
+
     .venv/bin/python -m benchmarks.coordinator_memory [--sites 10,50,100] [--model default]
+        [--secure-aggregation --per-process 10 --name coordinator_memory_secagg]
 """
 
 from __future__ import annotations
@@ -93,7 +99,61 @@ def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
     return 1 if errors else 0
 
 
-def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeout: float) -> dict:
+def _secure_sender(bundles: Path, sites: list[str], state: Path, timeout: float) -> int:
+    """Child process: one real site agent per site (a thread each) whose trainer adds noise of
+    scale 1e-3 to the weights, so every step of the secure protocol is the agent's own."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from neurofed.edge_node.agent import SiteAgent
+    from neurofed.wire.mqtt import MqttEndpoint
+
+    class NoiseTrainer:
+        def __init__(self, seed: int) -> None:
+            self.gen = torch.Generator().manual_seed(seed)
+            self.num_train_cases = 1 + seed % 5
+
+        def train(self, state_dict, epochs, **kw):
+            out = {
+                k: v + 1e-3 * torch.randn(v.shape, generator=self.gen) if v.is_floating_point() else v.clone()
+                for k, v in state_dict.items()
+            }
+            return SimpleNamespace(
+                state_dict=out, num_cases=self.num_train_cases, loss=0.1, seconds=0.0, optimizer_state=None
+            )
+
+        def evaluate(self, state_dict, split="val"):
+            return SimpleNamespace(dice=0.5, hd95=1.0, num_cases=1, per_case={}, seconds=0.0)
+
+    errors: list[str] = []
+
+    def one(site: str, seed: int) -> None:
+        ep = MqttEndpoint(bundles / site)
+        try:
+            ep.start(timeout=120)
+            b = ep.bundle
+            identity = (b.sign_key, {x: b.roster.get(x).signing_key() for x in b.roster.sites}, b.roster.kem)
+            SiteAgent(ep, NoiseTrainer(seed), state / site, secure_identity=identity).run()
+        except Exception as exc:  # noqa: BLE001 - reported by the parent
+            errors.append(f"{site}: {exc}")
+        finally:
+            ep.close()
+
+    threads = [threading.Thread(target=one, args=(s, int(s.split("-")[-1])), daemon=True) for s in sites]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 60)
+    errors += [f"{s}: still running" for s, t in zip(sites, threads, strict=True) if t.is_alive()]
+    for e in errors:
+        print(e, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def measure(
+    n: int, work: Path, init: Path, model: str, per_process: int, timeout: float, secure: bool = False
+) -> dict:
     from neurofed.launch.local import Broker, child_env, free_port, provision_sites, read_events, spawn
 
     sites = [f"site-{i:03d}" for i in range(1, n + 1)]
@@ -109,18 +169,14 @@ def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeou
         for i in range(0, n, per_process):
             group = sites[i : i + per_process]
             fh = open(logs / f"sender-{i}.log", "wb")  # noqa: SIM115
+            sender = (
+                ["--secure-sender", str(root / "bundles"), ",".join(group), str(root / "site-state")]
+                if secure
+                else ["--sender", str(root / "bundles"), ",".join(group), str(init)]
+            )
             senders.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.coordinator_memory",
-                        "--sender",
-                        str(root / "bundles"),
-                        ",".join(group),
-                        str(init),
-                        str(timeout),
-                    ],
+                    [sys.executable, "-m", "benchmarks.coordinator_memory", *sender, str(timeout)],
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     env=child_env(),
@@ -145,6 +201,8 @@ def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeou
                 str(init),
                 "--state",
                 str(root / "state"),
+                # site agents report their scans' spacing and the coordinator would wait for it
+                *(["--secure-aggregation", "--spacing", "1"] if secure else []),
             ],
             logs,
             child_env(),
@@ -180,6 +238,7 @@ def measure(n: int, work: Path, init: Path, model: str, per_process: int, timeou
     r1 = next((e for e in events if e["event"] == "round" and e["round"] == 1), {})
     return {
         "sites": n,
+        "secure_aggregation": secure,
         "coordinator_exit": rc,
         "updates_accepted": len(r1.get("sites", [])),
         "round_seconds": r1.get("seconds"),
@@ -202,12 +261,23 @@ def _reset_hwm(pid: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--sender":
         sys.exit(_sender(Path(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]), float(sys.argv[5])))
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--secure-sender":
+        sys.exit(
+            _secure_sender(Path(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]), float(sys.argv[5]))
+        )
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", default="10,50,100", help="comma-separated site counts")
     ap.add_argument("--model", default="default", choices=("tiny", "small", "default"))
     ap.add_argument("--per-process", type=int, default=20, help="site endpoints per sender process")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--secure-aggregation", action="store_true",
+        help="SecAgg+ rounds, each site a real site agent (use fewer --per-process: each holds the model)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--name", default="coordinator_memory", help="results file name (benchmarks/results/NAME.json)"
+    )
     args = ap.parse_args(argv)
 
     from neurofed.coordinator.init_weights import initial_weights
@@ -221,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     init = StateStore(work / "init").write_round_weights(0, weights, cfg)
     del weights
     rows = [
-        measure(int(n), work, init, args.model, args.per_process, args.timeout) for n in args.sites.split(",")
+        measure(int(n), work, init, args.model, args.per_process, args.timeout, args.secure_aggregation)
+        for n in args.sites.split(",")
     ]
     for r in rows:
         r["above_baseline_x_model"] = round(r["above_baseline_mb"] / model_mb, 2)
@@ -235,10 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "model_mb": round(model_mb, 2),
         "strategy": "fedavg",
+        "secure_aggregation": args.secure_aggregation,
         "init_sha256": hashlib.sha256(Path(init).read_bytes()).hexdigest()[:16],
         "results": rows,
     }
-    return emit("coordinator_memory", result)
+    return emit(args.name, result)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ class WeightedMean:
         self._total = 0.0
         self.count = 0
         self._taken = False
+        self._given = False  # add_mean: the sums already are the mean
 
     def add(self, weights: Mapping[str, np.ndarray], weight: float) -> None:
         if self._taken:
             raise RuntimeError("WeightedMean.add after result(): start a new one for the next round")
+        if self._given:
+            raise RuntimeError("WeightedMean.add after add_mean: the mean is already made")
         if not weight > 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be a positive finite number, got {weight!r}")
         if self._sums and set(weights) != set(self._sums):
@@ -47,6 +50,23 @@ class WeightedMean:
         self._total += float(weight)
         self.count += 1
 
+    def add_mean(self, weights: Mapping[str, np.ndarray], weight: float) -> None:
+        """Take a mean made elsewhere (secure aggregation's unmasked sum) behind ``weight``, as
+        the only entry: its floating-point arrays are kept as given, not copied into float64
+        sums (a whole model twice over for nothing), and ``result()`` hands them back."""
+        if self.count or self._taken:
+            raise RuntimeError("WeightedMean.add_mean takes the round's only entry")
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        for name, arr in weights.items():
+            a = np.asarray(arr)
+            # floating tensors are owned from here on; the others (counters) are small: copied
+            self._sums[name] = a if np.issubdtype(a.dtype, np.floating) else np.array(a)
+            self._dtypes[name] = a.dtype
+        self._total = float(weight)
+        self._given = True
+        self.count = 1
+
     @property
     def total_weight(self) -> float:
         return self._total
@@ -60,6 +80,9 @@ class WeightedMean:
             raise RuntimeError("WeightedMean.result() was already taken")
         self._taken = True
         out: Weights = {}
+        if self._given:
+            out, self._sums = self._sums, {}
+            return out
         for name in list(self._sums):
             acc = self._sums.pop(name)
             acc /= self._total

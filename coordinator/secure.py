@@ -106,19 +106,6 @@ def flat_length(weights: Mapping[str, np.ndarray]) -> int:
     return int(sum(np.asarray(weights[k]).size for k in flat_names(weights)))
 
 
-def unflatten(vec: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The mean delta as tensors shaped like ``like`` (float64, the coordinator's accumulator)."""
-    out: dict[str, np.ndarray] = {}
-    pos = 0
-    for k in flat_names(like):
-        a = np.asarray(like[k])
-        out[k] = vec[pos : pos + a.size].reshape(a.shape)
-        pos += a.size
-    if pos != vec.size:
-        raise CoordinatorError(f"secure sum has {vec.size} coordinates, the model {pos}")
-    return out
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -449,20 +436,40 @@ class SecureRound:
         self, weights: Mapping[str, np.ndarray], strategy: str
     ) -> tuple[dict[str, np.ndarray], int]:
         """The new weights the strategy takes as the round's one (already averaged) update, and
-        the total case weight behind it."""
+        the total case weight behind it. Made tensor by tensor from the unmasked ring sum, which
+        is released afterwards: the close never holds a whole float64 copy of the model."""
         assert self.result is not None
         res = self.result
-        delta = unflatten(res.mean, weights)
         factor = (
             fednova_scale(self.attempt.cases, self.attempt.local_steps, res.survivors)
             if strategy == "fednova"
             else 1.0
         )
-        out = {k: np.asarray(v) for k, v in weights.items()}
-        for k, d in delta.items():
-            w = np.asarray(weights[k])
-            out[k] = (w.astype(np.float64) + factor * d).astype(w.dtype)
+        out = new_weights(res, weights, factor)
+        res.release()
         return out, int(res.total_weight)
+
+
+def new_weights(
+    res: SecAggResult, weights: Mapping[str, np.ndarray], factor: float = 1.0
+) -> dict[str, np.ndarray]:
+    """``weights + factor * mean`` tensor by tensor, each from its slice of the unmasked ring sum
+    (one tensor's float64 copy at a time, never the whole model's); non-float tensors as given."""
+    out = {k: np.asarray(v) for k, v in weights.items()}
+    pos = 0
+    for k in flat_names(weights):
+        w = out[k]
+        if pos + w.size > res.length:
+            break
+        d = res.mean_of(pos, pos + w.size).reshape(w.shape)
+        if factor != 1.0:
+            d *= factor
+        d += w  # in float64, then back to the tensor's dtype
+        out[k] = d.astype(w.dtype)
+        pos += w.size
+    if pos != res.length:
+        raise CoordinatorError(f"secure sum has {res.length} coordinates, the model {flat_length(weights)}")
+    return out
 
 
 def _sound(n: int, k: int, t: int) -> bool:
@@ -501,10 +508,10 @@ __all__ = [
     "SecureRound",
     "SecureSettings",
     "flat_names",
+    "new_weights",
     "flat_length",
     "load_next_attempt",
     "refuse_unsound",
     "roster_signing_keys",
-    "unflatten",
     "unpack_bundles",
 ]

@@ -138,7 +138,7 @@ class FedAvg(Strategy):
         self._mean.add(update, float(num_cases))
 
     def _add_aggregate(self, update: Mapping[str, np.ndarray], total_cases: int) -> None:
-        self._mean.add(update, float(total_cases))
+        self._mean.add_mean(update, float(total_cases))
 
     def result(self) -> Weights | None:
         total = self._mean.total_weight
@@ -236,7 +236,7 @@ class FedNova(FedAvg):
 
     def _add_aggregate(self, update: Mapping[str, np.ndarray], total_cases: int) -> None:
         # the secure sum is already FedNova's update (coordinator/secure.py scales it): scale 1
-        self._mean.add(update, 1.0)
+        self._mean.add_mean(update, 1.0)
         self._n = self._a = self._t = 1.0
 
     def result(self) -> Weights | None:

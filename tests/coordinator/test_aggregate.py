@@ -98,6 +98,31 @@ def _flower_aggregate(arrays: list[list[np.ndarray]], cases: list[int], tmp: Pat
     return [np.load(tmp / f"out-{j}.npy") for j in range(n)]
 
 
+def test_a_mean_made_elsewhere_is_taken_as_given_and_alone():
+    """Secure aggregation's unmasked mean goes in as the round's only entry: its float tensors are
+    handed back as they are (a float64 copy would cost twice the model at the close), its
+    counters copied, and nothing may be averaged with it."""
+    mean = {**_models(1)[0], "bn.num_batches_tracked": np.array(7, dtype=np.int64)}
+    acc = WeightedMean()
+    acc.add_mean(mean, 12.0)
+    assert acc.total_weight == 12.0
+    with pytest.raises(RuntimeError, match="add_mean"):
+        acc.add(_models(1)[0], 1.0)
+    out = acc.result()
+    assert out is not None
+    assert out["conv.weight"] is mean["conv.weight"] and out["conv.bias"] is mean["conv.bias"]
+    assert (
+        out["bn.num_batches_tracked"] == 7
+        and out["bn.num_batches_tracked"] is not mean["bn.num_batches_tracked"]
+    )
+    other = WeightedMean()
+    other.add(_models(1)[0], 1.0)
+    with pytest.raises(RuntimeError, match="only entry"):
+        other.add_mean(mean, 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        WeightedMean().add_mean(mean, 0.0)
+
+
 def test_agrees_with_flower_reference(tmp_path):
     models = _models(6, seed=2)
     cases = [4, 4, 8, 1, 2, 30]

@@ -24,6 +24,7 @@ from neurofed.launch.local import read_events
 from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.memory import MemoryEndpoint, MemoryHub
 from neurofed.wire.payload import decode_state
+from neurofed.wire.secagg import SecAggServer
 from tests.coordinator.helpers import MODEL_CONFIG, ShiftTrainer, initial_weights
 
 SITES = ("site-a", "site-b", "site-c", "site-d")
@@ -337,6 +338,73 @@ def test_a_site_sending_garbage_is_rejected_with_the_reason_and_the_round_goes_o
     assert ("site-d", "secagg-malformed") in res.rejected, res.rejected
     assert res.aggregated and res.sites == sorted(SITES[:3])
     _assert_close(coord, _fedavg(SITES[:3]), coord._secure.attempt.config.error_bound)
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(32, 2.3), (64, 3.3)])
+def test_the_secure_close_holds_the_ring_sum_and_the_new_weights_not_a_float64_copy(bits, bound):
+    """From the first masked input to the new global weights, what the coordinator allocates
+    stays within about twice the model (32-bit ring: the ring sum and the new weights; 64-bit:
+    three times), the weights are FedAvg within the quantization bound, and the sum is gone
+    afterwards. Making the whole float64 mean beside the ring sum (and a float64 copy of it in the
+    strategy) took five times the model. tracemalloc counts numpy's buffers."""
+    import tracemalloc
+
+    from neurofed.coordinator.secure import flat_names, new_weights
+    from tests.wire.secagg_helpers import Fed, fedavg
+
+    rng = np.random.default_rng(3)
+    shapes = [(64, 32, 3, 3, 3)] * 8 + [(32, 16, 3, 3, 3)] * 10 + [(32,)] * 40
+    weights = {f"t{i:02d}": rng.normal(0, 0.1, s).astype(np.float32) for i, s in enumerate(shapes)}
+    weights["bn.num_batches_tracked"] = np.array(3, dtype=np.int64)
+    names = flat_names(weights)
+    length = sum(weights[k].size for k in names)
+    model_bytes = 4 * length
+    fed = Fed.make(4)
+    cfg = fed.config(length, bits=bits)
+    clients = fed.clients(cfg)
+    server = SecAggServer(cfg, fed.roster)
+    for s, c in clients.items():
+        server.add_keyset(s, c.make_keyset())
+    keysets = server.close_keysets()
+    for s, c in clients.items():
+        server.add_shares(s, c.make_shares(keysets))
+    server.close_shares()
+    ups = {s: rng.normal(0, 1e-3, length).astype(np.float32) for s in fed.sites}
+    cases = {s: 2 + i for i, s in enumerate(fed.sites)}
+    masked = {s: clients[s].mask(ups[s], cases[s], server.shares_for(s)) for s in fed.sites}
+    strategy = make_strategy("fedavg")
+    strategy.begin(1, weights)
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        for s in fed.sites:
+            server.add_masked_input(s, masked[s])
+        survivors = server.close_inputs()
+        for s in fed.sites:
+            server.add_echo(s, clients[s].consistency(survivors))
+        request = server.unmask_request()
+        for s in fed.sites:
+            server.add_reveal(s, clients[s].unmask(request))
+        res = server.finish()
+        update = new_weights(res, weights)
+        res.release()
+        strategy.add_aggregate(update, res.total_weight)
+        del update
+        new = strategy.result()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= bound * model_bytes, f"{peak / model_bytes:.2f}x the model"
+    with pytest.raises(RuntimeError, match="released"):
+        res.mean_of(0, 1)
+    assert new is not None and int(new["bn.num_batches_tracked"]) == 3
+    got = np.concatenate([(new[k].astype(np.float64) - weights[k]).ravel() for k in names])
+    want = fedavg(ups, cases, fed.sites, cfg.clip)
+    # the float32 weights round the new value: half an ulp of the largest weight on top
+    ulp = max(float(np.spacing(np.abs(new[k]).max())) for k in names)
+    assert np.max(np.abs(got - want)) <= cfg.error_bound + ulp
 
 
 def test_too_few_survivors_retry_with_fresh_keys_then_keep_the_model(tmp_path):

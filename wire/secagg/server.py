@@ -22,7 +22,7 @@ client keys); it never reuses one.
     server.add_echo(site, signature)                   # each survivor
     request = server.unmask_request()                  # -> bytes, to survivors
     server.add_reveal(site, reveal_bytes)              # until server.ready()
-    result = server.finish()                           # -> SecAggResult (mean, total weight)
+    result = server.finish()                           # -> SecAggResult (sum, total weight)
 """
 
 from __future__ import annotations
@@ -63,26 +63,48 @@ MAX_SUBSETS = 256  # share subsets tried when a reconstruction fails its check (
 
 @dataclass
 class SecAggResult:
-    """What the coordinator learns: the weighted mean, the total weight and who took part.
+    """What the coordinator learns: the unmasked weighted sum, the total weight and who took part.
 
-    ``mean`` is ``sum_u w_u * clip(x_u) / sum_u w_u`` over ``survivors`` to within
-    ``error_bound`` per coordinate (float64); ``weighted_sum`` is ``mean * total_weight``.
-    """
+    ``mean_of(start, stop)`` is ``sum_u w_u * clip(x_u) / sum_u w_u`` over ``survivors`` for
+    coordinates ``start..stop``, to within ``error_bound`` per coordinate (float64). The sum stays
+    in ring words (``ring_sum``, one model-sized vector) and the mean is made a slice at a time, so
+    the coordinator turns it into new weights tensor by tensor without a whole float64 copy
+    (twice the model) beside it; ``mean`` is the whole vector at once. ``release()`` drops the sum
+    once the weights are made."""
 
-    mean: np.ndarray
     total_weight: int
     survivors: tuple[str, ...]
     recovered: tuple[str, ...]  # dropped after sharing: their masks were removed, input not counted
     left_out: tuple[str, ...]  # no key set or no shares: never part of the sum
     weights: dict[str, int]
     error_bound: float
+    ring_sum: np.ndarray | None = None  # the update's coordinates (not the counts), unmasked
+    scale: float = 1.0  # ring units per unit of the update (2**scale_log2)
     bytes_in: dict[str, int] = field(default_factory=dict)
     bytes_out: dict[str, int] = field(default_factory=dict)
     counts: tuple[int, ...] = ()  # the sums of the config's count coordinates (with their noise)
 
     @property
+    def length(self) -> int:
+        return 0 if self.ring_sum is None else int(self.ring_sum.size)
+
+    def mean_of(self, start: int, stop: int) -> np.ndarray:
+        """The weighted mean of coordinates ``start..stop`` (float64, a fresh array)."""
+        if self.ring_sum is None:
+            raise RuntimeError("the secure sum was released")
+        return from_ring(self.ring_sum[start:stop]).astype(np.float64) / (self.scale * self.total_weight)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.mean_of(0, self.length)
+
+    @property
     def weighted_sum(self) -> np.ndarray:
         return self.mean * self.total_weight
+
+    def release(self) -> None:
+        """Drop the sum (the model-sized vector); the rest of the result stays."""
+        self.ring_sum = None
 
 
 class SecAggServer:
@@ -364,14 +386,13 @@ class SecAggServer:
                     masks.append((pair_mask_key(cfg, u, v, shared), -pair_sign(u, v)))
         apply_streams(acc, masks)
         total = self._total_weight
-        values = from_ring(acc)
-        counts = tuple(int(c) for c in values[cfg.length - cfg.counts :]) if cfg.counts else ()
-        mean = values[: cfg.length - cfg.counts].astype(np.float64) / (cfg.scale * total)
-        del values
+        update_len = cfg.length - cfg.counts
+        counts = tuple(int(c) for c in from_ring(acc[update_len:])) if cfg.counts else ()
         self._acc = None
         self.phase = "done"
         return SecAggResult(
-            mean=mean,
+            ring_sum=acc[:update_len],
+            scale=cfg.scale,
             total_weight=total,
             survivors=survivors,
             recovered=dropped,
