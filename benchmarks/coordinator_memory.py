@@ -59,6 +59,8 @@ def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
                 msg = ep.receive(timeout=1.0)
                 if msg is None or msg.kind is not MessageKind.TASK:
                     continue
+                if msg.run != ep.run:  # take part in the coordinator's run, as a site agent does
+                    ep.set_run(msg.run)
                 if msg.meta.get("done"):
                     return
                 if msg.meta.get("train") and not sent_update:
@@ -201,8 +203,9 @@ def measure(
                 str(init),
                 "--state",
                 str(root / "state"),
-                # site agents report their scans' spacing and the coordinator would wait for it
-                *(["--secure-aggregation", "--spacing", "1"] if secure else []),
+                "--spacing",  # given: without it the coordinator waits for the sites' reports
+                "1",
+                *(["--secure-aggregation"] if secure else []),
             ],
             logs,
             child_env(),

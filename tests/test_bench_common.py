@@ -89,3 +89,23 @@ def test_secure_round_pairs_alternate_which_mode_runs_first(monkeypatch, tmp_pat
     assert out["secure_over_plain"] == out["pair_ratio_median"] == 1.2
     assert out["pair_ratio_range"] == [1.2, 1.2]
     assert not list(tmp_path.glob("t_*.json"))  # the single runs' files: their figures are in the pairs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("secure", [False, True], ids=["plaintext", "secure"])
+def test_coordinator_memory_benchmark_gets_every_update_through(tmp_path, monkeypatch, secure):
+    """`benchmarks.coordinator_memory` end to end at 3 sites (tiny model, a real broker and
+    coordinator): every update is accepted and the memory is read. Its light senders must join
+    the coordinator's run (run binding refuses run-less updates) and the coordinator must not
+    wait for spacing reports that light senders never send; either left the benchmark waiting
+    out its deadline with no update taken."""
+    from benchmarks import coordinator_memory
+
+    emitted: dict = {}
+    monkeypatch.setattr(coordinator_memory, "emit", lambda name, result: emitted.setdefault(name, result))
+    argv = ["--sites", "3", "--model", "tiny", "--timeout", "60", "--out", str(tmp_path), "--name", "t"]
+    coordinator_memory.main([*argv, "--secure-aggregation"] if secure else argv)
+    [row] = emitted["t"]["results"]
+    assert row["coordinator_exit"] == 0 and row["updates_accepted"] == 3, row
+    assert row["secure_aggregation"] is secure
+    assert row["round_seconds"] < 60 and row["peak_mb"] >= row["baseline_mb"] > 0, row
