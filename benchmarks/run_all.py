@@ -18,6 +18,21 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # peer_compare needs its own environment (scripts/peer_env.sh): `make bench-peers` runs it.
 SKIP = {"__init__", "run_all", "common", "peer_compare"}
+# benchmarks run a second time with other options, under their own name: (module, arguments)
+VARIANTS = {
+    "coordinator_memory_secagg": (
+        "coordinator_memory",
+        [
+            "--secure-aggregation",
+            "--sites",
+            "10,50",
+            "--per-process",
+            "10",
+            "--name",
+            "coordinator_memory_secagg",
+        ],
+    ),
+}
 
 
 def machine() -> dict[str, object]:
@@ -33,15 +48,19 @@ def machine() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = argv if argv else sorted(p.stem for p in HERE.glob("*.py") if p.stem not in SKIP)
+    names = argv if argv else sorted([*(p.stem for p in HERE.glob("*.py") if p.stem not in SKIP), *VARIANTS])
     RESULTS.mkdir(exist_ok=True)
     summary: dict[str, object] = {"machine": machine(), "benchmarks": {}}
     failed = []
     for name in names:
         t0 = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)
+        module, args = VARIANTS.get(name, (name, []))
         proc = subprocess.run(
-            [sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, capture_output=True, text=True
+            [sys.executable, "-m", f"benchmarks.{module}", *args],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
         )
         took = time.perf_counter() - t0
         if proc.returncode != 0:
