@@ -91,11 +91,17 @@ def _sender(bundles: Path, sites: list[str], init: Path, timeout: float) -> int:
         finally:
             ep.close()
 
+    return _run_sites(sites, one, errors, timeout)
+
+
+def _run_sites(sites: list[str], one, errors: list[str], timeout: float) -> int:
+    """Run ``one(site, seed)`` for every site on its own thread; report the errors; exit code."""
     threads = [threading.Thread(target=one, args=(s, int(s.split("-")[-1])), daemon=True) for s in sites]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout + 60)
+    errors += [f"{s}: still running" for s, t in zip(sites, threads, strict=True) if t.is_alive()]
     for e in errors:
         print(e, file=sys.stderr)
     return 1 if errors else 0
@@ -142,15 +148,7 @@ def _secure_sender(bundles: Path, sites: list[str], state: Path, timeout: float)
         finally:
             ep.close()
 
-    threads = [threading.Thread(target=one, args=(s, int(s.split("-")[-1])), daemon=True) for s in sites]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 60)
-    errors += [f"{s}: still running" for s, t in zip(sites, threads, strict=True) if t.is_alive()]
-    for e in errors:
-        print(e, file=sys.stderr)
-    return 1 if errors else 0
+    return _run_sites(sites, one, errors, timeout)
 
 
 def measure(

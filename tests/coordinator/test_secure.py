@@ -24,7 +24,6 @@ from neurofed.launch.local import read_events
 from neurofed.wire.api import COORDINATOR, MessageKind
 from neurofed.wire.memory import MemoryEndpoint, MemoryHub
 from neurofed.wire.payload import decode_state
-from neurofed.wire.secagg import SecAggServer
 from tests.coordinator.helpers import MODEL_CONFIG, ShiftTrainer, initial_weights
 
 SITES = ("site-a", "site-b", "site-c", "site-d")
@@ -350,7 +349,7 @@ def test_the_secure_close_holds_the_ring_sum_and_the_new_weights_not_a_float64_c
     import tracemalloc
 
     from neurofed.coordinator.secure import flat_names, new_weights
-    from tests.wire.secagg_helpers import Fed, fedavg
+    from tests.wire.secagg_helpers import Fed, fedavg, to_shares
 
     rng = np.random.default_rng(3)
     shapes = [(64, 32, 3, 3, 3)] * 8 + [(32, 16, 3, 3, 3)] * 10 + [(32,)] * 40
@@ -361,14 +360,7 @@ def test_the_secure_close_holds_the_ring_sum_and_the_new_weights_not_a_float64_c
     model_bytes = 4 * length
     fed = Fed.make(4)
     cfg = fed.config(length, bits=bits)
-    clients = fed.clients(cfg)
-    server = SecAggServer(cfg, fed.roster)
-    for s, c in clients.items():
-        server.add_keyset(s, c.make_keyset())
-    keysets = server.close_keysets()
-    for s, c in clients.items():
-        server.add_shares(s, c.make_shares(keysets))
-    server.close_shares()
+    clients, server, _ = to_shares(fed, cfg)
     ups = {s: rng.normal(0, 1e-3, length).astype(np.float32) for s in fed.sites}
     cases = {s: 2 + i for i, s in enumerate(fed.sites)}
     masked = {s: clients[s].mask(ups[s], cases[s], server.shares_for(s)) for s in fed.sites}

@@ -77,6 +77,20 @@ def run_round(
     return server.finish(), server, clients, masked
 
 
+def to_shares(fed: Fed, cfg: SecAggConfig) -> tuple[dict[str, SecAggClient], SecAggServer, dict[str, bytes]]:
+    """Every site's client, a server that has taken every key set and share bundle, and the
+    relayed key sets."""
+    clients = fed.clients(cfg)
+    server = SecAggServer(cfg, fed.roster)
+    for s, c in clients.items():
+        server.add_keyset(s, c.make_keyset())
+    keysets = server.close_keysets()
+    for s, c in clients.items():
+        server.add_shares(s, c.make_shares(keysets))
+    server.close_shares()
+    return clients, server, keysets
+
+
 def fedavg(updates: dict, weights: dict, sites, clip: float) -> np.ndarray:
     """Plaintext weighted FedAvg of the clipped updates, float64."""
     total = sum(weights[s] for s in sites)

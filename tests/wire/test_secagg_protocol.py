@@ -19,7 +19,7 @@ from neurofed.wire.secagg import (
     SurvivorList,
     UnmaskRequest,
 )
-from tests.wire.secagg_helpers import Drops, Fed, fedavg, random_updates, run_round
+from tests.wire.secagg_helpers import Drops, Fed, fedavg, random_updates, run_round, to_shares
 
 LENGTH = 2000
 
@@ -118,14 +118,7 @@ def test_too_few_reveals_fails_cleanly():
 def _to_masked(fed, n_drop_masked=(), length=LENGTH, seed=0):
     """Run up to the masked inputs; return (cfg, clients, server)."""
     cfg = fed.config(length)
-    clients = fed.clients(cfg)
-    server = SecAggServer(cfg, fed.roster)
-    for s, c in clients.items():
-        server.add_keyset(s, c.make_keyset())
-    keysets = server.close_keysets()
-    for s, c in clients.items():
-        server.add_shares(s, c.make_shares(keysets))
-    server.close_shares()
+    clients, server, _ = to_shares(fed, cfg)
     ups, ws = random_updates(fed.sites, length, seed=seed)
     for s, c in clients.items():
         if s not in n_drop_masked:
@@ -224,14 +217,7 @@ def test_masks_are_fresh_per_attempt_and_resume_is_byte_identical():
     # restore a site after it shared and before it masked: the same masked bytes
     fed2 = Fed.make(4)
     cfg = fed2.config(LENGTH)
-    clients = fed2.clients(cfg)
-    server = SecAggServer(cfg, fed2.roster)
-    for s, c in clients.items():
-        server.add_keyset(s, c.make_keyset())
-    keysets = server.close_keysets()
-    for s, c in clients.items():
-        server.add_shares(s, c.make_shares(keysets))
-    server.close_shares()
+    clients, server, keysets = to_shares(fed2, cfg)
     ups, ws = random_updates(fed2.sites, LENGTH, seed=8)
     saved = clients["site-01"].state()
     import json
@@ -339,14 +325,7 @@ def test_server_refuses_bad_messages():
 def test_server_refuses_inputs_past_the_weight_budget():
     fed = Fed.make(4)
     cfg = fed.config(LENGTH, max_total_weight=100)
-    clients = fed.clients(cfg)
-    server = SecAggServer(cfg, fed.roster)
-    for s, c in clients.items():
-        server.add_keyset(s, c.make_keyset())
-    keysets = server.close_keysets()
-    for s, c in clients.items():
-        server.add_shares(s, c.make_shares(keysets))
-    server.close_shares()
+    clients, server, _ = to_shares(fed, cfg)
     ups, _ = random_updates(fed.sites, LENGTH)
     for s in fed.sites[:2]:
         server.add_masked_input(s, clients[s].mask(ups[s], 45, server.shares_for(s)))
