@@ -79,10 +79,10 @@ class WeightedMean:
         if self._taken:
             raise RuntimeError("WeightedMean.result() was already taken")
         self._taken = True
-        out: Weights = {}
         if self._given:
-            out, self._sums = self._sums, {}
-            return out
+            given, self._sums = self._sums, {}
+            return given
+        out: Weights = {}
         for name in list(self._sums):
             acc = self._sums.pop(name)
             acc /= self._total

@@ -455,20 +455,18 @@ def new_weights(
 ) -> dict[str, np.ndarray]:
     """``weights + factor * mean`` tensor by tensor, each from its slice of the unmasked ring sum
     (one tensor's float64 copy at a time, never the whole model's); non-float tensors as given."""
+    if flat_length(weights) != res.length:
+        raise CoordinatorError(f"secure sum has {res.length} coordinates, the model {flat_length(weights)}")
     out = {k: np.asarray(v) for k, v in weights.items()}
     pos = 0
     for k in flat_names(weights):
         w = out[k]
-        if pos + w.size > res.length:
-            break
         d = res.mean_of(pos, pos + w.size).reshape(w.shape)
         if factor != 1.0:
             d *= factor
         d += w  # in float64, then back to the tensor's dtype
         out[k] = d.astype(w.dtype)
         pos += w.size
-    if pos != res.length:
-        raise CoordinatorError(f"secure sum has {res.length} coordinates, the model {flat_length(weights)}")
     return out
 
 

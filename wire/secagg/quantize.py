@@ -9,7 +9,8 @@ The stochastic rounding draws its coins from the masks' PRG (an AES-256-CTR keys
 rounds exactly as before and re-sends byte-identical input. The coins are not secret, but they
 must be unpredictable by others and reproducible by the site itself; numpy's generators are never
 used. Rounding up happens with probability ``frac`` to within 2^-32 (32-bit coins), so the
-rounding is unbiased to that precision and always moves a value by less than one unit. See ``params`` for the wrap bound.
+rounding is unbiased to that precision and always moves a value by less than one unit. See
+``params`` for the wrap bound.
 """
 
 from __future__ import annotations
