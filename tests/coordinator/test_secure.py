@@ -81,6 +81,7 @@ def _federation(
     endpoints: dict | None = None,
     trainer_cls=None,
     endpoint_cls=None,
+    registrar=None,
     **settings,
 ):
     hub = MemoryHub("testfed")
@@ -106,6 +107,7 @@ def _federation(
         model_config=MODEL_CONFIG,
         initial_weights=initial_weights,
         roster_keys=roster,
+        registrar=registrar,
     )
     stop = threading.Event()
     agents = {}
@@ -263,6 +265,30 @@ def test_a_retry_announced_while_sites_train_gets_their_fresh_key_sets_at_once(t
     assert not res.aggregated  # two sites cannot make a secure sum: the model stays
     retry = [m for m in hub.sent if m.kind is MessageKind.SECAGG and m.meta.get("attempt") == 1]
     assert {m.sender for m in retry if m.meta["step"] == "keyset"} == set(SITES[:2])
+
+
+def test_a_secure_version_is_tagged_with_its_threshold_and_the_run_logs_each_phase_time(tmp_path):
+    """The registry side of a secure round: the version says it was made by secure aggregation
+    and under which threshold; the round's MLflow metrics hold every phase's time (what the
+    registrar hands to MLflow; tests/mlflow_server shows tags and metrics landing there)."""
+    from neurofed.coordinator.registration import Registrar
+
+    reg = Registrar(StateStore(tmp_path / "coordinator"), {})
+    hub, coord, stop = _federation(tmp_path, registrar=reg)
+    [res] = _run(coord, stop)
+    reg.close()
+    assert res.aggregated
+    cfg = coord._secure.attempt.config
+    [version] = [j for j in reg.done if j.kind == "register"]
+    assert version.round == 1
+    assert version.data["tags"]["secure_aggregation"] == "secagg+"
+    assert version.data["tags"]["secagg_threshold"] == f"{cfg.t} of {cfg.k}"
+    [logged] = [j for j in reg.done if j.kind == "log" and j.round == 1]
+    metrics = logged.data["metrics"]
+    phases = {"keys", "shares", "inputs", "echoes", "reveals"}
+    assert {f"secagg/{p}_s" for p in phases} <= set(metrics), sorted(metrics)
+    assert all(metrics[f"secagg/{p}_s"] >= 0 for p in phases)
+    assert metrics["secagg/survivors"] == len(SITES) and metrics["secagg/attempts"] >= 1
 
 
 def test_a_site_lost_after_its_masked_input_is_recovered_from_shares(tmp_path):
