@@ -17,6 +17,7 @@ import neurofed.wire.secagg as secagg_pkg
 from neurofed.wire.errors import ProtocolError, WireError
 from neurofed.wire.secagg import (
     KeySet,
+    Reveal,
     RoundContext,
     SecAggClient,
     SecAggConfig,
@@ -29,7 +30,7 @@ from neurofed.wire.secagg import (
 from neurofed.wire.secagg.masking import clip_factor, l2_norm, masked_ring
 from neurofed.wire.secagg.prg import BLOCK_WORDS, apply_stream, apply_streams, stream_words
 from neurofed.wire.secagg.quantize import clip_l2, from_ring, stochastic_round, to_ring
-from neurofed.wire.secagg.shamir import combine_secret, split_secret
+from neurofed.wire.secagg.shamir import PRIME, SHARE_LEN, combine_secret, split_secret
 from tests.wire.secagg_helpers import Fed
 
 # --- Shamir ------------------------------------------------------------------------------------
@@ -44,17 +45,46 @@ def test_any_t_shares_reconstruct_and_t_minus_1_do_not(t, n):
         assert combine_secret(list(combo)) == secret
     assert combine_secret(shares) == secret  # more than t: fine
     for combo in itertools.islice(itertools.combinations(shares, t - 1), 40):
-        got = combine_secret(list(combo))
-        assert got[:16] != secret[:16] and got[16:] != secret[16:]
+        assert combine_secret(list(combo)) != secret
+
+
+@pytest.mark.parametrize("secret", [bytes(32), b"\xff" * 32, (1).to_bytes(32, "big")])
+def test_the_extreme_32_byte_secrets_round_trip(secret):
+    """0, 1 and 2^256 - 1 are field elements (p = 2^256 + 297 is above every 32-byte secret)."""
+    shares = split_secret(secret, 3, 5)
+    assert all(len(s) == SHARE_LEN for _, s in shares)
+    assert combine_secret(shares[1:4]) == secret
+
+
+def test_the_sharing_field_is_prime_and_holds_every_32_byte_secret():
+    import flint
+
+    assert flint.fmpz(PRIME).is_prime()
+    assert 2**256 < PRIME < 2 ** (8 * SHARE_LEN)
+
+
+def test_a_share_outside_the_field_is_refused_at_the_door():
+    """A 33-byte value at or above p is no share: combine refuses it and a reveal carrying one
+    is malformed (a peer cannot smuggle a value the field does not hold into a reconstruction)."""
+    shares = split_secret(os.urandom(32), 2, 3)
+    bad = PRIME.to_bytes(SHARE_LEN, "big")
+    with pytest.raises(ValueError, match="malformed share"):
+        combine_secret([shares[0], (2, bad)])
+    reveal = Reveal("site-01", bytes(32), {"site-02": (1, bad)}, {})
+    with pytest.raises(ProtocolError, match="not an element of the sharing field"):
+        Reveal.from_bytes(reveal.to_bytes())
+    short = Reveal("site-01", bytes(32), {"site-02": (1, bad[1:])}, {})
+    with pytest.raises(ProtocolError, match="expected 33 bytes"):
+        Reveal.from_bytes(short.to_bytes())
 
 
 def test_t_minus_1_shares_are_independent_of_the_secret():
     """The same t-1 indices of shares of two different secrets are distributed alike: over many
-    splits, each byte of share 1 is uniform whatever the secret (chi-square on one byte)."""
+    splits, the low byte of share 1 is uniform whatever the secret (chi-square on one byte)."""
     for secret in (bytes(32), b"\xff" * 32):
         counts = np.zeros(256)
         for _ in range(2000):
-            counts[split_secret(secret, 3, 5)[0][1][0]] += 1
+            counts[split_secret(secret, 3, 5)[0][1][-1]] += 1
         expected = 2000 / 256
         chi2 = float(np.sum((counts - expected) ** 2 / expected))
         assert chi2 < 400  # 255 degrees of freedom: mean 255, this is far in the tail
@@ -290,7 +320,7 @@ def test_unsigned_or_garbled_keyset_bytes():
 
 def test_no_secret_comes_from_numpy_random_or_random():
     """The library's source never calls numpy.random, Python's random, or a seeded numpy Generator:
-    keys come from cryptography/os.urandom, shares from pycryptodome, masks from AES-256-CTR."""
+    keys come from cryptography/os.urandom, share polynomials from ``secrets``, masks from AES-256-CTR."""
     folder = Path(secagg_pkg.__file__).parent
     sources = sorted(folder.glob("*.py"))
     assert len(sources) >= 8

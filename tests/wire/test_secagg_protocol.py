@@ -19,6 +19,7 @@ from neurofed.wire.secagg import (
     SurvivorList,
     UnmaskRequest,
 )
+from neurofed.wire.secagg.shamir import SHARE_LEN
 from tests.wire.secagg_helpers import Drops, Fed, fedavg, random_updates, run_round, to_shares
 
 LENGTH = 2000
@@ -371,7 +372,7 @@ def test_bad_share_from_a_revealer_is_survived_or_fails_cleanly():
             rev = Reveal(
                 rev.site,
                 rev.survivors_digest,
-                {p: (i, bytes(32)) for p, (i, _) in rev.seed_shares.items()},
+                {p: (i, bytes(SHARE_LEN)) for p, (i, _) in rev.seed_shares.items()},
                 {},
             )
         server.add_reveal(s, rev.to_bytes())

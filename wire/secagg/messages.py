@@ -39,12 +39,13 @@ from neurofed.wire import kem as kems
 from neurofed.wire.errors import ProtocolError
 from neurofed.wire.secagg.params import DOMAIN, RoundContext, SecAggConfig
 from neurofed.wire.secagg.prg import derive_key
+from neurofed.wire.secagg.shamir import SHARE_LEN, is_share
 
 KEYSET_FORMAT = "neurofed-secagg-keyset/1"
-BUNDLE_FORMAT = "neurofed-secagg-shares/1"
+BUNDLE_FORMAT = "neurofed-secagg-shares/2"  # /2: shares are 33-byte GF(p) elements
 SURVIVORS_FORMAT = "neurofed-secagg-survivors/1"
 REQUEST_FORMAT = "neurofed-secagg-unmask/1"
-REVEAL_FORMAT = "neurofed-secagg-reveal/1"
+REVEAL_FORMAT = "neurofed-secagg-reveal/2"
 MASKED_MAGIC = b"NFSA1\x00"
 NONCE_LEN = 12
 SIG_LEN = 64
@@ -75,6 +76,14 @@ def _load(data: bytes, fmt: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise ProtocolError("secagg-malformed", f"expected a {fmt} message")
     return doc
+
+
+def share_bytes(s: Any) -> bytes:
+    """A share from its base64 text: a field element (``shamir.is_share``), else ValueError."""
+    value = unb64(s, SHARE_LEN)
+    if not is_share(value):
+        raise ValueError("a share is not an element of the sharing field")
+    return value
 
 
 def malformed(kind: str, exc: Exception) -> ProtocolError:
@@ -266,7 +275,7 @@ def open_bundle(
     try:
         if doc["sender"] != sender or doc["recipient"] != recipient:
             raise ValueError("sender or recipient differ from the sealed context")
-        return int(doc["index"]), unb64(doc["seed_share"], 32), unb64(doc["key_share"], 32)
+        return int(doc["index"]), share_bytes(doc["seed_share"]), share_bytes(doc["key_share"])
     except (KeyError, TypeError, ValueError) as exc:
         raise malformed("share bundle", exc) from None
 
@@ -444,7 +453,7 @@ def verify_echoes(lst: SurvivorList, echoes: Mapping[str, bytes], roster: Roster
 
 @dataclass(frozen=True)
 class Reveal:
-    """A survivor's answer: per neighbour ``(index, 32-byte share)`` of either its self-mask seed
+    """A survivor's answer: per neighbour ``(index, 33-byte share)`` of either its self-mask seed
     (``seed_shares``: the neighbour survived) or its mask key (``key_shares``: it dropped)."""
 
     site: str
@@ -472,7 +481,7 @@ class Reveal:
         try:
 
             def dec(d: Mapping[str, Any]) -> dict[str, tuple[int, bytes]]:
-                return {str(p): (int(v[0]), unb64(v[1], 32)) for p, v in d.items()}
+                return {str(p): (int(v[0]), share_bytes(v[1])) for p, v in d.items()}
 
             return cls(
                 str(doc["site"]),

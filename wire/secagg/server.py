@@ -407,7 +407,10 @@ class SecAggServer:
     def _reconstruct(self, site: str, shares: Mapping[int, bytes], check: Callable[[bytes], bool]) -> bytes:
         items = sorted(shares.items())
         for combo in itertools.islice(itertools.combinations(items, self.config.t), MAX_SUBSETS):
-            secret = combine_secret(list(combo))
+            try:
+                secret = combine_secret(list(combo))
+            except ValueError:  # not even a 32-byte value: a bad share among these
+                continue
             if check(secret):
                 return secret
         self._fail("secagg-bad-shares", f"the shares of {site} do not reconstruct its committed secret")
