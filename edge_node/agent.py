@@ -289,7 +289,15 @@ class SiteAgent:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        self.audit.record(kind.value, r, msg_id=msg_id, payload=payload, meta=meta, resend=resend)
+        self.audit.record(
+            kind.value,
+            r,
+            msg_id=msg_id,
+            payload=payload,
+            meta=meta,
+            resend=resend,
+            digest=self.ep.sent_digest(msg_id),
+        )
         return msg_id
 
     # -- message intake -----------------------------------------------------------------------------

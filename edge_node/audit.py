@@ -39,7 +39,11 @@ class AuditLog:
         payload: bytes = b"",
         meta: Mapping[str, Any] | None = None,
         resend: bool = False,
+        digest: str | None = None,
     ) -> dict[str, Any]:
+        """Append one send. ``digest``: the message's SHA-256 as the wire signed it
+        (``Endpoint.sent_digest``), so a model-sized payload is not hashed again; without it the
+        digest is computed here, the same way."""
         meta = dict(meta or {})
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -49,7 +53,7 @@ class AuditLog:
             "round": int(round),
             "msg_id": msg_id,
             "bytes": len(payload) if payload else len(json.dumps(meta, sort_keys=True, default=str).encode()),
-            "sha256": message_digest(meta, payload),
+            "sha256": digest or message_digest(meta, payload),
             "resend": resend,
             "fields": meta,
         }

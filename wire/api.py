@@ -74,6 +74,9 @@ class Message:
     run: str = ""
 
 
+SENT_DIGESTS = 64  # digests of sent messages an endpoint keeps for its caller (``sent_digest``)
+
+
 class Endpoint(ABC):
     """A participant's connection to the federation."""
 
@@ -145,6 +148,18 @@ class Endpoint(ABC):
         are accepted from its participants and encrypted to its sites. Endpoints without a roster
         of their own ignore it."""
         return None
+
+    def sent_digest(self, msg_id: str) -> str | None:
+        """The SHA-256 (hex) this endpoint signed for message ``msg_id``, one of the last
+        ``SENT_DIGESTS`` it sent, else None: a sender's audit log records it without hashing a
+        model-sized payload a second time."""
+        return getattr(self, "_sent_digests", {}).get(msg_id)
+
+    def _remember_digest(self, msg_id: str, digest: str) -> None:
+        sent = self.__dict__.setdefault("_sent_digests", {})
+        sent[msg_id] = digest
+        while len(sent) > SENT_DIGESTS:
+            sent.pop(next(iter(sent)), None)  # the oldest (dicts keep insertion order)
 
     def drain_rejected(self) -> list[dict[str, Any]]:
         """Records of the messages rejected since the last call: reason, detail, the sender the

@@ -117,6 +117,7 @@ class MemoryEndpoint(Endpoint):
             message_digest(meta, payload),
             self.run,
         )
+        self._remember_digest(msg_id, msg.digest)
         self.hub._publish(msg, retain)
         return msg_id
 

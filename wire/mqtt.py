@@ -403,6 +403,7 @@ class MqttEndpoint(Endpoint):
         deadline = time.monotonic() + timeout
         chunk = plan_chunk_size(self.chunk_size, self.broker_max_packet)
         sealed = seal_message(self.bundle, kind, round, meta, payload, chunk_size=chunk, run=self.run)
+        self._remember_digest(sealed.msg_id, sealed.header.digest)
         topics: list[str] = []
         for topic, frame in sealed.frames:
             check_packet(topic, len(frame), self.broker_max_packet)

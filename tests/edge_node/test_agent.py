@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
+import pytest
 
 from neurofed.coordinator import payload as codec
 from neurofed.edge_node.agent import SiteAgent
@@ -59,7 +61,11 @@ def _agent(hub, tmp_path, trainer):
     return SiteAgent(ep, trainer, tmp_path / "site-a", resend_after=0.5)
 
 
-def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt(tmp_path):
+def test_round_once_then_restart_does_not_retrain_and_resends_on_missing_receipt(tmp_path, monkeypatch):
+    from neurofed.edge_node import audit as audit_mod
+
+    # the agent's audit log takes each send's digest from the endpoint: it never hashes a payload
+    monkeypatch.setattr(audit_mod, "message_digest", lambda *a, **k: pytest.fail("payload hashed twice"))
     hub = MemoryHub("f")
     coord = hub.endpoint(COORDINATOR)
     coord.start()
@@ -379,3 +385,36 @@ def test_a_new_federation_run_drops_the_old_runs_secure_deltas_and_keys(tmp_path
     assert not list((tmp_path / "site-a").glob("secure-delta-r*")) + list(
         (tmp_path / "site-a").glob("secagg-r*")
     )
+
+
+def test_the_audit_log_takes_the_digest_the_wire_signed_instead_of_hashing_the_payload_again(
+    tmp_path, monkeypatch
+):
+    """A sent update is hashed once, when it is sealed: the audit log records that digest
+    (``Endpoint.sent_digest``), and hashes only when the endpoint has none to give."""
+    from neurofed.edge_node import audit as audit_mod
+    from neurofed.wire.api import SENT_DIGESTS
+
+    hub = MemoryHub()
+    site = hub.endpoint("site-a")
+    site.start()
+    payload = os.urandom(4096)
+    msg_id = site.send(MessageKind.UPDATE, 1, meta={"num_cases": 4}, payload=payload)
+    signed = message_digest({"num_cases": 4}, payload)
+    assert site.sent_digest(msg_id) == signed
+    log = audit_mod.AuditLog(tmp_path / "audit.jsonl", "site-a")
+
+    def no_second_hash(*_a, **_k):
+        raise AssertionError("the payload was hashed again")
+
+    monkeypatch.setattr(audit_mod, "message_digest", no_second_hash)
+    entry = log.record(
+        "update", 1, msg_id=msg_id, payload=payload, meta={"num_cases": 4}, digest=site.sent_digest(msg_id)
+    )
+    assert entry["sha256"] == signed
+    with pytest.raises(AssertionError, match="hashed again"):  # without a digest it hashes, as before
+        log.record("update", 1, msg_id=msg_id, payload=payload, meta={"num_cases": 4})
+    # the endpoint keeps the last SENT_DIGESTS digests, not every message it ever sent
+    for i in range(SENT_DIGESTS):
+        site.send(MessageKind.METRICS, 1, meta={"i": i})
+    assert site.sent_digest(msg_id) is None

@@ -68,6 +68,9 @@ def test_update_round_trip(coord, site_a, size):
     # the digest the envelope signed and the receiver verified: what the sender can record itself
     assert m.digest == message_digest({"num_cases": 4}, data)
     assert m.digest != message_digest({"num_cases": 5}, data)
+    # the sender keeps the digest it signed, for its audit log, without hashing the payload again
+    assert site_a.sent_digest(msg_id) == m.digest
+    assert site_a.sent_digest("another-id") is None
     assert coord.broker_max_packet is not None and coord.broker_max_packet >= MiB
     assert not coord.rejections
 
