@@ -63,6 +63,18 @@ def test_the_sharing_field_is_prime_and_holds_every_32_byte_secret():
     assert 2**256 < PRIME < 2 ** (8 * SHARE_LEN)
 
 
+def test_shares_of_a_value_above_32_bytes_are_refused_not_truncated():
+    """Field elements from 2^256 to p - 1 are no 32-byte secret: shares a peer crafted to
+    reconstruct one raise (the coordinator then tries other subsets) instead of wrapping."""
+    import flint
+
+    field = flint.fmpz_mod_ctx(PRIME)
+    poly = flint.fmpz_mod_poly_ctx(field)([2**256 + 5, 7])  # degree 1: any 2 shares reconstruct
+    shares = [(i, int(poly(i)).to_bytes(SHARE_LEN, "big")) for i in (1, 2)]
+    with pytest.raises(ValueError, match="do not reconstruct a 32-byte secret"):
+        combine_secret(shares)
+
+
 def test_a_share_outside_the_field_is_refused_at_the_door():
     """A 33-byte value at or above p is no share: combine refuses it and a reveal carrying one
     is malformed (a peer cannot smuggle a value the field does not hold into a reconstruction)."""
